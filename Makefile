@@ -1,0 +1,35 @@
+# trajlab: `make demo` sets up and runs the main job; `make test` sets up and runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.trajlab-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup demo test bench train-micro quality clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m trajlab demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/capture_overhead.py
+	$(PY) benchmarks/jvp_cost.py
+
+train-micro: $(STAMP)
+	$(PY) -m trajlab.models.micro.train --out data/micro
+
+quality: $(STAMP)
+	$(PY) -m trajlab.models.micro.quality
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,110 @@
+"""The store schema: allocation, region writes, completeness, validation, plain-xarray round trip."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from trajlab import store
+
+
+def _layout(**kw):
+    base = dict(n_samples=4, n_steps=3, latent_shape=(4, 8, 8), dtype="float16",
+                step_variables=("latent", "x0_pred", "model_output"), image_shape=(16, 16, 3))
+    base.update(kw)
+    return store.GroupLayout(**base)
+
+
+def _allocate(path, name="g", layout=None, config=None):
+    layout = layout or _layout()
+    store.allocate_group(path, name, layout, timesteps=[999, 500, 1], alpha_bar=[0.01, 0.3, 0.99],
+                         seeds=[0, 1, 0, 1], prompt_index=[0, 0, 1, 1], prompts=["a cat", "a dög ünïcode"],
+                         attrs={"config": config or {"a": 1}, "model": "m"})
+
+
+def test_allocate_write_complete_roundtrip_plain_xarray(tmp_path):
+    path = tmp_path / "s.zarr"
+    _allocate(path)
+    assert not store.completed(path, "g").any()
+    rng = np.random.default_rng(0)
+    lat = rng.standard_normal((2, 3, 4, 8, 8)).astype(np.float16)
+    img = rng.integers(0, 255, (2, 16, 16, 3), dtype=np.uint8)
+    store.write_samples(path, "g", 2, {"latent": lat, "image": img})
+    store.mark_complete(path, "g", 2, 4)
+    np.testing.assert_array_equal(store.completed(path, "g"), [False, False, True, True])
+    # plain xarray, no trajlab import, in a fresh interpreter
+    code = (
+        "import xarray as xr, numpy as np, warnings; warnings.simplefilter('error');"
+        f"ds = xr.open_zarr({str(path)!r}, group='g');"
+        "dt = xr.open_datatree(" + repr(str(path)) + ", engine='zarr');"
+        "print(ds.latent.dtype, ds.latent.dims, list(ds.prompt_text.values), ds.timestep.dtype.name,"
+        " list(dt.children), float(ds.sigma[1]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "float16" in out and "('sample', 'step', 'channel', 'y', 'x')" in out
+    assert "a dög ünïcode" in out and "int64" in out and "['g']" in out
+    assert abs(float(out.split()[-1]) - np.sqrt(0.7 / 0.3)) < 1e-9
+    ds = store.open_group(path, "g")
+    np.testing.assert_array_equal(ds.latent.values[2:], lat)
+    np.testing.assert_array_equal(ds.image.values[2:], img)
+    assert np.isnan(ds.latent.values[0]).all(), "unwritten samples read as fill value NaN"
+    assert list(ds.seed.values) == [0, 1, 0, 1] and list(ds.prompt_index.values) == [0, 0, 1, 1]
+
+
+def test_one_chunk_per_sample_all_steps(tmp_path):
+    import zarr
+
+    path = tmp_path / "s.zarr"
+    _allocate(path)
+    g = zarr.open_group(str(path), mode="r")["g"]
+    assert g["latent"].chunks == (1, 3, 4, 8, 8)
+    assert g["image"].chunks == (1, 16, 16, 3)
+    assert g["complete"].chunks == (1,)
+    assert "zstd" in json.dumps(g["latent"].metadata.to_dict()).lower()
+
+
+def test_write_rejects_bad_shapes_and_ranges(tmp_path):
+    path = tmp_path / "s.zarr"
+    _allocate(path)
+    with pytest.raises(store.StoreError, match=r"latent has shape \(1, 2, 4, 8, 8\)"):
+        store.write_samples(path, "g", 0, {"latent": np.zeros((1, 2, 4, 8, 8))})
+    with pytest.raises(store.StoreError, match="out of range"):
+        store.write_samples(path, "g", 3, {"latent": np.zeros((2, 3, 4, 8, 8))})
+    with pytest.raises(store.StoreError, match="not allocated"):
+        store.write_samples(path, "g", 0, {"model_output_cond": np.zeros((1, 3, 4, 8, 8))})
+
+
+def test_config_mismatch_names_the_field(tmp_path):
+    path = tmp_path / "s.zarr"
+    _allocate(path, config={"steps": 4, "guidance": 7.5})
+    store.check_config(path, "g", {"steps": 4, "guidance": 7.5})
+    with pytest.raises(store.ConfigMismatch, match=r"steps: store has 4, asked 8"):
+        store.check_config(path, "g", {"steps": 8, "guidance": 7.5})
+
+
+def test_validate_rejects_broken_stores(tmp_path):
+    import zarr
+
+    with pytest.raises(store.StoreError, match="no store"):
+        store.validate(tmp_path / "missing.zarr")
+    notours = tmp_path / "plain.zarr"
+    zarr.open_group(str(notours), mode="w")
+    with pytest.raises(store.StoreError, match="not a trajlab store"):
+        store.validate(notours)
+    path = tmp_path / "s.zarr"
+    _allocate(path)
+    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    root.attrs["groups"] = ["g", "ghost"]
+    with pytest.raises(store.StoreError, match="'ghost' is listed"):
+        store.validate(path)
+
+
+def test_allocating_twice_is_refused(tmp_path):
+    path = tmp_path / "s.zarr"
+    _allocate(path)
+    with pytest.raises(store.StoreError, match="already exists"):
+        _allocate(path)
+    _allocate(path, name="h")
+    assert store.group_names(path) == ["g", "h"]

@@ -1,0 +1,5 @@
+import sys
+
+from trajlab.cli import main
+
+sys.exit(main())

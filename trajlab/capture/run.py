@@ -1,0 +1,246 @@
+"""Capture runs: a plan (one store group) executed batch by batch with taps and a background writer.
+
+Samples are ordered prompt-major (sample = prompt_index * n_seeds + seed_index) and processed in
+fixed blocks of ``batch_size``; a block is skipped on resume only when all of its samples are
+complete, and redone whole otherwise, so a resumed store is identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import inspect
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from trajlab import store
+from trajlab.capture.records import BatchRecorder, to_host
+from trajlab.capture.taps import tap_pipeline
+from trajlab.capture.writer import STEP_FIELDS, BatchEnd, StoreWriter, numpy_dtype
+
+
+class PlanError(ValueError):
+    """A capture plan is invalid; raised before any model loads."""
+
+
+@dataclass
+class CapturePlan:
+    """One run configuration = one store group.
+
+    ``guidance`` is the pipeline's ``guidance_scale``; ``height``/``width`` in pixels (None = the
+    pipeline's default); ``dtype`` one of fp32/fp16/bf16/fp64; ``hybrid`` is filled by hybrid runs.
+    """
+
+    model: str
+    prompts: list[str]
+    seeds: list[int]
+    scheduler: str = "default"
+    steps: int = 30
+    guidance: float = 7.5
+    negative_prompt: str | None = None
+    loras: list[str] = field(default_factory=list)
+    height: int | None = None
+    width: int | None = None
+    dtype: str = "fp32"
+    device: str = "cpu"
+    images: bool = True
+    batch_size: int = 8
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from trajlab.models.loading import DTYPES
+        from trajlab.models.schedulers import check_scheduler_name
+
+        if not self.prompts:
+            raise PlanError("prompts is empty: give at least one --prompt or a --prompts file with lines")
+        if any(not isinstance(p, str) for p in self.prompts):
+            raise PlanError(f"prompts must be strings; got {[type(p).__name__ for p in self.prompts]}")
+        if not self.seeds:
+            raise PlanError("seeds is empty: give e.g. --seeds 0:32")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise PlanError(f"seeds contain duplicates: {self.seeds}")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise PlanError(f"steps={self.steps!r}: must be an integer >= 1")
+        if self.guidance is None or self.guidance < 0:
+            raise PlanError(f"guidance={self.guidance!r}: must be >= 0")
+        if self.batch_size < 1:
+            raise PlanError(f"batch_size={self.batch_size}: must be >= 1")
+        if self.dtype not in DTYPES:
+            raise PlanError(f"dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
+        for side in ("height", "width"):
+            v = getattr(self, side)
+            if v is not None and (v < 8 or v % 8):
+                raise PlanError(f"{side}={v}: must be a positive multiple of 8")
+        try:
+            check_scheduler_name(self.scheduler)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.prompts) * len(self.seeds)
+
+    def config(self) -> dict:
+        """The fields that define the group's content (resume refuses a group whose config differs)."""
+        d = asdict(self)
+        for k in ("device", "batch_size"):
+            d.pop(k)
+        return d
+
+    def group_name(self) -> str:
+        """Readable group name: model, scheduler, steps, guidance, negative prompt (+ hash of the rest)."""
+        neg = "none" if not self.negative_prompt else "neg-" + hashlib.sha1(self.negative_prompt.encode()).hexdigest()[:6]
+        rest = {k: v for k, v in self.config().items()
+                if k not in ("model", "scheduler", "steps", "guidance", "negative_prompt")}
+        tag = hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:6]
+        model = re.sub(r"[^A-Za-z0-9_.+-]+", "-", self.model).strip("-")
+        if self.loras:
+            model += "+lora"
+        g = f"{self.guidance:g}"
+        return f"{model}__{self.scheduler}__{self.steps}steps__cfg{g}__{neg}__{tag}"
+
+    def sample_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt_index, seed) per sample, prompt-major."""
+        pi = np.repeat(np.arange(len(self.prompts)), len(self.seeds))
+        seeds = np.tile(np.asarray(self.seeds, dtype=np.int64), len(self.prompts))
+        return pi, seeds
+
+
+@dataclass
+class CaptureResult:
+    group: str
+    samples_written: int
+    samples_skipped: int
+    wall_s: float
+    store_bytes: int
+
+
+def _versions() -> dict:
+    import diffusers
+
+    import trajlab
+
+    return {"trajlab": trajlab.__version__, "diffusers": diffusers.__version__, "torch": torch.__version__}
+
+
+def _denoiser_dtype(pipe) -> torch.dtype:
+    from trajlab.capture.taps import denoiser_of
+
+    return next(denoiser_of(pipe).parameters(), torch.zeros(())).dtype
+
+
+def pipeline_kwargs(pipe, plan: CapturePlan, prompts: list[str], generators: list[torch.Generator]) -> dict:
+    """Keyword arguments of one pipeline call; refuses options the pipeline cannot honour."""
+    params = inspect.signature(pipe.__call__).parameters
+    kwargs = {"prompt": prompts, "num_inference_steps": plan.steps, "generator": generators,
+              "output_type": "np" if plan.images else "latent"}
+    if "guidance_scale" in params:
+        kwargs["guidance_scale"] = plan.guidance
+    if plan.negative_prompt:
+        if "negative_prompt" not in params:
+            raise PlanError(f"{type(pipe).__name__} takes no negative prompt (LCM pipelines guide through a "
+                            "w-embedding and ignore negative prompts by construction); drop --negative-prompt")
+        kwargs["negative_prompt"] = [plan.negative_prompt] * len(prompts)
+    for side in ("height", "width"):
+        if getattr(plan, side) is not None:
+            kwargs[side] = getattr(plan, side)
+    return kwargs
+
+
+def to_uint8(images) -> np.ndarray:
+    """Pipeline ``np`` output (B, H, W, 3) floats in [0, 1] -> uint8, as diffusers' ``numpy_to_pil`` rounds."""
+    images = np.asarray(images)
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _step_variables(records) -> tuple[str, ...]:
+    r = records[0]
+    out = ["latent", "x0_pred", "model_output"]
+    if r.uncond is not None:
+        out += ["model_output_uncond", "model_output_cond"]
+    if r.denoised is not None:
+        out.append("denoised")
+    return tuple(v for v in STEP_FIELDS if v in out)
+
+
+def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress: bool = True,
+            run_pipeline=None) -> CaptureResult:
+    """Run ``plan`` on ``pipe`` and record it into group ``group`` (default ``plan.group_name()``) of ``path``.
+
+    ``run_pipeline(pipe, kwargs) -> output`` replaces ``pipe(**kwargs)`` (hybrid runs use it).
+    Resumes: complete blocks are skipped, incomplete blocks redone. A group with a different config is
+    refused (:class:`trajlab.store.ConfigMismatch`).
+    """
+    plan.validate()
+    group = group or plan.group_name()
+    config = json.loads(json.dumps(plan.config(), default=str))
+    images = plan.images and getattr(pipe, "vae", None) is not None
+    if images != plan.images:
+        plan.images = images
+        config["images"] = images
+    if group in store.group_names(path):
+        store.check_config(path, group, config)
+        done = store.completed(path, group)
+    else:
+        done = np.zeros(plan.n_samples, dtype=bool)
+    prompt_index, seeds = plan.sample_table()
+    run_dtype = _denoiser_dtype(pipe)
+    t0 = time.perf_counter()
+
+    def allocate(records, end: BatchEnd):
+        levels = [r.level for r in records]
+        ab = [lv.alpha_bar for lv in levels]
+        first = records[0].sample
+        image_shape = None if end.images is None else tuple(end.images.shape[1:])
+        layout = store.GroupLayout(n_samples=plan.n_samples, n_steps=len(records), latent_shape=tuple(first.shape[1:]),
+                                   dtype=str(numpy_dtype(run_dtype)), step_variables=_step_variables(records),
+                                   image_shape=image_shape)
+        sched = pipe.scheduler
+        attrs = {**_versions(), "model": plan.model, "loras": plan.loras, "pipeline_class": type(pipe).__name__,
+                 "scheduler_class": type(sched).__name__, "scheduler_config": dict(sched.config),
+                 "steps": plan.steps, "guidance": plan.guidance, "negative_prompt": plan.negative_prompt,
+                 "height": plan.height or 0, "width": plan.width or 0, "dtype": plan.dtype, "device": str(plan.device),
+                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "config": config,
+                 "extra": plan.extra}
+        store.allocate_group(path, group, layout, timesteps=[r.timestep for r in records], alpha_bar=ab,
+                             seeds=seeds, prompt_index=prompt_index, prompts=plan.prompts, attrs=attrs)
+
+    bar = None
+    todo = [s for s in range(0, plan.n_samples, plan.batch_size) if not done[s: s + plan.batch_size].all()]
+    n_todo = sum(min(plan.batch_size, plan.n_samples - s) for s in todo)
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_todo, unit="sample", desc=group[:40], dynamic_ncols=True)
+    writer = StoreWriter(path, group, allocate, numpy_dtype(run_dtype), on_batch_written=bar.update if bar else None)
+    try:
+        for start in todo:
+            stop = min(start + plan.batch_size, plan.n_samples)
+            prompts = [plan.prompts[i] for i in prompt_index[start:stop]]
+            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:stop]]
+            kwargs = pipeline_kwargs(pipe, plan, prompts, gens)
+            recorder = BatchRecorder(batch_size=stop - start, sink=writer.put)
+            with tap_pipeline(pipe, recorder.on_step, recorder.on_denoiser):
+                out = pipe(**kwargs) if run_pipeline is None else run_pipeline(pipe, kwargs)
+            imgs = to_uint8(out.images) if plan.images else None
+            final = recorder.final_latent()
+            ev = None
+            if final.is_pinned():
+                ev = torch.cuda.Event()
+                ev.record()
+            writer.put(BatchEnd(start, stop - start, final, imgs, ev))
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    size = sum(f.stat().st_size for f in __import__("pathlib").Path(path, group).rglob("*") if f.is_file()) \
+        if group in store.group_names(path) else 0
+    return CaptureResult(group, n_todo, plan.n_samples - n_todo, time.perf_counter() - t0, size)
+
+
+__all__ = ["CapturePlan", "CaptureResult", "PlanError", "capture", "pipeline_kwargs", "to_host", "to_uint8"]

@@ -1,0 +1,131 @@
+"""Background writer: a bounded queue drained by one thread that fills pre-allocated store regions.
+
+The sampling loop only enqueues host copies (it blocks only if the writer falls ``maxsize`` items
+behind). Per batch the writer assembles (sample, step, ...) arrays, writes them to the batch's
+disjoint sample region, and only then marks those samples complete. Errors in the thread are
+re-raised in the caller at the next ``put`` or at ``close``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from trajlab import store
+from trajlab.capture.records import StepRecord
+from trajlab.capture.x0 import derive_x0
+
+STEP_FIELDS = {"latent": "sample", "x0_pred": "x0", "model_output": "model_output",
+               "model_output_uncond": "uncond", "model_output_cond": "cond", "denoised": "denoised"}
+
+
+def numpy_dtype(torch_dtype: torch.dtype) -> np.dtype:
+    """Storage dtype for a run dtype (bf16 has no numpy type: stored as float32)."""
+    return np.dtype({torch.float16: "float16", torch.float64: "float64"}.get(torch_dtype, "float32"))
+
+
+def _np(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.numpy().astype(dtype, copy=False)
+
+
+@dataclass
+class BatchEnd:
+    """Marks the end of one batch: samples ``[start, start + size)`` and their final outputs."""
+
+    start: int
+    size: int
+    final_latent: torch.Tensor
+    images: np.ndarray | None
+    event: object = None
+
+
+class StoreWriter:
+    """Drains records into group ``group`` of the store at ``path``.
+
+    ``allocate(first_records, batch_end)`` is called once, before the first write, when the group does
+    not exist yet (its shapes and step grid come from the first batch). ``on_batch_written(size)``
+    is called after each batch is committed (for progress bars).
+    """
+
+    def __init__(self, path, group: str, allocate: Callable | None, dtype: np.dtype, maxsize: int = 256,
+                 on_batch_written: Callable[[int], None] | None = None):
+        self.path, self.group, self.allocate, self.dtype = path, group, allocate, np.dtype(dtype)
+        self.on_batch_written = on_batch_written
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+        self.grid: list[float] | None = None
+        self._records: list[StepRecord] = []
+        self._thread = threading.Thread(target=self._run, name="trajlab-writer", daemon=True)
+        self._thread.start()
+
+    # -- producer side -------------------------------------------------------------------------
+    def put(self, item) -> None:
+        self._raise()
+        self.queue.put(item)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise RuntimeError(f"trajlab capture writer failed: {err!r}") from err
+
+    # -- consumer side -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue  # drain after a failure so the producer never blocks
+            try:
+                if isinstance(item, StepRecord):
+                    self._records.append(item)
+                else:
+                    self._write_batch(item)
+            except BaseException as exc:  # noqa: BLE001 - surfaced in the producer
+                self.error = exc
+                self._records = []
+
+    def _write_batch(self, end: BatchEnd) -> None:
+        records, self._records = self._records, []
+        if not records:
+            raise RuntimeError(f"batch at sample {end.start} produced no scheduler steps")
+        for r in records:
+            r.wait()
+        if end.event is not None:
+            end.event.synchronize()
+        grid = [r.timestep for r in records]
+        if self.grid is None:
+            if self.allocate is not None and self.group not in store.group_names(self.path):
+                self.allocate(records, end)
+            self.grid = grid
+        elif grid != self.grid:
+            raise RuntimeError(f"batch at sample {end.start} ran timesteps {grid}; earlier batches ran {self.grid}")
+        arrays = {}
+        for var, attr in STEP_FIELDS.items():
+            if var == "x0_pred":
+                per_step = [r.x0 if r.x0 is not None else derive_x0(r.prediction_type, r.model_output, r.sample, r.level)
+                            for r in records]
+            else:
+                per_step = [getattr(r, attr) for r in records]
+            if any(t is None for t in per_step):
+                continue
+            arrays[var] = np.stack([_np(t, self.dtype) for t in per_step], axis=1)
+        arrays["final_latent"] = _np(end.final_latent, self.dtype)
+        if end.images is not None:
+            arrays["image"] = end.images
+        store.write_samples(self.path, self.group, end.start, arrays)
+        store.mark_complete(self.path, self.group, end.start, end.start + end.size)
+        if self.on_batch_written is not None:
+            self.on_batch_written(end.size)

@@ -1,0 +1,119 @@
+"""Named models for every system the research plan studies, with their recommended settings.
+
+Real entries carry hub ids (never downloaded here: the loader looks in the local Hugging Face
+cache and fails fast if they are absent). Built-in entries (``tiny-*``, ``micro-*``, ``exact:*``)
+are built or shipped by the project and work offline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+@dataclass(frozen=True)
+class Lora:
+    """A LoRA: hub id or local path, optional subfolder / weight file, and its scale."""
+
+    source: str
+    scale: float = 1.0
+    weight_name: str | None = None
+    subfolder: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one named model and how the literature samples it.
+
+    ``source`` is a hub id or a local folder (``builtin:NAME`` for models built in code);
+    ``unet`` optionally replaces the base UNet (e.g. LCM-SDXL ships only a UNet).
+    """
+
+    name: str
+    source: str
+    pipeline: str
+    scheduler: str
+    steps: int
+    guidance: float
+    loras: tuple[Lora, ...] = ()
+    unet: str | None = None
+    role: str = "teacher"
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _pcm(base: str, arch: str, k: int) -> ModelSpec:
+    return ModelSpec(
+        name=f"pcm-{arch}-{k}step", source=base,
+        pipeline="StableDiffusionPipeline" if arch == "sd15" else "StableDiffusionXLPipeline",
+        scheduler="tcd-trailing", steps=k, guidance=1.0, role="student",
+        loras=(Lora("wangfuyun/PCM_Weights", subfolder=arch, weight_name=f"pcm_{arch}_smallcfg_{k}step_converted.safetensors"),),
+        notes="Phased Consistency Model LoRA (Wang et al. 2024); TCD trailing or DDIM trailing; small-CFG variant",
+    )
+
+
+REAL_MODELS = [
+    ModelSpec("sd15", SD15, "StableDiffusionPipeline", "ddim", 30, 7.5, notes="SD1.5 teacher"),
+    ModelSpec("sdxl", SDXL, "StableDiffusionXLPipeline", "euler", 30, 5.0, notes="SDXL base teacher"),
+    ModelSpec("lcm-lora-sd15", SD15, "StableDiffusionPipeline", "lcm", 4, 1.0, role="student",
+              loras=(Lora("latent-consistency/lcm-lora-sdv1-5"),), notes="LCM-LoRA on SD1.5 (Luo et al. 2023b)"),
+    ModelSpec("lcm-lora-sdxl", SDXL, "StableDiffusionXLPipeline", "lcm", 4, 1.0, role="student",
+              loras=(Lora("latent-consistency/lcm-lora-sdxl"),), notes="LCM-LoRA on SDXL"),
+    ModelSpec("lcm-dreamshaper-v7", "SimianLuo/LCM_Dreamshaper_v7", "LatentConsistencyModelPipeline", "lcm", 4, 8.0,
+              role="student", notes="full LCM distilled from Dreamshaper v7 (w-embedding: CFG by construction)"),
+    ModelSpec("lcm-sdxl", SDXL, "StableDiffusionXLPipeline", "lcm", 4, 8.0, unet="latent-consistency/lcm-sdxl",
+              role="student", notes="full LCM UNet on SDXL base"),
+    *[_pcm(SD15, "sd15", k) for k in (2, 4, 8, 16)],
+    *[_pcm(SDXL, "sdxl", k) for k in (2, 4, 8, 16)],
+    ModelSpec("tlcm-sdxl", SDXL, "StableDiffusionXLPipeline", "lcm", 4, 0.0, role="student",
+              loras=(Lora("OPPOer/TLCM", weight_name="TLCM_SDXL.safetensors"),),
+              notes="TLCM (Xie et al. 2024) LoRA on SDXL, LCMScheduler, CFG 0; check the LoRA id/file name of the release you use"),
+    ModelSpec("sdxl-turbo", "stabilityai/sdxl-turbo", "StableDiffusionXLPipeline", "euler-ancestral", 1, 0.0,
+              role="student", notes="adversarial diffusion distillation; 1 step, CFG 0 (its scheduler is trailing)"),
+]
+
+BUILTIN_MODELS = [
+    ModelSpec("tiny-sd", "builtin:tiny-sd", "StableDiffusionPipeline", "ddim", 30, 5.0, role="test",
+              notes="random tiny SD (tests, demos, benchmarks)"),
+    ModelSpec("tiny-sdxl", "builtin:tiny-sdxl", "StableDiffusionXLPipeline", "euler", 30, 5.0, role="test",
+              notes="random tiny SDXL"),
+    ModelSpec("tiny-lcm", "builtin:tiny-lcm", "LatentConsistencyModelPipeline", "lcm", 4, 8.0, role="test",
+              notes="random tiny LCM (w-embedding UNet)"),
+    ModelSpec("micro-sd", "micro:micro-sd", "StableDiffusionPipeline", "ddim", 30, 4.0,
+              notes="micro-world teacher trained on sklearn digits (data/micro)"),
+    ModelSpec("micro-lcm", "micro:micro-lcm", "LatentConsistencyModelPipeline", "lcm", 4, 4.0, role="student",
+              notes="micro-world LCM distilled from micro-sd"),
+    ModelSpec("micro-lcm-lora", "micro:micro-sd", "StableDiffusionPipeline", "lcm", 4, 1.0, role="student",
+              loras=(Lora("micro:micro-lcm-lora"),), notes="micro-world LCM-LoRA on micro-sd"),
+]
+
+
+def _exact_specs() -> list[ModelSpec]:
+    try:
+        from trajlab.models.exact import EXACT_WORLDS
+    except ImportError:
+        return []
+    return [ModelSpec(f"exact:{k}", f"exact:{k}", "ExactWorldPipeline", "ddim", 30, 1.0, role="exact",
+                      notes="closed-form denoiser world (THEORY.md)") for k in EXACT_WORLDS]
+
+
+def registry() -> dict[str, ModelSpec]:
+    """All named models, name -> spec."""
+    return {m.name: m for m in REAL_MODELS + BUILTIN_MODELS + _exact_specs()}
+
+
+def get(name: str) -> ModelSpec | None:
+    return registry().get(name)
+
+
+def parse_lora(text: str) -> Lora:
+    """``PATH_OR_ID[:SCALE]`` -> :class:`Lora` (a trailing ``:number`` is the scale)."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head:
+        try:
+            return Lora(head, float(tail))
+        except ValueError:
+            pass
+    return Lora(text)

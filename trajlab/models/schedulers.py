@@ -1,0 +1,48 @@
+"""Scheduler names -> diffusers schedulers configured from a pipeline's own scheduler config."""
+
+from __future__ import annotations
+
+SCHEDULERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddim-trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),
+    "ddpm": ("DDPMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
+    "tcd-trailing": ("TCDScheduler", {"timestep_spacing": "trailing"}),
+    "euler-trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+}
+"""Short name -> (diffusers class, config overrides). ``default`` keeps the pipeline's own."""
+
+DETERMINISTIC = {"ddim", "ddim-trailing", "euler", "euler-trailing", "heun", "dpm++", "dpm++-karras", "unipc"}
+
+
+def scheduler_names() -> list[str]:
+    return ["default", *SCHEDULERS]
+
+
+def check_scheduler_name(name: str) -> None:
+    if name != "default" and name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; expected one of {scheduler_names()}")
+
+
+def make_scheduler(name: str, base_config):
+    """A fresh scheduler ``name`` built from ``base_config`` (a pipeline scheduler's config).
+
+    ``default`` rebuilds the base scheduler's own class. ``steps_offset`` is kept explicitly
+    (FACTS: ``from_config`` would otherwise reset what SD's pipeline patched).
+    """
+    import diffusers
+
+    check_scheduler_name(name)
+    if name == "default":
+        cls_name, overrides = base_config["_class_name"], {}
+    else:
+        cls_name, overrides = SCHEDULERS[name]
+    cls = getattr(diffusers, cls_name)
+    return cls.from_config(dict(base_config), **overrides)

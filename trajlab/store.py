@@ -1,0 +1,316 @@
+"""The trajectory store: one module owns the schema.
+
+A store is a Zarr v3 group tree read as an ``xarray.DataTree``. The root holds attrs
+``trajlab_schema`` and ``groups``; each child group is one run configuration, a Dataset with
+
+==========================  ===================================  =============================
+variable                    dims                                 meaning
+==========================  ===================================  =============================
+``latent``                  (sample, step, channel, y, x)        ``sample`` arg of step call i
+``x0_pred``                 (sample, step, channel, y, x)        x0 prediction at step i
+``model_output``            (sample, step, channel, y, x)        guided output given to step i
+``model_output_uncond``     (sample, step, channel, y, x)        CFG only
+``model_output_cond``       (sample, step, channel, y, x)        CFG only
+``denoised``                (sample, step, channel, y, x)        LCM only
+``final_latent``            (sample, channel, y, x)              output of the last step
+``image``                   (sample, height, width, rgb) uint8   optional decoded images
+``complete``                (sample,) bool                       set after all arrays are written
+``prompt_text``             (prompt,) str                        the prompts
+==========================  ===================================  =============================
+
+Coordinates: ``step`` with ``timestep``, ``alpha_bar``, ``sigma`` on it; ``sample`` with ``seed`` and
+``prompt_index``. Writes go to pre-allocated, disjoint sample regions; chunks are one sample x all
+steps, so writers never share a chunk. Nothing here knows about capture or models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+STEP_VARIABLES = ("latent", "x0_pred", "model_output", "model_output_uncond", "model_output_cond", "denoised")
+REQUIRED_VARIABLES = ("latent", "x0_pred", "model_output", "final_latent", "complete", "prompt_text")
+STEP_COORDS = ("timestep", "alpha_bar", "sigma")
+SAMPLE_COORDS = ("seed", "prompt_index")
+
+
+class StoreError(ValueError):
+    """A store is missing, malformed, or does not match what is asked of it."""
+
+
+class ConfigMismatch(StoreError):
+    """An existing group was written with a different run configuration."""
+
+
+@dataclass(frozen=True)
+class GroupLayout:
+    """Shapes and dtypes of one group, fixed at allocation.
+
+    ``latent_shape`` is (channel, y, x); ``image_shape`` is (height, width, 3) or None;
+    ``step_variables`` lists which of :data:`STEP_VARIABLES` the group holds.
+    """
+
+    n_samples: int
+    n_steps: int
+    latent_shape: tuple[int, int, int]
+    dtype: str
+    step_variables: tuple[str, ...]
+    image_shape: tuple[int, int, int] | None = None
+
+    def __post_init__(self):
+        unknown = set(self.step_variables) - set(STEP_VARIABLES)
+        if unknown:
+            raise StoreError(f"step_variables has unknown names {sorted(unknown)}; expected a subset of {STEP_VARIABLES}")
+        if self.n_samples < 1 or self.n_steps < 1:
+            raise StoreError(f"n_samples={self.n_samples}, n_steps={self.n_steps}: both must be >= 1")
+        if len(self.latent_shape) != 3:
+            raise StoreError(f"latent_shape={self.latent_shape}: expected (channel, y, x)")
+
+
+def _zarr():
+    import zarr
+
+    return zarr
+
+
+def _compressors():
+    from zarr.codecs import ZstdCodec
+
+    return (ZstdCodec(level=3),)
+
+
+def _encode_attr(value):
+    """Attrs are JSON; dicts and lists of non-scalars are stored as JSON strings."""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, default=str)
+    if value is None:
+        return ""
+    return value
+
+
+def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, timesteps, alpha_bar,
+                   seeds, prompt_index, prompts: list[str], attrs: dict) -> None:
+    """Create group ``name`` with every array pre-allocated (metadata only, no sample data).
+
+    ``timesteps``, ``alpha_bar``: (step,); ``seeds``, ``prompt_index``: (sample,); ``prompts``: the
+    prompt strings indexed by ``prompt_index``. Fails if the group exists.
+    """
+    import dask.array as da
+    import xarray as xr
+
+    S, T = layout.n_samples, layout.n_steps
+    C, H, W = layout.latent_shape
+    timesteps = np.asarray(timesteps)
+    alpha_bar = np.asarray(alpha_bar, dtype=np.float64)
+    for var, arr, n in (("timesteps", timesteps, T), ("alpha_bar", alpha_bar, T), ("seeds", np.asarray(seeds), S),
+                        ("prompt_index", np.asarray(prompt_index), S)):
+        if arr.shape != (n,):
+            raise StoreError(f"{var} has shape {arr.shape}; expected ({n},)")
+    if np.all(np.mod(timesteps, 1) == 0):
+        timesteps = timesteps.astype(np.int64)
+    else:
+        timesteps = timesteps.astype(np.float64)
+    with np.errstate(divide="ignore"):
+        sigma = np.sqrt((1.0 - alpha_bar) / alpha_bar)
+
+    dtype = np.dtype(layout.dtype)
+    step_dims = ("sample", "step", "channel", "y", "x")
+    data_vars = {}
+    encoding = {}
+    for v in layout.step_variables:
+        data_vars[v] = (step_dims, da.zeros((S, T, C, H, W), dtype=dtype, chunks=(1, T, C, H, W)))
+        encoding[v] = {"chunks": (1, T, C, H, W), "compressors": _compressors()}
+    data_vars["final_latent"] = (("sample", "channel", "y", "x"), da.zeros((S, C, H, W), dtype=dtype, chunks=(1, C, H, W)))
+    encoding["final_latent"] = {"chunks": (1, C, H, W), "compressors": _compressors()}
+    if layout.image_shape is not None:
+        ih, iw, ic = layout.image_shape
+        data_vars["image"] = (("sample", "height", "width", "rgb"), da.zeros((S, ih, iw, ic), dtype=np.uint8, chunks=(1, ih, iw, ic)))
+        encoding["image"] = {"chunks": (1, ih, iw, ic), "compressors": _compressors(), "_FillValue": None}
+    data_vars["complete"] = (("sample",), da.zeros((S,), dtype=bool, chunks=(1,)))
+    encoding["complete"] = {"chunks": (1,), "_FillValue": None}
+    data_vars["prompt_text"] = (("prompt",), np.array(list(prompts), dtype=object))
+    for v in layout.step_variables + ("final_latent",):
+        encoding[v]["_FillValue"] = np.nan if dtype.kind == "f" else None
+
+    ds = xr.Dataset(
+        data_vars,
+        coords={
+            "step": np.arange(T, dtype=np.int64),
+            "timestep": ("step", timesteps),
+            "alpha_bar": ("step", alpha_bar),
+            "sigma": ("step", sigma),
+            "sample": np.arange(S, dtype=np.int64),
+            "seed": ("sample", np.asarray(seeds, dtype=np.int64)),
+            "prompt_index": ("sample", np.asarray(prompt_index, dtype=np.int64)),
+        },
+        attrs={k: _encode_attr(v) for k, v in attrs.items()},
+    )
+    ds.attrs["trajlab_schema"] = SCHEMA_VERSION
+    ds.attrs["step_variables"] = json.dumps(list(layout.step_variables))
+    root = _zarr().open_group(str(path), mode="a", zarr_format=3)
+    if name in root:
+        raise StoreError(f"group {name!r} already exists in {path}")
+    ds.to_zarr(str(path), group=name, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
+    groups = list(root.attrs.get("groups", []))
+    if name not in groups:
+        groups.append(name)
+    root.attrs.update({"trajlab_schema": SCHEMA_VERSION, "groups": groups})
+    _consolidate(path)
+
+
+def _consolidate(path) -> None:
+    """Consolidate metadata so plain ``xr.open_zarr`` / ``open_datatree`` open fast and without warnings.
+
+    Metadata never changes after allocation (sample writes touch chunks only), so this stays valid.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _zarr().consolidate_metadata(str(path))
+
+
+def _group(path, name, mode="r+"):
+    zarr = _zarr()
+    try:
+        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except Exception as exc:  # FileNotFoundError / GroupNotFoundError, depending on zarr version
+        raise StoreError(f"no trajlab store at {path}: {exc}") from None
+    if name not in root:
+        raise StoreError(f"group {name!r} not in store {path}; groups: {list(root.attrs.get('groups', []))}")
+    return root[name]
+
+
+def write_samples(path: str | os.PathLike, name: str, start: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays[var][k]`` to sample ``start + k`` of group ``name``; does not mark completeness.
+
+    Each array's leading dim is the number of samples written; the rest must match the group.
+    """
+    g = _group(path, name)
+    n = None
+    for var, data in arrays.items():
+        if var not in g:
+            raise StoreError(f"variable {var!r} is not allocated in group {name!r}; has {sorted(g.array_keys())}")
+        arr = g[var]
+        data = np.asarray(data)
+        if data.shape[1:] != arr.shape[1:]:
+            raise StoreError(f"{var} has shape {data.shape}; expected (n,) + {arr.shape[1:]}")
+        if n is None:
+            n = data.shape[0]
+        elif data.shape[0] != n:
+            raise StoreError(f"{var} has {data.shape[0]} samples; other arrays have {n}")
+        if start < 0 or start + n > arr.shape[0]:
+            raise StoreError(f"samples [{start}, {start + n}) out of range for {arr.shape[0]} samples")
+        arr[start : start + n] = data.astype(arr.dtype, copy=False)
+
+
+def mark_complete(path: str | os.PathLike, name: str, start: int, stop: int) -> None:
+    """Mark samples ``[start, stop)`` complete (call only after all of their arrays are written)."""
+    g = _group(path, name)
+    g["complete"][start:stop] = True
+
+
+def completed(path: str | os.PathLike, name: str) -> np.ndarray:
+    """Boolean (sample,) array: which samples of group ``name`` are complete."""
+    return np.asarray(_group(path, name, mode="r")["complete"][:], dtype=bool)
+
+
+def group_names(path: str | os.PathLike) -> list[str]:
+    """Groups listed in the root attrs (empty when the store does not exist)."""
+    if not Path(path).exists():
+        return []
+    root = _zarr().open_group(str(path), mode="r", zarr_format=3)
+    return list(root.attrs.get("groups", []))
+
+
+def group_attrs(path: str | os.PathLike, name: str) -> dict:
+    return dict(_group(path, name, mode="r").attrs)
+
+
+def check_config(path: str | os.PathLike, name: str, config: dict) -> None:
+    """Refuse to reuse group ``name`` if its stored run config differs from ``config``.
+
+    The message names every field that differs with both values.
+    """
+    stored = group_attrs(path, name).get("config")
+    if stored is None:
+        raise ConfigMismatch(f"group {name!r} in {path} has no stored config; it was not written by trajlab capture")
+    stored = json.loads(stored)
+    config = json.loads(json.dumps(config, sort_keys=True, default=str))
+    diffs = [f"{k}: store has {stored.get(k)!r}, asked {config.get(k)!r}"
+             for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
+    if diffs:
+        raise ConfigMismatch(f"group {name!r} in {path} was captured with a different config (" + "; ".join(diffs) + ")")
+
+
+def validate(path: str | os.PathLike) -> None:
+    """Check a store against the schema; raises :class:`StoreError` naming what is wrong."""
+    zarr = _zarr()
+    if not Path(path).exists():
+        raise StoreError(f"no store at {path}")
+    try:
+        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+    except Exception as exc:
+        raise StoreError(f"{path} is not a Zarr v3 group: {exc}") from None
+    version = root.attrs.get("trajlab_schema")
+    if version is None:
+        raise StoreError(f"{path} has no 'trajlab_schema' attr: not a trajlab store")
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"{path} has schema {version}; this trajlab reads up to {SCHEMA_VERSION}: upgrade trajlab")
+    for name in root.attrs.get("groups", []):
+        if name not in root:
+            raise StoreError(f"{path}: group {name!r} is listed in the root attrs but missing")
+        g = root[name]
+        missing = [v for v in REQUIRED_VARIABLES + STEP_COORDS + SAMPLE_COORDS if v not in g]
+        if missing:
+            raise StoreError(f"{path}/{name} lacks {missing}")
+        n_samples, n_steps = g["latent"].shape[:2]
+        for v in json.loads(g.attrs.get("step_variables", "[]")):
+            if v not in g or g[v].shape[:2] != (n_samples, n_steps):
+                raise StoreError(f"{path}/{name}: {v} missing or shape {g[v].shape if v in g else None}, "
+                                 f"expected ({n_samples}, {n_steps}, ...)")
+        for v in SAMPLE_COORDS + ("complete", "final_latent"):
+            if g[v].shape[0] != n_samples:
+                raise StoreError(f"{path}/{name}: {v} has shape {g[v].shape}; expected ({n_samples}, ...)")
+        for v in STEP_COORDS:
+            if g[v].shape != (n_steps,):
+                raise StoreError(f"{path}/{name}: {v} has shape {g[v].shape}; expected ({n_steps},)")
+
+
+def open(path: str | os.PathLike, *, validate_store: bool = True):  # noqa: A001 - trajlab.open mirrors xr.open_*
+    """Open a store as an ``xarray.DataTree`` (lazy, dask-backed), validating it first."""
+    import xarray as xr
+
+    if validate_store:
+        validate(path)
+    return xr.open_datatree(str(path), engine="zarr", chunks={})
+
+
+def open_group(path: str | os.PathLike, name: str):
+    """One group as a lazy ``xarray.Dataset``."""
+    import xarray as xr
+
+    validate(path)
+    if name not in group_names(path):
+        raise StoreError(f"group {name!r} not in store {path}; groups: {group_names(path)}")
+    return xr.open_zarr(str(path), group=name)
+
+
+def summary(path: str | os.PathLike) -> list[dict]:
+    """Per group: name, dims, stored bytes and how many samples are complete."""
+    validate(path)
+    rows = []
+    for name in group_names(path):
+        g = _group(path, name, mode="r")
+        done = completed(path, name)
+        size = sum(f.stat().st_size for f in (Path(path) / name).rglob("*") if f.is_file())
+        n_samples, n_steps, *latent = g["latent"].shape
+        rows.append({"group": name, "samples": int(n_samples), "steps": int(n_steps), "latent": tuple(latent),
+                     "complete": int(done.sum()), "bytes": int(size),
+                     "images": "image" in g, "variables": sorted(g.array_keys())})
+    return rows
