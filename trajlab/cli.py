@@ -122,6 +122,8 @@ def check_writable(out: str) -> None:
         parent = parent.parent
     if p.exists() and not p.is_dir():
         raise CliError(f"--out {out}: exists and is not a store directory")
+    if not parent.is_dir():
+        raise CliError(f"--out {out}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK):
         raise CliError(f"--out {out}: {parent} is not writable")
 

@@ -1,0 +1,169 @@
+"""The CLI end to end: capture (flags and TOML grids), info, models, resume after a kill, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from trajlab import store
+from trajlab.cli import main
+
+TINY = ["--model", "tiny-sd", "--steps", "3", "--height", "32", "--width", "32", "--quiet"]
+
+
+def _run(*args, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-m", "trajlab", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_capture_info_models_end_to_end(tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    assert main(["capture", *TINY, "--prompt", "a cat", "--prompt", "a dog", "--seeds", "0:3", "--out", str(out),
+                 "--guidance", "4", "--negative-prompt", "blurry"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("captured 6 samples (0 already complete) in 1 group(s)") and "MB" in line
+    (g,) = store.group_names(out)
+    ds = store.open_group(out, g)
+    assert ds.sizes["sample"] == 6 and ds.attrs["negative_prompt"] == "blurry" and ds.attrs["guidance"] == 4.0
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert g in info and "samples=6" in info and "complete" in info
+    # a second identical run skips everything
+    assert main(["capture", *TINY, "--prompt", "a cat", "--prompt", "a dog", "--seeds", "0:3", "--out", str(out),
+                 "--guidance", "4", "--negative-prompt", "blurry"]) == 0
+    assert "captured 0 samples (6 already complete)" in capsys.readouterr().out
+    assert main(["models"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("sd15", "sdxl", "lcm-lora-sd15", "lcm-lora-sdxl", "lcm-dreamshaper-v7", "lcm-sdxl", "pcm-sd15-4step",
+                 "pcm-sdxl-2step", "tlcm-sdxl", "sdxl-turbo", "tiny-sd", "tiny-sdxl", "micro-sd", "micro-lcm"):
+        assert f"\n{name} " in listing, name
+
+
+def test_toml_grid_one_group_per_cell(tmp_path, capsys):
+    cfg = tmp_path / "grid.toml"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n# comment\n\na dog\n")
+    cfg.write_text(f"""
+height = 32
+width = 32
+seeds = "0:2"
+prompts_file = "{prompts}"
+batch_size = 4
+[[run]]
+model = "tiny-sd"
+scheduler = ["ddim", "euler"]
+steps = [2, 3]
+guidance = 3.0
+[[run]]
+model = "tiny-lcm"
+steps = 2
+""")
+    out = tmp_path / "g.zarr"
+    assert main(["capture", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    groups = store.group_names(out)
+    assert len(groups) == 5
+    dt = store.open(out)
+    for g in groups:
+        ds = dt[g].to_dataset()
+        assert ds.sizes["sample"] == 4 and bool(ds.complete.all())
+        assert list(ds.prompt_text.values) == ["a cat", "a dog"]
+    steps = sorted(int(dt[g].to_dataset().sizes["step"]) for g in groups)
+    assert steps == [2, 2, 2, 3, 3]
+
+
+BAD = [
+    (["--model", "no-such-model", "--prompt", "x"], "no-such-model"),
+    (["--model", "tiny-sd", "--scheduler", "warp", "--prompt", "x"], "unknown scheduler 'warp'"),
+    (["--model", "tiny-sd", "--steps", "0", "--prompt", "x"], "steps=0"),
+    (["--model", "tiny-sd", "--guidance", "-1", "--prompt", "x"], "guidance=-1"),
+    (["--model", "tiny-sd"], "prompts is empty"),
+    (["--model", "tiny-sd", "--prompt", "x", "--seeds", "a:b"], "--seeds"),
+    (["--model", "sd15", "--prompt", "x"], "hf download stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    (["--model", "tiny-sd", "--prompt", "x", "--lora", "nobody/missing-lora:0.5"], "LoRA 'nobody/missing-lora'"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD, ids=[b[1][:20] for b in BAD])
+def test_bad_input_is_one_clear_line(args, needle, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    code = main(["capture", *args, "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("trajlab: error:") and needle in err, err
+    assert not out.exists(), "nothing may be written before input is validated"
+
+
+def test_unwritable_output_and_malformed_toml_and_conflicts(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):  # running as root: permissions do not bind, use a path under a file
+            target = tmp_path / "afile"
+            target.write_text("x")
+            out = target / "s.zarr"
+        else:
+            out = ro / "s.zarr"
+        assert main(["capture", *TINY, "--prompt", "x", "--out", str(out)]) == 2
+        assert "--out" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("model = [unclosed\n")
+    assert main(["capture", "--config", str(bad), "--out", str(tmp_path / "x.zarr")]) == 2
+    assert "malformed TOML" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('model = "tiny-sd"\nstepz = 3\n')
+    assert main(["capture", "--config", str(unknown), "--out", str(tmp_path / "x.zarr")]) == 2
+    assert "unknown keys ['stepz']" in capsys.readouterr().err
+    # a config that conflicts with the store's group
+    out = tmp_path / "c.zarr"
+    assert main(["capture", *TINY, "--prompt", "x", "--group", "fixed", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["capture", *TINY, "--prompt", "y", "--group", "fixed", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "prompts: store has ['x'], asked ['y']" in err and len(err.strip().splitlines()) == 1
+
+
+def test_no_traceback_from_subprocess_on_bad_input(tmp_path):
+    r = _run("capture", "--model", "tiny-sd", "--steps", "-3", "--prompt", "x", "--out", str(tmp_path / "s.zarr"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "steps=-3" in r.stderr
+
+
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, capsys):
+    args = ["capture", *TINY, "--prompt", "a cat", "--prompt", "a dog", "--seeds", "0:10", "--batch-size", "2",
+            "--group", "g", "--no-images"]
+    full = tmp_path / "full.zarr"
+    assert main([*args, "--out", str(full)]) == 0
+    part = tmp_path / "part.zarr"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "trajlab", *args, "--out", str(part)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    n_done = 0
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            n_done = int(store.completed(part, "g").sum())
+        except Exception:
+            n_done = 0
+        if n_done >= 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = store.completed(part, "g")
+    assert 2 <= done.sum() < 20, f"the kill should land mid-run; {done.sum()} samples were complete"
+    capsys.readouterr()
+    assert main([*args, "--out", str(part)]) == 0
+    n_redo = 20 - int(done.sum())
+    assert f"captured {n_redo} samples ({int(done.sum())} already complete)" in capsys.readouterr().out
+    a = store.open_group(full, "g").load()
+    b = store.open_group(part, "g").load()
+    assert bool(b.complete.all())
+    for var in ("latent", "x0_pred", "model_output", "model_output_cond", "final_latent"):
+        np.testing.assert_array_equal(a[var].values, b[var].values, err_msg=var)
