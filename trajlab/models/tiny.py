@@ -100,3 +100,38 @@ def tiny_sdxl(seed: int = 0):
 
 
 BUILDERS = {"tiny-sd": tiny_sd, "tiny-sdxl": tiny_sdxl, "tiny-lcm": tiny_lcm}
+
+
+SD15_UNET_CONFIG = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+"""The published SD1.5 UNet config (860M parameters)."""
+
+SD15_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+
+SD15_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                        bos_token_id=49406, eos_token_id=49407, pad_token_id=1, projection_dim=768)
+
+
+def sd15_architecture(seed: int = 0):
+    """A StableDiffusionPipeline with SD1.5's published architecture and random weights (benchmarks only)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from trajlab.models.tokenizer import clip_tokenizer
+
+    torch.manual_seed(seed)
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**SD15_UNET_CONFIG), vae=AutoencoderKL(**SD15_VAE_CONFIG),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)), tokenizer=clip_tokenizer(),
+        scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None, image_encoder=None,
+        requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,328 @@
+"""Forward-mode AD (JVP) for scaled-dot-product attention that keeps the fused kernel.
+
+`torch.func.jvp` fails on the fused SDPA kernels (CPU flash, CUDA flash / efficient / cuDNN) and
+the math backend costs ~4.5x a fused forward. Here the primal stays on
+`F.scaled_dot_product_attention` (fused) and the tangent is computed by a custom rule
+
+    dO = P dV + (P*dS) V - rowsum(P*dS) * O,   dS = scale * (dQ K^T + Q dK^T)
+
+either by a memory-blocked pure-torch loop over query blocks (any device/dtype) or by a
+flash-style Triton kernel (CUDA; `trajlab.kernels.flash_jvp`).
+
+Shapes: q (..., M, D), k (..., N, D), v (..., N, Dv), output (..., M, Dv); leading dims are batch
+dims (B, H for diffusers). Tangents have the shapes of their primals (or None = zero).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+__all__ = [
+    "naive_attention",
+    "attention_tangent",
+    "attention_tangent_torch",
+    "attention_vjp_torch",
+    "FusedSDPAWithJVP",
+    "sdpa_with_jvp",
+    "fused_sdpa_supports_jvp",
+    "JVPAttnProcessor",
+    "jvp_attention",
+]
+
+_DEFAULT_BLOCK_ELEMS = 1 << 25  # score-matrix elements per query block in the torch path (128 MiB fp32)
+
+
+def _default_scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def naive_attention(q, k, v, scale: float | None = None):
+    """softmax(scale q k^T) v with plain ops (differentiable in every mode). q (...,M,D) -> (...,M,Dv)."""
+    s = (q @ k.transpose(-1, -2)) * _default_scale(q, scale)
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _query_block(q_shape, n_keys: int, block_elems: int) -> int:
+    z = 1
+    for d in q_shape[:-2]:
+        z *= int(d)
+    m = int(q_shape[-2])
+    return max(1, min(m, block_elems // max(1, z * n_keys)))
+
+
+def attention_tangent_torch(q, k, v, dq=None, dk=None, dv=None, scale: float | None = None,
+                            block_elems: int = _DEFAULT_BLOCK_ELEMS):
+    """Tangent dO (..., M, Dv) of softmax attention, looping over query blocks.
+
+    Accumulates in fp32 (fp64 for fp64 inputs); returns q.dtype. Uses the centred form
+    dO = P dV + (P * (dS - rowsum(P dS))) V, which needs no O and avoids cancellation.
+    Broadcasts leading dims (so vmap-folded, unsqueezed primals work).
+    """
+    sc = _default_scale(q, scale)
+    ct = _compute_dtype(q.dtype)
+    kc, vc = k.to(ct), v.to(ct)
+    kt = kc.transpose(-1, -2)
+    dkt = dk.to(ct).transpose(-1, -2) if dk is not None else None
+    dvc = dv.to(ct) if dv is not None else None
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2],
+                                  *[t.shape[:-2] for t in (dq, dk, dv) if t is not None])
+    n_keys = k.shape[-2]
+    bq = _query_block(tuple(lead) + tuple(q.shape[-2:]), n_keys, block_elems)
+    outs = []
+    for i in range(0, q.shape[-2], bq):
+        qb = q[..., i:i + bq, :].to(ct)
+        p = torch.softmax((qb @ kt) * sc, dim=-1)
+        out = None
+        if dq is not None or dk is not None:
+            ds = None
+            if dq is not None:
+                ds = dq[..., i:i + bq, :].to(ct) @ kt
+            if dkt is not None:
+                ds = qb @ dkt if ds is None else ds + qb @ dkt
+            pds = p * ds
+            pds = pds - p * pds.sum(dim=-1, keepdim=True)
+            out = (pds * sc) @ vc
+        if dvc is not None:
+            out = p @ dvc if out is None else out + p @ dvc
+        if out is None:
+            out = torch.zeros(*lead, p.shape[-2], v.shape[-1], dtype=ct, device=q.device)
+        outs.append(out.expand(*lead, *out.shape[-2:]))
+    return torch.cat(outs, dim=-2).to(q.dtype)
+
+
+def attention_vjp_torch(q, k, v, g, scale: float | None = None, block_elems: int = _DEFAULT_BLOCK_ELEMS):
+    """Cotangents (gq, gk, gv) of softmax attention for output cotangent g (..., M, Dv), query-blocked.
+
+    Shapes follow q, k, v (leading dims of q/k/v must equal those of g; no broadcasting).
+    """
+    sc = _default_scale(q, scale)
+    ct = _compute_dtype(q.dtype)
+    kc, vc = k.to(ct), v.to(ct)
+    bq = _query_block(g.shape, k.shape[-2], block_elems)
+    gqs, gk, gv = [], None, None
+    for i in range(0, q.shape[-2], bq):
+        qb = q[..., i:i + bq, :].to(ct)
+        gb = g[..., i:i + bq, :].to(ct)
+        p = torch.softmax((qb @ kc.transpose(-1, -2)) * sc, dim=-1)
+        dp = gb @ vc.transpose(-1, -2)
+        ds = p * (dp - (p * dp).sum(dim=-1, keepdim=True)) * sc
+        gqs.append(ds @ kc)
+        gk_b = ds.transpose(-1, -2) @ qb
+        gv_b = p.transpose(-1, -2) @ gb
+        gk = gk_b if gk is None else gk + gk_b
+        gv = gv_b if gv is None else gv + gv_b
+    return torch.cat(gqs, dim=-2).to(q.dtype), gk.to(k.dtype), gv.to(v.dtype)
+
+
+def _triton_tangent():
+    """The Triton tangent function, or None when Triton (or its driver) is unavailable."""
+    try:
+        from trajlab.kernels.flash_jvp import attention_tangent_triton
+    except Exception:  # ImportError, or a Triton without a usable backend
+        return None
+    return attention_tangent_triton
+
+
+def attention_tangent(q, k, v, dq=None, dk=None, dv=None, scale: float | None = None, impl: str = "auto"):
+    """Dispatch the tangent dO (..., M, Dv): impl 'auto' (Triton on CUDA when importable, else torch),
+    'torch' or 'triton'. Tangents are cast to q.dtype; None means zero."""
+    dq, dk, dv = (None if t is None else t.to(q.dtype) for t in (dq, dk, dv))
+    if impl == "auto":
+        impl = "triton" if (q.is_cuda and _triton_tangent() is not None) else "torch"
+    if impl == "torch":
+        return attention_tangent_torch(q, k, v, dq, dk, dv, scale=scale)
+    if impl == "triton":
+        fn = _triton_tangent()
+        if fn is None:
+            raise RuntimeError("impl='triton' requested but trajlab.kernels.flash_jvp could not be imported")
+        return fn(q, k, v, dq, dk, dv, scale=_default_scale(q, scale))
+    raise ValueError(f"unknown impl {impl!r}")
+
+
+class _SDPATangent(torch.autograd.Function):
+    """dO as an autograd.Function so that vmap folds its batch dim into the kernel's batch."""
+
+    @staticmethod
+    def forward(q, k, v, dq, dk, dv, scale, impl):
+        return attention_tangent(q, k, v, dq, dk, dv, scale=scale, impl=impl)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            "reverse-mode through the attention tangent (reverse-over-forward) is not supported; "
+            "use sdpa_kernel(SDPBackend.MATH) for that")
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, dq, dk, dv, scale, impl):
+        n = info.batch_size
+        args = []
+        for x, d in zip((q, k, v, dq, dk, dv), in_dims[:6]):
+            if x is None:
+                args.append(None)
+            elif d is None:
+                args.append(x.unsqueeze(0).expand(n, *x.shape))
+            else:
+                args.append(x.movedim(d, 0))
+        return _SDPATangent.apply(*args, scale, impl), 0
+
+
+class FusedSDPAWithJVP(torch.autograd.Function):
+    """softmax attention: primal via fused F.scaled_dot_product_attention, custom jvp and backward.
+
+    apply(q, k, v, scale: float|None, impl: str) -> (..., M, Dv). Works with torch.func.jvp,
+    torch.autograd.forward_ad, vmap(jvp), torch.func.vjp and .backward() (backward recomputes P by
+    query blocks in plain torch).
+    """
+
+    @staticmethod
+    def forward(q, k, v, scale, impl):
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, impl = inputs
+        ctx.scale = scale
+        ctx.impl = impl
+        ctx.save_for_forward(q, k, v)
+        ctx.save_for_backward(q, k, v)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, _dscale, _dimpl):
+        q, k, v = ctx.saved_tensors
+        if dq is None and dk is None and dv is None:
+            return None
+        return _SDPATangent.apply(q, k, v, dq, dk, dv, ctx.scale, ctx.impl)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v = ctx.saved_tensors
+        gq, gk, gv = attention_vjp_torch(q, k, v, g, scale=ctx.scale)
+        return gq, gk, gv, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, q, k, v, scale, impl):
+        # fold the vmapped dim into the leading batch dims so the fused kernel sees one big batch
+        n = info.batch_size
+        xs = [x.unsqueeze(0).expand(n, *x.shape) if d is None else x.movedim(d, 0)
+              for x, d in zip((q, k, v), in_dims[:3])]
+        lead = xs[0].shape[:-2]
+        if len(lead) > 2:
+            xs = [x.reshape(-1, *x.shape[-3:]) for x in xs]
+        out = FusedSDPAWithJVP.apply(*xs, scale, impl)
+        return out.reshape(*lead, *out.shape[-2:]), 0
+
+
+def sdpa_with_jvp(q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+                  scale: float | None = None, impl: str = "auto"):
+    """Drop-in F.scaled_dot_product_attention (B, H, M, D) -> (B, H, M, Dv) that supports forward AD.
+
+    Without mask/dropout/causal: fused primal + custom JVP. Otherwise: the math backend (warns).
+    """
+    if attn_mask is None and dropout_p == 0.0 and not is_causal:
+        return FusedSDPAWithJVP.apply(q, k, v, scale, impl)
+    warnings.warn("sdpa_with_jvp: attention mask/dropout/causal given; falling back to the math "
+                  "SDPA backend (slower, JVP-safe)", stacklevel=2)
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale)
+
+
+def fused_sdpa_supports_jvp(device, dtype, head_dim: int = 64, seq_len: int = 16) -> bool:
+    """True when torch.func.jvp through the default F.scaled_dot_product_attention works for a tiny
+    (1, 2, seq_len, head_dim) problem on device/dtype under the ambient sdpa_kernel settings."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v, t = (torch.randn(1, 2, seq_len, head_dim, generator=g).to(device=device, dtype=dtype)
+                  for _ in range(4))
+    try:
+        _, out_t = torch.func.jvp(lambda a: F.scaled_dot_product_attention(a, k, v), (q,), (t,))
+        return bool(torch.isfinite(out_t).all())
+    except (NotImplementedError, RuntimeError):
+        return False
+
+
+class JVPAttnProcessor:
+    """diffusers AttnProcessor2_0 with the SDPA call replaced by `sdpa_with_jvp` (same primal)."""
+
+    def __init__(self, impl: str = "auto"):
+        self.impl = impl
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = sdpa_with_jvp(query, key, value, attn_mask=attention_mask, impl=self.impl)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+
+@contextlib.contextmanager
+def jvp_attention(model, impl: str = "auto"):
+    """Within the context every diffusers `Attention` module of `model` using AttnProcessor2_0 /
+    AttnProcessor runs `JVPAttnProcessor(impl)`; the original processors are restored on exit.
+    Other processor types are left alone (with a warning). Yields the model."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    proc = JVPAttnProcessor(impl)
+    saved = []
+    try:
+        for m in model.modules():
+            if isinstance(m, Attention):
+                saved.append((m, m.processor))
+                if isinstance(m.processor, (AttnProcessor2_0, AttnProcessor, JVPAttnProcessor)):
+                    m.set_processor(proc)
+                else:
+                    warnings.warn(f"jvp_attention: leaving {type(m.processor).__name__} unchanged", stacklevel=3)
+        yield model
+    finally:
+        for m, p in saved:
+            m.set_processor(p)

@@ -1,0 +1,137 @@
+"""Speciation: the clone experiment and its theory (Biroli, Bonnaire, de Bortoli, Mezard 2024,
+arXiv 2402.18491; THEORY.md known-answer test 8).
+
+Time: OU time t with alpha_bar = exp(-2t); EDM noise level sigma^2 = (1 - ab) / ab, so
+t = 0.5 log(1 + sigma^2). Coordinates: the sampler helpers work in EDM / VE coordinates
+y = x0 + sigma * eps (data units), arrays (n, d).
+
+Theory (two classes +-m, component variance s^2, equal weights) lives in
+`trajlab.analysis.theory` and is re-exported here: `clone_probability(t, m_norm, s)` = phi(t) =
+E[sum_k p(k | x_t)^2] (1 at t = 0, 1/2 as t -> inf), `speciation_time(Lambda)` = 0.5 log Lambda,
+Lambda = |m|^2 + s^2 the top data-covariance eigenvalue; phi(t_S) -> 0.7752 for large |m|.
+This module adds sigma_S = sqrt(Lambda - 1) and the empirical experiment.
+
+Experiment: `clone_curve(trunk, branch, labeller, ...)` takes plain callables: `trunk(step, n, rng)`
+gives n states at clone step `step`; `branch(states, step, rng)` finishes them with independent
+noise (stochastic sampler); the fraction of pairs whose labels agree estimates phi(t).
+No torch here.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import xarray as xr
+from scipy.special import ndtri
+
+from trajlab.analysis.theory import clone_probability, ou_time, speciation_time
+
+__all__ = [
+    "ou_time_from_sigma", "sigma_from_ou_time", "speciation_time", "speciation_sigma",
+    "clone_probability", "binomial_ci", "ancestral_step", "ancestral_sample",
+    "marginal_trunk", "ancestral_trunk", "ancestral_branch", "clone_curve",
+]
+
+def ou_time_from_sigma(sigma) -> np.ndarray:
+    """OU time t = 0.5 log(1 + sigma^2) (alpha_bar = exp(-2t)) from EDM sigma (dimensionless)."""
+    return ou_time(1.0 / (1.0 + np.asarray(sigma, dtype=np.float64) ** 2))
+
+
+def sigma_from_ou_time(t) -> np.ndarray:
+    """EDM sigma = sqrt(exp(2t) - 1) from OU time t."""
+    return np.sqrt(np.expm1(2.0 * np.asarray(t, dtype=np.float64)))
+
+
+def speciation_sigma(top_eigenvalue: float) -> float:
+    """EDM noise level of speciation, sigma_S = sqrt(Lambda - 1) (ab(t_S) = 1 / Lambda)."""
+    return float(sigma_from_ou_time(speciation_time(float(top_eigenvalue))))
+
+
+def binomial_ci(k, n, level: float = 0.95):
+    """Wilson score interval for k successes in n trials; returns (low, high) arrays."""
+    k = np.asarray(k, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    z = ndtri(0.5 + level / 2.0)
+    p = k / n
+    den = 1.0 + z ** 2 / n
+    centre = (p + z ** 2 / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z ** 2 / (4 * n ** 2)) / den
+    lo = np.where(k <= 0, 0.0, np.clip(centre - half, 0.0, 1.0))
+    hi = np.where(k >= n, 1.0, np.clip(centre + half, 0.0, 1.0))
+    return lo, hi
+
+
+# ----------------------------------------------------------------------------- samplers (VE coords)
+def ancestral_step(y: np.ndarray, sigma_from: float, sigma_to: float, x0_hat: np.ndarray,
+                   noise: np.ndarray) -> np.ndarray:
+    """One DDPM ancestral step in EDM coordinates: draw y_s from q(y_s | y_t, x0 = x0_hat),
+    y_s = x0 + (s^2/t^2)(y_t - x0) + s sqrt(1 - s^2/t^2) noise, with t = sigma_from, s = sigma_to."""
+    r = (sigma_to / sigma_from) ** 2
+    return x0_hat + r * (y - x0_hat) + sigma_to * np.sqrt(max(1.0 - r, 0.0)) * noise
+
+
+def ancestral_sample(y: np.ndarray, sigmas, denoiser: Callable, rng: np.random.Generator) -> np.ndarray:
+    """Run ancestral steps along the decreasing grid `sigmas` from y at sigmas[0].
+
+    denoiser(y (n, d), sigma float) -> x0_hat (n, d). If sigmas[-1] == 0 the last step returns
+    the denoiser output. Returns y at sigmas[-1]."""
+    sig = np.asarray(sigmas, dtype=np.float64)
+    for a, b in zip(sig[:-1], sig[1:]):
+        d = np.asarray(denoiser(y, float(a)), dtype=np.float64)
+        y = ancestral_step(y, a, b, d, rng.standard_normal(y.shape))
+    return y
+
+
+def marginal_trunk(step: int, n: int, rng: np.random.Generator, *, sigmas, sample_data: Callable) -> np.ndarray:
+    """States at clone step `step` drawn from the exact forward marginal: x0 + sigmas[step] * eps,
+    x0 = sample_data(n, rng) (n, d). Equals an exact reverse run stopped at that level."""
+    x0 = np.asarray(sample_data(n, rng), dtype=np.float64)
+    return x0 + float(np.asarray(sigmas)[step]) * rng.standard_normal(x0.shape)
+
+
+def ancestral_trunk(step: int, n: int, rng: np.random.Generator, *, sigmas, denoiser: Callable,
+                    d: int) -> np.ndarray:
+    """States at clone step `step` from an ancestral run started at N(0, sigmas[0]^2 I) (n, d)."""
+    sig = np.asarray(sigmas, dtype=np.float64)
+    y = sig[0] * rng.standard_normal((n, d))
+    return ancestral_sample(y, sig[: step + 1], denoiser, rng)
+
+
+def ancestral_branch(states: np.ndarray, step: int, rng: np.random.Generator, *, sigmas,
+                     denoiser: Callable) -> np.ndarray:
+    """Finish `states` (n, d) at sigmas[step] with ancestral sampling down the rest of the grid."""
+    return ancestral_sample(states, np.asarray(sigmas)[step:], denoiser, rng)
+
+
+def clone_curve(trunk: Callable, branch: Callable, labeller: Callable, clone_steps, sigmas,
+                n_pairs: int = 1000, n_branches: int = 2, seed: int = 0, level: float = 0.95) -> xr.Dataset:
+    """Empirical clone experiment.
+
+    For each clone step i: states = trunk(i, n_pairs, rng); n_branches independent
+    branch(states, i, rng) runs; labels = labeller(final (n, F)). p_same = fraction of pairs whose
+    branches all agree (for 2 branches an estimate of phi(t_i)).
+    sigmas: the sampler's EDM grid (clone steps index it). Returns Dataset(clone_step): p_same,
+    n_same, n_pairs, ci_low, ci_high (Wilson, `level`), sigma, t (OU time); and
+    branch_label (clone_step, pair, branch).
+    """
+    steps = np.asarray(clone_steps, dtype=np.int64)
+    sig = np.asarray(sigmas, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    labels = np.empty((len(steps), n_pairs, n_branches), dtype=np.int64)
+    for j, i in enumerate(steps):
+        states = trunk(int(i), n_pairs, rng)
+        for b in range(n_branches):
+            fin = np.asarray(branch(states.copy(), int(i), rng))
+            labels[j, :, b] = labeller(fin.reshape(n_pairs, -1))
+    same = np.all(labels == labels[..., :1], axis=-1)
+    n_same = same.sum(axis=1)
+    lo, hi = binomial_ci(n_same, n_pairs, level)
+    return xr.Dataset(
+        {"p_same": ("clone_step", n_same / n_pairs), "n_same": ("clone_step", n_same),
+         "n_pairs": ((), n_pairs), "ci_low": ("clone_step", lo), "ci_high": ("clone_step", hi),
+         "branch_label": (("clone_step", "pair", "branch"), labels)},
+        coords={"clone_step": steps, "sigma": ("clone_step", sig[steps]),
+                "t": ("clone_step", ou_time_from_sigma(sig[steps]))},
+        attrs={"units": "p_same: fraction of pairs; sigma: EDM; t: OU time (ab = exp(-2t))",
+               "level": level, "seed": seed, "n_branches": n_branches},
+    )

@@ -1,0 +1,1 @@
+"""Sample-quality and diversity metrics (numpy in, numbers out). Submodules import lazily."""

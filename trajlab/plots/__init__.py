@@ -1,0 +1,1 @@
+"""Plot faces: functions that take xarray results and return matplotlib Figures (Agg backend)."""

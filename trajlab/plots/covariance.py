@@ -1,0 +1,59 @@
+"""Figures for covariance propagation (Agg backend; functions return matplotlib Figures)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+
+__all__ = ["plot_covariance_propagation", "plot_variance_ratio_theory"]
+
+
+def plot_covariance_propagation(res: xr.Dataset, prompt=None, title: str = ""):
+    """Left: empirical vs predicted variance per component (log-log, identity line).  Right: ratio
+    emp / pred per empirical PC with the +-2 sampling SE band sqrt(2/(n-1))."""
+    r = res.isel(prompt=0) if prompt is None else res.sel(prompt=prompt)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1.loglog(r["pred_on_emp_pc"], r["emp_variance"], "o", label="along empirical PCs")
+    a1.loglog(r["pred_variance"], r["emp_on_pred_pc"], "x", label="along predicted PCs")
+    lo = np.nanmin([np.nanmin(r["emp_variance"]), np.nanmin(r["pred_on_emp_pc"])])
+    hi = np.nanmax([np.nanmax(r["emp_variance"]), np.nanmax(r["pred_on_emp_pc"])])
+    a1.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+    a1.set_xlabel("predicted variance (J C J^T)")
+    a1.set_ylabel("empirical variance")
+    a1.legend(fontsize=8)
+    c = r["component"].values
+    a2.plot(c, r["ratio_emp_pc"], "o-", label="emp / pred (empirical PCs)")
+    n = int(r["n_samples"])
+    band = 2 * np.sqrt(2 / max(n - 1, 1))
+    a2.fill_between(c, 1 - band, 1 + band, color="0.85", label="+-2 SE")
+    a2.axhline(1, color="k", lw=0.8)
+    a2.set_xlabel("component")
+    a2.set_ylabel("variance ratio")
+    a2.set_title(f"trace ratio {float(r['trace_ratio']):.3f}")
+    a2.legend(fontsize=8)
+    fig.suptitle(title or "covariance propagation")
+    fig.tight_layout()
+    return fig
+
+
+def plot_variance_ratio_theory(lam, measured_r, theory_r, title: str = ""):
+    """Output variance ratio r_k per eigen-direction vs lam: measured points and theory prod cos^2 line
+    (dicts K -> array, or single arrays)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    meas = measured_r if isinstance(measured_r, dict) else {"": measured_r}
+    theo = theory_r if isinstance(theory_r, dict) else {"": theory_r}
+    for i, K in enumerate(sorted(theo)):
+        ax.plot(lam, theo[K], "-", color=f"C{i}", label=f"theory r_k, K={K}")
+        if K in meas:
+            ax.plot(lam, meas[K], "o", mfc="none", color=f"C{i}", label=f"measured, K={K}")
+    ax.set_xscale("log")
+    ax.set_xlabel("data variance lam_k")
+    ax.set_ylabel("output variance ratio r_k")
+    ax.legend(fontsize=7)
+    ax.set_title(title or "variance ratio r_k")
+    fig.tight_layout()
+    return fig

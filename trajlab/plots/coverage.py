@@ -1,0 +1,75 @@
+"""Mode-coverage plots: each function takes coverage results (xarray) and returns a Figure."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import xarray as xr  # noqa: E402
+
+__all__ = ["plot_variance_ratio", "plot_ndb_bins", "plot_mode_fractions"]
+
+
+def plot_variance_ratio(results: dict, theory: dict | None = None, title: str = "") -> plt.Figure:
+    """Student / teacher variance per teacher PCA component (log y).
+
+    results: {student name: Dataset with variance_ratio (component,)}; theory: {name: array
+    (component,)} drawn as dashed lines (e.g. prod cos^2 dphi ratios in Gaussian worlds).
+    """
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ds in results.items():
+        ax.plot(ds["component"].values, ds["variance_ratio"].values, "o-", ms=3, label=f"{name}")
+    for name, v in (theory or {}).items():
+        v = np.asarray(v)
+        ax.plot(np.arange(v.size), v, "--", lw=1, label=f"theory {name}")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("teacher PCA component (decreasing variance)")
+    ax.set_ylabel("variance ratio student / teacher")
+    ax.set_title(title or "PCA variance ratio")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_ndb_bins(ds: xr.Dataset, title: str = "") -> plt.Figure:
+    """Teacher vs student proportions per k-means bin; statistically different bins marked."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    b = ds["bin"].values
+    order = np.argsort(-ds["teacher_proportion"].values)
+    x = np.arange(len(b))
+    ax.bar(x - 0.2, ds["teacher_proportion"].values[order], 0.4, label="teacher")
+    ax.bar(x + 0.2, ds["student_proportion"].values[order], 0.4, label="student")
+    diff = ds["different"].values[order]
+    ax.plot(x[diff], np.maximum(ds["teacher_proportion"].values, ds["student_proportion"].values)[order][diff] * 1.05,
+            "r*", label=f"different (alpha={ds.attrs.get('alpha', 0.05)})")
+    ax.set_xticks(x, [str(i) for i in b[order]], fontsize=6)
+    ax.set_xlabel("k-means bin (sorted by teacher mass)")
+    ax.set_ylabel("proportion")
+    ax.set_title(title or f"NDB = {int(ds['ndb'])}, JSD = {float(ds['jsd']):.3g} nats")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_mode_fractions(results: dict, title: str = "") -> plt.Figure:
+    """Fraction of student samples per mixture component (mode), with the coverage threshold.
+
+    results: {student name: Dataset with mode_fraction / fraction, expected_fraction (mode,)}.
+    """
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    n = len(results)
+    w = 0.8 / max(n, 1)
+    for j, (name, ds) in enumerate(results.items()):
+        frac = ds["mode_fraction"] if "mode_fraction" in ds else ds["fraction"]
+        ax.bar(ds["mode"].values + (j - (n - 1) / 2) * w, frac.values, w,
+               label=f"{name} ({int(ds['n_covered'])}/{ds.sizes['mode']} covered)")
+    first = next(iter(results.values()))
+    ax.plot(first["mode"].values, first["expected_fraction"].values, "k_", ms=14, label="data weight")
+    ax.set_xlabel("mixture component")
+    ax.set_ylabel("fraction of student samples")
+    ax.set_title(title or "covered mixture components")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
