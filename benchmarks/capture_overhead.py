@@ -5,7 +5,7 @@ group on local disk per repetition. Also checks that captured images are bitwise
 plain run. Prints the median wall-time ratio (capture / plain) on its last line.
 
 CPU:  python benchmarks/capture_overhead.py                      (tiny-sd, 30 DDIM steps)
-GPU:  python benchmarks/capture_overhead.py --arch sd15 --device cuda --dtype fp16 --batch 8 --size 512
+GPU:  python benchmarks/capture_overhead.py --arch sd15 --device cuda --dtype fp16 --batch 8 --batches 2 --size 512
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=4, help="pipeline calls per repetition (store allocation is "
+                    "paid once per repetition, as in a real run of several batches)")
     ap.add_argument("--size", type=int, default=64, help="image height = width in pixels")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--guidance", type=float, default=7.5)
@@ -57,15 +59,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     pipe = build(args.arch, args.device, dtype)
-    prompts = [f"a photo of object {i}" for i in range(args.batch)]
+    prompts = [f"a photo of object {i}" for i in range(args.batch * args.batches)]
     plan = CapturePlan(model=f"{args.arch}-arch", prompts=prompts, seeds=[0], scheduler="ddim", steps=args.steps,
                        guidance=args.guidance, height=args.size, width=args.size, dtype=args.dtype,
                        device=args.device, batch_size=args.batch)
     tmp = tempfile.mkdtemp(prefix="trajlab-bench-")
 
     def plain():
-        gens = [torch.Generator("cpu").manual_seed(0) for _ in prompts]
-        return pipe(**pipeline_kwargs(pipe, plan, prompts, gens)).images
+        out = []
+        for b in range(args.batches):
+            chunk = prompts[b * args.batch: (b + 1) * args.batch]
+            gens = [torch.Generator("cpu").manual_seed(0) for _ in chunk]
+            out.append(pipe(**pipeline_kwargs(pipe, plan, chunk, gens)).images)
+        return np.concatenate(out)
 
     def captured(rep):
         path = os.path.join(tmp, f"r{rep}.zarr")
@@ -96,7 +102,7 @@ def main() -> None:
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine()
     ratios = [c / p for c, p in zip(cap_t, plain_t)]
     print(f"machine: {dev}; torch {torch.__version__}; threads {torch.get_num_threads()}")
-    print(f"config: arch={args.arch} device={args.device} dtype={args.dtype} batch={args.batch} size={args.size} "
+    print(f"config: arch={args.arch} device={args.device} dtype={args.dtype} batch={args.batch}x{args.batches} size={args.size} "
           f"steps={args.steps} guidance={args.guidance} reps={args.reps}")
     print(f"plain   median {statistics.median(plain_t):.3f} s  ({', '.join(f'{x:.3f}' for x in plain_t)})")
     print(f"capture median {statistics.median(cap_t):.3f} s  ({', '.join(f'{x:.3f}' for x in cap_t)})")
