@@ -104,7 +104,7 @@ def _from_pretrained(spec: ModelSpec, dtype):
     import diffusers
 
     path = resolve_source(spec.source)
-    kwargs = {"torch_dtype": dtype, "local_files_only": True}
+    kwargs = {"dtype": dtype, "local_files_only": True}
     if spec.unet:
         kwargs["unet"] = diffusers.UNet2DConditionModel.from_pretrained(resolve_source(spec.unet, "UNet"), **kwargs)
     cls = diffusers.DiffusionPipeline if spec.pipeline == "auto" else getattr(diffusers, spec.pipeline)
