@@ -306,6 +306,20 @@ def _extra_commands():
     return out
 
 
+def _quiet_libraries() -> None:
+    """No per-component loading bars or LoRA notices from diffusers/transformers on the command line."""
+    try:
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
@@ -313,6 +327,8 @@ def main(argv=None) -> int:
         args.batch_size = None if args.config else 8
     if getattr(args, "device", 0) is None and args.command == "capture" and not args.config:
         args.device = "cpu"
+    if args.command in ("capture", "demo", "experiment", "report"):
+        _quiet_libraries()
     try:
         return args.func(args)
     except CliError as exc:
