@@ -11,7 +11,8 @@ import torch
 from trajlab.analysis import covariance as cov
 from trajlab.analysis import jacobian as jac
 from trajlab.analysis import theory as th
-from trajlab.models.exact import build_exact_world, exact_trajectories
+from exact_helpers import exact_trajectories
+from trajlab.models.exact import build_exact_world
 
 F64 = torch.float64
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from exact_helpers import exact_trajectories
 from trajlab.models.exact import (
     EXACT_WORLDS,
     ExactDenoiser,
     ExactWorldPipeline,
     build_exact_world,
-    exact_trajectories,
     gmm_denoiser,
     gmm_denoiser_jacobian,
     gmm_world,

@@ -13,7 +13,8 @@ from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from trajlab.analysis import jacobian as jac
 from trajlab.analysis import theory as th
-from trajlab.models.exact import build_exact_world, exact_trajectories, gmm_denoiser_jacobian
+from exact_helpers import exact_trajectories
+from trajlab.models.exact import build_exact_world, gmm_denoiser_jacobian
 
 F64 = torch.float64
 

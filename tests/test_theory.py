@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from trajlab.analysis import theory as th
-from trajlab.models.exact import build_exact_world, exact_trajectories, make_world, sd_ddim_scheduler, world_covariance
+from exact_helpers import exact_trajectories
+from trajlab.models.exact import build_exact_world, make_world, sd_ddim_scheduler, world_covariance
 
 LAM = np.logspace(np.log10(4.0), np.log10(0.01), 8)
 

@@ -128,12 +128,6 @@ def _versions() -> dict:
     return {"trajlab": trajlab.__version__, "diffusers": diffusers.__version__, "torch": torch.__version__}
 
 
-def _denoiser_dtype(pipe) -> torch.dtype:
-    from trajlab.capture.taps import denoiser_of
-
-    return next(denoiser_of(pipe).parameters(), torch.zeros(())).dtype
-
-
 def pipeline_kwargs(pipe, plan: CapturePlan, prompts: list[str], generators: list[torch.Generator]) -> dict:
     """Keyword arguments of one pipeline call; refuses options the pipeline cannot honour."""
     params = inspect.signature(pipe.__call__).parameters
@@ -189,7 +183,6 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
     else:
         done = np.zeros(plan.n_samples, dtype=bool)
     prompt_index, seeds = plan.sample_table()
-    run_dtype = _denoiser_dtype(pipe)
     t0 = time.perf_counter()
 
     def allocate(records, end: BatchEnd):
@@ -198,7 +191,7 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
         first = records[0].sample
         image_shape = None if end.images is None else tuple(end.images.shape[1:])
         layout = store.GroupLayout(n_samples=plan.n_samples, n_steps=len(records), latent_shape=tuple(first.shape[1:]),
-                                   dtype=str(numpy_dtype(run_dtype)), step_variables=_step_variables(records),
+                                   dtype=str(numpy_dtype(first.dtype)), step_variables=_step_variables(records),
                                    image_shape=image_shape)
         sched = pipe.scheduler
         attrs = {**_versions(), "model": plan.model, "loras": plan.loras, "pipeline_class": type(pipe).__name__,
@@ -217,7 +210,7 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_todo, unit="sample", desc=group[:40], dynamic_ncols=True)
-    writer = StoreWriter(path, group, allocate, numpy_dtype(run_dtype), on_batch_written=bar.update if bar else None)
+    writer = StoreWriter(path, group, allocate, on_batch_written=bar.update if bar else None)
     try:
         for start in todo:
             stop = min(start + plan.batch_size, plan.n_samples)
@@ -243,4 +236,20 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
     return CaptureResult(group, n_todo, plan.n_samples - n_todo, time.perf_counter() - t0, size)
 
 
-__all__ = ["CapturePlan", "CaptureResult", "PlanError", "capture", "pipeline_kwargs", "to_host", "to_uint8"]
+def capture_dataset(pipe, plan: CapturePlan):
+    """Capture ``plan`` into a temporary store and return its group loaded in memory (an ``xr.Dataset``).
+
+    For tests, notebooks and theory checks: the same taps and writer as :func:`capture`.
+    """
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="trajlab-capture-")
+    try:
+        res = capture(pipe, plan, f"{tmp}/s.zarr", progress=False)
+        return store.open_group(f"{tmp}/s.zarr", res.group).load()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+__all__ = ["capture_dataset", "CapturePlan", "CaptureResult", "PlanError", "capture", "pipeline_kwargs", "to_host", "to_uint8"]

@@ -29,10 +29,9 @@ def numpy_dtype(torch_dtype: torch.dtype) -> np.dtype:
     return np.dtype({torch.float16: "float16", torch.float64: "float64"}.get(torch_dtype, "float32"))
 
 
-def _np(t: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.numpy().astype(dtype, copy=False)
+def _np(t: torch.Tensor) -> np.ndarray:
+    """Host tensor -> numpy in its own precision (bf16 -> float32); the store casts to the group's dtype."""
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 @dataclass
@@ -54,9 +53,9 @@ class StoreWriter:
     is called after each batch is committed (for progress bars).
     """
 
-    def __init__(self, path, group: str, allocate: Callable | None, dtype: np.dtype, maxsize: int = 256,
+    def __init__(self, path, group: str, allocate: Callable | None, maxsize: int = 256,
                  on_batch_written: Callable[[int], None] | None = None):
-        self.path, self.group, self.allocate, self.dtype = path, group, allocate, np.dtype(dtype)
+        self.path, self.group, self.allocate = path, group, allocate
         self.on_batch_written = on_batch_written
         self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
@@ -121,8 +120,8 @@ class StoreWriter:
                 per_step = [getattr(r, attr) for r in records]
             if any(t is None for t in per_step):
                 continue
-            arrays[var] = np.stack([_np(t, self.dtype) for t in per_step], axis=1)
-        arrays["final_latent"] = _np(end.final_latent, self.dtype)
+            arrays[var] = np.stack([_np(t) for t in per_step], axis=1)
+        arrays["final_latent"] = _np(end.final_latent)
         if end.images is not None:
             arrays["image"] = end.images
         store.write_samples(self.path, self.group, end.start, arrays)

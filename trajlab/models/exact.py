@@ -53,7 +53,6 @@ __all__ = [
     "build_exact_world",
     "scheduler_supports_fp64",
     "promote_scheduler_tables",
-    "exact_trajectories",
 ]
 
 
@@ -582,88 +581,3 @@ def build_exact_world(name_or_params: str | dict | ExactWorld, scheduler=None, *
         pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def exact_trajectories(pipe: ExactWorldPipeline, n_prompts: int = 1, n_seeds: int = 8, num_inference_steps: int = 10,
-                       *, seed0: int = 0, dtype: torch.dtype | None = None, latents: torch.Tensor | None = None,
-                       eta: float = 0.0) -> "xr.Dataset":
-    """Run `pipe` and return a Dataset with the store schema of docs/design.md (latent, x0_pred,
-    model_output (sample, step, channel, y, x), final_latent, complete, prompt_text; coords step,
-    timestep, alpha_bar, sigma, seed, prompt_index), without the capture layer: for tests and theory
-    checks.  Samples are prompt-major, seed = seed0 + seed_index; one generator per sample.
-    x0_pred = (x_t - sqrt(1 - ab) eps) / sqrt(ab) at the model input (VP), ab from the ExactDenoiser."""
-    import json
-
-    import xarray as xr
-
-    B = n_prompts * n_seeds
-    seeds = [seed0 + j for _ in range(n_prompts) for j in range(n_seeds)]
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    rec = {"latent": [], "model_output": [], "x0_pred": [], "timestep": []}
-    sched = pipe.scheduler
-    orig_step = sched.step
-
-    def step(model_output, timestep, sample, *a, **kw):
-        rec["latent"].append(sample.detach().clone())
-        rec["model_output"].append(model_output.detach().clone())
-        ab = pipe.unet.alpha_bar(timestep).to(sample.dtype)
-        rec["timestep"].append(timestep.detach().clone() if torch.is_tensor(timestep) else torch.tensor(timestep))
-        rec.setdefault("x_t", []).append(sched.scale_model_input(sample, timestep).detach().clone())
-        rec.setdefault("ab", []).append(ab)
-        return orig_step(model_output, timestep, sample, *a, **kw)
-
-    sched.step = step  # instance attribute, removed below
-    try:
-        out = pipe(prompt=[f"p{i}" for i in range(n_prompts)], num_images_per_prompt=n_seeds, generator=gens,
-                   num_inference_steps=num_inference_steps, latents=latents, dtype=dtype, eta=eta)
-    finally:
-        del sched.step
-    lat = torch.stack(rec["latent"], 1)
-    mo = torch.stack(rec["model_output"], 1)
-    ab = torch.stack(rec["ab"]).to(torch.float64)
-    abx = ab.reshape(1, -1, 1, 1, 1).to(lat.dtype)
-    x_t = torch.stack(rec["x_t"], 1)  # the model input (VP), after scale_model_input
-    pt = pipe.unet.prediction_type
-    if pt == "epsilon":
-        x0 = (x_t - (1 - abx).sqrt() * mo) / abx.sqrt()
-    elif pt == "v_prediction":
-        x0 = abx.sqrt() * x_t - (1 - abx).sqrt() * mo
-    else:
-        x0 = mo
-    ts = torch.stack(rec["timestep"]).cpu().numpy()
-    ts = ts.astype(np.int64) if np.all(ts == np.round(ts)) else ts.astype(np.float64)
-    abn = ab.cpu().numpy()
-    d = pipe.unet.config.in_channels
-    dims5 = ("sample", "step", "channel", "y", "x")
-    ds = xr.Dataset(
-        {
-            "latent": (dims5, lat.cpu().numpy()),
-            "model_output": (dims5, mo.cpu().numpy()),
-            "x0_pred": (dims5, x0.cpu().numpy()),
-            "final_latent": (("sample", "channel", "y", "x"), out.images.cpu().numpy()),
-            "complete": ("sample", np.ones(B, bool)),
-            "prompt_text": ("prompt", np.array([f"p{i}" for i in range(n_prompts)], dtype=object)),
-        },
-        coords={
-            "step": np.arange(len(ts)),
-            "timestep": ("step", ts),
-            "alpha_bar": ("step", abn),
-            "sigma": ("step", np.sqrt((1 - abn) / abn)),
-            "seed": ("sample", np.array(seeds, np.int64)),
-            "prompt_index": ("sample", np.repeat(np.arange(n_prompts), n_seeds).astype(np.int64)),
-        },
-        attrs={
-            "model": f"exact:{pipe.unet.world_name or 'custom'}",
-            "pipeline_class": type(pipe).__name__,
-            "scheduler_class": type(sched).__name__,
-            "scheduler_config": json.dumps(dict(sched.config), default=str),
-            "steps": int(num_inference_steps),
-            "guidance": 1.0,
-            "height": 1,
-            "width": 1,
-            "dtype": str(lat.dtype).replace("torch.", ""),
-            "device": str(lat.device),
-            "channels": d,
-        },
-    )
-    return ds
