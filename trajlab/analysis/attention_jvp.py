@@ -33,6 +33,8 @@ __all__ = [
     "fused_sdpa_supports_jvp",
     "JVPAttnProcessor",
     "jvp_attention",
+    "matched_tangent_dtypes",
+    "lean_jvp_layers",
 ]
 
 _DEFAULT_BLOCK_ELEMS = 1 << 25  # score-matrix elements per query block in the torch path (128 MiB fp32)
@@ -134,11 +136,14 @@ def _triton_tangent():
 
 
 def attention_tangent(q, k, v, dq=None, dk=None, dv=None, scale: float | None = None, impl: str = "auto"):
-    """Dispatch the tangent dO (..., M, Dv): impl 'auto' (Triton on CUDA when importable, else torch),
-    'torch' or 'triton'. Tangents are cast to q.dtype; None means zero."""
+    """Dispatch the tangent dO (..., M, Dv): impl 'auto' (Triton for fp16/bf16 on CUDA when importable,
+    else torch), 'torch' or 'triton'. Tangents are cast to q.dtype; None means zero."""
     dq, dk, dv = (None if t is None else t.to(q.dtype) for t in (dq, dk, dv))
     if impl == "auto":
-        impl = "triton" if (q.is_cuda and _triton_tangent() is not None) else "torch"
+        # fp32 on CUDA: cuBLAS fp32 (torch path) measured faster than Triton's ieee-fp32 dots (H200)
+        use_triton = (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and max(q.shape[-1], v.shape[-1]) <= 256
+                      and _triton_tangent() is not None)
+        impl = "triton" if use_triton else "torch"
     if impl == "torch":
         return attention_tangent_torch(q, k, v, dq, dk, dv, scale=scale)
     if impl == "triton":
@@ -204,7 +209,7 @@ class FusedSDPAWithJVP(torch.autograd.Function):
     def jvp(ctx, dq, dk, dv, _dscale, _dimpl):
         q, k, v = ctx.saved_tensors
         if dq is None and dk is None and dv is None:
-            return None
+            return torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
         return _SDPATangent.apply(q, k, v, dq, dk, dv, ctx.scale, ctx.impl)
 
     @staticmethod
@@ -252,6 +257,168 @@ def fused_sdpa_supports_jvp(device, dtype, head_dim: int = 64, seq_len: int = 16
         return bool(torch.isfinite(out_t).all())
     except (NotImplementedError, RuntimeError):
         return False
+
+
+class _CastTangent(torch.autograd.Function):
+    """Identity whose tangent (and gradient) is cast to the primal's dtype.
+
+    On CUDA the forward-AD rule of layer_norm returns fp32 tangents for fp16 inputs (its saved
+    mean/rstd are fp32), and the next fp16 linear then fails with "expected mat1 and mat2 to have
+    the same dtype"."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()  # not a view: forward AD requires a view-returning forward to have a view jvp
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dtype = inputs[0].dtype
+
+    @staticmethod
+    def jvp(ctx, t):
+        return t.to(ctx.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype)
+
+
+def _cast_tangent_hook(module, inputs, output):
+    if isinstance(output, torch.Tensor) and output.dtype in (torch.float16, torch.bfloat16):
+        return _CastTangent.apply(output)
+    return output
+
+
+@contextlib.contextmanager
+def matched_tangent_dtypes(model, module_types=(torch.nn.LayerNorm, torch.nn.GroupNorm)):
+    """Within the context, outputs of `module_types` modules in `model` carry tangents in their
+    primal dtype (forward hooks, removed on exit). Needed for fp16/bf16 JVPs on CUDA."""
+    handles = [m.register_forward_hook(_cast_tangent_hook) for m in model.modules()
+               if isinstance(m, tuple(module_types))]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _Conv2dJVP(torch.autograd.Function):
+    """F.conv2d (padding_mode 'zeros') whose JVP skips the zero weight/bias tangents.
+
+    PyTorch's forward-AD rule materialises an undefined weight tangent as a zero tensor and runs a
+    full extra convolution on it (3 convolutions per conv JVP instead of 2)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w, b, stride, padding, dilation, groups):
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b, stride, padding, dilation, groups = inputs
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.has_bias = b is not None
+        ctx.save_for_forward(x, w)
+        ctx.save_for_backward(x, w)
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db, *_):
+        x, w = ctx.saved_tensors
+        out = None
+        if dx is not None:
+            out = F.conv2d(dx, w, None, *ctx.conf)
+        if dw is not None:
+            t = F.conv2d(x, dw, None, *ctx.conf)
+            out = t if out is None else out + t
+        if db is not None:
+            t = db.reshape(1, -1, 1, 1)
+            out = t if out is None else out + t
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, w, [w.shape[0]] if ctx.has_bias else None, _pair(stride), _pair(padding), _pair(dilation),
+            False, [0, 0], groups, mask)
+        return gx, gw, gb, None, None, None, None
+
+
+class _LinearJVP(torch.autograd.Function):
+    """F.linear whose JVP skips the zero weight/bias tangents (see _Conv2dJVP)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w, b):
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, b = inputs
+        ctx.has_bias = b is not None
+        ctx.save_for_forward(x, w)
+        ctx.save_for_backward(x, w)
+
+    @staticmethod
+    def jvp(ctx, dx, dw, db):
+        x, w = ctx.saved_tensors
+        out = None
+        if dx is not None:
+            out = F.linear(dx, w)
+        if dw is not None:
+            t = F.linear(x, dw)
+            out = t if out is None else out + t
+        if db is not None:
+            out = db if out is None else out + db
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        gx = g @ w
+        gw = g.reshape(-1, g.shape[-1]).transpose(0, 1) @ x.reshape(-1, x.shape[-1])
+        gb = g.reshape(-1, g.shape[-1]).sum(0) if ctx.has_bias else None
+        return gx, gw, gb
+
+
+def _pair(v):
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def _lean_conv_forward(self, x):
+    return _Conv2dJVP.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _lean_linear_forward(self, x):
+    return _LinearJVP.apply(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def lean_jvp_layers(model):
+    """Within the context, plain nn.Conv2d (padding_mode 'zeros', string-free padding) and nn.Linear
+    modules of `model` run autograd.Functions whose JVP skips zero weight/bias tangents: same primal
+    (the same F.conv2d / F.linear call), one matmul/conv per tangent instead of two. Restored on exit."""
+    import types
+
+    patched = []
+    try:
+        for m in model.modules():
+            if type(m) is torch.nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+                m.forward = types.MethodType(_lean_conv_forward, m)
+                patched.append(m)
+            elif type(m) is torch.nn.Linear:
+                m.forward = types.MethodType(_lean_linear_forward, m)
+                patched.append(m)
+        yield model
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
 
 
 class JVPAttnProcessor:
@@ -306,10 +473,14 @@ class JVPAttnProcessor:
 
 
 @contextlib.contextmanager
-def jvp_attention(model, impl: str = "auto"):
+def jvp_attention(model, impl: str = "auto", lean_layers: bool = False):
     """Within the context every diffusers `Attention` module of `model` using AttnProcessor2_0 /
     AttnProcessor runs `JVPAttnProcessor(impl)`; the original processors are restored on exit.
-    Other processor types are left alone (with a warning). Yields the model."""
+    Other processor types are left alone (with a warning). LayerNorm / GroupNorm outputs get their
+    tangents cast to the primal dtype (`matched_tangent_dtypes`) so fp16 JVPs can work; with
+    lean_layers, Conv2d / Linear skip the zero weight-tangent work (`lean_jvp_layers`; opt-in: it
+    adds a Python autograd.Function per layer, a net loss on CPU for small models, GPU gain
+    unmeasured). Yields the model."""
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
     proc = JVPAttnProcessor(impl)
@@ -322,7 +493,8 @@ def jvp_attention(model, impl: str = "auto"):
                     m.set_processor(proc)
                 else:
                     warnings.warn(f"jvp_attention: leaving {type(m.processor).__name__} unchanged", stacklevel=3)
-        yield model
+        with matched_tangent_dtypes(model), (lean_jvp_layers(model) if lean_layers else contextlib.nullcontext()):
+            yield model
     finally:
         for m, p in saved:
             m.set_processor(p)
