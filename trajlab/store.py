@@ -220,6 +220,11 @@ def completed(path: str | os.PathLike, name: str) -> np.ndarray:
     return np.asarray(_group(path, name, mode="r")["complete"][:], dtype=bool)
 
 
+def step_grid(path: str | os.PathLike, name: str) -> np.ndarray:
+    """The stored ``timestep`` coordinate of group ``name`` (step,)."""
+    return np.asarray(_group(path, name, mode="r")["timestep"][:])
+
+
 def group_names(path: str | os.PathLike) -> list[str]:
     """Groups listed in the root attrs (empty when the store does not exist)."""
     if not Path(path).exists():

@@ -106,8 +106,15 @@ class StoreWriter:
             end.event.synchronize()
         grid = [r.timestep for r in records]
         if self.grid is None:
-            if self.allocate is not None and self.group not in store.group_names(self.path):
+            if self.group not in store.group_names(self.path):
+                if self.allocate is None:
+                    raise RuntimeError(f"group {self.group!r} does not exist and no allocator was given")
                 self.allocate(records, end)
+            else:
+                stored = store.step_grid(self.path, self.group)
+                if len(stored) != len(grid) or not np.allclose(stored, grid):
+                    raise RuntimeError(f"this run's timesteps {grid} differ from those stored in {self.group!r}: "
+                                       f"{list(stored)}")
             self.grid = grid
         elif grid != self.grid:
             raise RuntimeError(f"batch at sample {end.start} ran timesteps {grid}; earlier batches ran {self.grid}")
