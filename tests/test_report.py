@@ -1,0 +1,70 @@
+"""The demo (quick, tiny models) captures a study store and builds a report with every section."""
+import json
+import re
+
+import pytest
+
+from trajlab import store
+from trajlab.report import SECTIONS
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    import torch
+
+    from trajlab.study.demo import run_demo
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("demo")
+    try:
+        path = run_demo(out, quick=True, tiny=True, teacher_steps=8, n_prompts=2, n_seeds=3, progress=False)
+    finally:
+        torch.set_num_threads(n)
+    return out, path
+
+
+def test_demo_writes_store_and_report(demo):
+    out, path = demo
+    assert path == out / "report" / "index.html" and path.is_file()
+    st = out / "study.zarr"
+    store.validate(st)
+    names = store.group_names(st)
+    assert any(n.startswith("tiny-sd__ddim__8steps") for n in names)
+    assert sum(n.startswith("tiny-lcm__lcm__") for n in names) == 4  # 1/2/4/8 steps
+    hyb = [n for n in names if n.startswith("hybrid__")]
+    assert len(hyb) == 3  # quick hand-offs: k = 0, teacher_steps // 3, teacher_steps
+    for n in hyb:
+        extra = json.loads(store.group_attrs(st, n)["extra"])
+        assert extra["hybrid"]["handoff_step"] in (0, 2, 8)
+
+
+def test_report_has_every_section_and_names_groups(demo):
+    out, path = demo
+    text = path.read_text()
+    for s in SECTIONS:
+        assert f">{s}</h2>" in text, s
+    # sections this store cannot support say so; those it can are filled
+    neg = text.split(">Negative-prompt sensitivity</h2>")[1].split("<h2")[0]
+    assert "not measured" in neg
+    steps = text.split(">Step consistency</h2>")[1].split("<h2")[0]
+    assert "not measured" not in steps and "tiny-lcm__lcm__8steps" in steps
+    hybrid = text.split(">Hybrid sweep</h2>")[1].split("<h2")[0]
+    assert "hybrid__tiny-sd__to__tiny-lcm__k00" in hybrid
+    tables = json.loads((out / "report" / "tables.json").read_text())
+    verdicts = {r["mode"]: r["verdict"] for r in tables["taxonomy"]}
+    assert verdicts["weak_negative_prompt"] == "not measured"
+    assert verdicts["step_inconsistency"] in ("supported", "not supported", "inconclusive")
+    for r in tables["taxonomy"]:
+        if r["verdict"] != "not measured":  # evidence names the store groups it came from
+            assert any(g in r["evidence"] for g in store.group_names(out / "study.zarr")), r
+    pngs = list((out / "report").glob("*.png"))
+    assert len(pngs) >= 5 and all(re.search(rf"src='{p.name}'", text) for p in pngs)
+
+
+def test_cli_registers_study_commands():
+    from trajlab.cli import build_parser
+
+    ap = build_parser()
+    for cmd in (["experiment", "--list"], ["report", "x.zarr", "--out", "r"], ["demo", "--out", "d", "--quick"]):
+        assert ap.parse_args(cmd).func.__module__ == "trajlab.study.cli"

@@ -1,0 +1,77 @@
+"""Every experiment config and prompt suite validates; every config runs (quick, offline, tiny models)."""
+import pytest
+
+from trajlab import store
+from trajlab.study import experiments as E
+
+TINY = ["micro-sd=tiny-sd", "micro-lcm=tiny-lcm", "micro-lcm-lora=tiny-lcm"]
+NAMES = E.list_experiments()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_the_required_experiments_exist():
+    assert {"seed_table", "cfg_sweep", "step_consistency", "negative_prompt", "hybrid", "fine_detail",
+            "composition"} <= set(NAMES)
+
+
+def test_prompt_suites_cover_every_failure_mode():
+    modes = {(e["category"], e["failure_mode"]) for p in sorted(E.PROMPTS_DIR.glob("*.toml"))
+             for e in E.load_prompt_suite(p)}
+    assert modes == {(c, m) for c, ms in E.CATEGORIES.items() for m in ms}
+    assert E.suite_negative("negative_prompt")
+    assert all("negative" in e for e in E.load_prompt_suite("negative_prompt"))
+    assert [e["text"] for e in E.load_prompt_suite("micro")] == [f"a handwritten digit {d}" for d in range(10)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_validates_online_and_offline(name):
+    exp = E.load_experiment(name)
+    for offline in (False, True):
+        plans, hplans, _ = E.build_plans(exp, offline=offline)
+        assert plans or hplans
+        models = {p.model for p in plans} | {h.extra["hybrid"]["student"] for h in hplans}
+        if offline:
+            assert all(m.startswith("micro-") for m in models), models
+        else:
+            assert {"sd15", "lcm-lora-sd15"} & models, models
+
+
+def test_bad_configs_are_refused(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "tiny-sd"\nprompts = ["x"]\nfoo = 1\n[experiment]\nkind = "seed_table"\n')
+    with pytest.raises(E.ExperimentError, match="foo"):
+        E.load_experiment(bad)
+    bad.write_text('model = "tiny-sd"\nprompts = ["x"]\n[experiment]\nkind = "nonsense"\n')
+    with pytest.raises(E.ExperimentError, match="kind"):
+        E.load_experiment(bad)
+    bad.write_text('prompts = ["x"]\n[experiment]\nkind = "hybrid"\n')
+    with pytest.raises(E.ExperimentError, match="hybrid"):
+        E.load_experiment(bad)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_runs_quick_on_tiny_models(name, tmp_path, capsys):
+    from trajlab.cli import main
+
+    out = str(tmp_path / f"{name}.zarr")
+    argv = ["experiment", name, "--out", out, "--offline", "--quick", "--quiet"]
+    for m in TINY:
+        argv += ["--map", m]
+    assert main(argv) == 0
+    store.validate(out)
+    exp = E.load_experiment(name)
+    plans, hplans, _ = E.build_plans(exp, offline=True, quick=True, model_map=dict(m.split("=") for m in TINY))
+    names = store.group_names(out)
+    assert len(names) == len(plans) + len(hplans)
+    assert all(store.completed(out, g).all() for g in names)
+    if exp.kind == "hybrid":
+        assert any(g.startswith("hybrid__") for g in names)

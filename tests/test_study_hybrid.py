@@ -1,0 +1,120 @@
+"""Hybrid inference: k = 0 is the pure student, k = all the pure teacher; the store records the hand-off."""
+import json
+
+import numpy as np
+import pytest
+
+from trajlab import store
+from trajlab.capture import CapturePlan, capture
+from trajlab.study.hybrid import HybridSpec, SwitchScheduler, capture_hybrid, handoff_grid, hybrid_plan
+
+PROMPTS = ["a cat", "a dog"]
+SEEDS = [0, 1]
+T, S = 6, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads are several times slower
+    yield
+    torch.set_num_threads(n)
+
+
+def _vals(path, group, var):
+    return np.asarray(store.open(path)[group].to_dataset()[var].values)
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    from trajlab.models.loading import load_pipeline
+
+    return load_pipeline("tiny-sd", scheduler="default"), load_pipeline("tiny-lcm", scheduler="default")
+
+
+def test_handoff_grid_nearest_student_timestep(pipes):
+    t, s = pipes
+    from trajlab.models.schedulers import make_scheduler
+
+    sw = SwitchScheduler(make_scheduler("ddim", t.scheduler.config), make_scheduler("lcm", s.scheduler.config))
+    tt, st, info = handoff_grid(sw.teacher, sw.student, HybridSpec("a", "b", 2, T, S))
+    assert len(tt) == 2 and tt[0] > tt[1] > info["handoff_timestep"]
+    assert abs(info["student_start_timestep"] - info["handoff_timestep"]) <= 10  # nearest of a 20-spaced grid
+    assert st[0] == info["student_start_timestep"] and all(a > b for a, b in zip(st, st[1:]))
+
+
+def test_pipelines_mechanism_endpoints_and_record(pipes, tmp_path):
+    teacher, student = pipes
+    out = str(tmp_path / "h.zarr")
+    capture(teacher, CapturePlan("tiny-sd", PROMPTS, SEEDS, scheduler="ddim", steps=T, guidance=5.0), out,
+            group="teacher", progress=False)
+    capture(student, CapturePlan("tiny-lcm", PROMPTS, SEEDS, scheduler="lcm", steps=S, guidance=8.0), out,
+            group="student", progress=False)
+    groups = {}
+    for k in (0, 2, T):
+        plan = hybrid_plan(HybridSpec("tiny-sd", "tiny-lcm", k, T, S, 5.0, 8.0), PROMPTS, SEEDS)
+        groups[k] = capture_hybrid(teacher, student, plan, out).group
+    assert isinstance(teacher.scheduler, SwitchScheduler) is False  # restored
+    for var in ("final_latent", "image", "latent"):
+        np.testing.assert_array_equal(_vals(out, groups[0], var), _vals(out, "student", var))
+        np.testing.assert_array_equal(_vals(out, groups[T], var), _vals(out, "teacher", var))
+    np.testing.assert_allclose(_vals(out, groups[T], "x0_pred"), _vals(out, "teacher", "x0_pred"), atol=1e-4)
+    mid = _vals(out, groups[2], "final_latent")
+    assert np.abs(mid - _vals(out, "student", "final_latent")).max() > 1e-3
+    assert np.abs(mid - _vals(out, "teacher", "final_latent")).max() > 1e-3
+    attrs = store.group_attrs(out, groups[2])
+    extra = json.loads(attrs["extra"]) if isinstance(attrs["extra"], str) else attrs["extra"]
+    h = extra["hybrid"]
+    assert h["handoff_step"] == 2 and h["teacher"] == "tiny-sd" and h["student"] == "tiny-lcm"
+    assert len(h["teacher_timesteps"]) == 2 and h["student_start_timestep"] == h["student_timesteps"][0]
+    ds = store.open(out)[groups[2]].to_dataset()
+    assert ds.sizes["step"] == 2 + len(h["student_timesteps"])
+    assert list(ds["timestep"].values) == h["teacher_timesteps"] + h["student_timesteps"]
+    store.validate(out)
+
+
+def test_lora_mechanism_endpoints(tmp_path):
+    from peft import LoraConfig
+
+    from trajlab.models.loading import load_pipeline
+
+    pipe = load_pipeline("tiny-sd", scheduler="default")
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False), adapter_name="student")
+    base = dict(pipe.scheduler.config)
+    out = str(tmp_path / "l.zarr")
+    from trajlab.models.schedulers import make_scheduler
+
+    pipe.disable_lora()
+    pipe.scheduler = make_scheduler("ddim", base)
+    capture(pipe, CapturePlan("tiny-sd", PROMPTS[:1], SEEDS, scheduler="ddim", steps=T, guidance=5.0), out,
+            group="teacher", progress=False)
+    pipe.enable_lora()
+    pipe.scheduler = make_scheduler("lcm", base)
+    capture(pipe, CapturePlan("tiny-sd", PROMPTS[:1], SEEDS, scheduler="lcm", steps=S, guidance=1.0), out,
+            group="student", progress=False)
+    pipe.scheduler = make_scheduler("ddim", base)
+    g = {}
+    for k in (0, T):
+        spec = HybridSpec("tiny-sd", "tiny-sd+lora", k, T, S, 5.0, 1.0, mechanism="lora")
+        g[k] = capture_hybrid(pipe, pipe, hybrid_plan(spec, PROMPTS[:1], SEEDS), out).group
+    np.testing.assert_array_equal(_vals(out, g[0], "final_latent"), _vals(out, "student", "final_latent"))
+    np.testing.assert_array_equal(_vals(out, g[T], "final_latent"), _vals(out, "teacher", "final_latent"))
+    # the LoRA matters: with it on, the teacher's result differs
+    assert np.abs(_vals(out, "teacher", "final_latent") - _vals(out, g[0], "final_latent")).max() > 1e-3
+
+
+def test_lora_mechanism_refuses_two_pipelines(pipes, tmp_path):
+    teacher, student = pipes
+    plan = hybrid_plan(HybridSpec("tiny-sd", "tiny-lcm", 1, T, S, mechanism="lora"), PROMPTS, SEEDS)
+    with pytest.raises(ValueError, match="one pipeline"):
+        capture_hybrid(teacher, student, plan, str(tmp_path / "x.zarr"))
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="handoff_step"):
+        HybridSpec("a", "b", 7, teacher_steps=6).validate()
+    with pytest.raises(ValueError, match="mechanism"):
+        HybridSpec("a", "b", 1, mechanism="magic").validate()
