@@ -217,3 +217,33 @@ def test_commitment_script_writes_results(tmp_path):
     np.testing.assert_allclose(res["label_commit_sigma"].values, np.append(SIGMA, 0.0)[s_star])
     assert (tmp_path / "out" / "commitment_curves.png").stat().st_size > 1000
     assert not (tmp_path / "out" / "commitment_b.nc").exists()
+
+
+def test_exact_world_commitment_helpers():
+    """The exact-world pieces of analyses/commitment.py: per-direction commitment on a stored gauss-8d run
+    equals the K-step DDIM closed form; the re-noise probe in the two-class world follows its closed form;
+    the speciation numbers of gmm-2class (Lambda = |m|^2 + s^2 = 16.5)."""
+    from exact_helpers import exact_trajectories
+
+    from trajlab.analysis import theory as T
+    from trajlab.analysis.commitment import direction_commitment_theory, exact_renoise_probe
+    from trajlab.analysis.speciation import world_speciation
+    from trajlab.models.exact import build_exact_world
+
+    pipe = build_exact_world("gauss-8d")
+    ds = exact_trajectories(pipe, n_seeds=32, num_inference_steps=6)
+    d = direction_commitment_theory(ds, *T.gaussian_eigensystem(pipe.world))
+    assert d["rho"].dims == ("direction", "step") and d["theory_K_step_DDIM"].shape == d["rho"].shape
+    assert float(d["max_abs_error"]) < 1e-4
+    assert np.all(np.diff(d["lam"].values) < 0)
+
+    gm = build_exact_world("gmm-2class")
+    ds2 = exact_trajectories(gm, n_seeds=16, num_inference_steps=8)
+    lab = nearest_centroid_labeller(means=gm.world.means.double().numpy())
+    probe = exact_renoise_probe(ds2, gm.world, lab, n_branches=8, seed=0)
+    assert probe["p_same"].dims == ("sample", "step") and "entropy" in probe and "group_commit_sigma" in probe
+    gap = np.abs(probe["p_same"].mean("sample").values - probe["theory_p_same"].mean("sample").values)
+    assert gap.max() < 0.2
+    spec = world_speciation(gm.world)
+    assert abs(spec["Lambda"] - 16.5) < 1e-9 and abs(spec["sigma_S"] - np.sqrt(15.5)) < 1e-9
+    assert world_speciation(pipe.world) is None

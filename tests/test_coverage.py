@@ -1,5 +1,6 @@
 """Mode coverage: PCA variance ratio with a known ratio, NDB on a dropped mode, covered components."""
 import numpy as np
+import pytest
 import xarray as xr
 
 from trajlab.analysis.coverage import (assign_components, component_coverage, fit_pca, mode_coverage,
@@ -137,3 +138,29 @@ def test_mode_coverage_script_writes_results(tmp_path):
     assert int(res["ndb"]) >= 2  # two of five modes dropped
     assert float(res["recall"]) < 0.8
     assert (tmp_path / "out" / "variance_ratio.png").stat().st_size > 1000
+
+
+def test_group_mode_coverage_uses_the_exact_world():
+    """Gaussian world: the student's (4-step DDIM) variance ratio against the teacher (25 steps) follows
+    the DDIM theory (same seeds, so sampling noise largely cancels); mixture world: its modes are counted."""
+    from exact_helpers import exact_trajectories
+
+    from trajlab.analysis.coverage import group_mode_coverage
+    from trajlab.models.exact import build_exact_world
+
+    pipe = build_exact_world("gauss-8d")
+    teacher = exact_trajectories(pipe, n_seeds=64, num_inference_steps=25)
+    student = exact_trajectories(pipe, n_seeds=64, num_inference_steps=4)
+    res = group_mode_coverage(teacher, student, pipe.world, n_components=16, n_bins=4)
+    assert res.sizes["component"] == 8  # capped at the feature count
+    th = res["theory_variance_ratio"].values
+    assert np.all(np.isfinite(th) & (th > 0) & (th < 1.5))
+    assert float(res["theory_max_abs_log_error"]) < 0.15
+    # the largest-variance teacher PCs are the largest-lam directions, where 4 steps lose the least
+    assert th[0] > th[-1]
+    with pytest.raises(KeyError, match="alpha_bar"):  # a variable selection that dropped the step coords
+        group_mode_coverage(teacher[["final_latent"]], student, pipe.world)
+    gm = build_exact_world("gmm-2class")
+    t2 = exact_trajectories(gm, n_seeds=24, num_inference_steps=10)
+    res2 = group_mode_coverage(t2, t2, gm.world, n_components=4, n_bins=2)
+    assert int(res2["n_covered"]) == 2 and "theory_variance_ratio" not in res2

@@ -13,7 +13,9 @@ commit_sigma means earlier commitment. Compare samplers on sigma, not on step.
 
 Labellers are plain callables `features (n, F) -> labels (n,) int`. The default,
 `nearest_centroid_labeller`, classifies by the nearest centroid in a PCA space fitted on
-reference data (k-means centroids or given class means). No torch is imported here.
+reference data (k-means centroids or given class means); `trajlab.analysis.labellers` builds the
+labellers used across store groups (and one that decodes latents with a pipeline's VAE).
+No torch is imported here (the exact-world helpers import it when called).
 """
 from __future__ import annotations
 
@@ -26,12 +28,15 @@ import xarray as xr
 from trajlab.analysis.coverage import features as flat_features
 from trajlab.analysis.coverage import fit_kmeans, fit_pca, pca_project
 from trajlab.analysis.speciation import ou_time_from_sigma
+from trajlab.analysis.theory import alpha_bar_nodes  # noqa: F401  (re-exported: the store group's grid)
 
 __all__ = [
     "step_features", "fit_nearest_centroid", "nearest_centroid_labels", "nearest_centroid_labeller",
     "trajectory_labels", "suffix_commit_step", "label_stability", "cosine_commitment",
     "renoise", "renoise_probe", "branch_entropy", "commitment_summary", "commitment_curve",
     "direction_commitment", "alpha_bar_nodes", "renoise_theory_two_class",
+    "merge_methods", "stack_curves", "direction_commitment_theory", "exact_ddim_regenerator",
+    "exact_renoise_probe",
 ]
 
 Labeller = Callable[[np.ndarray], np.ndarray]
@@ -361,20 +366,6 @@ def direction_commitment(ds: xr.Dataset, directions, mean=None, var: str = "x0_p
                       attrs={"units": "dimensionless (x0_pred slope on final sample)"})
 
 
-def alpha_bar_nodes(ds: xr.Dataset, final: float | None = None) -> np.ndarray:
-    """Chained alpha_bar grid (n_step + 1,) of a store group: the `alpha_bar` coord plus where the
-    last step lands. final default: from the `scheduler_config` attr, 1 - beta_start
-    (= alphas_cumprod[0]) when set_alpha_to_one is False (SD's DDIM), else 1.0. Assumes each step
-    lands on the next step's level (true for DDIM "leading"/"trailing" grids and sigma schedulers)."""
-    import json
-
-    if final is None:
-        cfg = ds.attrs.get("scheduler_config")
-        cfg = json.loads(cfg) if isinstance(cfg, str) else (cfg or {})
-        final = 1.0 - float(cfg["beta_start"]) if cfg.get("set_alpha_to_one") is False and "beta_start" in cfg else 1.0
-    return np.append(np.asarray(ds["alpha_bar"].values, dtype=np.float64), float(final))
-
-
 def renoise_theory_two_class(final, means, sigma) -> np.ndarray:
     """Closed-form re-noise p_same for a symmetric two-class world (+-m about centre c, equal
     isotropic components) under any deterministic DDIM/Euler grid with the exact denoiser: the flow
@@ -390,3 +381,90 @@ def renoise_theory_two_class(final, means, sigma) -> np.ndarray:
     q = np.abs((x - mu.mean(0)) @ u)
     sig = np.asarray(sigma, dtype=np.float64)
     return ndtr(q[:, None] / sig[None, :])
+
+
+# ----------------------------------------------------------------------------- combining results
+def merge_methods(results: dict) -> xr.Dataset:
+    """Per-sample results of several estimators ({method: Dataset}) as one Dataset whose variables are
+    prefixed `<method>_` (e.g. label_commit_step, cosine_commit_sigma); attrs are dropped."""
+    return xr.merge([r.rename({k: f"{m}_{k}" for k in r.data_vars}) for m, r in results.items()],
+                    combine_attrs="drop")
+
+
+def stack_curves(curves: dict) -> xr.Dataset:
+    """Commitment curves ({label: commitment_curve DataArray}) in one Dataset: variable i is named
+    after its label (spaces -> "__") and keeps its own sigma grid as dim `sigma_level_<i>`."""
+    return xr.Dataset({k.replace(" ", "__"): v.rename({"sigma_level": f"sigma_level_{i}"})
+                       for i, (k, v) in enumerate(curves.items())})
+
+
+# ----------------------------------------------------------------------------- exact worlds
+def direction_commitment_theory(ds: xr.Dataset, lam, U, mean) -> xr.Dataset:
+    """Measured per-direction commitment beside its closed forms in a Gaussian world.
+
+    lam (d,), U (d, d) (eigenvectors as columns), mean (d,): the world's covariance eigensystem
+    (`theory.gaussian_eigensystem`); directions are sorted by decreasing lam. Returns Dataset:
+    rho (direction, step) from `direction_commitment`; theory_exact_flow
+    (`theory.commitment_ratio_exact` at the group's alpha_bar) and theory_K_step_DDIM
+    (`theory.commitment_ratio_ddim` on the group's chained grid, product form), both (direction,
+    step); max_abs_error = max |rho - theory_K_step_DDIM| (scalar); coord lam on direction.
+    """
+    from trajlab.analysis import theory as T
+
+    lam = np.asarray(lam, dtype=np.float64).reshape(-1)
+    U = np.asarray(U, dtype=np.float64)
+    order = np.argsort(-lam, kind="stable")
+    lam, U = lam[order], U[:, order]
+    meas = direction_commitment(ds, U.T, mean=mean)
+    theory = {"exact_flow": T.commitment_ratio_exact(lam, np.asarray(ds["alpha_bar"].values, np.float64)),
+              "K_step_DDIM": T.commitment_ratio_ddim(lam, alpha_bar_nodes(ds), form="product")}
+    out = meas.assign_coords(lam=("direction", lam))
+    for k, v in theory.items():
+        v = v.transpose("direction", "step")
+        out[f"theory_{k}"] = (("direction", "step"), np.asarray(v.values))
+    out["max_abs_error"] = ((), float(np.abs(out["rho"] - out["theory_K_step_DDIM"]).max()))
+    out.attrs.update({"theory_exact_flow": "cos phi_k(t) (exact PF-ODE)",
+                      "theory_K_step_DDIM": "K-step DDIM on the group's grid (product form)"})
+    return out
+
+
+def exact_ddim_regenerator(world, nodes, shape) -> Callable:
+    """`regenerate(x_t, step) -> final` for `renoise_probe`: deterministic DDIM (VP) from grid node
+    `step` down the chained alpha_bar grid `nodes` (`alpha_bar_nodes`) with the exact denoiser of
+    `world` (trajlab.models.exact.gmm_denoiser). x_t: (n, *shape) VP latents; returns (n, *shape)."""
+    import torch
+
+    from trajlab.models.exact import gmm_denoiser
+
+    nodes = np.asarray(nodes, dtype=np.float64)
+
+    def regenerate(x, step):
+        x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        for ab, ab_next in zip(nodes[step:-1], nodes[step + 1:]):
+            x0 = gmm_denoiser(torch.from_numpy(x / np.sqrt(ab)), float(np.sqrt((1 - ab) / ab)), world).numpy()
+            eps = (x - np.sqrt(ab) * x0) / np.sqrt(1 - ab)
+            x = np.sqrt(ab_next) * x0 + np.sqrt(1 - ab_next) * eps
+        return x.reshape(len(x), *shape)
+
+    return regenerate
+
+
+def exact_renoise_probe(ds: xr.Dataset, world, labeller: Labeller, n_branches: int = 8, seed: int = 0,
+                        threshold: float = 0.9) -> xr.Dataset:
+    """Re-noise probe (estimator 3) and branch entropy (estimator 4) in an exact world: regenerations
+    by `exact_ddim_regenerator` on the group's own grid; two-class worlds add the closed form
+    `theory_p_same` (sample, step) (`renoise_theory_two_class`).
+
+    Returns the `renoise_probe` Dataset plus entropy, entropy_rate_sample (sample, step),
+    mean_entropy, entropy_rate (step) and group_commit_step / group_commit_sigma from
+    `branch_entropy` (its per-sample commit_* are those of the probe)."""
+    nodes = alpha_bar_nodes(ds)
+    shape = tuple(ds["final_latent"].shape[1:])
+    probe = renoise_probe(ds, exact_ddim_regenerator(world, nodes, shape), labeller, n_branches=n_branches,
+                          threshold=threshold, seed=seed)
+    ent = branch_entropy(probe["branch_label"])
+    means = np.asarray(world.means.detach().cpu().double().numpy())
+    if means.shape[0] == 2:
+        fin = flat_features(ds, "final_latent") / np.sqrt(nodes[-1])
+        probe["theory_p_same"] = (("sample", "step"), renoise_theory_two_class(fin, means, ds["sigma"].values))
+    return probe.merge(ent.drop_vars(["commit_step", "commit_sigma"]), compat="override")

@@ -13,6 +13,12 @@ Comparisons, per prompt (dims prompt, component):
 - in total: trace of the sample covariance vs input_var ||J||_F^2 (exact or Hutchinson).
 The linearisation point is the mean latent_0 of the prompt's samples (at="mean") or every sample
 (at="samples": predicted forms averaged over per-sample Jacobians).
+
+`group_covariance_propagation(ds, pipe)` does it for a store group with the pipeline that made it
+(one sampler map per prompt) and, in single-Gaussian exact worlds, adds the theory variance ratios
+r_k = prod cos^2(dphi) beside the measured ones (`variance_ratio_theory`).
+Stochastic samplers (LCM multi-step, ancestral) inject noise that is not part of J Cov[x_T] J^T;
+their maps hold that noise fixed (a seeded generator), so the prediction covers x_T only.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import xarray as xr
 
 from trajlab.analysis import jacobian as jac
 
-__all__ = ["empirical_covariance", "empirical_pcs", "predicted_covariance", "covariance_propagation"]
+__all__ = ["empirical_covariance", "empirical_pcs", "predicted_covariance", "covariance_propagation",
+           "group_sampler_maps", "variance_ratio_theory", "group_covariance_propagation"]
 
 
 def _group_samples(ds: xr.Dataset, by: str):
@@ -173,3 +180,73 @@ def covariance_propagation(
 def sampling_rel_se(n: int) -> float:
     """Relative standard error of a Gaussian sample variance with n samples: sqrt(2 / (n - 1))."""
     return math.sqrt(2.0 / (n - 1))
+
+
+def group_sampler_maps(ds: xr.Dataset, pipe, scheduler=None, *, dtype=None, seed: int = 0) -> dict | Callable:
+    """Sampler maps latent_0 -> final latent of a store group: {prompt_index: map} with each prompt's
+    conditioning (`jacobian.group_model_fn`), or one map for prompt-free exact worlds. Noise of
+    stochastic schedulers is held fixed by a generator seeded with `seed`."""
+    import inspect
+
+    scheduler = scheduler if scheduler is not None else jac.scheduler_from_attrs(ds.attrs)
+    steps = int(ds.attrs.get("steps", ds.sizes["step"]))
+    dtype = dtype or jac.jvp_dtype(pipe)
+    stochastic = "generator" in inspect.signature(scheduler.step).parameters
+
+    def make(model_fn):
+        return jac.sampler_map(scheduler, model_fn, steps,
+                               generator=torch.Generator().manual_seed(seed) if stochastic else None)
+
+    if not hasattr(pipe, "encode_prompt"):
+        return make(jac.pipeline_model_fn(pipe))
+    pi = np.asarray(ds["prompt_index"].values)
+    return {int(k): make(jac.group_model_fn(pipe, ds, [int(np.flatnonzero(pi == k)[0])], dtype=dtype))
+            for k in np.unique(pi)}
+
+
+def variance_ratio_theory(ds: xr.Dataset, world, scheduler=None) -> xr.Dataset | None:
+    """Output variance per eigen-direction of a single-Gaussian exact world, measured over the exact
+    flow's, beside the K-step DDIM theory r_k = prod cos^2(dphi) (`theory.output_variance_ratio`).
+
+    measured_r[k] = Var_samples(<u_k, final_latent>) / F_k^2, F_k the exact flow's factor from the grid's
+    first alpha_bar to where its last step lands (`theory.flow_factor`), i.e. the exact flow's output
+    variance for x_T ~ N(0, I).  Returns Dataset(direction): measured_r, theory_r, coord lam
+    (descending); None unless `world` is a single Gaussian."""
+    from trajlab.analysis import theory as th
+
+    if world is None or int(world.means.shape[0]) != 1:
+        return None
+    scheduler = scheduler if scheduler is not None else jac.scheduler_from_attrs(ds.attrs)
+    steps = int(ds.attrs.get("steps", ds.sizes["step"]))
+    lam, U, _ = th.gaussian_eigensystem(world)
+    grid = th.ddim_grid(scheduler, steps)
+    X = np.asarray(ds["final_latent"].values, np.float64).reshape(ds.sizes["sample"], -1) @ U
+    exact_var = th.flow_factor(lam, float(grid["alpha_bar"][0]), float(grid["alpha_bar_next"][-1])).values ** 2
+    return xr.Dataset({"measured_r": ("direction", X.var(0, ddof=1) / exact_var),
+                       "theory_r": ("direction", th.output_variance_ratio(lam, grid).values)},
+                      coords={"direction": np.arange(lam.size), "lam": ("direction", lam)},
+                      attrs={"units": "1", "what": "K-step output variance / exact flow output variance"})
+
+
+def group_covariance_propagation(ds: xr.Dataset, pipe, scheduler=None, *, n_components: int | None = 16,
+                                 n_probes: int = 16, seed: int = 0, **kw) -> xr.Dataset:
+    """`covariance_propagation` of a store group with the pipeline that made it: per-prompt sampler maps
+    (`group_sampler_maps`), input_var = init_noise_sigma^2 of the group's scheduler, JVPs in float64 for
+    exact worlds (else float32), probes seeded with `seed`; single-Gaussian exact worlds add
+    measured_r, theory_r and coord lam over `direction` (`variance_ratio_theory`).  kw: passed on
+    (at, rank, dense_max, method)."""
+    import copy
+
+    scheduler = scheduler if scheduler is not None else jac.scheduler_from_attrs(ds.attrs)
+    steps = int(ds.attrs.get("steps", ds.sizes["step"]))
+    s = copy.deepcopy(scheduler)
+    s.set_timesteps(steps)
+    dtype = jac.jvp_dtype(pipe)
+    maps = group_sampler_maps(ds, pipe, scheduler, dtype=dtype, seed=seed)
+    res = covariance_propagation(ds, maps, input_var=float(s.init_noise_sigma) ** 2, n_components=n_components,
+                                 n_probes=n_probes, dtype=dtype, generator=torch.Generator().manual_seed(seed), **kw)
+    theory = variance_ratio_theory(ds, getattr(pipe, "world", None), scheduler)
+    if theory is not None:
+        res = res.merge(theory)
+    res.attrs.update({"model": str(ds.attrs.get("model", "")), "steps": steps, "seed": int(seed)})
+    return res

@@ -6,6 +6,8 @@ Inputs are store group Datasets (features = flattened `final_latent`, dims (samp
 DataArrays with a `sample` dim, or arrays (n, ...) flattened per row. All statistics are fitted
 on the teacher. Outputs are xarray Datasets with dims `component` (PCA direction), `bin`
 (k-means bin) and `mode` (mixture component). Pure numpy / scikit-learn; no torch.
+`group_mode_coverage` adds what an exact world knows: its modes, and in Gaussian worlds the DDIM
+theory of the variance ratio.
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import numpy as np
 import xarray as xr
 from scipy.special import ndtr
 
+from trajlab.analysis import theory as _theory
 from trajlab.metrics.prdc import density_coverage, precision_recall
 
 __all__ = [
     "features", "fit_pca", "pca_project", "pca_variance_ratio", "fit_kmeans", "assign_bins",
     "ndb_jsd", "jensen_shannon", "assign_components", "component_coverage", "mode_coverage",
+    "group_mode_coverage",
 ]
 
 
@@ -259,3 +263,33 @@ def mode_coverage(teacher, student, n_components: int = 16, n_bins: int = 20, al
                  "n_teacher": t.shape[0], "n_student": s.shape[0], "k_pr": k_pr, "k_dc": k_dc,
                  "alpha": alpha, "n_bins": n_bins, "feature_space": "raw" if n_pca is None else f"pca{n_pca}"}
     return out
+
+
+def group_mode_coverage(teacher: xr.Dataset, student: xr.Dataset, world=None, *, n_components: int = 16,
+                        var: str = "final_latent", **kw) -> xr.Dataset:
+    """`mode_coverage` of two store groups, with what an exact `world` (trajlab.models.exact) knows.
+
+    n_components is capped at n_teacher - 1 and the feature count. A mixture world (>= 2 components)
+    gives its means (covered modes); a single-Gaussian world adds theory_variance_ratio (component) =
+    `theory.variance_ratio_vs_teacher` on the two groups' alpha_bar grids (`theory.alpha_bar_nodes`),
+    directions by decreasing lam, NaN beyond d, and theory_max_abs_log_error = max |log(variance_ratio /
+    theory)|. kw: passed to `mode_coverage` (n_bins, alpha, seed, n_pca, ...).
+    """
+    t = features(teacher, var)
+    n_comp = min(int(n_components), t.shape[0] - 1, t.shape[1])
+    arrays = None if world is None else _theory.world_arrays(world)
+    means = arrays["means"] if arrays is not None and arrays["means"].shape[0] >= 2 else None
+    res = mode_coverage(teacher, student, n_components=n_comp, means=means, var=var, **kw)
+    if arrays is not None and arrays["means"].shape[0] == 1:
+        for role, ds in (("teacher", teacher), ("student", student)):
+            if not isinstance(ds, xr.Dataset) or "alpha_bar" not in ds.coords:
+                raise KeyError(f"group_mode_coverage: the {role} has no `alpha_bar` step coordinate, needed for the "
+                               "Gaussian-world theory; pass store group Datasets with their coords "
+                               "(trajlab.analysis.io.open_groups(..., variables=...) keeps them)")
+        lam = np.sort(arrays["lam"][0])[::-1]
+        th = _theory.variance_ratio_vs_teacher(lam, _theory.alpha_bar_nodes(student),
+                                               _theory.alpha_bar_nodes(teacher)).values[:n_comp]
+        th = np.pad(th, (0, res.sizes["component"] - th.size), constant_values=np.nan)
+        res["theory_variance_ratio"] = ("component", th)
+        res["theory_max_abs_log_error"] = ((), float(np.nanmax(np.abs(np.log(res["variance_ratio"].values / th)))))
+    return res

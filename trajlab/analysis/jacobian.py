@@ -56,6 +56,12 @@ __all__ = [
     "scheduler_from_attrs",
     "replay_scheduler",
     "step_contraction_profile",
+    "jvp_dtype",
+    "replay_generators",
+    "group_model_fn",
+    "contraction_profile",
+    "contraction_theory",
+    "contraction_law",
 ]
 
 Map = Callable[[torch.Tensor], torch.Tensor]
@@ -548,12 +554,15 @@ def unet_model_fn(unet, encoder_hidden_states=None, *, guidance_scale: float = 1
 
 def pipeline_model_fn(pipe, prompts=None, *, guidance_scale: float = 1.0, negative_prompt=None, dtype=None):
     """model_fn for a pipeline: exact worlds ignore prompts; SD-like pipelines encode `prompts` (one per
-    sample) with `pipe.encode_prompt` once.  `dtype` casts the embeddings (JVPs need fp32)."""
+    sample) with `pipe.encode_prompt` once.  `dtype` casts the embeddings (JVPs need fp32).
+    Guidance as the pipeline applies it: CFG on a doubled batch, or, for UNets with
+    `time_cond_proj_dim` (LCM), the guidance-scale embedding passed as `timestep_cond`."""
     unet = pipe.unet
     if not hasattr(pipe, "encode_prompt"):
         return unet_model_fn(unet)
     prompts = [""] if prompts is None else ([prompts] if isinstance(prompts, str) else list(prompts))
-    do_cfg = guidance_scale > 1 and getattr(unet.config, "time_cond_proj_dim", None) is None
+    proj_dim = getattr(unet.config, "time_cond_proj_dim", None)
+    do_cfg = guidance_scale > 1 and proj_dim is None
     device = next(unet.parameters()).device
     with torch.no_grad():
         pe, ne = pipe.encode_prompt(prompts, device, 1, do_cfg,
@@ -561,7 +570,14 @@ def pipeline_model_fn(pipe, prompts=None, *, guidance_scale: float = 1.0, negati
     if dtype is not None:
         pe = pe.to(dtype)
         ne = ne.to(dtype) if ne is not None else None
-    return unet_model_fn(unet, pe, guidance_scale=guidance_scale, negative_encoder_hidden_states=ne if do_cfg else None)
+    timestep_cond = None
+    if proj_dim is not None and hasattr(pipe, "get_guidance_scale_embedding"):
+        # guidance through the w-embedding (LCM; SD pipelines whose UNet has time_cond_proj_dim), as the
+        # pipelines build it: embedding of w = guidance_scale - 1 per sample
+        w = torch.tensor(guidance_scale - 1).repeat(len(prompts))
+        timestep_cond = pipe.get_guidance_scale_embedding(w, embedding_dim=proj_dim).to(device=device, dtype=pe.dtype)
+    return unet_model_fn(unet, pe, guidance_scale=guidance_scale, negative_encoder_hidden_states=ne if do_cfg else None,
+                         timestep_cond=timestep_cond)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -662,3 +678,138 @@ def step_contraction_profile(ds: xr.Dataset, model_fn, scheduler=None, *, sample
         attrs={"n": int(n), "n_probes": int(n_probes), "n_power_iter": int(n_power_iter), "jvp_method": method_used,
                "scheduler_class": type(scheduler).__name__, "what": "Jacobian of one scheduler.step call"},
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# a store group with the pipeline that made it
+
+
+def jvp_dtype(pipe) -> torch.dtype:
+    """float64 for exact-world pipelines (closed-form denoiser, fp64 tables), else float32."""
+    return torch.float64 if getattr(pipe, "world", None) is not None else torch.float32
+
+
+def replay_generators(seeds, latent_shape, device="cpu") -> list[torch.Generator]:
+    """Per-sample generators in the state a diffusers pipeline's `scheduler.step` sees them in a capture
+    (trajlab.capture seeds sample s with `torch.Generator(device).manual_seed(seed_s)`): advanced past
+    the initial-noise draw `randn((1, *latent_shape))` that `prepare_latents` makes with a generator
+    list.  With them `sampler_map` replays stochastic samplers (LCM's multi-step noise, ancestral
+    schedulers) with the captured noise."""
+    gens = []
+    for s in np.asarray(seeds).reshape(-1):
+        g = torch.Generator(device=device).manual_seed(int(s))
+        torch.randn((1, *tuple(latent_shape)), generator=g, device=device)
+        gens.append(g)
+    return gens
+
+
+def _sample_index(ds: xr.Dataset, samples) -> np.ndarray:
+    if samples is None:
+        return np.arange(ds.sizes["sample"])
+    if np.ndim(samples) == 0:
+        return np.arange(min(int(samples), ds.sizes["sample"]))
+    return np.asarray(samples, dtype=np.int64)
+
+
+def group_model_fn(pipe, ds: xr.Dataset, samples=None, *, dtype=None):
+    """`pipeline_model_fn` for the samples `samples` (index array, count or None = all) of a store group:
+    their prompts (`prompt_text[prompt_index]`), the group's `guidance` and `negative_prompt` attrs."""
+    idx = _sample_index(ds, samples)
+    if not hasattr(pipe, "encode_prompt"):
+        return pipeline_model_fn(pipe)
+    texts = [str(t) for t in np.asarray(ds["prompt_text"].values)]
+    prompts = [texts[int(i)] for i in np.asarray(ds["prompt_index"].values)[idx]]
+    return pipeline_model_fn(pipe, prompts, guidance_scale=float(ds.attrs.get("guidance", 1.0)),
+                             negative_prompt=ds.attrs.get("negative_prompt") or None, dtype=dtype)
+
+
+def contraction_theory(world, scheduler, steps: int) -> xr.Dataset | None:
+    """DDIM theory of the per-step and whole-sampler contraction in a single-Gaussian exact world
+    (THEORY.md): theory_step_factor (step, direction) = a_k(t_i, t_{i+1}) on the scheduler's K-step grid
+    (`theory.ddim_step_factor`), theory_whole_fro2 = sum_k prod_i a_k^2 (= ||J_sampler||_F^2), coord lam.
+    None for mixtures (no closed form) or world None."""
+    from trajlab.analysis import theory as th
+
+    if world is None or int(world.means.shape[0]) != 1:
+        return None
+    lam, _, _ = th.gaussian_eigensystem(world)
+    grid = th.ddim_grid(scheduler, steps)
+    a = th.ddim_step_factor(lam, grid["alpha_bar"].values, grid["alpha_bar_next"].values).transpose("step", "direction")
+    return xr.Dataset({"theory_step_factor": (("step", "direction"), np.asarray(a.values)),
+                       "theory_whole_fro2": ((), float((np.asarray(a.values).prod(0) ** 2).sum()))},
+                      coords={"step": np.arange(a.sizes["step"]), "direction": np.arange(lam.size),
+                              "lam": ("direction", lam)},
+                      attrs={"units": "1", "grid": f"{type(scheduler).__name__} {steps} steps"})
+
+
+def contraction_law(pipe, scheduler, Ks=(1, 2, 4, 8, 16)) -> xr.Dataset:
+    """The DDIM contraction law in a single-Gaussian exact world: for each step count K, the JVP of the
+    whole K-step sampler (latent_0 -> final, `sampler_map` on `pipe.unet`) along each eigen-direction
+    u_k, divided by the exact flow's factor, beside the theory J_DDIM / J_exact = prod cos dphi.
+    Returns Dataset (K, direction): measured_ratio, theory_ratio; coord lam (direction, descending)."""
+    from trajlab.analysis import theory as th
+
+    lam, U, _ = th.gaussian_eigensystem(pipe.world)
+    d = U.shape[0]
+    Ut = torch.from_numpy(U.T.copy())  # rows = directions
+    meas, theo = [], []
+    for K in Ks:
+        s = copy.deepcopy(scheduler)
+        s.set_timesteps(K)
+        ins = float(s.init_noise_sigma)
+        f0 = sampler_map(scheduler, unet_model_fn(pipe.unet), K)
+        x = torch.zeros(1, d, 1, 1, dtype=torch.float64)
+        _, JU = jvp_probes(lambda n: f0(n * ins), x, Ut.reshape(d, 1, d, 1, 1))
+        gain = (JU.reshape(d, -1) * Ut).sum(1).numpy()
+        g = th.ddim_grid(scheduler, K)
+        flow = th.flow_factor(lam, g["alpha_bar"].values, g["alpha_bar_next"].values).prod("step").values
+        meas.append(gain / flow)
+        theo.append(th.ddim_contraction_ratio(lam, g).values)
+    return xr.Dataset({"measured_ratio": (("K", "direction"), np.stack(meas)),
+                       "theory_ratio": (("K", "direction"), np.stack(theo))},
+                      coords={"K": np.asarray(Ks, dtype=np.int64), "direction": np.arange(d),
+                              "lam": ("direction", lam)},
+                      attrs={"units": "1", "what": "J_DDIM / J_exact along each eigen-direction"})
+
+
+def contraction_profile(ds: xr.Dataset, pipe, *, samples=4, n_probes: int = 8, n_power_iter: int = 10,
+                        seed: int = 0, scheduler=None, method: str = "auto") -> xr.Dataset:
+    """Jacobian contraction of a store group's sampler, measured with the pipeline that made it.
+
+    samples: index array or count (the first n). Per step (`step_contraction_profile` at the stored
+    latents): fro2, fro2_se, fro2_per_dim, singular_value, spectral_norm. Whole map latent_0 -> final
+    (`sampler_map` with the group's prompts and guidance, captured noise replayed by
+    `replay_generators`): whole_fro2, whole_fro2_se (Hutchinson, sample) and replay_rel_error (sample) =
+    ||f(latent_0) - final_latent|| / ||final_latent||, which is ~0 when the differentiated map is the
+    captured sampler.  Single-Gaussian exact worlds add `contraction_theory`'s variables.
+    JVPs in float64 for exact worlds, else float32; probes drawn from a generator seeded with `seed`.
+    """
+    scheduler = scheduler if scheduler is not None else scheduler_from_attrs(ds.attrs)
+    idx = _sample_index(ds, samples)
+    dtype = jvp_dtype(pipe)
+    mf = group_model_fn(pipe, ds, idx, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    prof = step_contraction_profile(ds, mf, scheduler, samples=idx, n_probes=n_probes, n_power_iter=n_power_iter,
+                                    generator=g, dtype=dtype, method=method)
+    steps = int(ds.attrs.get("steps", ds.sizes["step"]))
+    x0 = torch.from_numpy(np.asarray(ds["latent"].isel(sample=idx, step=0).values)).to(dtype)
+    noise = None
+    if "generator" in inspect.signature(scheduler.step).parameters and "seed" in ds.coords:
+        noise = replay_generators(ds["seed"].values[idx], x0.shape[1:])
+    f = sampler_map(scheduler, mf, steps, generator=noise)
+    whole = hutchinson_frobenius(f, x0, n_probes, generator=g, method=method)
+    with torch.no_grad():
+        y = f(x0).double().reshape(len(idx), -1).cpu().numpy()
+    ref = np.asarray(ds["final_latent"].isel(sample=idx).values, np.float64).reshape(len(idx), -1)
+    prof["whole_fro2"] = ("sample", whole["fro2"].values)
+    prof["whole_fro2_se"] = ("sample", whole["fro2_se"].values)
+    prof["replay_rel_error"] = ("sample", np.linalg.norm(y - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1),
+                                                                                         1e-300))
+    prof["whole_fro2"].attrs["units"] = "output^2 / input^2 (latent_0 -> final latent)"
+    th_ = contraction_theory(getattr(pipe, "world", None), scheduler, steps)
+    if th_ is not None:
+        prof = prof.assign(theory_step_factor=(("step", "direction"), th_["theory_step_factor"].values),
+                           theory_whole_fro2=th_["theory_whole_fro2"]).assign_coords(lam=th_["lam"])
+    prof.attrs.update({"model": str(ds.attrs.get("model", "")), "steps": steps, "seed": int(seed),
+                       "noise": "captured (replayed)" if noise is not None else "none (deterministic step)"})
+    return prof

@@ -14,7 +14,8 @@ This module adds sigma_S = sqrt(Lambda - 1) and the empirical experiment.
 Experiment: `clone_curve(trunk, branch, labeller, ...)` takes plain callables: `trunk(step, n, rng)`
 gives n states at clone step `step`; `branch(states, step, rng)` finishes them with independent
 noise (stochastic sampler); the fraction of pairs whose labels agree estimates phi(t).
-No torch here.
+`exact_clone_experiment(world)` runs it in an exact two-class world beside phi(t).
+No torch import here (the exact-world helpers import it when called).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ __all__ = [
     "ou_time_from_sigma", "sigma_from_ou_time", "speciation_time", "speciation_sigma",
     "clone_probability", "binomial_ci", "ancestral_step", "ancestral_sample",
     "marginal_trunk", "ancestral_trunk", "ancestral_branch", "clone_curve",
+    "world_speciation", "exact_clone_experiment",
 ]
 
 def ou_time_from_sigma(sigma) -> np.ndarray:
@@ -135,3 +137,63 @@ def clone_curve(trunk: Callable, branch: Callable, labeller: Callable, clone_ste
         attrs={"units": "p_same: fraction of pairs; sigma: EDM; t: OU time (ab = exp(-2t))",
                "level": level, "seed": seed, "n_branches": n_branches},
     )
+
+
+# ----------------------------------------------------------------------------- exact worlds
+def world_speciation(world) -> dict | None:
+    """Speciation of an exact mixture world (trajlab.models.exact.ExactWorld): {"Lambda": top
+    eigenvalue of the data covariance, "sigma_S": speciation_sigma, "t_S": speciation_time};
+    None for a single-component world."""
+    from trajlab.models.exact import world_covariance
+
+    if int(world.means.shape[0]) < 2:
+        return None
+    lam_top = float(np.linalg.eigvalsh(world_covariance(world).detach().cpu().double().numpy())[-1])
+    return {"Lambda": lam_top, "sigma_S": speciation_sigma(lam_top), "t_S": speciation_time(lam_top)}
+
+
+def exact_clone_experiment(world, n_pairs: int = 2000, seed: int = 0, n_grid: int = 300,
+                           t_probe=None, level: float = 0.95) -> xr.Dataset:
+    """Clone experiment in an exact two-class world (+-m, isotropic variance s^2) with DDPM ancestral
+    branches (`ancestral_branch`, VE grid of `n_grid` geometric levels from 20 (|m| + s) to 1e-3, then 0)
+    from exact-marginal trunks (`marginal_trunk`), labels by the nearest class mean.
+
+    t_probe: OU times to clone at (default 12 in [0.05, 3.5]; snapped to the grid).
+    Returns `clone_curve`'s Dataset plus theory_phi (clone_step) = clone_probability(t, |m|, s) and
+    scalars inside_ci (fraction of theory points inside the Wilson CI), t_S, phi_t_S; attrs m_norm, s.
+    """
+    import torch
+    from functools import partial
+
+    from trajlab.analysis.commitment import nearest_centroid_labeller
+    from trajlab.models.exact import gmm_denoiser, sample_world
+
+    means = world.means.detach().cpu().double().numpy()
+    if means.shape[0] != 2:
+        raise ValueError(f"exact_clone_experiment needs a two-class world; got {means.shape[0]} components "
+                         "(use the gmm-2class preset)")
+    m_norm = float(np.linalg.norm(means[0] - means[1]) / 2)
+    s = float(np.sqrt(world.lam.detach().cpu().double().numpy().mean()))
+    gen = torch.Generator().manual_seed(seed)
+
+    def denoiser(y, sigma):
+        return gmm_denoiser(torch.from_numpy(y), sigma, world).numpy()
+
+    def sample_data(n, rng):
+        return sample_world(world, n, gen)[0].double().numpy()
+
+    sig = np.append(np.geomspace(20 * (m_norm + s), 1e-3, n_grid), 0.0)
+    t_grid = np.linspace(0.05, 3.5, 12) if t_probe is None else np.asarray(t_probe, dtype=np.float64)
+    clone_steps = sorted({int(np.argmin(np.abs(sig - v))) for v in sigma_from_ou_time(t_grid)})
+    lab = nearest_centroid_labeller(means=means)
+    meas = clone_curve(partial(marginal_trunk, sigmas=sig, sample_data=sample_data),
+                       partial(ancestral_branch, sigmas=sig, denoiser=denoiser), lab, clone_steps, sig,
+                       n_pairs=n_pairs, seed=seed, level=level)
+    t_s = speciation_time(m_norm ** 2 + s ** 2)
+    meas = meas.assign(theory_phi=("clone_step", clone_probability(meas["t"].values, m_norm, s).values))
+    inside = (meas["ci_low"] <= meas["theory_phi"]) & (meas["theory_phi"] <= meas["ci_high"])
+    meas["inside_ci"] = ((), float(inside.mean()))
+    meas["t_S"] = ((), t_s)
+    meas["phi_t_S"] = ((), float(clone_probability(t_s, m_norm, s)[0]))
+    meas.attrs.update({"m_norm": m_norm, "s": s})
+    return meas

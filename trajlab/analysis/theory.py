@@ -10,6 +10,7 @@ All per-direction results carry dims ("direction",) or ("step", "direction").
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -17,6 +18,9 @@ import xarray as xr
 
 __all__ = [
     "ddim_grid",
+    "alpha_bar_nodes",
+    "world_arrays",
+    "gaussian_eigensystem",
     "sigma_of",
     "phi_angle",
     "flow_factor",
@@ -32,6 +36,7 @@ __all__ = [
     "speciation_time",
     "clone_probability",
     "collapse_time",
+    "variance_ratio_vs_teacher",
 ]
 
 
@@ -76,6 +81,46 @@ def ddim_grid(scheduler, K: int, device="cpu") -> xr.Dataset:
         coords={"step": np.arange(len(ts)), "timestep": ("step", ts_coord)},
         attrs={"scheduler_class": type(scheduler).__name__, "steps": int(K)},
     )
+
+
+def alpha_bar_nodes(ds: xr.Dataset, final: float | None = None) -> np.ndarray:
+    """Chained alpha_bar grid (n_step + 1,) of a store group: the `alpha_bar` coord plus where the
+    last step lands. final default: from the `scheduler_config` attr, 1 - beta_start
+    (= alphas_cumprod[0]) when set_alpha_to_one is False (SD's DDIM), else 1.0. Assumes each step
+    lands on the next step's level (true for DDIM "leading"/"trailing" grids and sigma schedulers)."""
+    if final is None:
+        cfg = ds.attrs.get("scheduler_config")
+        cfg = json.loads(cfg) if isinstance(cfg, str) else (cfg or {})
+        final = 1.0 - float(cfg["beta_start"]) if cfg.get("set_alpha_to_one") is False and "beta_start" in cfg else 1.0
+    return np.append(np.asarray(ds["alpha_bar"].values, dtype=np.float64), float(final))
+
+
+# ----------------------------------------------------------------------------------------------
+# exact worlds as numpy
+
+
+def _np64(t) -> np.ndarray:
+    """float64 numpy copy of a torch tensor or array-like (no torch import here)."""
+    if hasattr(t, "detach"):
+        t = t.detach().cpu().double().numpy()
+    return np.asarray(t, dtype=np.float64)
+
+
+def world_arrays(world) -> dict:
+    """An ExactWorld (trajlab.models.exact) as float64 numpy: means (K, d), U (K, d, d) eigenvector
+    columns, lam (K, d) eigenvalues (data units^2), weights (K,)."""
+    return {k: _np64(getattr(world, k)) for k in ("means", "U", "lam", "weights")}
+
+
+def gaussian_eigensystem(world):
+    """(lam (d,) descending, U (d, d) with the matching eigenvectors as columns, mean (d,)) of a
+    single-Gaussian ExactWorld; ValueError for a mixture."""
+    w = world_arrays(world)
+    if w["means"].shape[0] != 1:
+        raise ValueError(f"gaussian_eigensystem: world {getattr(world, 'name', '')!r} has "
+                         f"{w['means'].shape[0]} components; expected a single Gaussian")
+    order = np.argsort(-w["lam"][0], kind="stable")
+    return w["lam"][0][order], w["U"][0][:, order], w["means"][0]
 
 
 def _pairs(grid):
@@ -262,3 +307,13 @@ def clone_probability(t, m_norm: float, s: float = 1.0, n_nodes: int = 4001) -> 
 def collapse_time(n: int, d: int, s2: float = 1.0) -> float:
     """Collapse (memorisation) OU time for n training points in d dims: 0.5 log(1 + s^2 / (n^(2/d) - 1))."""
     return 0.5 * math.log(1 + s2 / (n ** (2.0 / d) - 1))
+
+
+def variance_ratio_vs_teacher(lam, student_grid, teacher_grid) -> xr.DataArray:
+    """Output variance of a K-step DDIM student over that of a DDIM teacher per eigen-direction, both
+    linear samplers started from the same x_T ~ N(0, I): (J_student / J_teacher)^2 with J from
+    `ddim_contraction` (form "product"). Grids: Datasets or chained alpha_bar nodes (`alpha_bar_nodes`).
+    dims (direction,), in the order of `lam`."""
+    js = ddim_contraction(lam, student_grid)
+    jt = ddim_contraction(lam, teacher_grid)
+    return ((js / jt) ** 2).assign_attrs(units="1", what="student / teacher output variance (DDIM theory)")

@@ -1,0 +1,196 @@
+"""What every analysis script needs around the pure analyses: open a store's groups, resolve the
+model (exact world or diffusers pipeline) a group was captured with, save a result Dataset.
+
+    from trajlab.analysis import io
+    groups = io.open_groups("runs/x.zarr", variables=["x0_pred", "final_latent"], complete_only=True)
+    pipe = io.resolve_pipeline(groups[name])          # from the group's `model` / `loras` attrs
+    world = io.exact_world(None, groups.values())     # ExactWorld of an "exact:*" group, else None
+    io.save_dataset(result, "out/result.nc")          # or .zarr (Zarr v3)
+
+Importing this module does not import torch (models are imported when resolved).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+__all__ = ["script_parser", "open_groups", "resolve_pipeline", "exact_world", "save_dataset", "save_figure",
+           "json_safe_attrs"]
+
+
+def script_parser(doc: str, *, groups: bool = True, model: bool = False,
+                  result_format: bool = False) -> argparse.ArgumentParser:
+    """The arguments every analysis script shares: `store`, `--out` (created by the script), `--seed`;
+    `--group` (repeatable; default all) unless groups=False; `--model` (override the group's `model`
+    attr) with model=True; `--format zarr|nc` with result_format=True. The description is the first
+    paragraph of `doc` (the script's docstring)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("store", help="trajectory store (zarr)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    if groups:
+        p.add_argument("--group", action="append", default=None, help="group name (repeatable; default: all groups)")
+    if model:
+        p.add_argument("--model", default=None, help="model name for JVPs (default: the group's `model` attr)")
+    if result_format:
+        p.add_argument("--format", choices=("zarr", "nc"), default="zarr",
+                       help="result files: Zarr v3 (default) or NetCDF (what `trajlab report --analyses DIR` reads)")
+    return p
+
+
+def open_groups(store, groups: Iterable[str] | None = None, *, variables: Iterable[str] | None = None,
+                complete_only: bool = False, load: bool = False) -> dict[str, xr.Dataset]:
+    """{group name: Dataset} of a trajectory store, opened (and validated) with `trajlab.open`.
+
+    groups: names to open (default: every group, in the store's order). variables: keep only these
+    data variables (those a group lacks are skipped; every coordinate is kept, step coords included),
+    so that `load` reads no more than needed. complete_only: keep only samples whose `complete` flag is set.
+    load: read the (selected) arrays into memory; otherwise they stay lazy (dask).
+    """
+    import trajlab
+
+    tree = trajlab.open(store)
+    listed = tree.attrs.get("groups")
+    names = list(groups) if groups else (list(listed) if isinstance(listed, (list, tuple)) else list(tree.children))
+    missing = [n for n in names if n not in tree.children]
+    if missing:
+        raise KeyError(f"groups {missing} not in store {store}; groups: {list(tree.children)}")
+    out = {}
+    for name in names:
+        ds = tree[name].to_dataset()
+        if complete_only and "complete" in ds:
+            ds = ds.isel(sample=np.flatnonzero(np.asarray(ds["complete"].values)))
+        if variables is not None:
+            sub = ds[[v for v in variables if v in ds.data_vars]]
+            # keep every coordinate (step coords such as alpha_bar / sigma too, which a selection of
+            # sample-only variables would drop)
+            ds = sub.assign_coords({k: c for k, c in ds.coords.items() if k not in sub.coords})
+        out[name] = ds.load() if load else ds
+    return out
+
+
+def _attrs_of(source) -> dict:
+    if isinstance(source, str):
+        return {"model": source}
+    if isinstance(source, (xr.Dataset, xr.DataArray)):
+        return dict(source.attrs)
+    if isinstance(source, Mapping):
+        return dict(source)
+    raise TypeError(f"expected a model name, a group Dataset or its attrs; got {type(source).__name__}")
+
+
+def _json(value, default):
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return default if value is None else value
+
+
+def _exact_spec(spec: str):
+    """Preset name or JSON recipe after "exact:" (or given bare)."""
+    spec = spec.split(":", 1)[1] if spec.startswith("exact:") else spec
+    return json.loads(spec) if spec.strip().startswith("{") else spec
+
+
+def resolve_pipeline(source, *, dtype: str = "fp32", device: str = "cpu", loras=None):
+    """The pipeline a group was captured with, rebuilt from its `model` attr (or a model name).
+
+    "exact:<preset or JSON recipe>" -> `trajlab.models.exact.build_exact_world` (the pipeline's
+    `.world` is the ExactWorld); anything else -> `trajlab.models.loading.load_pipeline(model, loras)`
+    with the group's extra `loras` attr (["PATH_OR_ID[:SCALE]", ...]) unless `loras` is given.
+    source: model name (str), group Dataset or attrs mapping.
+    """
+    attrs = _attrs_of(source)
+    model = attrs.get("model")
+    if not model:
+        raise KeyError(f"no `model` attr to resolve a pipeline from (attrs: {sorted(attrs)}); pass --model")
+    model = str(model)
+    if model.startswith("exact:"):
+        from trajlab.models.exact import build_exact_world
+
+        return build_exact_world(_exact_spec(model), device=None if device == "cpu" else device)
+    from trajlab.models.loading import load_pipeline
+    from trajlab.models.registry import Lora, parse_lora
+
+    if loras is None:
+        loras = _json(attrs.get("loras"), []) or []
+    loras = tuple(lo if isinstance(lo, Lora) else parse_lora(str(lo)) for lo in loras)
+    return load_pipeline(model, loras=loras, dtype=dtype, device=device)
+
+
+def exact_world(spec: str | dict | None = None, datasets: Iterable[xr.Dataset] = ()):
+    """ExactWorld from `spec` (preset name, "exact:<preset>", JSON recipe string or dict) or else from
+    the first of `datasets` whose `model` attr is "exact:*"; None when neither names a world."""
+    if spec is None:
+        for ds in datasets:
+            model = str(ds.attrs.get("model", ""))
+            if model.startswith("exact:"):
+                spec = model
+                break
+    if spec is None:
+        return None
+    from trajlab.models.exact import make_world
+
+    return make_world(_exact_spec(spec) if isinstance(spec, str) else spec)
+
+
+def _safe_value(v):
+    if isinstance(v, (bool, np.bool_)):
+        return int(v)
+    if isinstance(v, (str, int, float)):
+        return v
+    if isinstance(v, (np.integer, np.floating)):
+        return v.item()
+    return json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+def json_safe_attrs(ds: xr.Dataset) -> xr.Dataset:
+    """Copy of `ds` whose attrs (its own and its variables') are str / int / float: bools -> int, numpy
+    scalars -> Python numbers, anything else -> a JSON string."""
+    out = ds.copy()
+    for obj in [out, *out.variables.values()]:
+        obj.attrs = {str(k): _safe_value(v) for k, v in obj.attrs.items()}
+    return out
+
+
+def save_dataset(ds: xr.Dataset, path, *, format: str | None = None, attrs: dict | None = None) -> Path:  # noqa: A002
+    """Write a result Dataset, replacing what is at `path`; returns the path.
+
+    attrs: extra attrs recorded with it (e.g. {"group": name}, which the study report shows).
+    format: "zarr" (Zarr v3, unconsolidated) or "netcdf" (via `accessor.netcdf_safe`, so any NetCDF
+    engine, scipy's included, can write it); default from the suffix (".zarr" -> zarr, else netcdf).
+    Attrs are made JSON-safe (`json_safe_attrs`) either way.
+    """
+    path = Path(path)
+    fmt = format or ("zarr" if path.suffix == ".zarr" else "netcdf")
+    ds = json_safe_attrs(ds.assign_attrs(**(attrs or {})))
+    if fmt == "zarr":
+        ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+    elif fmt == "netcdf":
+        from trajlab.analysis.accessor import netcdf_safe
+
+        if path.exists():
+            path.unlink()
+        netcdf_safe(ds).to_netcdf(path)
+    else:
+        raise ValueError(f"save_dataset: format={format!r}; expected 'zarr' or 'netcdf'")
+    return path
+
+
+def save_figure(fig, path, dpi: int = 120) -> Path:
+    """Save a matplotlib Figure as `path` (format from the suffix) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
+    return path
