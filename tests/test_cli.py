@@ -15,8 +15,15 @@ from trajlab.cli import main
 TINY = ["--model", "tiny-sd", "--steps", "3", "--height", "32", "--width", "32", "--quiet"]
 
 
+def _env():
+    """Subprocesses use this process's thread count: bitwise comparisons need the same reduction order."""
+    import torch
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
 def _run(*args, timeout=300):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env = _env()
     return subprocess.run([sys.executable, "-m", "trajlab", *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
 
@@ -141,7 +148,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, capsys):
     full = tmp_path / "full.zarr"
     assert main([*args, "--out", str(full)]) == 0
     part = tmp_path / "part.zarr"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env = _env()
     proc = subprocess.Popen([sys.executable, "-m", "trajlab", *args, "--out", str(part)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
