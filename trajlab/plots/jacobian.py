@@ -56,3 +56,21 @@ def plot_contraction_law(lam, measured_ratio, theory_ratio: dict, title: str = "
     ax.set_title(title or "DDIM contraction law")
     fig.tight_layout()
     return fig
+
+
+def plot_whole_contraction(rows: dict):
+    """Whole-sampler ||J||_F^2 (mean +- SE over probed samples) per group against its number of steps.
+
+    rows: group -> {"steps", "whole_fro2", "whole_fro2_se"} (the study report's table).
+    """
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for g, r in rows.items():
+        ax.errorbar([r["steps"]], [r["whole_fro2"]], yerr=[r["whole_fro2_se"]], fmt="o", label=g[:40])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampler steps (scheduler.step calls)")
+    ax.set_ylabel("||J||_F^2, latent_0 -> final latent")
+    ax.legend(fontsize=6)
+    ax.set_title("whole-sampler Jacobian (Hutchinson)")
+    fig.tight_layout()
+    return fig

@@ -470,8 +470,31 @@ def build_report(store_path, out_dir, *, model: str | None = None, analyses_dir=
 
     page.h("Jacobian spectra and covariance")
     found = sorted(Path(analyses_dir).glob("**/*.nc")) if analyses_dir else []
-    if found:
-        for f in found:
+    contraction = {}
+    for f in found:
+        if f.name.endswith("_contraction.nc"):
+            with xr.open_dataset(f) as d:
+                contraction[d.attrs.get("group", f.stem)] = d.load()
+    if contraction:
+        from trajlab.plots.jacobian import plot_step_contraction, plot_whole_contraction
+
+        page.p("JVP estimates (torch.func) along stored trajectories: whole sampler map latent_0 -> final latent "
+               "(Hutchinson ||J||_F^2, captured noise replayed; replay error = how exactly the differentiated map "
+               "reproduces the stored output) and per-step gains vs sigma. Contraction theory (THEORY.md): fewer "
+               "steps = a more contractive map, so smaller output covariance J Cov[x_T] J^T.")
+        rows = {g: {"steps": int(d.attrs.get("steps", d.sizes.get("step", 0))),
+                    "whole_fro2": float(d["whole_fro2"].mean()), "whole_fro2_se": float(d["whole_fro2_se"].mean()),
+                    "replay_rel_error": float(d["replay_rel_error"].max()), "samples": int(d.sizes["sample"])}
+                for g, d in contraction.items()}
+        cols = ["steps", "whole_fro2", "whole_fro2_se", "replay_rel_error", "samples"]
+        page.raw(_table(xr.Dataset({c: ("group", [r[c] for r in rows.values()]) for c in cols},
+                                   coords={"group": list(rows)}), cols))
+        page.fig(plot_whole_contraction(rows), "jacobian_whole", "whole-sampler ||J||_F^2 per group vs steps")
+        for g, d in contraction.items():
+            page.fig(plot_step_contraction(d, title=g[:60]), "jacobian_steps", f"per-step contraction: {g}")
+    others = [f for f in found if not f.name.endswith("_contraction.nc")]
+    if others:
+        for f in others:
             try:
                 ds = xr.open_dataset(f)
             except Exception as exc:  # noqa: BLE001
@@ -480,7 +503,7 @@ def build_report(store_path, out_dir, *, model: str | None = None, analyses_dir=
             scal = {k: float(v) for k, v in ds.data_vars.items() if v.ndim == 0 and np.issubdtype(v.dtype, np.number)}
             page.p(f"{f.relative_to(analyses_dir)}: dims {dict(ds.sizes)}; group attr {ds.attrs.get('group', '-')}; "
                    + ", ".join(f"{k} = {v:.4g}" for k, v in list(scal.items())[:12]))
-    else:
+    if not found:
         page.none("no results of analyses/jacobian_contraction.py or analyses/covariance_propagation.py given "
                   "(pass --analyses DIR)")
 

@@ -54,7 +54,8 @@ def cmd_report(args) -> int:
 def cmd_demo(args) -> int:
     from trajlab.study.demo import run_demo
 
-    path = run_demo(args.out, quick=args.quick, tiny=args.tiny, hybrid=not args.no_hybrid)
+    path = run_demo(args.out, quick=args.quick, tiny=args.tiny, hybrid=not args.no_hybrid,
+                    mechanistic=not args.no_jacobian)
     print(f"report: {path}")
     return 0
 
@@ -87,4 +88,5 @@ def register(sub) -> None:
     d.add_argument("--quick", action="store_true", help="fewer prompts and seeds")
     d.add_argument("--tiny", action="store_true", help="use the random tiny models even if the micro-world exists")
     d.add_argument("--no-hybrid", action="store_true", help="skip the hybrid k sweep")
+    d.add_argument("--no-jacobian", action="store_true", help="skip the JVP contraction of teacher and students")
     d.set_defaults(func=cmd_demo)

@@ -55,7 +55,8 @@ def demo_plans(teacher: str, student: str, prompts, seeds, *, teacher_steps: int
 
 
 def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = True, teacher_steps: int = 30,
-             n_prompts: int | None = None, n_seeds: int | None = None, progress: bool = True) -> Path:
+             n_prompts: int | None = None, n_seeds: int | None = None, progress: bool = True,
+             mechanistic: bool = True) -> Path:
     """Capture the demo study into ``out/study.zarr`` and build ``out/report``; returns index.html's path."""
     import torch
 
@@ -88,9 +89,41 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
     run_plans(plans, store, progress=progress)
     if hplans:
         run_hybrid_plans(hplans, store, progress=progress)
-    path = build_report(store, out / "report", model=teacher)
+    analyses = None
+    if mechanistic:
+        analyses = out / "analyses"
+        jacobian_results(store, analyses, models=(teacher, student), samples=1, n_probes=4, n_power_iter=3)
+    path = build_report(store, out / "report", model=teacher, analyses_dir=analyses)
     print(f"demo done in {time.perf_counter() - t0:.0f} s")
     return path
 
 
-__all__ = ["demo_plans", "micro_available", "run_demo"]
+def jacobian_results(store, out_dir, *, models, samples: int = 2, n_probes: int = 4,
+                     n_power_iter: int = 4) -> list[Path]:
+    """Jacobian contraction (per step and whole sampler, JVPs) of the groups captured with ``models``.
+
+    Writes ``out_dir/<group>_contraction.nc`` (what :func:`trajlab.report.build_report` reads with
+    ``analyses_dir``); hybrid groups are skipped. Returns the written paths.
+    """
+    from trajlab.analysis import io
+    from trajlab.analysis import jacobian as jac
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, pipes = [], {}
+    for name, ds in io.open_groups(store, complete_only=True).items():
+        model = str(ds.attrs.get("model", ""))
+        if ds.attrs.get("scheduler_class") == "SwitchScheduler" or model not in models:
+            continue
+        key = (model, str(ds.attrs.get("loras", "")))
+        if key not in pipes:
+            pipes[key] = io.resolve_pipeline(ds)
+        t = time.perf_counter()
+        prof = jac.contraction_profile(ds, pipes[key], samples=samples, n_probes=n_probes, n_power_iter=n_power_iter)
+        written.append(io.save_dataset(prof, out_dir / f"{name}_contraction.nc", attrs={"group": name}))
+        print(f"jacobian {name}: whole-map ||J||_F^2 = {float(prof['whole_fro2'].mean()):.4g}, "
+              f"{time.perf_counter() - t:.0f} s")
+    return written
+
+
+__all__ = ["demo_plans", "jacobian_results", "micro_available", "run_demo"]
