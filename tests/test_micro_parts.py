@@ -3,21 +3,12 @@
 import copy
 
 import numpy as np
-import pytest
 import torch
 
 from trajlab.models.micro import data as D
 from trajlab.models.micro import distill as LCM
 from trajlab.models.micro import lora as LO
 from trajlab.models.micro import teacher as T
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_split_is_fixed_disjoint_and_complete():

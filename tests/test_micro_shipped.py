@@ -10,14 +10,6 @@ from trajlab.models.micro import MICRO_DIR, PROMPTS, load_labeller, load_micro_c
 from trajlab.models.micro import data as D
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def labeller():
     return load_labeller()

@@ -14,15 +14,6 @@ from trajlab.models.micro import scorer as S
 from trajlab.models.micro import teacher as T
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two spinning threads run several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_digits():
     x, y = D.load_digits_rgb()

@@ -10,17 +10,10 @@ from trajlab.report import SECTIONS
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    import torch
-
     from trajlab.study.demo import run_demo
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("demo")
-    try:
-        path = run_demo(out, quick=True, tiny=True, teacher_steps=8, n_prompts=2, n_seeds=3, progress=False)
-    finally:
-        torch.set_num_threads(n)
+    path = run_demo(out, quick=True, tiny=True, teacher_steps=8, n_prompts=2, n_seeds=3, progress=False)
     return out, path
 
 

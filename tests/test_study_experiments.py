@@ -8,16 +8,6 @@ TINY = ["micro-sd=tiny-sd", "micro-lcm=tiny-lcm", "micro-lcm-lora=tiny-lcm"]
 NAMES = E.list_experiments()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_the_required_experiments_exist():
     assert {"seed_table", "cfg_sweep", "step_consistency", "negative_prompt", "hybrid", "fine_detail",
             "composition"} <= set(NAMES)

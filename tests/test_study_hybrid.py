@@ -13,16 +13,6 @@ SEEDS = [0, 1]
 T, S = 6, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed OpenMP threads are several times slower
-    yield
-    torch.set_num_threads(n)
-
-
 def _vals(path, group, var):
     return np.asarray(store.open(path)[group].to_dataset()[var].values)
 

@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput

@@ -12,7 +12,6 @@ mean/std (``OPENAI_MEAN``/``OPENAI_STD``), 32x32.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import torch

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data as D
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012

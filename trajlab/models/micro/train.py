@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -76,8 +75,7 @@ def run(out: Path, stages=STAGES, quick: bool = False, device: str = "cpu") -> d
 
     Returns {stage: wall seconds}.
     """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     from trajlab.models.tokenizer import clip_tokenizer
 
