@@ -174,3 +174,14 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, capsys):
     assert bool(b.complete.all())
     for var in ("latent", "x0_pred", "model_output", "model_output_cond", "final_latent"):
         np.testing.assert_array_equal(a[var].values, b[var].values, err_msg=var)
+
+
+def test_prompts_from_a_suite_toml(tmp_path):
+    from trajlab.cli import CliError, read_prompts
+
+    suite = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "prompts" / "seed_table.toml"
+    assert read_prompts(suite)[0] == "a photograph of a dog"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[prompt]]\ncategory = 'x'\n")
+    with pytest.raises(CliError, match="needs a text"):
+        read_prompts(bad)

@@ -43,9 +43,20 @@ def parse_seeds(text) -> list[int]:
 
 
 def read_prompts(path) -> list[str]:
+    """Prompts from a text file (one per line, ``#`` comments) or a prompt-suite TOML (``[[prompt]] text = ...``)."""
+    import tomllib
+
     p = Path(path)
     if not p.is_file():
         raise CliError(f"--prompts {path}: no such file")
+    if p.suffix == ".toml":
+        try:
+            entries = tomllib.loads(p.read_text()).get("prompt", [])
+        except tomllib.TOMLDecodeError as exc:
+            raise CliError(f"--prompts {path}: malformed TOML: {exc}") from None
+        if not all(isinstance(e, dict) and isinstance(e.get("text"), str) for e in entries):
+            raise CliError(f"--prompts {path}: every [[prompt]] needs a text string")
+        return [e["text"] for e in entries]
     return [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
