@@ -417,13 +417,9 @@ class ExactWorldPipeline(DiffusionPipeline):
         return torch.float64 if scheduler_supports_fp64(self.scheduler) else torch.float32
 
     def _extra_step_kwargs(self, generator, eta):
-        params = set(inspect.signature(self.scheduler.step).parameters)
-        kw = {}
-        if "eta" in params:
-            kw["eta"] = eta
-        if "generator" in params:
-            kw["generator"] = generator
-        return kw
+        from trajlab.models.schedulers import step_kwargs
+
+        return step_kwargs(self.scheduler, generator, eta)
 
     @torch.no_grad()
     def __call__(

@@ -46,3 +46,16 @@ def make_scheduler(name: str, base_config):
         cls_name, overrides = SCHEDULERS[name]
     cls = getattr(diffusers, cls_name)
     return cls.from_config(dict(base_config), **overrides)
+
+
+def step_kwargs(scheduler, generator=None, eta: float = 0.0) -> dict:
+    """The optional ``scheduler.step`` keywords this scheduler accepts (``eta``, ``generator``), as pipelines pass them."""
+    import inspect
+
+    params = set(inspect.signature(scheduler.step).parameters)
+    out = {}
+    if "eta" in params:
+        out["eta"] = eta
+    if "generator" in params:
+        out["generator"] = generator
+    return out

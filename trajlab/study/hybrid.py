@@ -23,7 +23,6 @@ the group attrs ``extra.hybrid``.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 from dataclasses import asdict, dataclass
@@ -31,6 +30,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+from trajlab.models.schedulers import step_kwargs
 
 MECHANISMS = ("lora", "pipelines")
 
@@ -150,16 +151,6 @@ def handoff_grid(teacher_sched, student_sched, spec: HybridSpec) -> tuple[list[i
     return tt[:k], st, info
 
 
-def _step_kwargs(scheduler, generator, eta: float = 0.0) -> dict:
-    params = set(inspect.signature(scheduler.step).parameters)
-    out = {}
-    if "eta" in params:
-        out["eta"] = eta
-    if "generator" in params:
-        out["generator"] = generator
-    return out
-
-
 def _uses_cfg(pipe, guidance: float) -> bool:
     return guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
 
@@ -184,7 +175,7 @@ def _denoise(pipe, switch, timesteps, latents, prompts, negative, guidance, gene
     cfg = _uses_cfg(pipe, guidance)
     embeds = _embeddings(pipe, prompts, negative, cfg, device)
     tc = _timestep_cond(pipe, guidance, latents.shape[0], device, latents.dtype)
-    kw = _step_kwargs(switch.active, generator)
+    kw = step_kwargs(switch.active, generator)
     grid = switch.active.timesteps
     for t in grid:
         latents = latents.to(embeds.dtype)
