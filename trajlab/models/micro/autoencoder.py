@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import data as D
-from .teacher import one_cycle
+from .teacher import fit, one_cycle
 
 
 def build_vae(seed: int = 0):
@@ -34,20 +34,15 @@ def train_vae(vae, x: torch.Tensor, steps: int, batch: int = 64, lr: float = 2e-
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = one_cycle(opt, lr, steps, 0.05)
     vae.to(device).train()
-    losses = []
-    for step in range(steps):
+
+    def step_loss(_step):
         xb = D.augment(x[torch.randint(0, len(x), (batch,), generator=g)], g).to(device)
         post = vae.encode(xb).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
         rec = vae.decode(z).sample
-        loss = (rec - xb).abs().mean() + (rec - xb).pow(2).mean() + kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if log is not None and (step % 100 == 0 or step == steps - 1):
-            log(f"vae step {step} loss {loss.item():.4f}")
+        return (rec - xb).abs().mean() + (rec - xb).pow(2).mean() + kl_weight * post.kl().mean()
+
+    losses = fit(step_loss, opt, sched, steps, name="vae", log=log)
     vae.cpu().eval()
     return losses
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data as D
-from .teacher import one_cycle
+from .teacher import fit, one_cycle
 
 WEIGHTS_FILE = "labeller.safetensors"
 
@@ -35,17 +35,12 @@ def train_labeller(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: in
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = one_cycle(opt, lr, steps, 0.1)
     model.to(device).train()
-    losses = []
-    for step in range(steps):
+
+    def step_loss(_step):
         idx = torch.randint(0, len(y), (batch,), generator=g)
-        loss = F.cross_entropy(model(D.augment(x[idx], g).to(device)), y[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if log is not None and (step % 100 == 0 or step == steps - 1):
-            log(f"labeller step {step} loss {loss.item():.4f}")
+        return F.cross_entropy(model(D.augment(x[idx], g).to(device)), y[idx].to(device))
+
+    losses = fit(step_loss, opt, sched, steps, name="labeller", log=log)
     model.cpu().eval()
     return losses
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
-from .teacher import one_cycle
+from .teacher import fit, one_cycle
 
 MODEL_NAME = "micro-clip"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -98,21 +98,16 @@ def train_clip(model, x: torch.Tensor, y: torch.Tensor, steps: int, batch: int =
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = one_cycle(opt, lr, steps, 0.1)
     model.to(device).train()
-    losses = []
-    for step in range(steps):
+
+    def step_loss(_step):
         idx = torch.randint(0, len(y), (batch,), generator=g)
         xb = D.augment(x[idx], g).to(device)
         pick = torch.randint(0, tokens.shape[1], (batch,), generator=g)
         img = model.encode_image(to_clip_input(xb), normalize=True)
         txt = model.encode_text(tokens[y[idx], pick].to(device), normalize=True)
-        loss = multi_positive_clip_loss(img, txt, y[idx].to(device), model.logit_scale.exp().clamp(max=100))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if log is not None and (step % 50 == 0 or step == steps - 1):
-            log(f"clip step {step} loss {loss.item():.4f}")
+        return multi_positive_clip_loss(img, txt, y[idx].to(device), model.logit_scale.exp().clamp(max=100))
+
+    losses = fit(step_loss, opt, sched, steps, name="clip", log=log, every=50)
     model.cpu().eval()
     return losses
 

@@ -71,6 +71,25 @@ def one_cycle(opt, max_lr: float, steps: int, pct_start: float):
     return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=steps, pct_start=min(0.5, max(pct_start, 2.5 / steps)))
 
 
+def fit(step_loss, opt, sched, steps: int, *, name: str, log=None, every: int = 100) -> list[float]:
+    """Run ``steps`` optimiser steps of ``step_loss(step) -> scalar loss``; returns the losses.
+
+    Zero grad, backward, ``opt.step()``, ``sched.step()``; logs ``"<name> step k loss x"`` every ``every``
+    steps and at the last one.
+    """
+    losses = []
+    for step in range(steps):
+        loss = step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if log is not None and (step % every == 0 or step == steps - 1):
+            log(f"{name} step {step} loss {loss.item():.4f}")
+    return losses
+
+
 def ema_update(target, source, decay: float) -> None:
     """target <- decay * target + (1 - decay) * source, parameter-wise (in place)."""
     with torch.no_grad():
