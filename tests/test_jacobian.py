@@ -103,6 +103,44 @@ def test_denoiser_jvp_equals_closed_form_jacobian():
     assert (Jv - JTv).abs().max().item() < 1e-10
 
 
+def test_reverse_mode_dense_jacobian_equals_forward_mode():
+    """exact_jacobian from VJP rows (mode="reverse") equals the JVP-column one and the closed form
+    diag(1 - tanh^2(A y)) A of a non-symmetric map (fp64, 1e-12), for a batch and a chunk size that
+    does not divide n."""
+    A = torch.randn(16, 16, dtype=F64, generator=torch.Generator().manual_seed(3))
+
+    def f(y):
+        return torch.tanh(y.reshape(y.shape[0], 16) @ A.T).reshape(y.shape)
+
+    y = torch.randn(3, 16, 1, 1, dtype=F64)
+    closed = (1 - torch.tanh(y.reshape(3, 16) @ A.T) ** 2)[:, :, None] * A
+    Jf = jac.exact_jacobian(f, y, chunk=5)
+    Jr = jac.exact_jacobian(f, y, chunk=5, mode="reverse")
+    assert Jr.shape == (3, 16, 16) and (Jr - Jf).abs().max().item() < 1e-12
+    assert (Jr - closed).abs().max().item() < 1e-12
+    v = torch.randn(3, 16, dtype=F64)
+    Jv = jac.jvp(f, y, v.reshape(y.shape))[1].reshape(3, 16)
+    assert (torch.einsum("bij,bj->bi", Jr, v) - Jv).abs().max().item() < 1e-12
+    with pytest.raises(ValueError, match="mode"):
+        jac.exact_jacobian(f, y, mode="sideways")
+
+
+def test_forward_mode_active_only_under_forward_ad():
+    seen = []
+
+    def f(x):
+        seen.append(jac.forward_mode_active())
+        return x * 2
+
+    x = torch.ones(2)
+    f(x)
+    torch.func.jvp(f, (x,), (x,))
+    torch.func.vmap(lambda v: torch.func.jvp(f, (x,), (v,))[1])(torch.ones(3, 2))
+    torch.func.vjp(f, x)
+    jac.jvp(f, x[None], x[None], method="forward_ad")
+    assert seen == [False, True, True, False, True]
+
+
 def test_one_sampler_step_jacobian_and_profile_along_stored_trajectory():
     """Per-step Jacobian of DDIM at a stored latent = U diag(a_i) U^T: Hutchinson fro2 within 4 SE of
     sum_k a_{k,i}^2; spectral norm by power iteration (k=3, 20 iters) within 1e-4 relative where the top

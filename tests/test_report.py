@@ -24,12 +24,20 @@ def test_demo_writes_store_and_report(demo):
     store.validate(st)
     names = store.group_names(st)
     assert any(n.startswith("tiny-sd__ddim__8steps") for n in names)
-    assert sum(n.startswith("tiny-lcm__lcm__") for n in names) == 4  # 1/2/4/8 steps
+    exp = {n: json.loads(store.group_attrs(st, n)["extra"]).get("experiment") for n in names}
+    assert sorted(n.split("__")[2] for n in names if n.startswith("tiny-lcm__lcm__") and exp[n] == "demo") == \
+        ["1steps", "2steps", "4steps", "8steps"]
     hyb = [n for n in names if n.startswith("hybrid__")]
     assert len(hyb) == 3  # quick hand-offs: k = 0, teacher_steps // 3, teacher_steps
     for n in hyb:
         extra = json.loads(store.group_attrs(st, n)["extra"])
         assert extra["hybrid"]["handoff_step"] in (0, 2, 8)
+    # control experiments (quick grids, offline models mapped to tiny): guidance sweep + negative prompt
+    control = [n for n in names if exp[n] == "demo-control"]
+    assert any(n.startswith("tiny-sd__ddim__8steps__cfg1__none") for n in control)  # at the demo's teacher steps
+    assert any(n.startswith("tiny-sd__ddim__8steps__cfg7.5__none") for n in control)
+    assert any("__neg-" in n for n in control)
+    assert len(control) == len(set(control)) and all(store.completed(st, n).all() for n in control)
 
 
 def test_report_has_every_section_and_names_groups(demo):
@@ -39,7 +47,9 @@ def test_report_has_every_section_and_names_groups(demo):
         assert f">{s}</h2>" in text, s
     # sections this store cannot support say so; those it can are filled
     neg = text.split(">Negative-prompt sensitivity</h2>")[1].split("<h2")[0]
-    assert "not measured" in neg
+    assert "__neg-" in neg and "sensitivity" in neg
+    cfg = text.split(">CFG curves</h2>")[1].split("<h2")[0]
+    assert "_cfg.png'" in cfg and "tiny-sd" in cfg
     steps = text.split(">Step consistency</h2>")[1].split("<h2")[0]
     assert "not measured" not in steps and "tiny-lcm__lcm__8steps" in steps
     hybrid = text.split(">Hybrid sweep</h2>")[1].split("<h2")[0]
@@ -47,6 +57,9 @@ def test_report_has_every_section_and_names_groups(demo):
     jac = text.split(">Jacobian spectra and covariance</h2>")[1].split("<h2")[0]
     assert "whole_fro2" in jac and "tiny-lcm__lcm__1steps" in jac and "jacobian_whole" in jac
     assert len(list((out / "analyses").glob("*_contraction.nc"))) == 5  # teacher + 4 students, hybrids skipped
+    cov = sorted(f.name for f in (out / "analyses").glob("*_covariance.nc"))  # teacher, LCM 1 and 4 steps
+    assert len(cov) == 3 and any("tiny-lcm__lcm__1steps" in c for c in cov)
+    assert "trace_ratio" in jac and "covariance_trace" in jac
     tables = json.loads((out / "report" / "tables.json").read_text())
     verdicts = {r["mode"]: r["verdict"] for r in tables["taxonomy"]}
     assert verdicts["weak_negative_prompt"] == "not measured"

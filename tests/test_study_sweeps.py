@@ -97,3 +97,18 @@ def test_label_accuracy_with_a_stub_labeller():
     g = group(BASE, prompts=("a handwritten digit 3", "a handwritten digit 5"))
     acc = S.label_accuracy(g, lambda imgs: (np.full(len(imgs), 3), None))
     np.testing.assert_allclose(acc.values, [1.0, 0.0])
+
+
+def test_pick_teacher_prefers_default_guidance_and_more_samples_over_sweep_groups():
+    """A guidance-sweep group (off the registry default) or a smaller group is never the reference."""
+    base = {"role": "teacher", "has_images": True, "steps": 30, "negative_prompt": "", "model": "micro-sd"}
+    desc = {"a_cfg12": {**base, "guidance": 12.0, "n_samples": 80},
+            "b_cfg4_small": {**base, "guidance": 4.0, "n_samples": 80},
+            "c_cfg4": {**base, "guidance": 4.0, "n_samples": 320},
+            "d_neg": {**base, "guidance": 4.0, "n_samples": 640, "negative_prompt": "x"},
+            "e_student": {**base, "role": "student", "steps": 50, "guidance": 4.0, "n_samples": 999}}
+    assert S.pick_teacher(desc) == "c_cfg4"
+    del desc["c_cfg4"], desc["b_cfg4_small"]
+    assert S.pick_teacher(desc) == "a_cfg12"  # off-default still beats a negative-prompt group
+    desc["f_more_steps"] = {**base, "steps": 50, "guidance": 1.0, "n_samples": 8}
+    assert S.pick_teacher(desc) == "f_more_steps"  # steps first

@@ -90,13 +90,15 @@ def covariance_propagation(
     dtype=torch.float64,
     generator: torch.Generator | None = None,
     method: str = "auto",
+    jacobian_mode: str = "reverse",
 ) -> xr.Dataset:
     """Empirical vs propagated output covariance per prompt (see module docstring).
 
     f: the map latent_0 -> final latent (batched), or {prompt_index: map}.  input_var: variance of each
     latent_0 entry (default: mean square of the stored latent[:, 0], i.e. ~ init_noise_sigma^2).
     Dense exact Jacobians when n <= dense_max, else randomized SVD (rank, default n_components) and
-    Hutchinson (n_probes) for the trace.
+    Hutchinson (n_probes) for the trace. jacobian_mode: dense J from VJP rows ("reverse", default) or
+    JVP columns ("forward"), see `jacobian.exact_jacobian`.
     Returns Dataset over (prompt, component): emp_variance, pred_on_emp_pc, ratio_emp_pc (emp / pred),
     pred_variance, emp_on_pred_pc, ratio_pred_pc (emp / pred); over prompt: emp_trace, pred_trace,
     pred_trace_se (0 when exact), trace_ratio, n_samples.
@@ -125,7 +127,7 @@ def covariance_propagation(
         pred_on_emp = input_var * JtE.reshape(c, B, -1).double().pow(2).sum(-1).mean(1)
         Xc = X - mu
         if p <= dense_max:
-            J = jac.exact_jacobian(fk, x, method=method).double()  # (B, p, p)
+            J = jac.exact_jacobian(fk, x, method=method, mode=jacobian_mode, chunk=32).double()  # (B, p, p)
             Cp = predicted_covariance(J, input_var)
             ev, evec = torch.linalg.eigh(Cp)
             order = torch.argsort(ev, descending=True)[:c]

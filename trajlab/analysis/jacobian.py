@@ -36,6 +36,7 @@ import xarray as xr
 
 __all__ = [
     "attention_context",
+    "forward_mode_active",
     "fused_sdpa_jvp_works",
     "jvp",
     "vjp",
@@ -100,14 +101,28 @@ def _has_attention(model) -> bool:
     return any("attention" in type(m).__name__.lower() or type(m).__name__ == "Attention" for m in model.modules())
 
 
+def forward_mode_active() -> bool:
+    """True inside `torch.func.jvp` (at any depth of the functorch transform stack, e.g. vmap of
+    jvp) or a `torch.autograd.forward_ad.dual_level`."""
+    import torch.autograd.forward_ad as fwAD
+    from torch._C._functorch import TransformType, get_interpreter_stack
+
+    if getattr(fwAD, "_current_level", -1) >= 0:
+        return True
+    return any(i.key() == TransformType.Jvp for i in (get_interpreter_stack() or ()))
+
+
 def attention_context(model=None) -> contextlib.AbstractContextManager:
     """Context manager for network calls under forward-mode AD.
 
-    nullcontext() when the model has no attention module or a JVP through the default SDPA kernel
-    works on the model's device/dtype;
+    nullcontext() outside forward-mode AD (`forward_mode_active`: plain calls and VJPs keep the
+    fused kernels, whose backward exists), when the model has no attention module, or when a JVP
+    through the default SDPA kernel works on the model's device/dtype;
     otherwise warns once per call site and returns `sdpa_kernel(SDPBackend.MATH)` (math backend,
     ~4.5x a fused forward per FACTS.md).  Single swap point for a fused attention JVP.
     """
+    if not forward_mode_active():
+        return contextlib.nullcontext()
     device, dtype = _model_device_dtype(model)
     if not _has_attention(model) or fused_sdpa_jvp_works(device, dtype):
         return contextlib.nullcontext()
@@ -127,13 +142,16 @@ def attention_context(model=None) -> contextlib.AbstractContextManager:
 
 
 def _jvp_func(f, x, v):
-    return torch.func.jvp(f, (x,), (v,))
+    # no_grad: forward-mode tangents still flow, but no backward graph is recorded for parameters
+    # that require grad (it held every activation of a whole sampler: ~5x time, ~10x memory).
+    with torch.no_grad():
+        return torch.func.jvp(f, (x,), (v,))
 
 
 def _jvp_forward_ad(f, x, v):
     import torch.autograd.forward_ad as fwAD
 
-    with fwAD.dual_level():
+    with torch.no_grad(), fwAD.dual_level():
         out = f(fwAD.make_dual(x, v))
         y, t = fwAD.unpack_dual(out)
         t = torch.zeros_like(y) if t is None else t
@@ -141,9 +159,14 @@ def _jvp_forward_ad(f, x, v):
 
 
 def _jvp_double_vjp(f, x, v):
-    y, vjp_fn = torch.func.vjp(f, x)
-    _, g = torch.func.vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(y))
-    return y, g(v)[0]
+    """J v as the VJP of the VJP (linear in u); math attention, since fused SDPA backwards are not
+    differentiable twice."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        y, vjp_fn = torch.func.vjp(f, x)
+        _, g = torch.func.vjp(lambda u: vjp_fn(u)[0], torch.zeros_like(y))
+        return y, g(v)[0]
 
 
 _JVP = {"func": _jvp_func, "forward_ad": _jvp_forward_ad, "double_vjp": _jvp_double_vjp}
@@ -236,9 +259,24 @@ def _probes(shape, dist, generator, dtype, device):
     raise ValueError(f"distribution must be 'gaussian' or 'rademacher'; got {dist!r}")
 
 
-def exact_jacobian(f: Map, x: torch.Tensor, *, method: str = "auto", chunk: int = 64) -> torch.Tensor:
-    """Dense per-sample Jacobian (B, n_out, n_in) from n_in jvps (small n only)."""
+def exact_jacobian(f: Map, x: torch.Tensor, *, method: str = "auto", chunk: int = 64,
+                   mode: str = "forward") -> torch.Tensor:
+    """Dense per-sample Jacobian (B, n_out, n_in) (small n only): columns from n_in JVPs
+    (mode="forward") or rows from n_out VJPs of one linearisation (mode="reverse"; often faster on
+    the CPU for long samplers, and it keeps fused attention)."""
+    if mode not in ("forward", "reverse"):
+        raise ValueError(f"mode must be 'forward' or 'reverse'; got {mode!r}")
     B = x.shape[0]
+    if mode == "reverse":
+        y, vjp_fn = torch.func.vjp(f, x)
+        m = y[0].numel()
+        rows = []
+        for i0 in range(0, m, chunk):
+            i1 = min(m, i0 + chunk)
+            E = torch.zeros(i1 - i0, B, m, dtype=y.dtype, device=y.device)
+            E[torch.arange(i1 - i0), :, torch.arange(i0, i1)] = 1
+            rows.append(_flat(vjp_probes(f, x, E.reshape(i1 - i0, *y.shape), vjp_fn=vjp_fn), 1))
+        return torch.cat(rows, 0).permute(1, 0, 2)
     n = x[0].numel()
     cols = []
     for j0 in range(0, n, chunk):

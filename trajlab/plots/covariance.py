@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
-__all__ = ["plot_covariance_propagation", "plot_variance_ratio_theory"]
+__all__ = ["plot_covariance_propagation", "plot_trace_scatter", "plot_variance_ratio_theory"]
 
 
 def plot_covariance_propagation(res: xr.Dataset, prompt=None, title: str = ""):
@@ -55,5 +55,27 @@ def plot_variance_ratio_theory(lam, measured_r, theory_r, title: str = ""):
     ax.set_ylabel("output variance ratio r_k")
     ax.legend(fontsize=7)
     ax.set_title(title or "variance ratio r_k")
+    fig.tight_layout()
+    return fig
+
+
+def plot_trace_scatter(results: dict):
+    """Empirical vs propagated trace (total output variance) per prompt, one marker series per group:
+    results {group: covariance_propagation Dataset}; log-log with the identity line."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    lo, hi = np.inf, -np.inf
+    for i, (g, d) in enumerate(results.items()):
+        x, y = np.asarray(d["pred_trace"].values), np.asarray(d["emp_trace"].values)
+        ax.loglog(x, y, "o", color=f"C{i % 10}", label=f"{g[:40]} ({int(d.attrs.get('steps', 0))} steps)")
+        vals = np.concatenate([x, y])
+        vals = vals[np.isfinite(vals) & (vals > 0)]
+        if vals.size:
+            lo, hi = min(lo, vals.min()), max(hi, vals.max())
+    if np.isfinite(lo):
+        ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+    ax.set_xlabel("propagated trace  input_var * ||J||_F^2")
+    ax.set_ylabel("empirical trace of Cov[final latent]")
+    ax.legend(fontsize=6)
+    ax.set_title("covariance propagation: total variance")
     fig.tight_layout()
     return fig

@@ -492,7 +492,32 @@ def build_report(store_path, out_dir, *, model: str | None = None, analyses_dir=
         page.fig(plot_whole_contraction(rows), "jacobian_whole", "whole-sampler ||J||_F^2 per group vs steps")
         for g, d in contraction.items():
             page.fig(plot_step_contraction(d, title=g[:60]), "jacobian_steps", f"per-step contraction: {g}")
-    others = [f for f in found if not f.name.endswith("_contraction.nc")]
+    covariance = {}
+    for f in found:
+        if f.name.endswith("_covariance.nc"):
+            with xr.open_dataset(f) as d:
+                covariance[d.attrs.get("group", f.stem)] = d.load()
+    if covariance:
+        from trajlab.plots.covariance import plot_covariance_propagation, plot_trace_scatter
+
+        page.p("Covariance propagation: empirical covariance of final latents (same prompt, different seeds) vs "
+               "the propagated J Cov[x_T] J^T (J of the whole sampler map at the prompt's mean latent_0). A trace "
+               "ratio near 1 means the linearised sampler explains the output spread; per-component ratios are "
+               "along the empirical principal components (sampling SE of a variance: sqrt(2/(n-1))).")
+        crow = {g: {"steps": int(d.attrs.get("steps", 0)), "emp_trace": float(d["emp_trace"].mean()),
+                    "pred_trace": float(d["pred_trace"].mean()), "trace_ratio": float(d["trace_ratio"].mean()),
+                    "median_pc_ratio": float(np.nanmedian(d["ratio_emp_pc"].values)),
+                    "prompts": int(d.sizes["prompt"]), "samples_per_prompt": int(d["n_samples"].min())}
+                for g, d in covariance.items()}
+        ccols = ["steps", "emp_trace", "pred_trace", "trace_ratio", "median_pc_ratio", "prompts", "samples_per_prompt"]
+        page.raw(_table(xr.Dataset({c: ("group", [r[c] for r in crow.values()]) for c in ccols},
+                                   coords={"group": list(crow)}), ccols))
+        page.fig(plot_trace_scatter(covariance), "covariance_trace",
+                 "empirical vs propagated output variance (trace) per group and prompt")
+        for g, d in covariance.items():
+            page.fig(plot_covariance_propagation(d, title=g[:60]), "covariance",
+                     f"per-component variances, first prompt: {g}")
+    others = [f for f in found if not f.name.endswith(("_contraction.nc", "_covariance.nc"))]
     if others:
         for f in others:
             try:

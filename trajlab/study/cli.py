@@ -55,7 +55,7 @@ def cmd_demo(args) -> int:
     from trajlab.study.demo import run_demo
 
     path = run_demo(args.out, quick=args.quick, tiny=args.tiny, hybrid=not args.no_hybrid,
-                    mechanistic=not args.no_jacobian)
+                    mechanistic=not args.no_jacobian, control=not args.no_control)
     print(f"report: {path}")
     return 0
 
@@ -88,5 +88,8 @@ def register(sub) -> None:
     d.add_argument("--quick", action="store_true", help="fewer prompts and seeds")
     d.add_argument("--tiny", action="store_true", help="use the random tiny models even if the micro-world exists")
     d.add_argument("--no-hybrid", action="store_true", help="skip the hybrid k sweep")
-    d.add_argument("--no-jacobian", action="store_true", help="skip the JVP contraction of teacher and students")
+    d.add_argument("--no-jacobian", action="store_true",
+                   help="skip the JVP analyses (contraction, covariance propagation) of teacher and students")
+    d.add_argument("--no-control", action="store_true",
+                   help="skip the guidance-sweep and negative-prompt groups")
     d.set_defaults(func=cmd_demo)

@@ -445,12 +445,26 @@ def group_metrics(groups: dict[str, xr.Dataset], embedder=None, lpips_model=None
     return metrics, extra
 
 
+def _off_default_guidance(d: dict) -> bool:
+    """True when a group's guidance is not its registry model's default (unknown models: False)."""
+    try:
+        from trajlab.models.registry import get
+
+        spec = get(d["model"])
+    except (ImportError, KeyError, ValueError):
+        spec = None
+    return spec is not None and not np.isclose(float(d["guidance"]), float(spec.guidance))
+
+
 def pick_teacher(desc: dict[str, dict]) -> str | None:
-    """The reference teacher group: a teacher with the most steps (ties: the first by name)."""
+    """The reference teacher group: a teacher with the most steps, then without a negative prompt,
+    then at its model's default guidance (sweep groups are not the reference), then with the most
+    samples (ties: the first by name)."""
     t = [n for n, d in desc.items() if d["role"] == "teacher" and d["has_images"]]
     if not t:
         return None
-    return sorted(t, key=lambda n: (-desc[n]["steps"], bool(desc[n]["negative_prompt"]), n))[0]
+    return sorted(t, key=lambda n: (-desc[n]["steps"], bool(desc[n]["negative_prompt"]),
+                                    _off_default_guidance(desc[n]), -desc[n]["n_samples"], n))[0]
 
 
 def all_pairs(names):
