@@ -108,3 +108,32 @@ def test_allocating_twice_is_refused(tmp_path):
         _allocate(path)
     _allocate(path, name="h")
     assert store.group_names(path) == ["g", "h"]
+
+
+def test_allocation_waits_for_the_metadata_lock_of_another_process(tmp_path):
+    """A process allocating a group blocks while another holds the store's metadata lock, then adds
+    its group to the root's list without losing the others; the store stays valid and plain xarray
+    opens it (the lock file is not a group)."""
+    import time
+
+    import xarray as xr
+
+    path = tmp_path / "s.zarr"
+    _allocate(path)
+    code = ("import sys; sys.path.insert(0, {t!r}); import xarray, dask.array, zarr; from test_store import _allocate; "
+            "print('ready', flush=True); _allocate({p!r}, name='h'); print('done')"
+            ).format(t=str(__import__("pathlib").Path(__file__).parent), p=str(path))
+    with store.metadata_lock(path):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready", proc.communicate()  # imports done, about to allocate
+        time.sleep(2.0)  # an unlocked allocation takes ~0.2 s
+        assert proc.poll() is None, proc.communicate()  # still waiting on the lock
+    out, err = proc.communicate(timeout=120)
+    _allocate(path, name="k")
+    assert proc.returncode == 0 and "done" in out, err
+    assert sorted(store.group_names(path)) == ["g", "h", "k"]
+    store.validate(path)
+    tree = xr.open_datatree(path, engine="zarr")
+    assert sorted(tree.children) == ["g", "h", "k"]
+    with pytest.raises(store.GroupExists):
+        _allocate(path, name="h")

@@ -25,6 +25,8 @@ steps, so writers never share a chunk. Nothing here knows about capture or model
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -41,6 +43,10 @@ SAMPLE_COORDS = ("seed", "prompt_index")
 
 class StoreError(ValueError):
     """A store is missing, malformed, or does not match what is asked of it."""
+
+
+class GroupExists(StoreError):
+    """allocate_group: the group is already in the store (perhaps allocated by another process)."""
 
 
 class ConfigMismatch(StoreError):
@@ -93,12 +99,36 @@ def _encode_attr(value):
     return value
 
 
+LOCK_FILE = ".trajlab-lock"
+
+
+@contextlib.contextmanager
+def metadata_lock(path: str | os.PathLike):
+    """Exclusive advisory lock (``fcntl.flock`` on ``PATH/.trajlab-lock``) held while a process changes
+    store metadata (group allocation, the root's group list, consolidation), so several processes
+    can allocate groups in one store. Sample writes need no lock: they touch disjoint chunks.
+    Not re-entrant. A no-op where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    os.makedirs(path, exist_ok=True)
+    with builtins.open(os.path.join(path, LOCK_FILE), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, timesteps, alpha_bar,
                    seeds, prompt_index, prompts: list[str], attrs: dict) -> None:
     """Create group ``name`` with every array pre-allocated (metadata only, no sample data).
 
     ``timesteps``, ``alpha_bar``: (step,); ``seeds``, ``prompt_index``: (sample,); ``prompts``: the
-    prompt strings indexed by ``prompt_index``. Fails if the group exists.
+    prompt strings indexed by ``prompt_index``. Raises :class:`GroupExists` if the group exists.
+    Holds :func:`metadata_lock` while it changes the store's metadata.
     """
     import dask.array as da
     import xarray as xr
@@ -152,15 +182,17 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
     )
     ds.attrs["trajlab_schema"] = SCHEMA_VERSION
     ds.attrs["step_variables"] = json.dumps(list(layout.step_variables))
-    root = _zarr().open_group(str(path), mode="a", zarr_format=3)
-    if name in root:
-        raise StoreError(f"group {name!r} already exists in {path}")
-    ds.to_zarr(str(path), group=name, mode="w-", compute=False, zarr_format=3, consolidated=False, encoding=encoding)
-    groups = list(root.attrs.get("groups", []))
-    if name not in groups:
-        groups.append(name)
-    root.attrs.update({"trajlab_schema": SCHEMA_VERSION, "groups": groups})
-    _consolidate(path)
+    with metadata_lock(path):
+        root = _zarr().open_group(str(path), mode="a", zarr_format=3)
+        if name in root:
+            raise GroupExists(f"group {name!r} already exists in {path}")
+        ds.to_zarr(str(path), group=name, mode="w-", compute=False, zarr_format=3, consolidated=False,
+                   encoding=encoding)
+        groups = list(root.attrs.get("groups", []))
+        if name not in groups:
+            groups.append(name)
+        root.attrs.update({"trajlab_schema": SCHEMA_VERSION, "groups": groups})
+        _consolidate(path)
 
 
 def _consolidate(path) -> None:

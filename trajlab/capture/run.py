@@ -200,8 +200,11 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
                  "height": plan.height or 0, "width": plan.width or 0, "dtype": plan.dtype, "device": str(plan.device),
                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "config": config,
                  "extra": plan.extra}
-        store.allocate_group(path, group, layout, timesteps=[r.timestep for r in records], alpha_bar=ab,
-                             seeds=seeds, prompt_index=prompt_index, prompts=plan.prompts, attrs=attrs)
+        try:
+            store.allocate_group(path, group, layout, timesteps=[r.timestep for r in records], alpha_bar=ab,
+                                 seeds=seeds, prompt_index=prompt_index, prompts=plan.prompts, attrs=attrs)
+        except store.GroupExists:  # another process allocated it since the check above: same config or refuse
+            store.check_config(path, group, config)
 
     bar = None
     todo = [s for s in range(0, plan.n_samples, plan.batch_size) if not done[s: s + plan.batch_size].all()]
