@@ -69,7 +69,9 @@ REAL_MODELS = [
     *[_pcm(SDXL, "sdxl", k) for k in (2, 4, 8, 16)],
     ModelSpec("tlcm-sdxl", SDXL, "StableDiffusionXLPipeline", "lcm", 4, 0.0, role="student",
               loras=(Lora("OPPOer/TLCM", weight_name="TLCM_SDXL.safetensors"),),
-              notes="TLCM (Xie et al. 2024) LoRA on SDXL, LCMScheduler, CFG 0; check the LoRA id/file name of the release you use"),
+              notes="TLCM (Xie et al. 2024) LoRA on SDXL, LCMScheduler, CFG 0. Its README loads the LoRA as a PEFT "
+                    "adapter (r=64, unet.load_adapter); the file name in OPPOer/TLCM is unverified offline: pass "
+                    "--lora PATH for the file you downloaded"),
     ModelSpec("sdxl-turbo", "stabilityai/sdxl-turbo", "StableDiffusionXLPipeline", "euler-ancestral", 1, 0.0,
               role="student", notes="adversarial diffusion distillation; 1 step, CFG 0 (its scheduler is trailing)"),
 ]
