@@ -266,26 +266,23 @@ def exact_jacobian(f: Map, x: torch.Tensor, *, method: str = "auto", chunk: int 
     the CPU for long samplers, and it keeps fused attention)."""
     if mode not in ("forward", "reverse"):
         raise ValueError(f"mode must be 'forward' or 'reverse'; got {mode!r}")
-    B = x.shape[0]
     if mode == "reverse":
         y, vjp_fn = torch.func.vjp(f, x)
-        m = y[0].numel()
-        rows = []
-        for i0 in range(0, m, chunk):
-            i1 = min(m, i0 + chunk)
-            E = torch.zeros(i1 - i0, B, m, dtype=y.dtype, device=y.device)
-            E[torch.arange(i1 - i0), :, torch.arange(i0, i1)] = 1
-            rows.append(_flat(vjp_probes(f, x, E.reshape(i1 - i0, *y.shape), vjp_fn=vjp_fn), 1))
+        rows = [_flat(vjp_probes(f, x, E, vjp_fn=vjp_fn), 1) for E in _unit_probe_chunks(y, chunk)]
         return torch.cat(rows, 0).permute(1, 0, 2)
-    n = x[0].numel()
-    cols = []
-    for j0 in range(0, n, chunk):
-        j1 = min(n, j0 + chunk)
-        E = torch.zeros(j1 - j0, B, n, dtype=x.dtype, device=x.device)
-        E[torch.arange(j1 - j0), :, torch.arange(j0, j1)] = 1
-        _, JE = jvp_probes(f, x, E.reshape(j1 - j0, *x.shape), method=method)
-        cols.append(_flat(JE, 1))
+    cols = [_flat(jvp_probes(f, x, E, method=method)[1], 1) for E in _unit_probe_chunks(x, chunk)]
     return torch.cat(cols, 0).permute(1, 2, 0)
+
+
+def _unit_probe_chunks(like: torch.Tensor, chunk: int):
+    """The standard basis of one sample of ``like`` (B, *S), in chunks of probes (k, B, *S): probe i
+    is e_i in every sample (dtype/device of ``like``)."""
+    B, n = like.shape[0], like[0].numel()
+    for i0 in range(0, n, chunk):
+        i1 = min(n, i0 + chunk)
+        E = torch.zeros(i1 - i0, B, n, dtype=like.dtype, device=like.device)
+        E[torch.arange(i1 - i0), :, torch.arange(i0, i1)] = 1
+        yield E.reshape(i1 - i0, *like.shape)
 
 
 def hutchinson_frobenius(f: Map, x: torch.Tensor, n_probes: int = 16, *, distribution: str = "rademacher",

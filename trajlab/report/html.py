@@ -53,6 +53,22 @@ def _fmt(v, digits=3) -> str:
     return html.escape(str(v))
 
 
+def _rows_table(rows: dict[str, dict], cols) -> str:
+    """:func:`_table` of {group: {col: value}} rows."""
+    return _table(xr.Dataset({c: ("group", [r[c] for r in rows.values()]) for c in cols},
+                             coords={"group": list(rows)}), cols)
+
+
+def _load_results(files, suffix: str) -> dict[str, xr.Dataset]:
+    """{group attr (else file stem): loaded dataset} of the analysis result files ending in ``suffix``."""
+    out = {}
+    for f in files:
+        if f.name.endswith(suffix):
+            with xr.open_dataset(f) as d:
+                out[d.attrs.get("group", f.stem)] = d.load()
+    return out
+
+
 def _table(ds: xr.Dataset, cols, dim="group") -> str:
     if dim not in ds.dims:
         return "<p><i>not measured</i></p>"
@@ -470,11 +486,7 @@ def build_report(store_path, out_dir, *, model: str | None = None, analyses_dir=
 
     page.h("Jacobian spectra and covariance")
     found = sorted(Path(analyses_dir).glob("**/*.nc")) if analyses_dir else []
-    contraction = {}
-    for f in found:
-        if f.name.endswith("_contraction.nc"):
-            with xr.open_dataset(f) as d:
-                contraction[d.attrs.get("group", f.stem)] = d.load()
+    contraction = _load_results(found, "_contraction.nc")
     if contraction:
         from trajlab.plots.jacobian import plot_step_contraction, plot_whole_contraction
 
@@ -486,17 +498,11 @@ def build_report(store_path, out_dir, *, model: str | None = None, analyses_dir=
                     "whole_fro2": float(d["whole_fro2"].mean()), "whole_fro2_se": float(d["whole_fro2_se"].mean()),
                     "replay_rel_error": float(d["replay_rel_error"].max()), "samples": int(d.sizes["sample"])}
                 for g, d in contraction.items()}
-        cols = ["steps", "whole_fro2", "whole_fro2_se", "replay_rel_error", "samples"]
-        page.raw(_table(xr.Dataset({c: ("group", [r[c] for r in rows.values()]) for c in cols},
-                                   coords={"group": list(rows)}), cols))
+        page.raw(_rows_table(rows, ["steps", "whole_fro2", "whole_fro2_se", "replay_rel_error", "samples"]))
         page.fig(plot_whole_contraction(rows), "jacobian_whole", "whole-sampler ||J||_F^2 per group vs steps")
         for g, d in contraction.items():
             page.fig(plot_step_contraction(d, title=g[:60]), "jacobian_steps", f"per-step contraction: {g}")
-    covariance = {}
-    for f in found:
-        if f.name.endswith("_covariance.nc"):
-            with xr.open_dataset(f) as d:
-                covariance[d.attrs.get("group", f.stem)] = d.load()
+    covariance = _load_results(found, "_covariance.nc")
     if covariance:
         from trajlab.plots.covariance import plot_covariance_propagation, plot_trace_scatter
 
@@ -509,9 +515,8 @@ def build_report(store_path, out_dir, *, model: str | None = None, analyses_dir=
                     "median_pc_ratio": float(np.nanmedian(d["ratio_emp_pc"].values)),
                     "prompts": int(d.sizes["prompt"]), "samples_per_prompt": int(d["n_samples"].min())}
                 for g, d in covariance.items()}
-        ccols = ["steps", "emp_trace", "pred_trace", "trace_ratio", "median_pc_ratio", "prompts", "samples_per_prompt"]
-        page.raw(_table(xr.Dataset({c: ("group", [r[c] for r in crow.values()]) for c in ccols},
-                                   coords={"group": list(crow)}), ccols))
+        page.raw(_rows_table(crow, ["steps", "emp_trace", "pred_trace", "trace_ratio", "median_pc_ratio", "prompts",
+                                    "samples_per_prompt"]))
         page.fig(plot_trace_scatter(covariance), "covariance_trace",
                  "empirical vs propagated output variance (trace) per group and prompt")
         for g, d in covariance.items():

@@ -159,20 +159,12 @@ def jacobian_results(store, out_dir, *, models, samples: int = 2, n_probes: int 
     from trajlab.analysis import io
     from trajlab.analysis import jacobian as jac
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, pipes = [], {}
-    for name, ds in io.open_groups(store, complete_only=True).items():
-        model = str(ds.attrs.get("model", ""))
-        if (ds.attrs.get("scheduler_class") == "SwitchScheduler" or model not in models
-                or (experiments is not None and _experiment(ds.attrs) not in experiments)):
-            continue
-        key = (model, str(ds.attrs.get("loras", "")))
-        if key not in pipes:
-            pipes[key] = io.resolve_pipeline(ds)
+    written = []
+    for name, ds, pipe in _analysed_groups(store, out_dir, lambda ds: str(ds.attrs.get("model", "")) in models
+                                           and (experiments is None or _experiment(ds.attrs) in experiments)):
         t = time.perf_counter()
-        prof = jac.contraction_profile(ds, pipes[key], samples=samples, n_probes=n_probes, n_power_iter=n_power_iter)
-        written.append(io.save_dataset(prof, out_dir / f"{name}_contraction.nc", attrs={"group": name}))
+        prof = jac.contraction_profile(ds, pipe, samples=samples, n_probes=n_probes, n_power_iter=n_power_iter)
+        written.append(io.save_dataset(prof, Path(out_dir) / f"{name}_contraction.nc", attrs={"group": name}))
         print(f"jacobian {name}: whole-map ||J||_F^2 = {float(prof['whole_fro2'].mean()):.4g}, "
               f"{time.perf_counter() - t:.0f} s")
     return written
@@ -180,15 +172,26 @@ def jacobian_results(store, out_dir, *, models, samples: int = 2, n_probes: int 
 
 def _experiment(attrs) -> str:
     """The ``experiment`` a group was captured for (from its ``extra`` attr; "" when none)."""
-    import json
+    from trajlab.study.sweeps import _attr_json
 
-    extra = attrs.get("extra") or {}
-    if isinstance(extra, str):
-        try:
-            extra = json.loads(extra)
-        except ValueError:
-            extra = {}
+    extra = _attr_json(attrs.get("extra")) or {}
     return str(extra.get("experiment", "")) if isinstance(extra, dict) else ""
+
+
+def _analysed_groups(store, out_dir, keep, variables=None):
+    """(name, dataset, pipeline) of the complete non-hybrid groups of ``store`` for which
+    ``keep(dataset)`` holds; pipelines resolved once per (model, LoRAs); creates ``out_dir``."""
+    from trajlab.analysis import io
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    pipes = {}
+    for name, ds in io.open_groups(store, variables=variables, complete_only=True).items():
+        if ds.attrs.get("scheduler_class") == "SwitchScheduler" or not keep(ds):
+            continue
+        key = (str(ds.attrs.get("model", "")), str(ds.attrs.get("loras", "")))
+        if key not in pipes:
+            pipes[key] = io.resolve_pipeline(ds)
+        yield name, ds, pipes[key]
 
 
 def covariance_results(store, out_dir, *, configs, n_prompts: int | None = 3, n_components: int = 16,
@@ -205,27 +208,21 @@ def covariance_results(store, out_dir, *, configs, n_prompts: int | None = 3, n_
     from trajlab.analysis import covariance as cov
     from trajlab.analysis import io
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, pipes = [], {}
-    groups = io.open_groups(store, variables=("latent", "final_latent", "prompt_text"), complete_only=True)
-    for name, ds in groups.items():
-        model = str(ds.attrs.get("model", ""))
-        if (ds.attrs.get("scheduler_class") == "SwitchScheduler"
-                or (model, int(ds.attrs.get("steps", -1))) not in set(configs)
-                or _experiment(ds.attrs) not in ("demo", "")):
-            continue
+    configs = set(configs)
+
+    def keep(ds):
+        return ((str(ds.attrs.get("model", "")), int(ds.attrs.get("steps", -1))) in configs
+                and _experiment(ds.attrs) in ("demo", ""))
+
+    written = []
+    for name, ds, pipe in _analysed_groups(store, out_dir, keep, variables=("latent", "final_latent", "prompt_text")):
         if n_prompts is not None:
-            keep = np.unique(ds["prompt_index"].values)[:n_prompts]
-            ds = ds.isel(sample=np.flatnonzero(np.isin(ds["prompt_index"].values, keep)))
-        ds = ds.load()
-        key = (model, str(ds.attrs.get("loras", "")))
-        if key not in pipes:
-            pipes[key] = io.resolve_pipeline(ds)
+            first = np.unique(ds["prompt_index"].values)[:n_prompts]
+            ds = ds.isel(sample=np.flatnonzero(np.isin(ds["prompt_index"].values, first)))
         t = time.perf_counter()
-        res = cov.group_covariance_propagation(ds, pipes[key], n_components=n_components, dense_max=dense_max,
+        res = cov.group_covariance_propagation(ds.load(), pipe, n_components=n_components, dense_max=dense_max,
                                                n_probes=n_probes, seed=seed)
-        written.append(io.save_dataset(res, out_dir / f"{name}_covariance.nc", attrs={"group": name}))
+        written.append(io.save_dataset(res, Path(out_dir) / f"{name}_covariance.nc", attrs={"group": name}))
         print(f"covariance {name}: trace ratio emp/pred = {np.round(res['trace_ratio'].values, 3)}, "
               f"{time.perf_counter() - t:.0f} s")
     return written

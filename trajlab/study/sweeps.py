@@ -447,12 +447,9 @@ def group_metrics(groups: dict[str, xr.Dataset], embedder=None, lpips_model=None
 
 def _off_default_guidance(d: dict) -> bool:
     """True when a group's guidance is not its registry model's default (unknown models: False)."""
-    try:
-        from trajlab.models.registry import get
+    from trajlab.models.registry import get
 
-        spec = get(d["model"])
-    except (ImportError, KeyError, ValueError):
-        spec = None
+    spec = get(d["model"])
     return spec is not None and not np.isclose(float(d["guidance"]), float(spec.guidance))
 
 
