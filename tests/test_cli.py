@@ -142,7 +142,8 @@ def test_no_traceback_from_subprocess_on_bad_input(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "steps=-3" in r.stderr
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path, capsys):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
+def test_resume_after_kill_equals_uninterrupted_run(sig, tmp_path, capsys):
     args = ["capture", *TINY, "--prompt", "a cat", "--prompt", "a dog", "--seeds", "0:10", "--batch-size", "2",
             "--group", "g", "--no-images"]
     full = tmp_path / "full.zarr"
@@ -150,7 +151,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, capsys):
     part = tmp_path / "part.zarr"
     env = _env()
     proc = subprocess.Popen([sys.executable, "-m", "trajlab", *args, "--out", str(part)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     n_done = 0
     while time.time() < deadline and proc.poll() is None:
@@ -161,8 +162,10 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, capsys):
         if n_done >= 2:
             break
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig == signal.SIGINT:  # Ctrl-C: one line saying how to resume, no traceback
+        assert proc.returncode == 130 and "re-run the same command to resume" in err and "Traceback" not in err, err
     done = store.completed(part, "g")
     assert 2 <= done.sum() < 20, f"the kill should land mid-run; {done.sum()} samples were complete"
     capsys.readouterr()
@@ -177,7 +180,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, capsys):
 
 
 def test_prompts_from_a_suite_toml(tmp_path):
-    from trajlab.cli import CliError, read_prompts
+    from trajlab.experiments.plans import InputError as CliError, read_prompts
 
     suite = __import__("pathlib").Path(__file__).resolve().parents[1] / "data" / "prompts" / "seed_table.toml"
     assert read_prompts(suite)[0] == "a photograph of a dog"
@@ -185,3 +188,45 @@ def test_prompts_from_a_suite_toml(tmp_path):
     bad.write_text("[[prompt]]\ncategory = 'x'\n")
     with pytest.raises(CliError, match="needs a text"):
         read_prompts(bad)
+
+
+def test_cli_refuses_bad_flags_before_heavy_imports(tmp_path):
+    """A bad argument costs well under a second: no torch/diffusers import before validation."""
+    code = ("import sys, time; t = time.process_time(); from trajlab.cli import main; "
+            "rc = main(sys.argv[1:]); print(rc, 'torch' in sys.modules, 'diffusers' in sys.modules, "
+            "round(time.process_time() - t, 3))")
+    for args in (["capture", "--model", "tiny-sd", "--steps", "0", "--prompt", "x", "--out", str(tmp_path / "s")],
+                 ["capture", "--model", "micro-sdd", "--prompt", "x", "--out", str(tmp_path / "s")],
+                 ["capture", "--config", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "s")]):
+        r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=_env(), timeout=60)
+        rc, torch_loaded, diffusers_loaded, cpu_s = r.stdout.split()
+        assert rc == "2" and torch_loaded == "False" and diffusers_loaded == "False", (args, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_usage_errors_name_the_subcommand(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["capture", "--model", "tiny-sd", "--seed", "3"])  # --seed is not silently taken as --seeds
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: trajlab capture" in err and "--seed" in err
+    with pytest.raises(SystemExit):
+        main(["capture", "--stepz", "3"])
+    assert "usage: trajlab capture" in capsys.readouterr().err
+    assert main(["capture", "--model", "micro-sdd", "--prompt", "x", "--out", "/tmp/never"]) == 2
+    assert "did you mean micro-sd" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("trajlab ")
+    with pytest.raises(SystemExit):
+        main(["capture", "--help"])
+    helptext = capsys.readouterr().out
+    assert "examples:" in helptext and "dpm++" in helptext and "--steps" in helptext and "TOML" in helptext
+
+
+def test_rerun_with_its_own_derived_group_name_resumes(tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    assert main(["capture", *TINY, "--prompt", "x", "--seeds", "0:2", "--out", str(out)]) == 0
+    (g,) = store.group_names(out)
+    capsys.readouterr()
+    assert main(["capture", *TINY, "--prompt", "x", "--seeds", "0:2", "--out", str(out), "--group", g]) == 0
+    assert "captured 0 samples (2 already complete)" in capsys.readouterr().out

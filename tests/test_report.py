@@ -10,7 +10,7 @@ from trajlab.report import SECTIONS
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from trajlab.study.demo import run_demo
+    from trajlab.experiments.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     path = run_demo(out, quick=True, tiny=True, teacher_steps=8, n_prompts=2, n_seeds=3, progress=False)
@@ -76,4 +76,4 @@ def test_cli_registers_study_commands():
 
     ap = build_parser()
     for cmd in (["experiment", "--list"], ["report", "x.zarr", "--out", "r"], ["demo", "--out", "d", "--quick"]):
-        assert ap.parse_args(cmd).func.__module__ == "trajlab.study.cli"
+        assert ap.parse_args(cmd).func.__module__ == "trajlab.cli"

@@ -1,236 +1,101 @@
-"""``python -m trajlab``: capture, info, models (and the study commands built on them).
+"""``python -m trajlab``: argument parsing, printing and exit codes; the work lives in the library.
 
-Bad input is refused before any model loads, with one line on stderr and exit status 2.
+Every argument is checked before torch, diffusers or a model is imported: bad input costs well
+under a second and prints one line on stderr (exit status 2). Ctrl-C exits 130 with a line saying
+how to resume.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import difflib
 import os
 import sys
-import time
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_THREADS = 1
+"""Intra-op torch threads by default: micro/tiny models gain nothing from more and lose badly when the
+cores are shared (README, "Threads"). Override with ``--threads`` or ``TRAJLAB_THREADS``."""
 
 
 class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
+    """A user error found by the CLI itself: printed as one line, exit status 2."""
 
 
-# -- parsing helpers ----------------------------------------------------------------------------
-def parse_seeds(text) -> list[int]:
-    """``"0:32"`` (half-open range), ``"0,3,7"``, ``"5"``, or a list of ints -> list of seeds."""
-    if isinstance(text, int):
-        return [text]
-    if isinstance(text, list):
-        return [s for part in text for s in parse_seeds(part)]
-    seeds: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        try:
-            if ":" in part:
-                a, b = part.split(":")
-                seeds.extend(range(int(a), int(b)))
-            elif part:
-                seeds.append(int(part))
-        except ValueError:
-            raise CliError(f"--seeds {text!r}: expected START:STOP, a comma list or an integer") from None
-    if not seeds:
-        raise CliError(f"--seeds {text!r} selects no seeds")
-    return seeds
+# -- small helpers ----------------------------------------------------------------------------------
+def _check_model_name(name: str) -> None:
+    """Refuse a model that is neither registered, a local folder, ``exact:...`` nor a hub id; suggest close names."""
+    from trajlab.models.registry import registry
+
+    names = list(registry())
+    if name in names or name.startswith("exact:") or Path(name).exists() or "/" in name:
+        return
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see `trajlab models`"
+    raise CliError(f"--model {name!r}: not a registered model, local folder or hub id{hint}")
 
 
-def read_prompts(path) -> list[str]:
-    """Prompts from a text file (one per line, ``#`` comments) or a prompt-suite TOML (``[[prompt]] text = ...``)."""
-    import tomllib
+def _check_scheduler(name: str | None) -> None:
+    from trajlab.models.schedulers import scheduler_names
 
-    p = Path(path)
-    if not p.is_file():
-        raise CliError(f"--prompts {path}: no such file")
-    if p.suffix == ".toml":
-        try:
-            entries = tomllib.loads(p.read_text()).get("prompt", [])
-        except tomllib.TOMLDecodeError as exc:
-            raise CliError(f"--prompts {path}: malformed TOML: {exc}") from None
-        if not all(isinstance(e, dict) and isinstance(e.get("text"), str) for e in entries):
-            raise CliError(f"--prompts {path}: every [[prompt]] needs a text string")
-        return [e["text"] for e in entries]
-    return [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if name is None or name in scheduler_names():
+        return
+    close = difflib.get_close_matches(name, scheduler_names(), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise CliError(f"--scheduler: unknown scheduler {name!r}; expected one of {', '.join(scheduler_names())}{hint}")
 
 
-def _listify(v):
-    return v if isinstance(v, list) else [v]
+def _map_arg(items) -> dict:
+    out = {}
+    for it in items or []:
+        a, sep, b = it.partition("=")
+        if not sep or not a or not b:
+            raise CliError(f"--map {it!r}: expected FROM=TO (e.g. micro-sd=tiny-sd)")
+        out[a] = b
+    return out
 
 
-GRID_KEYS = ("model", "scheduler", "steps", "guidance", "negative_prompt")
-SCALAR_KEYS = ("prompts", "prompts_file", "seeds", "loras", "height", "width", "dtype", "device", "images",
-               "batch_size", "group", "out")
+def set_threads(n: int | None) -> int:
+    """Intra-op threads for torch (and BLAS/OpenMP through the environment, read when torch loads)."""
+    n = int(n or os.environ.get("TRAJLAB_THREADS") or DEFAULT_THREADS)
+    if n < 1:
+        raise CliError(f"--threads {n}: must be >= 1")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+    return n
 
 
-def plans_from_config(path) -> tuple[list, dict]:
-    """Plans from a TOML grid: top-level defaults, optional ``[[run]]`` tables; list values expand.
-
-    Returns (plans, options) where options holds ``out`` if given.
-    """
-    import tomllib
-
-    from trajlab.capture import CapturePlan
-
-    p = Path(path)
-    if not p.is_file():
-        raise CliError(f"--config {path}: no such file")
-    try:
-        doc = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise CliError(f"--config {path}: malformed TOML: {exc}") from None
-    runs = doc.pop("run", None) or [{}]
-    unknown = set(doc) - set(GRID_KEYS) - set(SCALAR_KEYS)
-    for r in runs:
-        unknown |= set(r) - set(GRID_KEYS) - set(SCALAR_KEYS)
-    if unknown:
-        raise CliError(f"--config {path}: unknown keys {sorted(unknown)}; allowed: {sorted(GRID_KEYS + SCALAR_KEYS)}")
-    plans = []
-    for r in runs:
-        cell = {**doc, **r}
-        if "model" not in cell:
-            raise CliError(f"--config {path}: every run needs a 'model'")
-        prompts = cell.get("prompts") or (read_prompts(cell["prompts_file"]) if "prompts_file" in cell else [])
-        seeds = parse_seeds(cell.get("seeds", "0:4"))
-        axes = [_listify(cell.get(k)) for k in GRID_KEYS]
-        for model, sched, steps, guidance, neg in itertools.product(*axes):
-            plans.append(_resolve_plan(CapturePlan, model=model, scheduler=sched, steps=steps, guidance=guidance,
-                                       negative_prompt=neg, prompts=list(prompts), seeds=seeds,
-                                       loras=_listify(cell.get("loras", [])), height=cell.get("height"),
-                                       width=cell.get("width"), dtype=cell.get("dtype", "fp32"),
-                                       device=cell.get("device", "cpu"), images=cell.get("images", True),
-                                       batch_size=cell.get("batch_size", 8)))
-    return plans, {"out": doc.get("out")}
-
-
-def _resolve_plan(cls, **kw):
-    """Fill unset model-dependent fields (scheduler, steps, guidance) from the registry."""
-    from trajlab.models.registry import get
-
-    spec = get(kw["model"]) if isinstance(kw["model"], str) else None
-    defaults = {"scheduler": spec.scheduler if spec else "default", "steps": spec.steps if spec else 30,
-                "guidance": spec.guidance if spec else 7.5}
-    for k, v in defaults.items():
-        if kw.get(k) is None:
-            kw[k] = v
-    if spec is not None and spec.role == "exact":
-        kw["images"] = False  # exact worlds have no decoder
-    if kw.get("negative_prompt") == "":
-        kw["negative_prompt"] = None
-    return cls(**kw)
-
-
-def check_writable(out: str) -> None:
-    p = Path(out)
-    parent = p if p.exists() else p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if p.exists() and not p.is_dir():
-        raise CliError(f"--out {out}: exists and is not a store directory")
-    if not parent.is_dir():
-        raise CliError(f"--out {out}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK):
-        raise CliError(f"--out {out}: {parent} is not writable")
-
-
-def preflight(plans, out: str) -> None:
-    """Every check that can fail, done before any model loads."""
-    from trajlab import store
-    from trajlab.capture import PlanError
-    from trajlab.models.loading import ModelNotAvailable, check_available
-    from trajlab.models.registry import parse_lora
-
-    check_writable(out)
-    existing = []
-    if Path(out).exists():
-        try:
-            store.validate(out)
-        except store.StoreError as exc:
-            raise CliError(f"--out {out}: not a valid trajlab store ({exc})") from None
-        existing = store.group_names(out)
-    seen = set()
-    for plan in plans:
-        try:
-            plan.validate()
-            check_available(plan.model, tuple(parse_lora(x) for x in plan.loras))
-        except (PlanError, ModelNotAvailable) as exc:
-            raise CliError(str(exc)) from None
-        group = plan.extra.get("group") or plan.group_name()
-        if group in seen:
-            raise CliError(f"two runs of the config map to the same group {group!r}")
-        seen.add(group)
-        if group in existing:
-            try:
-                store.check_config(out, group, plan.config())
-            except store.ConfigMismatch as exc:
-                raise CliError(str(exc)) from None
-
-
-# -- commands -----------------------------------------------------------------------------------
+# -- commands ---------------------------------------------------------------------------------------
 def cmd_capture(args) -> int:
-    from trajlab.capture import CapturePlan
+    from trajlab.experiments import plans as P
 
     if args.config:
-        plans, opts = plans_from_config(args.config)
+        plans, opts = P.plans_from_config(args.config)
         out = args.out or opts.get("out")
+        for plan in plans:
+            plan.batch_size = args.batch_size or plan.batch_size
+            plan.device = args.device or plan.device
     else:
         if not args.model:
             raise CliError("capture needs --model (or --config FILE.toml)")
-        prompts = list(args.prompt or [])
-        if args.prompts:
-            prompts += read_prompts(args.prompts)
-        plans = [_resolve_plan(CapturePlan, model=args.model, scheduler=args.scheduler, steps=args.steps,
-                               guidance=args.guidance, negative_prompt=args.negative_prompt, prompts=prompts,
-                               seeds=parse_seeds(args.seeds), loras=list(args.lora or []), height=args.height,
-                               width=args.width, dtype=args.dtype, device=args.device, images=not args.no_images,
-                               batch_size=args.batch_size)]
+        _check_model_name(args.model)
+        _check_scheduler(args.scheduler)
+        cell = {"model": args.model, "scheduler": args.scheduler, "steps": args.steps, "guidance": args.guidance,
+                "negative_prompt": args.negative_prompt, "loras": list(args.lora or []), "height": args.height,
+                "width": args.width, "dtype": args.dtype, "device": args.device, "images": not args.no_images,
+                "batch_size": args.batch_size, "group": args.group}
+        prompts = list(args.prompt or []) + (P.read_prompts(args.prompts) if args.prompts else [])
+        plans = P.expand_cell(cell, prompts=prompts, seeds=P.parse_seeds(args.seeds))
         out = args.out
-        if args.group:
-            plans[0].extra["group"] = args.group
     if not out:
         raise CliError("capture needs --out STORE")
-    for plan in plans:
-        if args.batch_size and args.config:
-            plan.batch_size = args.batch_size
-        if args.device and args.config:
-            plan.device = args.device
-    preflight(plans, out)
-    return run_plans(plans, out, progress=not args.quiet)
-
-
-def run_plans(plans, out: str, progress: bool = True) -> int:
-    """Load each model once, capture every plan into ``out``; print a one-line summary."""
-    from trajlab import store
-    from trajlab.capture import capture
-    from trajlab.models.loading import load_pipeline
-    from trajlab.models.registry import parse_lora
-    from trajlab.models.schedulers import make_scheduler
-
-    t0 = time.perf_counter()
-    written = skipped = 0
-    cache: dict = {}
-    for plan in plans:
-        key = (plan.model, tuple(plan.loras), plan.dtype, plan.device)
-        if key not in cache:
-            cache.clear()
-            pipe = load_pipeline(plan.model, loras=tuple(parse_lora(x) for x in plan.loras), dtype=plan.dtype,
-                                 device=plan.device, scheduler="default")
-            cache[key] = (pipe, dict(pipe.scheduler.config))
-        pipe, base_config = cache[key]
-        pipe.scheduler = make_scheduler(plan.scheduler, base_config)
-        res = capture(pipe, plan, out, group=plan.extra.get("group"), progress=progress)
-        written += res.samples_written
-        skipped += res.samples_skipped
-    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-    print(f"captured {written} samples ({skipped} already complete) in {len(plans)} group(s) into {out}: "
-          f"{size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
-    store.validate(out)
+    P.preflight(plans, out)
+    _quiet_libraries()
+    P.run_plans(plans, out, progress=not args.quiet)
     return 0
 
 
@@ -267,54 +132,177 @@ def cmd_models(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="trajlab", description="Trajectory capture and analysis for diffusion samplers.")
-    sub = ap.add_subparsers(dest="command", required=True)
+def cmd_experiment(args) -> int:
+    from trajlab.experiments.configs import build_plans, list_experiments, load_experiment, run_experiment
+    from trajlab.experiments.plans import preflight
 
-    c = sub.add_parser("capture", help="run pipelines with capture on into a Zarr store")
-    c.add_argument("--model", help="registry name (see `trajlab models`), hub id or local diffusers folder")
+    if args.list or not args.name:
+        for n in list_experiments():
+            e = load_experiment(n)
+            print(f"{n:18} {e.kind:17} {e.description}")
+        return 0
+    if not args.out:
+        raise CliError("experiment needs --out STORE")
+    exp = load_experiment(args.name)
+    model_map = _map_arg(args.map)
+    plans, hplans, _ = build_plans(exp, offline=args.offline, quick=args.quick, seeds=args.seeds,
+                                   model_map=model_map, device=args.device)
+    preflight(plans + hplans, args.out)
+    _quiet_libraries()
+    res = run_experiment(exp, args.out, offline=args.offline, quick=args.quick, seeds=args.seeds,
+                         model_map=model_map, device=args.device, progress=not args.quiet)
+    print(f"experiment {exp.name}: {len(res['groups'])} group(s) in {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from trajlab import store
+
+    try:
+        store.validate(args.store)
+    except store.StoreError as exc:
+        raise CliError(f"{args.store}: {exc}") from None
+    if args.analyses and not Path(args.analyses).is_dir():
+        raise CliError(f"--analyses {args.analyses}: no such directory")
+    _quiet_libraries()
+    from trajlab.report import report_store
+
+    path = report_store(args.store, args.out, model=args.model, analyses_dir=args.analyses, lpips=not args.no_lpips,
+                        n_boot=args.n_boot)
+    print(path)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from trajlab.experiments.plans import check_writable
+
+    check_writable(args.out)
+    _quiet_libraries()
+    from trajlab.experiments.demo import run_demo
+
+    path = run_demo(args.out, quick=args.quick, tiny=args.tiny, hybrid=not args.no_hybrid,
+                    mechanistic=not args.no_jacobian, control=not args.no_control)
+    print(f"report: {path}")
+    return 0
+
+
+# -- the parser -------------------------------------------------------------------------------------
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _sub(sub, name, help_, epilog, func):
+    p = sub.add_parser(name, help=help_, description=help_, epilog=epilog, formatter_class=_Formatter,
+                       allow_abbrev=False)
+    p.set_defaults(func=func)
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch intra-op threads (default {DEFAULT_THREADS}, or $TRAJLAB_THREADS)")
+    return p
+
+
+def _scheduler_list() -> str:
+    from trajlab.models.schedulers import scheduler_names
+
+    return ", ".join(scheduler_names())
+
+
+def add_capture(sub) -> None:
+    c = _sub(sub, "capture", "run pipelines with capture on into a Zarr store", """examples:
+  trajlab capture --model micro-sd --steps 30 --prompt "a photo of the digit 3" --seeds 0:8 --out runs/q.zarr
+  trajlab capture --model tiny-sd --scheduler ddim --steps 10 --guidance 5 --prompts data/prompts/micro.toml \\
+      --seeds 0:4 --height 64 --width 64 --out runs/q.zarr
+  trajlab capture --config grid.toml --out runs/grid.zarr      # one group per cell of a TOML grid
+re-running the same command resumes (complete samples are skipped).""", cmd_capture)
+    c.add_argument("--model", help="registry name (see `trajlab models`), hub id, local diffusers folder, or "
+                                   "exact:PRESET / exact:path/to/world.toml")
     c.add_argument("--lora", action="append", metavar="PATH_OR_ID[:SCALE]", help="add a LoRA (repeatable)")
-    c.add_argument("--scheduler", default=None, help="scheduler name (default: the model's recommended one)")
-    c.add_argument("--steps", type=int, default=None)
-    c.add_argument("--guidance", type=float, default=None)
-    c.add_argument("--negative-prompt", default=None)
+    c.add_argument("--scheduler", default=None, metavar="NAME",
+                   help=f"scheduler (default: the model's recommended one); one of: {_scheduler_list()}")
+    c.add_argument("--steps", type=int, default=None, help="inference steps (default: the model's recommended)")
+    c.add_argument("--guidance", type=float, default=None,
+                   help="guidance_scale: CFG weight, or the LCM w-embedding (default: the model's recommended)")
+    c.add_argument("--negative-prompt", default=None, help="negative prompt (CFG pipelines only)")
     c.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    c.add_argument("--prompts", help="file with one prompt per line")
-    c.add_argument("--seeds", default="0:4", help="START:STOP, comma list or int (default 0:4)")
-    c.add_argument("--height", type=int)
-    c.add_argument("--width", type=int)
-    c.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 | fp64")
+    c.add_argument("--prompts", metavar="FILE", help="prompts: a text file (one per line, # comments) or a "
+                                                     "prompt-suite TOML ([[prompt]] text = ...)")
+    c.add_argument("--seeds", default="0:4", help="START:STOP (half-open), comma list or int")
+    c.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's)")
+    c.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")
+    c.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16", "fp64"), help="run dtype")
     c.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cpu)")
-    c.add_argument("--batch-size", type=int, default=None)
+    c.add_argument("--batch-size", type=int, default=None, help="samples per pipeline call (default 8)")
     c.add_argument("--out", help="store path (a directory, e.g. runs/study.zarr)")
     c.add_argument("--group", help="group name (default: derived from the configuration)")
     c.add_argument("--no-images", action="store_true", help="do not decode and store final images")
-    c.add_argument("--config", help="TOML grid of runs (one group per cell)")
+    c.add_argument("--config", metavar="FILE", help="TOML grid of runs (one group per cell)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
-    c.set_defaults(func=cmd_capture)
 
-    i = sub.add_parser("info", help="groups, dims, sizes and completeness of a store")
+
+def add_study(sub) -> None:
+    e = _sub(sub, "experiment", "run a study experiment (data/experiments/NAME.toml or a file)", """examples:
+  trajlab experiment --list
+  trajlab experiment hybrid --offline --out runs/hybrid.zarr     # micro-world substitutes for SD1.5 names
+  trajlab experiment seed_table --out runs/table.zarr            # real checkpoints from the HF cache""",
+             cmd_experiment)
+    e.add_argument("name", nargs="?", help="experiment name or TOML file (omit to list)")
+    e.add_argument("--out", help="store path")
+    e.add_argument("--offline", action="store_true", help="use the config's offline models (micro-world)")
+    e.add_argument("--quick", action="store_true", help="the config's quick overrides (few seeds/prompts)")
+    e.add_argument("--seeds", help="override the seeds (START:STOP, list or int)")
+    e.add_argument("--map", action="append", metavar="FROM=TO", help="substitute a model (repeatable)")
+    e.add_argument("--device", default=None, help="cpu | cuda | cuda:N")
+    e.add_argument("--list", action="store_true", help="list the experiments")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    r = _sub(sub, "report", "static HTML report (+ PNGs, result datasets) of a store", """examples:
+  trajlab report runs/hybrid.zarr --out runs/hybrid-report
+  trajlab report runs/demo/study.zarr --out runs/r --analyses runs/demo/analyses""", cmd_report)
+    r.add_argument("store")
+    r.add_argument("--out", required=True, help="report directory (index.html is written there)")
+    r.add_argument("--model", help="pipeline whose VAE decodes x0 filmstrips (default: the store's teacher if "
+                                   "available)")
+    r.add_argument("--analyses", help="directory with result datasets written by analyses/*.py to include")
+    r.add_argument("--no-lpips", action="store_true", help="skip the perceptual distance (pixel diversity only)")
+    r.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates for metric CIs")
+
+    d = _sub(sub, "demo", "the micro-world study end to end on the CPU (report at OUT/report)", """examples:
+  trajlab demo --out runs/demo            # what `make demo` runs
+  trajlab demo --out runs/q --quick       # 4 prompts x 8 seeds, about 2 minutes""", cmd_demo)
+    d.add_argument("--out", required=True, help="output directory (study.zarr, analyses/, report/)")
+    d.add_argument("--quick", action="store_true", help="fewer prompts and seeds")
+    d.add_argument("--tiny", action="store_true", help="use the random tiny models even if the micro-world exists")
+    d.add_argument("--no-hybrid", action="store_true", help="skip the hybrid k sweep")
+    d.add_argument("--no-jacobian", action="store_true",
+                   help="skip the JVP analyses (contraction, covariance propagation) of teacher and students")
+    d.add_argument("--no-control", action="store_true", help="skip the guidance-sweep and negative-prompt groups")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trajlab import __version__
+
+    ap = argparse.ArgumentParser(prog="trajlab", allow_abbrev=False, formatter_class=_Formatter,
+                                 description="Trajectory capture and analysis for diffusion samplers.",
+                                 epilog="run `trajlab COMMAND --help` for each command's flags and examples")
+    ap.add_argument("--version", action="version", version=f"trajlab {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_capture(sub)
+    i = _sub(sub, "info", "groups, dims, sizes and completeness of a store",
+             "example:\n  trajlab info runs/q.zarr", cmd_info)
     i.add_argument("store")
-    i.set_defaults(func=cmd_info)
-
-    m = sub.add_parser("models", help="list the model registry")
-    m.set_defaults(func=cmd_models)
-
-    for extra in _extra_commands():
-        extra(sub)
+    _sub(sub, "models", "list the model registry (name, role, scheduler, steps, guidance, availability)",
+         "example:\n  trajlab models", cmd_models)
+    add_study(sub)
     return ap
 
 
-def _extra_commands():
-    """Study commands that live in their own modules (registered if importable)."""
-    out = []
-    for mod in ("trajlab.study.cli",):
-        try:
-            module = __import__(mod, fromlist=["register"])
-        except ImportError:
-            continue
-        out.append(module.register)
-    return out
+def _parse(argv):
+    """Parse, reporting unknown flags with the subcommand's usage (not the top-level one)."""
+    ap = build_parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _quiet_libraries() -> None:
@@ -332,19 +320,20 @@ def _quiet_libraries() -> None:
 
 
 def main(argv=None) -> int:
+    from trajlab.experiments.plans import InputError
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
-    if getattr(args, "batch_size", 0) is None and args.command == "capture":
-        args.batch_size = None if args.config else 8
-    if getattr(args, "device", 0) is None and args.command == "capture" and not args.config:
-        args.device = "cpu"
-    if args.command in ("capture", "demo", "experiment", "report"):
-        _quiet_libraries()
+    args = _parse(argv)
     try:
+        set_threads(getattr(args, "threads", None))
         return args.func(args)
-    except CliError as exc:
+    except (CliError, InputError) as exc:
         print(f"trajlab: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted: the store keeps every complete sample; re-run the same command to resume",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

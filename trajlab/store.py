@@ -99,6 +99,21 @@ def _encode_attr(value):
     return value
 
 
+def decode_attr(value):
+    """Inverse of the attr encoding: a JSON string of a dict/list is parsed back; anything else as is."""
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def decode_attrs(attrs) -> dict:
+    """A group's attrs with every JSON-encoded value (extra, loras, config, ...) decoded."""
+    return {k: decode_attr(v) for k, v in dict(attrs).items()}
+
+
 LOCK_FILE = ".trajlab-lock"
 
 

@@ -27,8 +27,8 @@ import xarray as xr
 
 from trajlab.analysis.coverage import features as flat_features
 from trajlab.analysis.coverage import fit_kmeans, fit_pca, pca_project
-from trajlab.analysis.speciation import ou_time_from_sigma
 from trajlab.analysis.theory import alpha_bar_nodes  # noqa: F401  (re-exported: the store group's grid)
+from trajlab.analysis.theory import ou_time_from_sigma
 
 __all__ = [
     "step_features", "fit_nearest_centroid", "nearest_centroid_labels", "nearest_centroid_labeller",

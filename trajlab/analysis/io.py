@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from trajlab.store import decode_attr
+
 __all__ = ["script_parser", "open_groups", "resolve_pipeline", "exact_world", "save_dataset", "save_figure",
            "json_safe_attrs"]
 
@@ -84,15 +86,6 @@ def _attrs_of(source) -> dict:
     raise TypeError(f"expected a model name, a group Dataset or its attrs; got {type(source).__name__}")
 
 
-def _json(value, default):
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return default if value is None else value
-
-
 def _exact_spec(spec: str):
     """Preset name or JSON recipe after "exact:" (or given bare)."""
     spec = spec.split(":", 1)[1] if spec.startswith("exact:") else spec
@@ -120,7 +113,7 @@ def resolve_pipeline(source, *, dtype: str = "fp32", device: str = "cpu", loras=
     from trajlab.models.registry import Lora, parse_lora
 
     if loras is None:
-        loras = _json(attrs.get("loras"), []) or []
+        loras = decode_attr(attrs.get("loras")) or []
     loras = tuple(lo if isinstance(lo, Lora) else parse_lora(str(lo)) for lo in loras)
     return load_pipeline(model, loras=loras, dtype=dtype, device=device)
 

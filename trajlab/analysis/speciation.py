@@ -25,7 +25,8 @@ import numpy as np
 import xarray as xr
 from scipy.special import ndtri
 
-from trajlab.analysis.theory import clone_probability, ou_time, speciation_time
+from trajlab.analysis.commitment import nearest_centroid_labeller
+from trajlab.analysis.theory import clone_probability, ou_time_from_sigma, sigma_from_ou_time, speciation_time
 
 __all__ = [
     "ou_time_from_sigma", "sigma_from_ou_time", "speciation_time", "speciation_sigma",
@@ -33,16 +34,6 @@ __all__ = [
     "marginal_trunk", "ancestral_trunk", "ancestral_branch", "clone_curve",
     "world_speciation", "exact_clone_experiment",
 ]
-
-def ou_time_from_sigma(sigma) -> np.ndarray:
-    """OU time t = 0.5 log(1 + sigma^2) (alpha_bar = exp(-2t)) from EDM sigma (dimensionless)."""
-    return ou_time(1.0 / (1.0 + np.asarray(sigma, dtype=np.float64) ** 2))
-
-
-def sigma_from_ou_time(t) -> np.ndarray:
-    """EDM sigma = sqrt(exp(2t) - 1) from OU time t."""
-    return np.sqrt(np.expm1(2.0 * np.asarray(t, dtype=np.float64)))
-
 
 def speciation_sigma(top_eigenvalue: float) -> float:
     """EDM noise level of speciation, sigma_S = sqrt(Lambda - 1) (ab(t_S) = 1 / Lambda)."""
@@ -165,7 +156,6 @@ def exact_clone_experiment(world, n_pairs: int = 2000, seed: int = 0, n_grid: in
     import torch
     from functools import partial
 
-    from trajlab.analysis.commitment import nearest_centroid_labeller
     from trajlab.models.exact import gmm_denoiser, sample_world
 
     means = world.means.detach().cpu().double().numpy()

@@ -19,6 +19,8 @@ import xarray as xr
 __all__ = [
     "ddim_grid",
     "alpha_bar_nodes",
+    "ou_time_from_sigma",
+    "sigma_from_ou_time",
     "world_arrays",
     "gaussian_eigensystem",
     "sigma_of",
@@ -268,6 +270,16 @@ def commitment_ratio_ddim(lam, grid, form: str = "angle") -> xr.DataArray:
 def ou_time(ab):
     """OU time t with ab = exp(-2 t)."""
     return -0.5 * np.log(np.asarray(ab, np.float64))
+
+
+def ou_time_from_sigma(sigma) -> np.ndarray:
+    """OU time t = 0.5 log(1 + sigma^2) (alpha_bar = exp(-2t)) from EDM sigma (dimensionless)."""
+    return ou_time(1.0 / (1.0 + np.asarray(sigma, dtype=np.float64) ** 2))
+
+
+def sigma_from_ou_time(t) -> np.ndarray:
+    """EDM sigma = sqrt(exp(2t) - 1) from OU time t."""
+    return np.sqrt(np.expm1(2.0 * np.asarray(t, dtype=np.float64)))
 
 
 def alpha_bar_of_ou(t):

@@ -8,107 +8,19 @@ complete, and redone whole otherwise, so a resumed store is identical to an unin
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import inspect
 import json
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from trajlab import store
+from trajlab.capture.plan import CapturePlan, PlanError
 from trajlab.capture.records import BatchRecorder, to_host
 from trajlab.capture.taps import tap_pipeline
 from trajlab.capture.writer import STEP_FIELDS, BatchEnd, StoreWriter, numpy_dtype
-
-
-class PlanError(ValueError):
-    """A capture plan is invalid; raised before any model loads."""
-
-
-@dataclass
-class CapturePlan:
-    """One run configuration = one store group.
-
-    ``guidance`` is the pipeline's ``guidance_scale``; ``height``/``width`` in pixels (None = the
-    pipeline's default); ``dtype`` one of fp32/fp16/bf16/fp64; ``hybrid`` is filled by hybrid runs.
-    """
-
-    model: str
-    prompts: list[str]
-    seeds: list[int]
-    scheduler: str = "default"
-    steps: int = 30
-    guidance: float = 7.5
-    negative_prompt: str | None = None
-    loras: list[str] = field(default_factory=list)
-    height: int | None = None
-    width: int | None = None
-    dtype: str = "fp32"
-    device: str = "cpu"
-    images: bool = True
-    batch_size: int = 8
-    extra: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        from trajlab.models.loading import DTYPES
-        from trajlab.models.schedulers import check_scheduler_name
-
-        if not self.prompts:
-            raise PlanError("prompts is empty: give at least one --prompt or a --prompts file with lines")
-        if any(not isinstance(p, str) for p in self.prompts):
-            raise PlanError(f"prompts must be strings; got {[type(p).__name__ for p in self.prompts]}")
-        if not self.seeds:
-            raise PlanError("seeds is empty: give e.g. --seeds 0:32")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise PlanError(f"seeds contain duplicates: {self.seeds}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise PlanError(f"steps={self.steps!r}: must be an integer >= 1")
-        if self.guidance is None or self.guidance < 0:
-            raise PlanError(f"guidance={self.guidance!r}: must be >= 0")
-        if self.batch_size < 1:
-            raise PlanError(f"batch_size={self.batch_size}: must be >= 1")
-        if self.dtype not in DTYPES:
-            raise PlanError(f"dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
-        for side in ("height", "width"):
-            v = getattr(self, side)
-            if v is not None and (v < 8 or v % 8):
-                raise PlanError(f"{side}={v}: must be a positive multiple of 8")
-        try:
-            check_scheduler_name(self.scheduler)
-        except ValueError as exc:
-            raise PlanError(str(exc)) from None
-
-    @property
-    def n_samples(self) -> int:
-        return len(self.prompts) * len(self.seeds)
-
-    def config(self) -> dict:
-        """The fields that define the group's content (resume refuses a group whose config differs)."""
-        d = asdict(self)
-        for k in ("device", "batch_size"):
-            d.pop(k)
-        return d
-
-    def group_name(self) -> str:
-        """Readable group name: model, scheduler, steps, guidance, negative prompt (+ hash of the rest)."""
-        neg = "none" if not self.negative_prompt else "neg-" + hashlib.sha1(self.negative_prompt.encode()).hexdigest()[:6]
-        rest = {k: v for k, v in self.config().items()
-                if k not in ("model", "scheduler", "steps", "guidance", "negative_prompt")}
-        tag = hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:6]
-        model = re.sub(r"[^A-Za-z0-9_.+-]+", "-", self.model).strip("-")
-        if self.loras:
-            model += "+lora"
-        g = f"{self.guidance:g}"
-        return f"{model}__{self.scheduler}__{self.steps}steps__cfg{g}__{neg}__{tag}"
-
-    def sample_table(self) -> tuple[np.ndarray, np.ndarray]:
-        """(prompt_index, seed) per sample, prompt-major."""
-        pi = np.repeat(np.arange(len(self.prompts)), len(self.seeds))
-        seeds = np.tile(np.asarray(self.seeds, dtype=np.int64), len(self.prompts))
-        return pi, seeds
 
 
 @dataclass

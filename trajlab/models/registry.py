@@ -93,10 +93,8 @@ BUILTIN_MODELS = [
 
 
 def _exact_specs() -> list[ModelSpec]:
-    try:
-        from trajlab.models.exact import EXACT_WORLDS
-    except ImportError:
-        return []
+    from trajlab.models.exact_presets import EXACT_WORLDS
+
     return [ModelSpec(f"exact:{k}", f"exact:{k}", "ExactWorldPipeline", "ddim", 30, 1.0, role="exact",
                       notes="closed-form denoiser world (THEORY.md)") for k in EXACT_WORLDS]
 

@@ -48,8 +48,9 @@ def make_scheduler(name: str, base_config):
     return cls.from_config(dict(base_config), **overrides)
 
 
-def step_kwargs(scheduler, generator=None, eta: float = 0.0) -> dict:
-    """The optional ``scheduler.step`` keywords this scheduler accepts (``eta``, ``generator``), as pipelines pass them."""
+def step_kwargs(scheduler, generator=None, eta: float = 0.0, extra: dict | None = None) -> dict:
+    """The optional ``scheduler.step`` keywords this scheduler accepts, as pipelines pass them: ``eta``,
+    ``generator``, then any of ``extra`` (e.g. ``{"s_churn": ...}``) the step takes (others dropped)."""
     import inspect
 
     params = set(inspect.signature(scheduler.step).parameters)
@@ -58,4 +59,32 @@ def step_kwargs(scheduler, generator=None, eta: float = 0.0) -> dict:
         out["eta"] = eta
     if "generator" in params:
         out["generator"] = generator
+    out.update({k: v for k, v in (extra or {}).items() if k in params})
     return out
+
+
+def promote_tables(scheduler, dtype=None):
+    """Cast the scheduler's float tables (alphas_cumprod, final_alpha_cumprod, betas, alphas) to float64 in
+    place when ``dtype`` is float64 (default), so fp64 sampling does not go through fp32 coefficients;
+    any other dtype leaves the scheduler alone.  Values are unchanged (the fp32 values are cast).
+    Returns the scheduler."""
+    import torch
+
+    if dtype is not None and dtype != torch.float64:
+        return scheduler
+    for name in ("alphas_cumprod", "final_alpha_cumprod", "betas", "alphas"):
+        v = getattr(scheduler, name, None)
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float64:
+            setattr(scheduler, name, v.to(torch.float64))
+    return scheduler
+
+
+def scheduler_from_attrs(attrs: dict):
+    """Fresh scheduler from a store group's attrs (``scheduler_class``, ``scheduler_config`` JSON or dict)."""
+    import json
+
+    import diffusers
+
+    cls = getattr(diffusers, attrs["scheduler_class"])
+    cfg = attrs["scheduler_config"]
+    return cls.from_config(json.loads(cfg) if isinstance(cfg, str) else dict(cfg))

@@ -1,4 +1,4 @@
-"""Study figures: each function takes xarray results (trajlab.study.sweeps) and returns a Figure."""
+"""Study figures: each function takes xarray results (trajlab.analysis.sweeps) and returns a Figure."""
 from __future__ import annotations
 
 import matplotlib

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from trajlab.study import sweeps as S
+from trajlab.analysis import sweeps as S
 
 SECTIONS = ("Groups", "Failure taxonomy", "Diversity vs steps", "Diversity-alignment trade-off", "CFG curves",
             "Step consistency", "Negative-prompt sensitivity", "Hybrid sweep", "Commitment", "Mode coverage",
@@ -347,7 +347,7 @@ def build_report(store_path, out_dir, *, model: str | None = None, analyses_dir=
     model: pipeline whose VAE decodes x0 filmstrips (default: a teacher model of the store if
     available). scorers: (embedder, lpips_model, labeller, notes) to skip :func:`default_scorers`.
     """
-    from trajlab.study.experiments import prompt_tags
+    from trajlab.experiments.configs import prompt_tags
 
     t0 = time.perf_counter()
     out = Path(out_dir)

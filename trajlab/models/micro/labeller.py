@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data as D
+import trajlab.models.micro.data as D
 from .teacher import fit, one_cycle
 
 WEIGHTS_FILE = "labeller.safetensors"

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data as D
+import trajlab.models.micro.data as D
 from .teacher import fit, one_cycle
 
 MODEL_NAME = "micro-clip"

@@ -29,16 +29,15 @@ def micro_available() -> bool:
 def demo_plans(teacher: str, student: str, prompts, seeds, *, teacher_steps: int = 30, student_steps=(1, 2, 4, 8),
                handoff=(0, 3, 6, 10, 15, 30), hybrid: bool = True, batch_size: int = 32):
     """(grid plans, hybrid plans) of the demo study."""
-    from trajlab.capture import CapturePlan
-    from trajlab.cli import _resolve_plan
-    from trajlab.study.hybrid import HybridSpec, hybrid_plan
-    from trajlab.study.experiments import resolve_mechanism
+    from trajlab.experiments.configs import resolve_mechanism
+    from trajlab.experiments.plans import resolve_plan
+    from trajlab.models.hybrid import HybridSpec, hybrid_plan
     from trajlab.models.registry import get
 
-    plans = [_resolve_plan(CapturePlan, model=teacher, scheduler="ddim", steps=teacher_steps, guidance=None,
+    plans = [resolve_plan(model=teacher, scheduler="ddim", steps=teacher_steps, guidance=None,
                            negative_prompt=None, prompts=list(prompts), seeds=list(seeds), batch_size=batch_size)]
     for k in student_steps:
-        plans.append(_resolve_plan(CapturePlan, model=student, scheduler="lcm", steps=k, guidance=None,
+        plans.append(resolve_plan(model=student, scheduler="lcm", steps=k, guidance=None,
                                    negative_prompt=None, prompts=list(prompts), seeds=list(seeds),
                                    batch_size=batch_size))
     for p in plans:
@@ -72,7 +71,7 @@ def control_plans(prompts, seeds, *, exclude=(), tiny: bool = False, quick: bool
     the demo, on a superset of the seeds) or an earlier control plan's is left out: sensitivity and
     CFG curves match samples by (prompt, seed). ``teacher_steps``: the teacher's step count (the
     demo's, so control and demo teacher groups share a family). Returns (plans, notes)."""
-    from trajlab.study.experiments import build_plans, load_experiment
+    from trajlab.experiments.configs import build_plans, load_experiment
 
     model_map = {"micro-sd": "tiny-sd", "micro-lcm-lora": "tiny-lcm"} if tiny else None
     seen = {_content_key(p) for p in exclude if set(seeds) <= set(p.seeds)}
@@ -99,10 +98,9 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
     """Capture the demo study into ``out/study.zarr`` and build ``out/report``; returns index.html's path."""
     import torch
 
-    from trajlab.cli import preflight, run_plans
+    from trajlab.experiments.plans import preflight, run_plans
     from trajlab.models.micro import PROMPTS
     from trajlab.report import build_report
-    from trajlab.study.experiments import run_hybrid_plans
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t0 = time.perf_counter()
@@ -133,9 +131,7 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
           + (f" + hybrid k in {sorted(set(handoff))}" if hybrid else "") + f"; {n_prompts} prompts x {n_seeds} seeds"
           + (f"; + {len(cplans)} guidance-sweep / negative-prompt groups on {min(len(seeds), 2 if quick else 8)} seeds"
              if cplans else ""))
-    run_plans(plans + cplans, store, progress=progress)
-    if hplans:
-        run_hybrid_plans(hplans, store, progress=progress)
+    run_plans(plans + cplans + hplans, store, progress=progress)
     analyses = None
     if mechanistic:
         analyses = out / "analyses"
@@ -172,9 +168,9 @@ def jacobian_results(store, out_dir, *, models, samples: int = 2, n_probes: int 
 
 def _experiment(attrs) -> str:
     """The ``experiment`` a group was captured for (from its ``extra`` attr; "" when none)."""
-    from trajlab.study.sweeps import _attr_json
+    from trajlab.store import decode_attr
 
-    extra = _attr_json(attrs.get("extra")) or {}
+    extra = decode_attr(attrs.get("extra")) or {}
     return str(extra.get("experiment", "")) if isinstance(extra, dict) else ""
 
 

@@ -2,7 +2,7 @@
 import pytest
 
 from trajlab import store
-from trajlab.study import experiments as E
+from trajlab.experiments import configs as E
 
 TINY = ["micro-sd=tiny-sd", "micro-lcm=tiny-lcm", "micro-lcm-lora=tiny-lcm"]
 NAMES = E.list_experiments()

@@ -1,4 +1,4 @@
-"""Experiments: prompt suites (data/prompts/*.toml) and experiment configs (data/experiments/*.toml).
+"""Experiment configs and prompt suites (data/prompts/*.toml) and experiment configs (data/experiments/*.toml).
 
 An experiment config is a capture grid (the keys of ``trajlab capture --config``: top-level
 defaults + ``[[run]]`` tables, list values expand) plus an ``[experiment]`` table::
@@ -25,10 +25,12 @@ text file (one prompt a line).
 from __future__ import annotations
 
 import copy
-import itertools
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from trajlab.experiments.plans import GRID_KEYS, SCALAR_KEYS, InputError, expand_cell, parse_seeds, plan_group, \
+    preflight, read_prompts, run_plans
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS_DIR = REPO / "data" / "experiments"
@@ -48,7 +50,7 @@ HYBRID_KEYS = {"teacher", "student", "handoff", "teacher_steps", "student_steps"
                "student_guidance", "mechanism", "teacher_scheduler", "student_scheduler"}
 
 
-class ExperimentError(ValueError):
+class ExperimentError(InputError):
     """An experiment config or prompt suite is invalid (raised before any model loads)."""
 
 
@@ -69,8 +71,6 @@ def load_prompt_suite(name, base: Path | None = None) -> list[dict]:
     """
     path = _suite_path(name, base)
     if path.suffix != ".toml":
-        from trajlab.cli import read_prompts
-
         return [{"text": t, "category": "untagged", "failure_mode": "untagged"} for t in read_prompts(path)]
     try:
         doc = tomllib.loads(path.read_text())
@@ -138,8 +138,6 @@ def experiment_path(name_or_path) -> Path:
 
 def load_experiment(name_or_path) -> Experiment:
     """Parse and check an experiment config (keys, kind, hybrid table); no model is touched."""
-    from trajlab.cli import GRID_KEYS, SCALAR_KEYS
-
     path = experiment_path(name_or_path)
     try:
         doc = tomllib.loads(path.read_text())
@@ -254,8 +252,7 @@ def build_plans(exp: Experiment, *, offline: bool = False, quick: bool = False, 
     the tiny SD config, which micro and SD1.5 share). Plans that map to the same group are kept
     once; runs an LCM pipeline cannot honour (a negative prompt) are dropped with a note.
     """
-    from trajlab.capture import CapturePlan, PlanError
-    from trajlab.cli import GRID_KEYS, CliError, _listify, _resolve_plan, parse_seeds
+    from trajlab.capture.plan import PlanError
     from trajlab.models.registry import get
 
     mapped = _model_mapper(exp.offline if offline else None, model_map)
@@ -263,6 +260,14 @@ def build_plans(exp: Experiment, *, offline: bool = False, quick: bool = False, 
     n_prompts = exp.quick.get("n_prompts") if quick else None
     base = exp.path.parent
     notes: list[str] = []
+
+    def skip(model, neg):
+        spec = get(model)
+        if neg and spec is not None and spec.pipeline == "LatentConsistencyModelPipeline":
+            return (f"skipped {model} with negative prompt {neg!r}: LCM pipelines guide through a "
+                    "w-embedding and ignore negative prompts by construction")
+        return None
+
     plans, seen = [], set()
     try:
         for r in runs if exp.kind != "hybrid" or exp.grid.get("run") or "model" in exp.grid else []:
@@ -271,20 +276,8 @@ def build_plans(exp: Experiment, *, offline: bool = False, quick: bool = False, 
                 raise ExperimentError(f"experiment {exp.path}: every run needs a 'model'")
             prompts = _prompts_of(cell, base)[: n_prompts or None]
             sd = parse_seeds(seeds if seeds is not None else cell.get("seeds", "0:4"))
-            axes = [_listify(cell.get(k)) for k in GRID_KEYS]
-            for model, sched, steps, guidance, neg in itertools.product(*axes):
-                model = mapped(model)
-                spec = get(model)
-                if neg and spec is not None and spec.pipeline == "LatentConsistencyModelPipeline":
-                    notes.append(f"skipped {model} with negative prompt {neg!r}: LCM pipelines guide through a "
-                                 "w-embedding and ignore negative prompts by construction")
-                    continue
-                plan = _resolve_plan(CapturePlan, model=model, scheduler=sched, steps=steps, guidance=guidance,
-                                     negative_prompt=neg, prompts=list(prompts), seeds=sd,
-                                     loras=_listify(cell.get("loras", [])), height=cell.get("height"),
-                                     width=cell.get("width"), dtype=cell.get("dtype", "fp32"),
-                                     device=device or cell.get("device", "cpu"), images=cell.get("images", True),
-                                     batch_size=cell.get("batch_size", 8))
+            for plan in expand_cell(cell, prompts=prompts, seeds=sd, mapped=mapped, device=device, skip=skip,
+                                    notes=notes):
                 plan.extra["experiment"] = exp.name
                 g = plan.group_name()
                 if g in seen:
@@ -295,7 +288,9 @@ def build_plans(exp: Experiment, *, offline: bool = False, quick: bool = False, 
         hplans = []
         if hybrid is not None:
             hplans = _hybrid_plans(exp, hybrid, doc, mapped, seeds, n_prompts, device, schedulers)
-    except CliError as exc:
+    except InputError as exc:
+        if isinstance(exc, ExperimentError):
+            raise
         raise ExperimentError(f"experiment {exp.path}: {exc}") from None
     for p in plans + hplans:
         try:
@@ -318,9 +313,8 @@ def resolve_mechanism(teacher: str, student: str, mechanism: str = "auto") -> st
 
 
 def _hybrid_plans(exp, h, doc, mapped, seeds, n_prompts, device, schedulers):
-    from trajlab.cli import parse_seeds
+    from trajlab.models.hybrid import HybridSpec, hybrid_plan
     from trajlab.models.registry import get
-    from trajlab.study.hybrid import HybridSpec, hybrid_plan
 
     teacher, student = mapped(h["teacher"]), mapped(h["student"])
     ts, ss = get(teacher), get(student)
@@ -363,60 +357,21 @@ def validate_experiment(name_or_path, *, offline: bool = False, quick: bool = Fa
 
 
 def run_experiment(exp: Experiment, out: str, *, offline: bool = False, quick: bool = False, seeds=None,
-                   model_map: dict | None = None, device: str | None = None, progress: bool = True) -> dict:
-    """Preflight every plan, capture the grid (trajlab.cli.run_plans), then the hybrid groups.
+                   model_map: dict | None = None, device: str | None = None, progress: bool = True,
+                   cache=None) -> dict:
+    """Preflight every plan, then capture the grid and the hybrid groups (:func:`plans.run_plans`).
 
     Returns {"groups": [...], "notes": [...]}.
     """
-    from trajlab.cli import preflight, run_plans
-
     plans, hplans, notes = build_plans(exp, offline=offline, quick=quick, seeds=seeds, model_map=model_map,
                                        device=device)
     for n in notes:
         print(f"note: {n}")
     preflight(plans + hplans, out)
-    _check_students(hplans)
-    if plans:
-        run_plans(plans, out, progress=progress)
-    if hplans:
-        run_hybrid_plans(hplans, out, progress=progress)
-    groups = [p.extra.get("group") or p.group_name() for p in plans + hplans]
-    return {"groups": groups, "notes": notes}
-
-
-def _check_students(hplans) -> None:
-    from trajlab.cli import CliError
-    from trajlab.models.loading import ModelNotAvailable, check_available
-
-    for p in hplans:
-        try:
-            check_available(p.extra["hybrid"]["student"])
-        except ModelNotAvailable as exc:
-            raise CliError(str(exc)) from None
-
-
-def run_hybrid_plans(plans, out: str, progress: bool = True) -> list:
-    """Load teacher/student once per pair and capture every hybrid plan into ``out``."""
-    from trajlab.models.loading import load_pipeline
-    from trajlab.study.hybrid import capture_hybrid
-
-    results, cache = [], {}
-    for plan in plans:
-        h = plan.extra["hybrid"]
-        key = (h["teacher"], h["student"], h["mechanism"], plan.dtype, plan.device)
-        if key not in cache:
-            cache.clear()
-            if h["mechanism"] == "lora":
-                pipe = load_pipeline(h["student"], dtype=plan.dtype, device=plan.device, scheduler="default")
-                cache[key] = (pipe, pipe)
-            else:
-                cache[key] = (load_pipeline(h["teacher"], dtype=plan.dtype, device=plan.device, scheduler="default"),
-                              load_pipeline(h["student"], dtype=plan.dtype, device=plan.device, scheduler="default"))
-        tp, sp = cache[key]
-        results.append(capture_hybrid(tp, sp, plan, out, progress=progress))
-    return results
+    run_plans(plans + hplans, out, progress=progress, cache=cache)
+    return {"groups": [plan_group(p) for p in plans + hplans], "notes": notes}
 
 
 __all__ = ["CATEGORIES", "EXPERIMENTS_DIR", "Experiment", "ExperimentError", "KINDS", "PROMPTS_DIR", "build_plans",
            "list_experiments", "load_experiment", "load_prompt_suite", "prompt_tags", "resolve_mechanism",
-           "run_experiment", "run_hybrid_plans", "suite_negative", "validate_experiment"]
+           "run_experiment", "suite_negative", "validate_experiment"]

@@ -1,7 +1,7 @@
 """Sweeps over store groups: step consistency, negative-prompt sensitivity, CFG curves, diversity vs
 steps and the diversity-alignment trade-off. Pure functions: Datasets in, labelled xarray out.
 
-Groups are read as ``{name: xr.Dataset}`` (:func:`open_groups`). Samples of two groups are matched
+Groups are read as ``{name: xr.Dataset}`` (:func:`trajlab.analysis.io.open_groups`). Samples of two groups are matched
 on (prompt text, seed), so groups with the same prompt list match on (prompt_index, seed).
 Distances: ``image`` RMS difference in [0, 1] pixel units when both groups have images, else
 ``final_latent`` RMS difference in latent units. Every result names the groups it came from.
@@ -9,35 +9,20 @@ Distances: ``image`` RMS difference in [0, 1] pixel units when both groups have 
 
 from __future__ import annotations
 
-import json
 import re
 from itertools import combinations
 
 import numpy as np
 import xarray as xr
 
+from trajlab.analysis.io import open_groups  # noqa: F401  (the one store reader, re-exported)
+from trajlab.store import decode_attr
+
 TEACHER_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                       "HeunDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
 
 
 # -- groups and their descriptions --------------------------------------------------------------
-def open_groups(path) -> dict[str, xr.Dataset]:
-    """{group name: lazily opened Dataset} of a store."""
-    from trajlab import store
-
-    tree = store.open(path)
-    return {name: tree[name].to_dataset() for name in store.group_names(path)}
-
-
-def _attr_json(v):
-    if isinstance(v, str) and v[:1] in "{[":
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    return v
-
-
 def describe(name: str, ds: xr.Dataset) -> dict:
     """One group's configuration: model, loras, scheduler, steps, guidance, negative, role, hybrid.
 
@@ -45,9 +30,9 @@ def describe(name: str, ds: xr.Dataset) -> dict:
     "teacher".
     """
     a = ds.attrs
-    extra = _attr_json(a.get("extra", {})) or {}
+    extra = decode_attr(a.get("extra", {})) or {}
     extra = extra if isinstance(extra, dict) else {}
-    loras = _attr_json(a.get("loras", [])) or []
+    loras = decode_attr(a.get("loras", [])) or []
     model = str(a.get("model", ""))
     sched = str(a.get("scheduler_class", ""))
     if extra.get("hybrid"):

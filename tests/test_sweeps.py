@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from trajlab.study import sweeps as S
+from trajlab.analysis import sweeps as S
 
 
 def group(images, steps=4, seeds=(0, 1, 2), prompts=("p0", "p1"), guidance=5.0, neg=None, model="tiny-sd",

@@ -1,0 +1,272 @@
+"""Every result the study report shows, computed from a store and written as labelled xarray Datasets.
+
+    from trajlab.analysis.results import compute_results
+    results_dir = compute_results("runs/x.zarr", "out/report")   # -> out/report/results/*.nc
+
+The analysis layer: it loads what the measurements need (scorers, labellers, a VAE decoder) and owns
+every default of the report's analyses (:data:`N_BOOT`, :data:`MAX_GRID`, :data:`COMMIT_MAX_SAMPLES`,
+:func:`coverage_params`, ...). ``trajlab.report`` only draws these files. One format: NetCDF
+(:func:`trajlab.analysis.io.save_dataset`), the same the ``analyses/*.py`` scripts write.
+
+Files under ``<out_dir>/results`` (:data:`RESULTS_DIR`):
+
+- ``groups.nc`` (group): configuration of every store group; attrs store, teacher, notes (JSON list).
+- ``metrics.nc`` (group): per-group metric table with bootstrap CIs (``*_ci_low`` / ``*_ci_high``).
+- ``step_consistency.nc``, ``negative_prompt.nc``, ``cfg.nc``, ``hybrid.nc`` (group): the sweeps.
+- ``commitment.nc``: per-group median commit sigma / step (group) and commitment curves
+  ``fraction_committed_<i>`` over ``sigma_level_<i>`` for the i-th group.
+- ``coverage.nc`` (group): precision / recall / density / coverage / NDB / JSD vs the teacher.
+- ``taxonomy.nc`` (row): the failure taxonomy (:mod:`trajlab.analysis.taxonomy`).
+- ``contraction/NN_<group>.nc``, ``covariance/NN_<group>.nc``: Jacobian results from ``analyses_dir``;
+  ``analyses_files.nc`` (file): a one-line summary of any other result file there.
+- ``image_grid/NN_<group>.nc``, ``filmstrip/NN_<group>.nc``: uint8 images (see :mod:`.result_images`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from trajlab.analysis import io
+from trajlab.analysis import sweeps as S
+from trajlab.analysis.result_images import filmstrips, image_grids, vae_decoder
+from trajlab.analysis.taxonomy import taxonomy, taxonomy_dataset
+
+RESULTS_DIR = "results"
+N_BOOT = 200                 # bootstrap resamples of the metric CIs
+MAX_GRID = 8                 # image grids: at most this many prompts x seeds per group
+COMMIT_MAX_SAMPLES = 64      # commitment: complete samples per group
+LABELLER_FIT_SAMPLES = 256   # nearest-centroid labeller: teacher samples it is fitted on
+LABELLER_COMPONENTS = 16     # ... and its PCA dims (capped by the sample count)
+COVERAGE_MIN_SAMPLES = 12    # mode coverage: fewest complete samples per group
+
+
+def coverage_params(m: int) -> dict:
+    """Mode-coverage parameters for ``m`` samples per group (the report's and the script's default):
+    n_components = min(8, m - 1), n_bins = max(2, min(10, m // 6)), n_pca = min(16, m - 1)."""
+    return {"n_components": min(8, m - 1), "n_bins": max(2, min(10, m // 6)), "n_pca": min(16, m - 1)}
+
+
+# -- commitment and coverage ----------------------------------------------------------------------
+def centroid_labeller(ref: xr.Dataset, n_classes: int | None = None):
+    """Nearest-centroid labeller (k-means classes, default one per prompt and >= 2) in the PCA space of
+    the first :data:`LABELLER_FIT_SAMPLES` complete final latents of ``ref``; (labeller, note) or
+    (None, why not)."""
+    from trajlab.analysis import commitment as C
+
+    n_cls = n_classes or max(2, int(np.unique(ref["prompt_index"].values).size))
+    ok = np.flatnonzero(np.asarray(ref["complete"].values))
+    if ok.size <= n_cls:
+        return None, f"teacher group {ref.attrs.get('group', '')} has {ok.size} complete samples; need > {n_cls} for k-means"
+    ok = ok[:LABELLER_FIT_SAMPLES]
+    fit = C.nearest_centroid_labeller(ref["final_latent"].isel(sample=ok).values.reshape(ok.size, -1),
+                                      n_classes=n_cls, n_components=min(LABELLER_COMPONENTS, ok.size - 1))
+    return fit, n_cls
+
+
+def commitment_results(groups, desc, decode=None, labeller=None, max_samples: int = COMMIT_MAX_SAMPLES):
+    """({group: label_stability result}, labeller note) for non-hybrid groups with >= 2 steps.
+
+    Labels: ``labeller`` (uint8 images -> labels) on x0 predictions decoded with ``decode`` when both
+    are given, else a :func:`centroid_labeller` fitted on the teacher group's final latents.
+    """
+    from trajlab.analysis import commitment as C
+
+    teacher = S.pick_teacher(desc)
+    out = {}
+    if labeller is not None and decode is not None:
+        def lab(feats, shape):
+            imgs = decode(np.asarray(feats, dtype=np.float32).reshape(-1, *shape))
+            return np.asarray(labeller((imgs * 255).round().astype(np.uint8))[0])
+        fit = None
+        note = f"labels: micro-world labeller on x0 predictions decoded with the VAE of {decode.model}"
+    else:
+        lab = None
+        if teacher is None:
+            return {}, "no teacher group to fit a nearest-centroid labeller on"
+        fit, n_cls = centroid_labeller(groups[teacher].assign_attrs(group=teacher))
+        if fit is None:
+            return {}, n_cls
+        note = f"labels: nearest-centroid ({n_cls} k-means classes) in the PCA space of {teacher}'s final latents"
+    for n, ds in groups.items():
+        if ds.sizes.get("step", 0) < 2 or desc[n]["role"] == "hybrid":
+            continue
+        ok = np.flatnonzero(np.asarray(ds["complete"].values))[:max_samples]
+        if ok.size == 0:
+            continue
+        shape = tuple(ds["final_latent"].shape[1:])
+        labeller_fn = (lambda f, shape=shape: lab(f, shape)) if lab is not None else fit
+        out[n] = C.label_stability(ds.isel(sample=ok).load(), labeller_fn)
+    return out, note
+
+
+def coverage_results(groups, desc) -> dict[str, xr.Dataset]:
+    """{student or hybrid group: mode_coverage vs the teacher} for groups with the teacher's prompts and
+    >= :data:`COVERAGE_MIN_SAMPLES` complete samples (parameters: :func:`coverage_params`)."""
+    from trajlab.analysis import coverage as V
+
+    teacher = S.pick_teacher(desc)
+    if teacher is None:
+        return {}
+    tds = groups[teacher]
+    t_ok = np.flatnonzero(np.asarray(tds["complete"].values))
+    res = {}
+    for n, d in desc.items():
+        if d["role"] == "teacher" or d["prompts"] != desc[teacher]["prompts"]:
+            continue
+        s_ok = np.flatnonzero(np.asarray(groups[n]["complete"].values))
+        m = min(t_ok.size, s_ok.size)
+        if m < COVERAGE_MIN_SAMPLES:
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res[n] = V.mode_coverage(tds.isel(sample=t_ok).load(), groups[n].isel(sample=s_ok).load(),
+                                     **coverage_params(m))
+    return res
+
+
+def commitment_dataset(commit: dict, desc: dict, note: str) -> xr.Dataset:
+    """Per-group commitment summary (group) + the i-th group's curve ``fraction_committed_<i>``."""
+    from trajlab.analysis import commitment as C
+
+    if not commit:
+        return xr.Dataset(attrs={"note": note or "no group with >= 2 steps"})
+    names = list(commit)
+    ds = xr.Dataset({"median_commit_sigma": ("group", [float(np.median(r["commit_sigma"])) for r in commit.values()]),
+                     "median_commit_step": ("group", [float(np.median(r["commit_step"])) for r in commit.values()]),
+                     "n_step": ("group", [int(r.attrs["n_step"]) for r in commit.values()])},
+                    coords={"group": names, "curve_label": ("group", [f"{desc[n]['label']} [{n}]" for n in names])},
+                    attrs={"note": note})
+    ds["median_commit_sigma"].attrs["units"] = "EDM sigma"
+    for i, r in enumerate(commit.values()):
+        c = C.commitment_curve(r)
+        ds[f"fraction_committed_{i}"] = c.rename({"sigma_level": f"sigma_level_{i}"})
+    return ds
+
+
+def coverage_dataset(coverage: dict, teacher: str | None) -> xr.Dataset:
+    keys = ("precision", "recall", "density", "coverage", "ndb_fraction", "jsd")
+    if not coverage:
+        return xr.Dataset(attrs={"note": "needs a teacher and a student group with the same prompts and >= "
+                                         f"{COVERAGE_MIN_SAMPLES} samples each"})
+    return xr.Dataset({k: ("group", [float(r[k]) for r in coverage.values()]) for k in keys},
+                      coords={"group": list(coverage)}, attrs={"teacher": teacher or ""})
+
+
+def groups_dataset(desc: dict, store, teacher: str | None, notes: list[str]) -> xr.Dataset:
+    keys = ("model", "scheduler", "steps", "guidance", "negative_prompt", "role", "n_samples", "label")
+    return xr.Dataset({k: ("group", [str(d[k]) for d in desc.values()]) for k in keys}, coords={"group": list(desc)},
+                      attrs={"store": str(store), "teacher": teacher or "", "notes": json.dumps(list(notes))})
+
+
+# -- the per-group metrics and sweeps -------------------------------------------------------------
+def metric_results(groups, desc, *, lpips: bool = True, n_boot: int = N_BOOT, scorers=None):
+    """(metrics table, {group: {prompt: CLIP score}}, {group: metric_suite result}, labeller, notes).
+
+    scorers: (embedder, lpips model, labeller, notes) instead of :func:`sweeps.default_scorers`."""
+    teacher = S.pick_teacher(desc)
+    embedder, lp, labeller, notes = scorers if scorers is not None else S.default_scorers(desc, lpips=lpips)
+    metrics, extra = S.group_metrics(groups, embedder, lp, labeller, n_boot=n_boot, teacher=teacher)
+    table = S.metrics_table(groups, metrics, extra)
+    per_prompt = {n: {int(p): float(v) for p, v in zip(m["prompt"].values, m["clip_score"].values)}
+                  for n, m in metrics.items() if "clip_score" in m}
+    return table, per_prompt, metrics, labeller, list(notes)
+
+
+def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: int = N_BOOT, scorers=None,
+                max_grid: int = MAX_GRID) -> dict:
+    """{result name: Dataset or {key: Dataset}} of every store analysis the report shows."""
+    from trajlab.experiments.configs import prompt_tags
+
+    groups = S.open_groups(store)
+    desc = S.describe_all(groups)
+    teacher = S.pick_teacher(desc)
+    table, per_prompt, metrics, labeller, notes = metric_results(groups, desc, lpips=lpips, n_boot=n_boot,
+                                                                 scorers=scorers)
+    stepc, neg = S.step_consistency(groups), S.negative_prompt_sensitivity(groups)
+    cfg, hyb = S.cfg_curves(groups, metrics), S.hybrid_sweep(groups, table)
+    try:
+        decode = vae_decoder(desc, model)
+    except Exception as exc:  # noqa: BLE001 - the report still builds with latent channels
+        decode = None
+        notes.append(f"no VAE for decoding x0 ({exc})")
+    commit, commit_note = commitment_results(groups, desc, decode, labeller)
+    coverage = coverage_results(groups, desc)
+    tax = taxonomy(desc, table.assign_attrs(per_prompt_clip=per_prompt), stepc, neg, cfg, commit, coverage, teacher,
+                   prompt_tags())
+    return {"groups": groups_dataset(desc, store, teacher, notes), "metrics": table, "step_consistency": stepc,
+            "negative_prompt": neg, "cfg": cfg, "hybrid": hyb, "commitment": commitment_dataset(commit, desc, commit_note),
+            "coverage": coverage_dataset(coverage, teacher), "taxonomy": taxonomy_dataset(tax),
+            "image_grid": image_grids(groups, desc, max_grid), "filmstrip": filmstrips(groups, desc, decode)}
+
+
+# -- results from analyses/*.py -------------------------------------------------------------------
+ANALYSIS_SUFFIXES = {"contraction": "_contraction.nc", "covariance": "_covariance.nc"}
+
+
+def analyses_results(analyses_dir) -> dict:
+    """{"contraction": {group: Dataset}, "covariance": {...}, "analyses_files": Dataset (file)} of the
+    NetCDF results under ``analyses_dir`` (what ``analyses/*.py`` and :mod:`.mechanistic` write)."""
+    found = sorted(Path(analyses_dir).glob("**/*.nc")) if analyses_dir else []
+    out: dict = {k: {} for k in ANALYSIS_SUFFIXES}
+    for key, suffix in ANALYSIS_SUFFIXES.items():
+        for f in found:
+            if f.name.endswith(suffix):
+                with xr.open_dataset(f) as d:
+                    out[key][d.attrs.get("group", f.stem)] = d.load()
+    lines = []
+    for f in found:
+        if f.name.endswith(tuple(ANALYSIS_SUFFIXES.values())):
+            continue
+        try:
+            with xr.open_dataset(f) as ds:
+                scal = {k: float(v) for k, v in ds.data_vars.items()
+                        if v.ndim == 0 and np.issubdtype(v.dtype, np.number)}
+                lines.append(f"{f.relative_to(analyses_dir)}: dims {dict(ds.sizes)}; group attr "
+                             f"{ds.attrs.get('group', '-')}; " + ", ".join(f"{k} = {v:.4g}" for k, v in list(scal.items())[:12]))
+        except Exception as exc:  # noqa: BLE001
+            lines.append(f"{f.name}: unreadable ({exc})")
+    out["analyses_files"] = xr.Dataset({"summary": ("file", np.asarray(lines, dtype=object))},
+                                       attrs={"n_found": len(found), "analyses_dir": str(analyses_dir or "")})
+    return out
+
+
+# -- writing ------------------------------------------------------------------------------------------
+def write_results(results: dict, results_dir) -> Path:
+    """Write {name: Dataset} as ``name.nc`` and {name: {key: Dataset}} as ``name/NN_<key>.nc`` (attr
+    ``key``) under ``results_dir``, replacing what was there; returns the directory."""
+    d = Path(results_dir)
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    for name, res in results.items():
+        if isinstance(res, xr.Dataset):
+            io.save_dataset(res, d / f"{name}.nc")
+            continue
+        (d / name).mkdir()
+        for i, (key, ds) in enumerate(res.items()):
+            io.save_dataset(ds, d / name / f"{i:02d}_{key}.nc", attrs={"key": key})
+    return d
+
+
+def compute_results(store, out_dir, *, model: str | None = None, lpips: bool = True, n_boot: int = N_BOOT,
+                    analyses_dir=None, scorers=None, max_grid: int = MAX_GRID) -> Path:
+    """Compute every result the report shows and write it to ``out_dir/results``; returns that path.
+
+    model: pipeline whose VAE decodes x0 filmstrips (default: a teacher model of the store if
+    available). analyses_dir: results of ``analyses/*.py`` (Jacobian contraction, covariance) to include.
+    scorers: (embedder, lpips_model, labeller, notes) to skip :func:`sweeps.default_scorers`.
+    """
+    results = compute_all(store, model=model, lpips=lpips, n_boot=n_boot, scorers=scorers, max_grid=max_grid)
+    results.update(analyses_results(analyses_dir))
+    return write_results(results, Path(out_dir) / RESULTS_DIR)
+
+
+__all__ = ["COMMIT_MAX_SAMPLES", "MAX_GRID", "N_BOOT", "RESULTS_DIR", "analyses_results", "centroid_labeller",
+           "commitment_dataset", "commitment_results", "compute_all", "compute_results", "coverage_dataset",
+           "coverage_params", "coverage_results", "groups_dataset", "metric_results", "write_results"]

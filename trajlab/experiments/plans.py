@@ -1,0 +1,284 @@
+"""Capture plans from user input: seeds, prompts, one grid expander (CLI flags and TOML), preflight, run.
+
+Everything here up to :func:`run_plans` imports no torch, so bad input is refused in well under a
+second, before any model loads. Errors are :class:`InputError` (one line for the user).
+
+Grid cell keys (a TOML table, a ``[[run]]`` entry merged over the top level, or the CLI flags):
+``GRID_KEYS`` take a value or a list (lists expand as a product, one plan per combination);
+``SCALAR_KEYS`` take one value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+GRID_KEYS = ("model", "scheduler", "steps", "guidance", "negative_prompt")
+SCALAR_KEYS = ("prompts", "prompts_file", "seeds", "loras", "height", "width", "dtype", "device", "images",
+               "batch_size", "group", "out")
+PLAN_DEFAULTS = {"seeds": "0:4", "dtype": "fp32", "device": "cpu", "images": True, "batch_size": 8}
+"""Defaults of a grid cell's scalar keys (the CLI's flags default to the same)."""
+
+
+class InputError(ValueError):
+    """Bad user input (a flag, a TOML file, a prompt list): printed as one line, exit status 2."""
+
+
+# -- seeds and prompts --------------------------------------------------------------------------
+def parse_seeds(text) -> list[int]:
+    """``"0:32"`` (half-open range), ``"0,3,7"``, ``"5"``, or a list of ints -> list of seeds."""
+    if isinstance(text, int):
+        return [text]
+    if isinstance(text, list):
+        return [s for part in text for s in parse_seeds(part)]
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            if ":" in part:
+                a, b = part.split(":")
+                seeds.extend(range(int(a), int(b)))
+            elif part:
+                seeds.append(int(part))
+        except ValueError:
+            raise InputError(f"--seeds {text!r}: expected START:STOP, a comma list or an integer") from None
+    if not seeds:
+        raise InputError(f"--seeds {text!r} selects no seeds")
+    return seeds
+
+
+def read_prompts(path) -> list[str]:
+    """Prompts from a text file (one per line, ``#`` comments) or a prompt-suite TOML (``[[prompt]] text = ...``)."""
+    import tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--prompts {path}: no such file")
+    if p.suffix == ".toml":
+        try:
+            entries = tomllib.loads(p.read_text()).get("prompt", [])
+        except tomllib.TOMLDecodeError as exc:
+            raise InputError(f"--prompts {path}: malformed TOML: {exc}") from None
+        if not all(isinstance(e, dict) and isinstance(e.get("text"), str) for e in entries):
+            raise InputError(f"--prompts {path}: every [[prompt]] needs a text string")
+        return [e["text"] for e in entries]
+    return [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def listify(v) -> list:
+    return v if isinstance(v, list) else [v]
+
+
+# -- plans ----------------------------------------------------------------------------------------
+def resolve_plan(**kw):
+    """A CapturePlan with unset model-dependent fields (scheduler, steps, guidance) from the registry."""
+    from trajlab.capture.plan import CapturePlan
+    from trajlab.models.registry import get
+
+    spec = get(kw["model"]) if isinstance(kw["model"], str) else None
+    defaults = {"scheduler": spec.scheduler if spec else "default", "steps": spec.steps if spec else 30,
+                "guidance": spec.guidance if spec else 7.5}
+    for k, v in defaults.items():
+        if kw.get(k) is None:
+            kw[k] = v
+    if spec is not None and spec.role == "exact":
+        kw["images"] = False  # exact worlds have no decoder
+    if kw.get("negative_prompt") == "":
+        kw["negative_prompt"] = None
+    return CapturePlan(**kw)
+
+
+def check_cell_keys(cell: dict, where: str) -> None:
+    unknown = set(cell) - set(GRID_KEYS) - set(SCALAR_KEYS)
+    if unknown:
+        raise InputError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(GRID_KEYS + SCALAR_KEYS)}")
+
+
+def expand_cell(cell: dict, *, prompts: list[str], seeds: list[int], mapped: Callable[[str], str] = str,
+                device: str | None = None, skip: Callable[[str, str | None], str | None] | None = None,
+                notes: list[str] | None = None) -> list:
+    """The one grid expander: every combination of the cell's GRID_KEYS values -> a CapturePlan.
+
+    prompts/seeds: already resolved (see :func:`cell_prompts`); mapped: model-name substitution;
+    device: overrides the cell's; skip(model, negative_prompt) -> a note (appended to ``notes``)
+    when that combination cannot run, None to keep it.
+    """
+    plans = []
+    for model, sched, steps, guidance, neg in itertools.product(*[listify(cell.get(k)) for k in GRID_KEYS]):
+        model = mapped(model)
+        note = skip(model, neg) if skip is not None else None
+        if note:
+            if notes is not None:
+                notes.append(note)
+            continue
+        plan = resolve_plan(model=model, scheduler=sched, steps=steps, guidance=guidance, negative_prompt=neg,
+                            prompts=list(prompts), seeds=list(seeds), loras=listify(cell.get("loras", [])),
+                            height=cell.get("height"), width=cell.get("width"),
+                            dtype=cell.get("dtype", PLAN_DEFAULTS["dtype"]),
+                            device=device or cell.get("device") or PLAN_DEFAULTS["device"],
+                            images=cell.get("images", PLAN_DEFAULTS["images"]),
+                            batch_size=cell.get("batch_size") or PLAN_DEFAULTS["batch_size"])
+        if cell.get("group") and cell["group"] != plan.group_name():  # its own derived name is no change
+            plan.extra["group"] = cell["group"]
+        plans.append(plan)
+    return plans
+
+
+def cell_prompts(cell: dict, base: Path | None = None, read=read_prompts) -> list[str]:
+    """``prompts`` (a list) + the prompts of ``prompts_file`` (resolved with ``read``)."""
+    prompts = list(cell.get("prompts") or [])
+    if cell.get("prompts_file"):
+        f = Path(cell["prompts_file"])
+        prompts += read(f if f.is_absolute() or base is None or f.is_file() else base / f)
+    return prompts
+
+
+def plans_from_config(path) -> tuple[list, dict]:
+    """Plans from a TOML grid: top-level defaults, optional ``[[run]]`` tables; list values expand.
+
+    Returns (plans, options) where options holds ``out`` if given.
+    """
+    import tomllib
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--config {path}: no such file")
+    try:
+        doc = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"--config {path}: malformed TOML: {exc}") from None
+    runs = doc.pop("run", None) or [{}]
+    plans = []
+    for r in runs:
+        cell = {**doc, **r}
+        check_cell_keys(cell, f"--config {path}")
+        if "model" not in cell:
+            raise InputError(f"--config {path}: every run needs a 'model'")
+        plans += expand_cell(cell, prompts=cell_prompts(cell), seeds=parse_seeds(cell.get("seeds", "0:4")))
+    return plans, {"out": doc.get("out")}
+
+
+# -- checks before any load -----------------------------------------------------------------------
+def check_writable(out: str) -> None:
+    p = Path(out)
+    parent = p if p.exists() else p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if p.exists() and not p.is_dir():
+        raise InputError(f"--out {out}: exists and is not a store directory")
+    if not parent.is_dir():
+        raise InputError(f"--out {out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--out {out}: {parent} is not writable")
+
+
+def plan_group(plan) -> str:
+    """The store group a plan writes (its ``extra["group"]`` if set, else its derived name)."""
+    return plan.extra.get("group") or plan.group_name()
+
+
+def preflight(plans, out: str) -> None:
+    """Every check that can fail, done before any model loads (plans, checkpoints, store, groups)."""
+    from trajlab import store
+    from trajlab.capture.plan import PlanError
+    from trajlab.models.loading import ModelNotAvailable, check_available
+    from trajlab.models.registry import parse_lora
+
+    check_writable(out)
+    existing = []
+    if Path(out).exists():
+        try:
+            store.validate(out)
+        except store.StoreError as exc:
+            raise InputError(f"--out {out}: not a valid trajlab store ({exc})") from None
+        existing = store.group_names(out)
+    seen = set()
+    for plan in plans:
+        try:
+            plan.validate()
+            check_available(plan.model, tuple(parse_lora(x) for x in plan.loras))
+            hybrid = plan.extra.get("hybrid")
+            if hybrid:
+                check_available(hybrid["student"])
+        except (PlanError, ModelNotAvailable) as exc:
+            raise InputError(str(exc)) from None
+        group = plan_group(plan)
+        if group in seen:
+            raise InputError(f"two runs of the config map to the same group {group!r}")
+        seen.add(group)
+        if group in existing:
+            try:
+                store.check_config(out, group, plan.config())
+            except store.ConfigMismatch as exc:
+                raise InputError(str(exc)) from None
+
+
+# -- running ----------------------------------------------------------------------------------------
+class PipelineCache:
+    """Loaded pipelines keyed by what they were loaded from; holds one key at a time (memory)."""
+
+    def __init__(self):
+        self._key, self._value = None, None
+
+    def get(self, key, load: Callable[[], object]):
+        if key != self._key:
+            self._key, self._value = None, None
+            self._value, self._key = load(), key
+        return self._value
+
+
+def plan_pipeline(plan, cache: PipelineCache):
+    """The pipeline a plan captures: loaded (or reused from ``cache``) with the plan's scheduler set."""
+    from trajlab.models.loading import load_pipeline
+    from trajlab.models.registry import parse_lora
+    from trajlab.models.schedulers import make_scheduler
+
+    hybrid = plan.extra.get("hybrid")
+    if hybrid:
+        from trajlab.models.hybrid import load_hybrid_pipeline
+
+        key = ("hybrid", hybrid["teacher"], hybrid["student"], hybrid["mechanism"], plan.dtype, plan.device)
+        pipe = cache.get(key, lambda: load_hybrid_pipeline(hybrid, dtype=plan.dtype, device=plan.device))
+        pipe.configure(hybrid)
+        return pipe
+    key = (plan.model, tuple(plan.loras), plan.dtype, plan.device)
+
+    def load():
+        pipe = load_pipeline(plan.model, loras=tuple(parse_lora(x) for x in plan.loras), dtype=plan.dtype,
+                             device=plan.device, scheduler="default")
+        return pipe, dict(pipe.scheduler.config)
+
+    pipe, base_config = cache.get(key, load)
+    pipe.scheduler = make_scheduler(plan.scheduler, base_config)
+    return pipe
+
+
+def run_plans(plans, out: str, progress: bool = True, cache: PipelineCache | None = None) -> list:
+    """Capture every plan into ``out`` (each model loaded once); print a one-line summary.
+
+    Returns the CaptureResults. ``cache`` lets several calls share loaded pipelines.
+    """
+    from trajlab import store
+    from trajlab.capture.run import capture
+
+    t0 = time.perf_counter()
+    cache = cache or PipelineCache()
+    results = []
+    for plan in plans:
+        pipe = plan_pipeline(plan, cache)
+        results.append(capture(pipe, plan, out, group=plan.extra.get("group"), progress=progress))
+    written = sum(r.samples_written for r in results)
+    skipped = sum(r.samples_skipped for r in results)
+    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    print(f"captured {written} samples ({skipped} already complete) in {len(plans)} group(s) into {out}: "
+          f"{size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
+    store.validate(out)
+    return results
+
+
+__all__ = ["GRID_KEYS", "InputError", "PLAN_DEFAULTS", "PipelineCache", "SCALAR_KEYS", "cell_prompts",
+           "check_cell_keys", "check_writable", "expand_cell", "listify", "parse_seeds", "plan_group",
+           "plan_pipeline", "plans_from_config", "preflight", "read_prompts", "resolve_plan", "run_plans"]
