@@ -34,7 +34,8 @@ def parse(argv=None):
     p.add_argument("--labeller", choices=("centroid", "micro"), default="centroid",
                    help="centroid: nearest centroid in latent space; micro: VAE decode + micro-world digit CNN")
     p.add_argument("--n-classes", type=int, default=4, help="k-means classes when no mixture world is known")
-    p.add_argument("--n-components", type=int, default=16, help="PCA dims of the nearest-centroid labeller")
+    p.add_argument("--n-components", type=int, default=L.CENTROID_COMPONENTS,
+                   help="PCA dims of the nearest-centroid labeller")
     p.add_argument("--tau", type=float, default=0.9, help="cosine threshold")
     p.add_argument("--world", help="exact world preset name or JSON recipe (default: from group attrs)")
     p.add_argument("--clone", action="store_true", help="run the clone experiment (two-class world)")

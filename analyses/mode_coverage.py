@@ -3,9 +3,11 @@ recall / density / coverage and (mixture worlds) covered components, with the cl
 ratio beside the measurement in Gaussian worlds.
 
     python analyses/mode_coverage.py runs/x.zarr --teacher G --student G [--student G ...] --out DIR
-        [--n-components 16] [--n-bins 20] [--n-pca 64] [--world gmm-10mode]
+        [--n-components K] [--n-bins B] [--n-pca P] [--world gmm-10mode]
 
-Writes coverage_<student>.nc, summary.tsv and PNGs into --out. Default students: every other group.
+Computed by trajlab.analysis.results.coverage_vs_teacher (the report's function; defaults adapt to
+the sample count m, see coverage_params). Writes coverage_<student>.nc, summary.tsv and PNGs into
+--out. Default students: every other group.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pathlib import Path  # noqa: E402
 
-from trajlab.analysis import coverage as V  # noqa: E402
 from trajlab.analysis import io  # noqa: E402
+from trajlab.analysis.results import coverage_vs_teacher  # noqa: E402
 from trajlab.plots import coverage as P  # noqa: E402
 
 
@@ -24,9 +26,11 @@ def parse(argv=None):
     p = io.script_parser(__doc__, groups=False)
     p.add_argument("--teacher", required=True, help="teacher group")
     p.add_argument("--student", action="append", help="student group (repeatable; default all others)")
-    p.add_argument("--n-components", type=int, default=16, help="teacher PCA components for variance ratios")
-    p.add_argument("--n-bins", type=int, default=20, help="k-means bins for NDB / JSD")
-    p.add_argument("--n-pca", type=int, default=None, help="k-NN / k-means in the top n teacher PCs (default raw)")
+    p.add_argument("--n-components", type=int, default=None,
+                   help="teacher PCA components for variance ratios (default: min(8, m - 1), m = samples per group)")
+    p.add_argument("--n-bins", type=int, default=None, help="k-means bins for NDB / JSD (default: max(2, min(10, m // 6)))")
+    p.add_argument("--n-pca", type=int, default=None,
+                   help="k-NN / k-means in the top n teacher PCs (default: min(16, m - 1))")
     p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--world", help="exact world preset or JSON recipe (default: from the teacher's attrs)")
     return p.parse_args(argv)
@@ -45,15 +49,15 @@ def main(argv=None):
 
     results, theory, rows = {}, {}, []
     for name, st in students.items():
-        res = V.group_mode_coverage(teacher, st.load(), world, n_components=a.n_components, n_bins=a.n_bins,
-                                    alpha=a.alpha, seed=a.seed, n_pca=a.n_pca)
+        res = coverage_vs_teacher(teacher, st.load(), world, n_components=a.n_components, n_bins=a.n_bins,
+                                  n_pca=a.n_pca, alpha=a.alpha, seed=a.seed)
         results[name] = res
         io.save_dataset(res, out / f"coverage_{name}.nc", attrs={"group": name, "teacher": a.teacher})
         io.save_figure(P.plot_ndb_bins(res, title=f"{name}: NDB={int(res['ndb'])}, JSD={float(res['jsd']):.3g}"),
                        out / f"ndb_{name}.png")
         line = (f"{name}\tprecision={float(res['precision']):.3f}\trecall={float(res['recall']):.3f}\t"
                 f"density={float(res['density']):.3f}\tcoverage={float(res['coverage']):.3f}\t"
-                f"ndb={int(res['ndb'])}/{a.n_bins}\tjsd={float(res['jsd']):.4f}")
+                f"ndb={int(res['ndb'])}/{res.sizes['bin']}\tjsd={float(res['jsd']):.4f}")
         if "n_covered" in res:
             line += f"\tcovered={int(res['n_covered'])}/{res.sizes['mode']}"
         if "theory_variance_ratio" in res:

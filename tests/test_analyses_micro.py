@@ -136,7 +136,7 @@ def test_jacobian_contraction_script_replays_the_captured_samplers(micro_store, 
     _script("jacobian_contraction").main([str(path), "--out", str(tmp_path), "--samples", "1", "--probes", "2",
                                           "--power-iters", "2"])
     for g in (teacher, student):
-        prof = xr.open_zarr(tmp_path / f"{g}_contraction.zarr", consolidated=False).load()
+        prof = xr.open_dataset(tmp_path / f"{g}_contraction.nc").load()
         assert prof.sizes["step"] == _steps(g) and prof.sizes["sample"] == 1
         for v in ("fro2", "spectral_norm", "whole_fro2"):
             assert np.all(np.isfinite(prof[v].values) & (prof[v].values > 0)), v
@@ -150,7 +150,7 @@ def test_jacobian_contraction_script_replays_the_captured_samplers(micro_store, 
 def test_covariance_propagation_script(micro_store, tmp_path):
     path, teacher, student = micro_store
     _script("covariance_propagation").main([str(path), "--out", str(tmp_path), "--components", "2", "--probes", "2",
-                                            "--dense-max", "0", "--format", "nc"])
+                                            "--dense-max", "0"])
     for g in (teacher, student):
         res = xr.open_dataset(tmp_path / f"{g}_covariance.nc").load()
         assert res.sizes["prompt"] == len(PROMPTS)

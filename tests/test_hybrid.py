@@ -2,11 +2,12 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from trajlab import store
 from trajlab.capture import CapturePlan, capture
-from trajlab.study.hybrid import HybridSpec, SwitchScheduler, capture_hybrid, handoff_grid, hybrid_plan
+from trajlab.models.hybrid import HybridSpec, SwitchScheduler, capture_hybrid, handoff_grid, hybrid_plan
 
 PROMPTS = ["a cat", "a dog"]
 SEEDS = [0, 1]
@@ -108,3 +109,67 @@ def test_spec_validation():
         HybridSpec("a", "b", 7, teacher_steps=6).validate()
     with pytest.raises(ValueError, match="mechanism"):
         HybridSpec("a", "b", 1, mechanism="magic").validate()
+
+
+def _assert_replays(ds, h, teacher_base, student_base):
+    """The store's convention on a fresh scheduler per part: latent[:, i+1] == step(model_output[:, i],
+    timestep[i], latent[:, i]) (teacher DDIM, then student LCM with the captured noise); the last
+    step gives final_latent."""
+    from trajlab.models.denoiser import replay_generators
+    from trajlab.models.schedulers import make_scheduler
+
+    lat, mo = (torch.from_numpy(np.asarray(ds[v].values)) for v in ("latent", "model_output"))
+    k, n = len(h["teacher_timesteps"]), ds.sizes["step"]
+    nxt = torch.cat([lat[:, 1:], torch.from_numpy(np.asarray(ds["final_latent"].values))[:, None]], 1)
+    teacher = make_scheduler(h["teacher_scheduler"], teacher_base)
+    teacher.set_timesteps(h["teacher_steps"])
+    student = make_scheduler(h["student_scheduler"], student_base)
+    student.set_timesteps(timesteps=h["student_timesteps"]) if k else student.set_timesteps(h["student_steps"])
+    gens = replay_generators(ds["seed"].values, lat.shape[2:])
+    for i in range(n):
+        s, t = (teacher, teacher.timesteps[i]) if i < k else (student, student.timesteps[i - k])
+        kw = {"generator": gens} if s is student else {}
+        out = s.step(mo[:, i], t, lat[:, i], return_dict=False, **kw)[0]
+        assert torch.equal(out, nxt[:, i]), f"step {i}"
+
+
+def test_sd_hybrid_replays_on_fresh_schedulers(pipes, tmp_path):
+    teacher, student = pipes
+    out = str(tmp_path / "r.zarr")
+    plan = hybrid_plan(HybridSpec("tiny-sd", "tiny-lcm", 2, T, S, 5.0, 8.0), PROMPTS, SEEDS, images=False)
+    g = capture_hybrid(teacher, student, plan, out).group
+    _assert_replays(store.open_group(out, g).load(), plan.extra["hybrid"], dict(teacher.scheduler.config),
+                    dict(student.scheduler.config))
+
+
+def test_sdxl_hybrid_through_plain_capture_replays(tmp_path):
+    """An SDXL hybrid (tiny-sdxl teacher with CFG + added conditioning, tiny-sdxl student with an LCM
+    scheduler) loads from its plan record, captures through the plain capture() and replays; the
+    pipeline's unet (DenoiserSwitch) is called once per step of both parts."""
+    from trajlab.models.hybrid import HybridPipeline, load_hybrid_pipeline
+    from trajlab.models.schedulers import make_scheduler
+    from trajlab.models.tiny import tiny_sdxl
+
+    base = dict(tiny_sdxl().scheduler.config)
+    spec = HybridSpec("tiny-sdxl", "tiny-sdxl", 2, 4, 3, 5.0, 1.0, "ddim", "lcm")
+    plan = hybrid_plan(spec, PROMPTS, SEEDS, teacher_sched=make_scheduler("ddim", base),
+                       student_sched=make_scheduler("lcm", base), images=True)
+    h = plan.extra["hybrid"]
+    pipe = load_hybrid_pipeline(h, dtype="fp32", device="cpu")
+    assert isinstance(pipe, HybridPipeline) and pipe.teacher_pipe is not pipe.student_pipe
+    with pytest.raises(ValueError, match="differ"):
+        pipe.configure({**h, "teacher_timesteps": [t + 1 for t in h["teacher_timesteps"]]})
+    pipe.configure(h)
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda m, a, o: calls.append((m.active, a[0].shape[0])))
+    try:
+        pipe(PROMPTS[:1], generator=[torch.Generator().manual_seed(0)], output_type="latent")
+    finally:
+        handle.remove()
+    assert calls == [("teacher", 2)] * 2 + [("student", 1)] * len(h["student_timesteps"])
+    out = str(tmp_path / "xl.zarr")
+    res = capture(pipe, plan, out, group=plan.extra["group"], progress=False)
+    ds = store.open_group(out, res.group).load()
+    assert ds.attrs["pipeline_class"] == "HybridPipeline" and ds.sizes["step"] == 2 + len(h["student_timesteps"])
+    assert np.isfinite(ds["x0_pred"].values).all() and ds["image"].shape[0] == 4
+    _assert_replays(ds, h, base, base)

@@ -12,6 +12,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from trajlab.analysis import jacobian as jac
+from trajlab.analysis.attention_jvp import fused_sdpa_supports_jvp
 from trajlab.analysis import theory as th
 from exact_helpers import exact_trajectories
 from trajlab.models.exact import build_exact_world, gmm_denoiser_jacobian
@@ -246,7 +247,7 @@ def test_tiny_unet_jvp_math_backend_matches_finite_differences():
     """Fused SDPA has no forward-AD rule on CPU: detected (False), plain jvp raises, attention_context
     falls back to the MATH backend with a warning; the JVP then matches central finite differences
     (fp64: 1e-6 relative) and the fp64 JVP (fp32: 1e-3 relative)."""
-    assert jac.fused_sdpa_jvp_works("cpu", torch.float32) is False
+    assert fused_sdpa_supports_jvp("cpu", torch.float32) is False
     unet64 = _tiny_unet(F64)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g, dtype=F64)

@@ -165,7 +165,7 @@ def cmd_report(args) -> int:
     if args.analyses and not Path(args.analyses).is_dir():
         raise CliError(f"--analyses {args.analyses}: no such directory")
     _quiet_libraries()
-    from trajlab.report import report_store
+    from trajlab.experiments.reporting import report_store
 
     path = report_store(args.store, args.out, model=args.model, analyses_dir=args.analyses, lpips=not args.no_lpips,
                         n_boot=args.n_boot)
@@ -183,6 +183,18 @@ def cmd_demo(args) -> int:
     path = run_demo(args.out, quick=args.quick, tiny=args.tiny, hybrid=not args.no_hybrid,
                     mechanistic=not args.no_jacobian, control=not args.no_control)
     print(f"report: {path}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from trajlab.experiments.plans import check_writable
+
+    check_writable(args.out)
+    if args.replicates is not None and args.replicates < 2:
+        raise CliError(f"--replicates {args.replicates}: must be >= 2")
+    from trajlab.experiments.calibrate import run_calibrate
+
+    run_calibrate(args.out, quick=args.quick, replicates=args.replicates, progress=not args.quiet)
     return 0
 
 
@@ -277,6 +289,18 @@ def add_study(sub) -> None:
     d.add_argument("--no-control", action="store_true", help="skip the guidance-sweep and negative-prompt groups")
 
 
+def add_calibrate(sub) -> None:
+    c = _sub(sub, "calibrate", "false-positive rate and power of the verdict engine on planted failures "
+                               "(exact GMM worlds)", """examples:
+  trajlab calibrate --out runs/calibration            # full: 100 replicate seed sets
+  trajlab calibrate --out runs/calibration --quick    # CI-sized: 20 replicates
+last line: `calibration: N/M failure modes with FPR <= 0.05 and power >= 0.9`.""", cmd_calibrate)
+    c.add_argument("--out", required=True, help="directory for calibration.nc, calibration.csv, power_curves.png")
+    c.add_argument("--quick", action="store_true", help="20 replicates, 500 bootstrap draws")
+    c.add_argument("--replicates", type=int, default=None, help="replicate seed sets (default 100; quick 20)")
+    c.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from trajlab import __version__
 
@@ -292,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sub(sub, "models", "list the model registry (name, role, scheduler, steps, guidance, availability)",
          "example:\n  trajlab models", cmd_models)
     add_study(sub)
+    add_calibrate(sub)
     return ap
 
 

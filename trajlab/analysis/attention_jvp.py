@@ -9,6 +9,11 @@ the math backend costs ~4.5x a fused forward. Here the primal stays on
 either by a memory-blocked pure-torch loop over query blocks (any device/dtype) or by a
 flash-style Triton kernel (CUDA; `trajlab.kernels.flash_jvp`).
 
+The one switch for "network calls under forward-mode AD" is `attention_context(model)`: a no-op
+outside forward mode or where the fused kernel has a forward-AD rule (`fused_sdpa_supports_jvp`),
+else the math SDPA backend (default, what the Jacobian analyses use) or, with impl="fused", the
+fused primal with the custom tangent rule here (`jvp_attention`).
+
 Shapes: q (..., M, D), k (..., N, D), v (..., N, Dv), output (..., M, Dv); leading dims are batch
 dims (B, H for diffusers). Tangents have the shapes of their primals (or None = zero).
 """
@@ -16,6 +21,7 @@ dims (B, H for diffusers). Tangents have the shapes of their primals (or None = 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 
@@ -31,6 +37,8 @@ __all__ = [
     "FusedSDPAWithJVP",
     "sdpa_with_jvp",
     "fused_sdpa_supports_jvp",
+    "forward_mode_active",
+    "attention_context",
     "JVPAttnProcessor",
     "jvp_attention",
     "matched_tangent_dtypes",
@@ -257,6 +265,64 @@ def fused_sdpa_supports_jvp(device, dtype, head_dim: int = 64, seq_len: int = 16
         return bool(torch.isfinite(out_t).all())
     except (NotImplementedError, RuntimeError):
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _default_kernel_supports_jvp(device: str, dtype: torch.dtype) -> bool:
+    return fused_sdpa_supports_jvp(device, dtype)
+
+
+def _model_device_dtype(model) -> tuple[str, torch.dtype]:
+    if isinstance(model, torch.nn.Module):
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                return str(t.device), t.dtype
+    return "cpu", torch.float32
+
+
+def _has_attention(model) -> bool:
+    """True unless `model` is an nn.Module without any attention submodule (by class name)."""
+    if not isinstance(model, torch.nn.Module):
+        return True
+    return any("attention" in type(m).__name__.lower() or type(m).__name__ == "Attention" for m in model.modules())
+
+
+def forward_mode_active() -> bool:
+    """True inside `torch.func.jvp` (at any depth of the functorch transform stack, e.g. vmap of
+    jvp) or a `torch.autograd.forward_ad.dual_level`."""
+    import torch.autograd.forward_ad as fwAD
+    from torch._C._functorch import TransformType, get_interpreter_stack
+
+    if getattr(fwAD, "_current_level", -1) >= 0:
+        return True
+    return any(i.key() == TransformType.Jvp for i in (get_interpreter_stack() or ()))
+
+
+def attention_context(model=None, impl: str = "math") -> contextlib.AbstractContextManager:
+    """Context manager for network calls of `model` under forward-mode AD (the one switch).
+
+    nullcontext() outside forward-mode AD (`forward_mode_active`: plain calls and VJPs keep the
+    fused kernels, whose backward exists), when the model has no attention module, or when a JVP
+    through the default SDPA kernel works on the model's device/dtype (`fused_sdpa_supports_jvp`,
+    cached).  Otherwise impl="math" warns and returns `sdpa_kernel(SDPBackend.MATH)` (~4.5x a fused
+    forward per FACTS.md); impl="fused" returns `jvp_attention(model)` (fused primal, custom tangent).
+    """
+    if impl not in ("math", "fused"):
+        raise ValueError(f"impl must be 'math' or 'fused'; got {impl!r}")
+    if not forward_mode_active():
+        return contextlib.nullcontext()
+    device, dtype = _model_device_dtype(model)
+    if not _has_attention(model) or _default_kernel_supports_jvp(device, dtype):
+        return contextlib.nullcontext()
+    if impl == "fused":
+        return jvp_attention(model)
+    warnings.warn(
+        f"forward-mode AD through fused SDPA fails on {device}/{dtype}: using the MATH attention backend "
+        "for JVPs (~4.5x slower than the fused kernel, FACTS.md)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 class _CastTangent(torch.autograd.Function):

@@ -2,7 +2,7 @@
 
 Inputs: a store group Dataset (`final_latent` (sample, channel, y, x), `latent` (sample, step, ...),
 coord `prompt_index` on sample) and the sampler map f: latent_0 -> final latent
-(`trajlab.analysis.jacobian.sampler_map`), one per prompt.  Cov[x_T] = input_var * I with
+(`trajlab.models.denoiser.sampler_map`), one per prompt.  Cov[x_T] = input_var * I with
 input_var = init_noise_sigma^2 (the pipeline draws latent_0 = N(0, I) * init_noise_sigma).
 
 Comparisons, per prompt (dims prompt, component):
@@ -31,6 +31,8 @@ import torch
 import xarray as xr
 
 from trajlab.analysis import jacobian as jac
+from trajlab.models.denoiser import sampler_map
+from trajlab.models.schedulers import scheduler_from_attrs
 
 __all__ = ["empirical_covariance", "empirical_pcs", "predicted_covariance", "covariance_propagation",
            "group_sampler_maps", "variance_ratio_theory", "group_covariance_propagation"]
@@ -190,13 +192,13 @@ def group_sampler_maps(ds: xr.Dataset, pipe, scheduler=None, *, dtype=None, seed
     stochastic schedulers is held fixed by a generator seeded with `seed`."""
     import inspect
 
-    scheduler = scheduler if scheduler is not None else jac.scheduler_from_attrs(ds.attrs)
+    scheduler = scheduler if scheduler is not None else scheduler_from_attrs(ds.attrs)
     steps = int(ds.attrs.get("steps", ds.sizes["step"]))
     dtype = dtype or jac.jvp_dtype(pipe)
     stochastic = "generator" in inspect.signature(scheduler.step).parameters
 
     def make(model_fn):
-        return jac.sampler_map(scheduler, model_fn, steps,
+        return sampler_map(scheduler, model_fn, steps,
                                generator=torch.Generator().manual_seed(seed) if stochastic else None)
 
     if not hasattr(pipe, "encode_prompt"):
@@ -218,7 +220,7 @@ def variance_ratio_theory(ds: xr.Dataset, world, scheduler=None) -> xr.Dataset |
 
     if world is None or int(world.means.shape[0]) != 1:
         return None
-    scheduler = scheduler if scheduler is not None else jac.scheduler_from_attrs(ds.attrs)
+    scheduler = scheduler if scheduler is not None else scheduler_from_attrs(ds.attrs)
     steps = int(ds.attrs.get("steps", ds.sizes["step"]))
     lam, U, _ = th.gaussian_eigensystem(world)
     grid = th.ddim_grid(scheduler, steps)
@@ -239,7 +241,7 @@ def group_covariance_propagation(ds: xr.Dataset, pipe, scheduler=None, *, n_comp
     (at, rank, dense_max, method)."""
     import copy
 
-    scheduler = scheduler if scheduler is not None else jac.scheduler_from_attrs(ds.attrs)
+    scheduler = scheduler if scheduler is not None else scheduler_from_attrs(ds.attrs)
     steps = int(ds.attrs.get("steps", ds.sizes["step"]))
     s = copy.deepcopy(scheduler)
     s.set_timesteps(steps)

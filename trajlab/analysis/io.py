@@ -21,15 +21,18 @@ import xarray as xr
 
 from trajlab.store import decode_attr
 
-__all__ = ["script_parser", "open_groups", "resolve_pipeline", "exact_world", "save_dataset", "save_figure",
+__all__ = ["RESULT_SUFFIX", "script_parser", "open_groups", "resolve_pipeline", "exact_world", "save_dataset", "save_figure",
            "json_safe_attrs"]
 
 
-def script_parser(doc: str, *, groups: bool = True, model: bool = False,
-                  result_format: bool = False) -> argparse.ArgumentParser:
+RESULT_SUFFIX = ".nc"
+"""Result files of the analysis scripts and the report: NetCDF (what `trajlab report --analyses DIR` reads)."""
+
+
+def script_parser(doc: str, *, groups: bool = True, model: bool = False) -> argparse.ArgumentParser:
     """The arguments every analysis script shares: `store`, `--out` (created by the script), `--seed`;
     `--group` (repeatable; default all) unless groups=False; `--model` (override the group's `model`
-    attr) with model=True; `--format zarr|nc` with result_format=True. The description is the first
+    attr) with model=True. Results are written as NetCDF (`RESULT_SUFFIX`). The description is the first
     paragraph of `doc` (the script's docstring)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("store", help="trajectory store (zarr)")
@@ -39,9 +42,6 @@ def script_parser(doc: str, *, groups: bool = True, model: bool = False,
         p.add_argument("--group", action="append", default=None, help="group name (repeatable; default: all groups)")
     if model:
         p.add_argument("--model", default=None, help="model name for JVPs (default: the group's `model` attr)")
-    if result_format:
-        p.add_argument("--format", choices=("zarr", "nc"), default="zarr",
-                       help="result files: Zarr v3 (default) or NetCDF (what `trajlab report --analyses DIR` reads)")
     return p
 
 

@@ -19,10 +19,13 @@ import numpy as np
 from trajlab.analysis.commitment import Labeller, nearest_centroid_labeller
 from trajlab.analysis.coverage import features
 
-__all__ = ["shared_labeller", "decode_latents", "decoded_labeller", "micro_labeller", "group_labellers"]
+CENTROID_COMPONENTS = 16
+"""PCA dims of nearest-centroid labellers (capped by the sample count): the commitment script's and the report's."""
+
+__all__ = ["CENTROID_COMPONENTS", "shared_labeller", "decode_latents", "decoded_labeller", "micro_labeller", "group_labellers"]
 
 
-def shared_labeller(datasets, world=None, n_classes: int = 4, n_components: int | None = 16, seed: int = 0,
+def shared_labeller(datasets, world=None, n_classes: int = 4, n_components: int | None = CENTROID_COMPONENTS, seed: int = 0,
                     var: str = "final_latent") -> Labeller:
     """Nearest-centroid labeller shared by `datasets` (iterable of group Datasets).
 
@@ -86,7 +89,7 @@ def micro_labeller(pipe, latent_shape, batch_size: int = 256) -> Labeller:
 
 
 def group_labellers(datasets: dict, kind: str = "centroid", world=None, *, n_classes: int = 4,
-                    n_components: int | None = 16, seed: int = 0) -> dict:
+                    n_components: int | None = CENTROID_COMPONENTS, seed: int = 0) -> dict:
     """{group name: labeller} for store groups {name: Dataset}.
 
     kind "centroid": one `shared_labeller` for all groups (labels comparable across samplers).

@@ -34,6 +34,7 @@ import xarray as xr
 
 from trajlab.analysis import io
 from trajlab.analysis import sweeps as S
+from trajlab.analysis.labellers import CENTROID_COMPONENTS
 from trajlab.analysis.result_images import filmstrips, image_grids, vae_decoder
 from trajlab.analysis.taxonomy import taxonomy, taxonomy_dataset
 
@@ -42,7 +43,6 @@ N_BOOT = 200                 # bootstrap resamples of the metric CIs
 MAX_GRID = 8                 # image grids: at most this many prompts x seeds per group
 COMMIT_MAX_SAMPLES = 64      # commitment: complete samples per group
 LABELLER_FIT_SAMPLES = 256   # nearest-centroid labeller: teacher samples it is fitted on
-LABELLER_COMPONENTS = 16     # ... and its PCA dims (capped by the sample count)
 COVERAGE_MIN_SAMPLES = 12    # mode coverage: fewest complete samples per group
 
 
@@ -65,7 +65,7 @@ def centroid_labeller(ref: xr.Dataset, n_classes: int | None = None):
         return None, f"teacher group {ref.attrs.get('group', '')} has {ok.size} complete samples; need > {n_cls} for k-means"
     ok = ok[:LABELLER_FIT_SAMPLES]
     fit = C.nearest_centroid_labeller(ref["final_latent"].isel(sample=ok).values.reshape(ok.size, -1),
-                                      n_classes=n_cls, n_components=min(LABELLER_COMPONENTS, ok.size - 1))
+                                      n_classes=n_cls, n_components=min(CENTROID_COMPONENTS, ok.size - 1))
     return fit, n_cls
 
 
@@ -105,11 +105,24 @@ def commitment_results(groups, desc, decode=None, labeller=None, max_samples: in
     return out, note
 
 
-def coverage_results(groups, desc) -> dict[str, xr.Dataset]:
-    """{student or hybrid group: mode_coverage vs the teacher} for groups with the teacher's prompts and
-    >= :data:`COVERAGE_MIN_SAMPLES` complete samples (parameters: :func:`coverage_params`)."""
+def coverage_vs_teacher(teacher: xr.Dataset, student: xr.Dataset, world=None, *, n_components: int | None = None,
+                        n_bins: int | None = None, n_pca: int | None = None, **kw) -> xr.Dataset:
+    """``coverage.group_mode_coverage`` of a student group vs the teacher group (complete samples); the
+    parameters left None come from :func:`coverage_params` of the smaller sample count (the report's
+    and ``analyses/mode_coverage.py``'s one default). kw: alpha, seed, var."""
     from trajlab.analysis import coverage as V
 
+    m = min(teacher.sizes["sample"], student.sizes["sample"])
+    given = {"n_components": n_components, "n_bins": n_bins, "n_pca": n_pca}
+    params = {k: (v if v is not None else coverage_params(m)[k]) for k, v in given.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return V.group_mode_coverage(teacher, student, world, **params, **kw)
+
+
+def coverage_results(groups, desc) -> dict[str, xr.Dataset]:
+    """{student or hybrid group: :func:`coverage_vs_teacher`} for groups with the teacher's prompts and
+    >= :data:`COVERAGE_MIN_SAMPLES` complete samples in both."""
     teacher = S.pick_teacher(desc)
     if teacher is None:
         return {}
@@ -120,13 +133,9 @@ def coverage_results(groups, desc) -> dict[str, xr.Dataset]:
         if d["role"] == "teacher" or d["prompts"] != desc[teacher]["prompts"]:
             continue
         s_ok = np.flatnonzero(np.asarray(groups[n]["complete"].values))
-        m = min(t_ok.size, s_ok.size)
-        if m < COVERAGE_MIN_SAMPLES:
+        if min(t_ok.size, s_ok.size) < COVERAGE_MIN_SAMPLES:
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res[n] = V.mode_coverage(tds.isel(sample=t_ok).load(), groups[n].isel(sample=s_ok).load(),
-                                     **coverage_params(m))
+        res[n] = coverage_vs_teacher(tds.isel(sample=t_ok).load(), groups[n].isel(sample=s_ok).load())
     return res
 
 
@@ -179,10 +188,11 @@ def metric_results(groups, desc, *, lpips: bool = True, n_boot: int = N_BOOT, sc
 
 
 def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: int = N_BOOT, scorers=None,
-                max_grid: int = MAX_GRID) -> dict:
-    """{result name: Dataset or {key: Dataset}} of every store analysis the report shows."""
-    from trajlab.experiments.configs import prompt_tags
+                max_grid: int = MAX_GRID, tags: dict | None = None) -> dict:
+    """{result name: Dataset or {key: Dataset}} of every store analysis the report shows.
 
+    tags: {prompt text: {"failure_mode": ...}} for the taxonomy's per-category rows (the orchestrator
+    passes ``trajlab.experiments.configs.prompt_tags()``; None: those rows are not measured)."""
     groups = S.open_groups(store)
     desc = S.describe_all(groups)
     teacher = S.pick_teacher(desc)
@@ -198,7 +208,7 @@ def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: 
     commit, commit_note = commitment_results(groups, desc, decode, labeller)
     coverage = coverage_results(groups, desc)
     tax = taxonomy(desc, table.assign_attrs(per_prompt_clip=per_prompt), stepc, neg, cfg, commit, coverage, teacher,
-                   prompt_tags())
+                   tags or {})
     return {"groups": groups_dataset(desc, store, teacher, notes), "metrics": table, "step_consistency": stepc,
             "negative_prompt": neg, "cfg": cfg, "hybrid": hyb, "commitment": commitment_dataset(commit, desc, commit_note),
             "coverage": coverage_dataset(coverage, teacher), "taxonomy": taxonomy_dataset(tax),
@@ -237,6 +247,18 @@ def analyses_results(analyses_dir) -> dict:
 
 
 # -- writing ------------------------------------------------------------------------------------------
+UINT8_OFFSET = 128  # NetCDF3 has no unsigned bytes: uint8 variables are written as int8 (v - 128), attr uint8_offset
+
+
+def pack_uint8(ds: xr.Dataset) -> xr.Dataset:
+    """uint8 variables -> int8 ``v - UINT8_OFFSET`` with attr ``uint8_offset`` (readers add it back)."""
+    for k, v in ds.data_vars.items():
+        if v.dtype == np.uint8:
+            ds = ds.assign({k: (v.astype(np.int16) - UINT8_OFFSET).astype(np.int8)
+                            .assign_attrs(v.attrs, uint8_offset=UINT8_OFFSET)})
+    return ds
+
+
 def write_results(results: dict, results_dir) -> Path:
     """Write {name: Dataset} as ``name.nc`` and {name: {key: Dataset}} as ``name/NN_<key>.nc`` (attr
     ``key``) under ``results_dir``, replacing what was there; returns the directory."""
@@ -246,27 +268,29 @@ def write_results(results: dict, results_dir) -> Path:
     d.mkdir(parents=True)
     for name, res in results.items():
         if isinstance(res, xr.Dataset):
-            io.save_dataset(res, d / f"{name}.nc")
+            io.save_dataset(pack_uint8(res), d / f"{name}.nc")
             continue
         (d / name).mkdir()
         for i, (key, ds) in enumerate(res.items()):
-            io.save_dataset(ds, d / name / f"{i:02d}_{key}.nc", attrs={"key": key})
+            io.save_dataset(pack_uint8(ds), d / name / f"{i:02d}_{key}.nc", attrs={"key": key})
     return d
 
 
 def compute_results(store, out_dir, *, model: str | None = None, lpips: bool = True, n_boot: int = N_BOOT,
-                    analyses_dir=None, scorers=None, max_grid: int = MAX_GRID) -> Path:
+                    analyses_dir=None, scorers=None, max_grid: int = MAX_GRID, tags: dict | None = None) -> Path:
     """Compute every result the report shows and write it to ``out_dir/results``; returns that path.
 
     model: pipeline whose VAE decodes x0 filmstrips (default: a teacher model of the store if
     available). analyses_dir: results of ``analyses/*.py`` (Jacobian contraction, covariance) to include.
     scorers: (embedder, lpips_model, labeller, notes) to skip :func:`sweeps.default_scorers`.
+    tags: prompt tags of the taxonomy's category rows (see :func:`compute_all`).
     """
-    results = compute_all(store, model=model, lpips=lpips, n_boot=n_boot, scorers=scorers, max_grid=max_grid)
+    results = compute_all(store, model=model, lpips=lpips, n_boot=n_boot, scorers=scorers, max_grid=max_grid,
+                          tags=tags)
     results.update(analyses_results(analyses_dir))
     return write_results(results, Path(out_dir) / RESULTS_DIR)
 
 
 __all__ = ["COMMIT_MAX_SAMPLES", "MAX_GRID", "N_BOOT", "RESULTS_DIR", "analyses_results", "centroid_labeller",
            "commitment_dataset", "commitment_results", "compute_all", "compute_results", "coverage_dataset",
-           "coverage_params", "coverage_results", "groups_dataset", "metric_results", "write_results"]
+           "coverage_params", "coverage_results", "coverage_vs_teacher", "groups_dataset", "metric_results", "write_results"]

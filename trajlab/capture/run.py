@@ -74,11 +74,11 @@ def _step_variables(records) -> tuple[str, ...]:
     return tuple(v for v in STEP_FIELDS if v in out)
 
 
-def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress: bool = True,
-            run_pipeline=None) -> CaptureResult:
+def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress: bool = True) -> CaptureResult:
     """Run ``plan`` on ``pipe`` and record it into group ``group`` (default ``plan.group_name()``) of ``path``.
 
-    ``run_pipeline(pipe, kwargs) -> output`` replaces ``pipe(**kwargs)`` (hybrid runs use it).
+    Any pipeline with a ``scheduler`` and a ``unet``/``transformer`` module works, hybrids included
+    (:class:`trajlab.models.hybrid.HybridPipeline`).
     Resumes: complete blocks are skipped, incomplete blocks redone. A group with a different config is
     refused (:class:`trajlab.store.ConfigMismatch`).
     """
@@ -134,7 +134,7 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
             kwargs = pipeline_kwargs(pipe, plan, prompts, gens)
             recorder = BatchRecorder(batch_size=stop - start, sink=writer.put)
             with tap_pipeline(pipe, recorder.on_step, recorder.on_denoiser):
-                out = pipe(**kwargs) if run_pipeline is None else run_pipeline(pipe, kwargs)
+                out = pipe(**kwargs)
             imgs = to_uint8(out.images) if plan.images else None
             final = recorder.final_latent()
             ev = None

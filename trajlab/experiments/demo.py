@@ -15,6 +15,10 @@ import time
 from pathlib import Path
 
 
+DEMO_JACOBIAN = {"samples": 1, "n_probes": 4, "n_power_iter": 3}
+"""The demo's (CPU-cheap) Jacobian settings; every other default: trajlab.analysis.mechanistic."""
+
+
 def micro_available() -> bool:
     from trajlab.models.loading import ModelNotAvailable, check_available
 
@@ -98,9 +102,10 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
     """Capture the demo study into ``out/study.zarr`` and build ``out/report``; returns index.html's path."""
     import torch
 
+    from trajlab.analysis.mechanistic import covariance_results, jacobian_results
     from trajlab.experiments.plans import preflight, run_plans
+    from trajlab.experiments.reporting import report_store
     from trajlab.models.micro import PROMPTS
-    from trajlab.report import build_report
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t0 = time.perf_counter()
@@ -135,93 +140,12 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
     analyses = None
     if mechanistic:
         analyses = out / "analyses"
-        jacobian_results(store, analyses, models=(teacher, student), samples=1, n_probes=4, n_power_iter=3,
-                         experiments=("demo",))
+        jacobian_results(store, analyses, models=(teacher, student), experiments=("demo",), **DEMO_JACOBIAN)
         covariance_results(store, analyses, configs=((teacher, teacher_steps), (student, 1), (student, 4)),
-                           n_prompts=1 if quick else 3, n_probes=4 if quick else 16)
-    path = build_report(store, out / "report", model=teacher, analyses_dir=analyses)
+                           experiments=("demo", ""), n_prompts=1 if quick else 3, n_probes=4 if quick else 16)
+    path = report_store(store, out / "report", model=teacher, analyses_dir=analyses)
     print(f"demo done in {time.perf_counter() - t0:.0f} s")
     return path
 
 
-def jacobian_results(store, out_dir, *, models, samples: int = 2, n_probes: int = 4,
-                     n_power_iter: int = 4, experiments=None) -> list[Path]:
-    """Jacobian contraction (per step and whole sampler, JVPs) of the groups captured with ``models``.
-
-    Writes ``out_dir/<group>_contraction.nc`` (what :func:`trajlab.report.build_report` reads with
-    ``analyses_dir``); hybrid groups, and groups whose ``experiment`` tag is not in ``experiments``
-    (when given), are skipped. Returns the written paths.
-    """
-    from trajlab.analysis import io
-    from trajlab.analysis import jacobian as jac
-
-    written = []
-    for name, ds, pipe in _analysed_groups(store, out_dir, lambda ds: str(ds.attrs.get("model", "")) in models
-                                           and (experiments is None or _experiment(ds.attrs) in experiments)):
-        t = time.perf_counter()
-        prof = jac.contraction_profile(ds, pipe, samples=samples, n_probes=n_probes, n_power_iter=n_power_iter)
-        written.append(io.save_dataset(prof, Path(out_dir) / f"{name}_contraction.nc", attrs={"group": name}))
-        print(f"jacobian {name}: whole-map ||J||_F^2 = {float(prof['whole_fro2'].mean()):.4g}, "
-              f"{time.perf_counter() - t:.0f} s")
-    return written
-
-
-def _experiment(attrs) -> str:
-    """The ``experiment`` a group was captured for (from its ``extra`` attr; "" when none)."""
-    from trajlab.store import decode_attr
-
-    extra = decode_attr(attrs.get("extra")) or {}
-    return str(extra.get("experiment", "")) if isinstance(extra, dict) else ""
-
-
-def _analysed_groups(store, out_dir, keep, variables=None):
-    """(name, dataset, pipeline) of the complete non-hybrid groups of ``store`` for which
-    ``keep(dataset)`` holds; pipelines resolved once per (model, LoRAs); creates ``out_dir``."""
-    from trajlab.analysis import io
-
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    pipes = {}
-    for name, ds in io.open_groups(store, variables=variables, complete_only=True).items():
-        if ds.attrs.get("scheduler_class") == "SwitchScheduler" or not keep(ds):
-            continue
-        key = (str(ds.attrs.get("model", "")), str(ds.attrs.get("loras", "")))
-        if key not in pipes:
-            pipes[key] = io.resolve_pipeline(ds)
-        yield name, ds, pipes[key]
-
-
-def covariance_results(store, out_dir, *, configs, n_prompts: int | None = 3, n_components: int = 16,
-                       n_probes: int = 16, dense_max: int = 256, seed: int = 0) -> list[Path]:
-    """Covariance propagation (empirical Cov[final latent] vs J Cov[latent_0] J^T) of the groups whose
-    (model, steps) is in ``configs``, over their first ``n_prompts`` prompts (dense Jacobians up to
-    ``dense_max`` latent entries, else randomized SVD + ``n_probes`` Hutchinson probes).
-
-    Writes ``out_dir/<group>_covariance.nc`` (read by :func:`trajlab.report.build_report`); hybrid and
-    guidance-sweep groups (``experiment`` attr other than the demo's) are skipped.
-    """
-    import numpy as np
-
-    from trajlab.analysis import covariance as cov
-    from trajlab.analysis import io
-
-    configs = set(configs)
-
-    def keep(ds):
-        return ((str(ds.attrs.get("model", "")), int(ds.attrs.get("steps", -1))) in configs
-                and _experiment(ds.attrs) in ("demo", ""))
-
-    written = []
-    for name, ds, pipe in _analysed_groups(store, out_dir, keep, variables=("latent", "final_latent", "prompt_text")):
-        if n_prompts is not None:
-            first = np.unique(ds["prompt_index"].values)[:n_prompts]
-            ds = ds.isel(sample=np.flatnonzero(np.isin(ds["prompt_index"].values, first)))
-        t = time.perf_counter()
-        res = cov.group_covariance_propagation(ds.load(), pipe, n_components=n_components, dense_max=dense_max,
-                                               n_probes=n_probes, seed=seed)
-        written.append(io.save_dataset(res, Path(out_dir) / f"{name}_covariance.nc", attrs={"group": name}))
-        print(f"covariance {name}: trace ratio emp/pred = {np.round(res['trace_ratio'].values, 3)}, "
-              f"{time.perf_counter() - t:.0f} s")
-    return written
-
-
-__all__ = ["control_plans", "covariance_results", "demo_plans", "jacobian_results", "micro_available", "run_demo"]
+__all__ = ["control_plans", "demo_plans", "micro_available", "run_demo"]

@@ -14,7 +14,8 @@ Python branches).
 Plain functions (`gmm_denoiser`, `gmm_denoiser_jacobian`, `eps_from_denoiser`, `sample_world`)
 work on an `ExactWorld`; `ExactDenoiser` packages the denoiser as an epsilon-predicting "UNet"
 and `ExactWorldPipeline` drives it with any real diffusers scheduler, with the loop structure of
-StableDiffusionPipeline (so capture taps on `pipe.scheduler.step` / `pipe.unet` record it).
+StableDiffusionPipeline (`trajlab.models.denoiser.sample` over `guided_model(unet)`, so capture taps
+on `pipe.scheduler.step` / `pipe.unet` record it).
 A d-dimensional world has latents of shape (B, d, 1, 1).
 """
 
@@ -30,7 +31,9 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from trajlab.models.denoiser import guided_model, sample
 from trajlab.models.exact_presets import EXACT_WORLDS
+from trajlab.models.schedulers import promote_tables, step_kwargs
 
 __all__ = [
     "ExactWorld",
@@ -385,15 +388,8 @@ def scheduler_supports_fp64(scheduler) -> bool:
     return "torch.float32" not in src
 
 
-def promote_scheduler_tables(scheduler, dtype=torch.float64):
-    """Cast the scheduler's float tables (alphas_cumprod, final_alpha_cumprod, betas, alphas) to `dtype`
-    in place, so fp64 sampling does not go through fp32 coefficients.  Values are unchanged (the fp32
-    table values are cast).  Returns the scheduler."""
-    for name in ("alphas_cumprod", "final_alpha_cumprod", "betas", "alphas"):
-        v = getattr(scheduler, name, None)
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != dtype:
-            setattr(scheduler, name, v.to(dtype))
-    return scheduler
+promote_scheduler_tables = promote_tables
+"""Cast a scheduler's float tables to float64 in place (`trajlab.models.schedulers.promote_tables`)."""
 
 
 class ExactWorldPipeline(DiffusionPipeline):
@@ -417,11 +413,6 @@ class ExactWorldPipeline(DiffusionPipeline):
     def default_dtype(self) -> torch.dtype:
         """float64 if the current scheduler's step keeps fp64, else float32."""
         return torch.float64 if scheduler_supports_fp64(self.scheduler) else torch.float32
-
-    def _extra_step_kwargs(self, generator, eta):
-        from trajlab.models.schedulers import step_kwargs
-
-        return step_kwargs(self.scheduler, generator, eta)
 
     @torch.no_grad()
     def __call__(
@@ -459,7 +450,7 @@ class ExactWorldPipeline(DiffusionPipeline):
         device = self.unet.device
         dtype = dtype or (latents.dtype if latents is not None else self.default_dtype())
         if dtype == torch.float64:
-            promote_scheduler_tables(self.scheduler, torch.float64)
+            promote_tables(self.scheduler, torch.float64)
         d = self.unet.config.in_channels
         shape = (batch, d, 1, 1)
 
@@ -475,18 +466,20 @@ class ExactWorldPipeline(DiffusionPipeline):
                 raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
             latents = latents.to(device=device, dtype=dtype)
         latents = latents * self.scheduler.init_noise_sigma
-        extra = self._extra_step_kwargs(generator, eta)
+        extra = step_kwargs(self.scheduler, generator, eta)
         self._num_timesteps = len(ts)
         with self.progress_bar(total=len(ts)) as bar:
-            for i, t in enumerate(ts):
-                latent_model_input = self.scheduler.scale_model_input(latents, t)
-                noise_pred = self.unet(latent_model_input, t, encoder_hidden_states=None, return_dict=False)[0]
-                latents = self.scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
+
+            def after_step(i, t, latents):
                 if callback_on_step_end is not None:
-                    cb_kw = {k: locals()[k] for k in callback_on_step_end_tensor_inputs}
-                    out = callback_on_step_end(self, i, t, cb_kw)
+                    out = callback_on_step_end(self, i, t, {k: {"latents": latents}[k]
+                                                            for k in callback_on_step_end_tensor_inputs})
                     latents = out.pop("latents", latents)
                 bar.update()
+                return latents
+
+            latents = sample(self.scheduler, guided_model(self.unet), latents, timesteps=ts,
+                             extra_step_kwargs=extra, callback=after_step)
         if output_type == "np":
             images = latents.permute(0, 2, 3, 1).cpu().numpy()
         else:

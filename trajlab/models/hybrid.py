@@ -13,11 +13,14 @@ timestep tau_k. The student starts at the timestep of its distillation grid near
 continues on its own ``student_steps`` grid below it. k = 0 is exactly the pure student (its own
 grid), k = teacher_steps exactly the pure teacher.
 
-Capture: :class:`SwitchScheduler` is one scheduler object that delegates to the teacher's scheduler
-and then to the student's, so the capture taps (which wrap the scheduler instance present when
-``tap_pipeline`` starts) see every step of both parts; x0 is derived from the model output with the
-shared alpha_bar table (both schedulers must share ``alphas_cumprod``). The hand-off is recorded in
-the group attrs ``extra.hybrid``.
+Pipeline: :class:`HybridPipeline` is a diffusers pipeline (SD or SDXL parts) whose ``scheduler`` is a
+:class:`SwitchScheduler` (one scheduler object that delegates to the teacher's scheduler and then to
+the student's) and whose ``unet`` is a :class:`DenoiserSwitch` (one module dispatching to the active
+part's UNet), so the plain ``trajlab.capture.capture`` taps see every step and every denoiser output
+of both parts; x0 is derived from the model output with the shared alpha_bar table (both schedulers
+must share ``alphas_cumprod``). The guided model and the sampling loop are
+``trajlab.models.denoiser``'s. The hand-off is recorded in the group attrs ``extra.hybrid``
+(:func:`hybrid_plan`); ``load_hybrid_pipeline`` + ``HybridPipeline.configure`` rebuild it from that record.
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ import contextlib
 import json
 import logging
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import torch
-
-from trajlab.models.schedulers import step_kwargs
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
 
 MECHANISMS = ("lora", "pipelines")
 
@@ -151,43 +154,35 @@ def handoff_grid(teacher_sched, student_sched, spec: HybridSpec) -> tuple[list[i
     return tt[:k], st, info
 
 
-def _uses_cfg(pipe, guidance: float) -> bool:
-    return guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+class DenoiserSwitch(torch.nn.Module):
+    """A hybrid pipeline's ``unet``: each forward goes to the active part's UNet (``active`` is
+    "teacher" or "student"), so one forward hook (the capture's denoiser tap) sees both parts.
+    ``config``, ``dtype`` and ``device`` are the active part's.  For the lora mechanism both parts
+    are the same UNet."""
 
+    def __init__(self, teacher_unet, student_unet):
+        super().__init__()
+        self.teacher = teacher_unet
+        self.student = student_unet
+        self.active = "teacher"
 
-def _embeddings(pipe, prompts, negative, cfg: bool, device):
-    pe, ne = pipe.encode_prompt(prompts, device, 1, cfg, negative if cfg else None)
-    return torch.cat([ne, pe]) if cfg else pe
+    def part(self) -> torch.nn.Module:
+        return self.teacher if self.active == "teacher" else self.student
 
+    def forward(self, *args, **kwargs):
+        return self.part()(*args, **kwargs)
 
-def _timestep_cond(pipe, guidance: float, batch: int, device, dtype):
-    dim = pipe.unet.config.time_cond_proj_dim
-    if dim is None:
-        return None
-    w = torch.tensor(guidance - 1).repeat(batch)
-    return pipe.get_guidance_scale_embedding(w, embedding_dim=dim).to(device=device, dtype=dtype)
+    @property
+    def config(self):
+        return self.part().config
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.part().dtype
 
-def _denoise(pipe, switch, timesteps, latents, prompts, negative, guidance, generator, device):
-    """Run ``timesteps`` of the active part with ``pipe``'s UNet; steps go through ``switch``."""
-    if not timesteps:
-        return latents
-    cfg = _uses_cfg(pipe, guidance)
-    embeds = _embeddings(pipe, prompts, negative, cfg, device)
-    tc = _timestep_cond(pipe, guidance, latents.shape[0], device, latents.dtype)
-    kw = step_kwargs(switch.active, generator)
-    grid = switch.active.timesteps
-    for t in grid:
-        latents = latents.to(embeds.dtype)
-        inp = torch.cat([latents] * 2) if cfg else latents
-        inp = switch.scale_model_input(inp, t)
-        noise = pipe.unet(inp, t, encoder_hidden_states=embeds, timestep_cond=tc, cross_attention_kwargs=None,
-                          added_cond_kwargs=None, return_dict=False)[0]
-        if cfg:
-            u, c = noise.chunk(2)
-            noise = u + guidance * (c - u)
-        latents = switch.step(noise, t, latents, **kw, return_dict=False)[0]
-    return latents
+    @property
+    def device(self) -> torch.device:
+        return self.part().device
 
 
 @contextlib.contextmanager
@@ -202,50 +197,152 @@ def _lora(pipe, enabled: bool):
         pipe.enable_lora()
 
 
-@torch.no_grad()
-def hybrid_sample(teacher_pipe, student_pipe, switch: SwitchScheduler, spec: HybridSpec, kwargs: dict):
-    """One batch of hybrid sampling; ``kwargs`` as for ``pipe(**kwargs)`` (capture's pipeline kwargs).
+def _decode(pipe, latents, generator, output_type):
+    """Latents -> images as ``pipe``'s own decoder step (SD; SDXL's latents_mean/std when its VAE has them)."""
+    vae = pipe.vae
+    z = latents.to(vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1)
+        mean = torch.tensor(mean).view(shape).to(z.device, z.dtype)
+        std = torch.tensor(std).view(shape).to(z.device, z.dtype)
+        z = z * std / vae.config.scaling_factor + mean
+    else:
+        z = z / vae.config.scaling_factor
+    image = vae.decode(z, return_dict=False, generator=generator)[0]
+    return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
 
-    Returns an object with ``images`` (np (B, H, W, 3) in [0, 1], or latents for output_type
-    "latent"). ``switch`` must be ``teacher_pipe.scheduler`` (the tapped instance).
+
+@dataclass
+class HybridPipelineOutput(BaseOutput):
+    """images: np (B, H, W, 3) in [0, 1] (output_type "np"), or the final latents ("latent")."""
+
+    images: Any
+
+
+class HybridPipeline(DiffusionPipeline):
+    """Teacher for the first k steps, student after (SD or SDXL), as one diffusers pipeline.
+
+    ``unet`` is a :class:`DenoiserSwitch` over both parts' UNets and ``scheduler`` a
+    :class:`SwitchScheduler` (set by :meth:`configure`), so ``trajlab.capture.capture(pipe, plan, path)``
+    records every step of both parts like any other pipeline.  mechanism "lora": ``teacher is
+    student``, one pipeline whose UNet carries the student LoRA (off for the teacher's steps);
+    "pipelines": two pipelines (the teacher's partial state goes to the student's UNet, text encoder,
+    scheduler and VAE).  Base scheduler configs are the parts' schedulers at construction.
     """
-    prompts = kwargs["prompt"]
-    generator = kwargs.get("generator")
-    negative = kwargs.get("negative_prompt")
-    device = teacher_pipe._execution_device
-    t_steps, s_steps, _ = handoff_grid(switch.teacher, switch.student, spec)
-    # handoff_grid set the grids; the parts below read them back from the schedulers
-    height = kwargs.get("height") or teacher_pipe.unet.config.sample_size * teacher_pipe.vae_scale_factor
-    width = kwargs.get("width") or teacher_pipe.unet.config.sample_size * teacher_pipe.vae_scale_factor
-    first = teacher_pipe if t_steps else student_pipe
-    dtype = first.unet.dtype
-    switch.use("teacher" if t_steps else "student")
-    latents = teacher_pipe.prepare_latents(len(prompts), first.unet.config.in_channels, height, width, dtype, device,
-                                           generator, None)
-    lora = spec.mechanism == "lora"
-    if t_steps:
-        switch.use("teacher")
-        # restrict the teacher's grid to its first k timesteps (the scheduler keeps its full table)
-        full = switch.teacher.timesteps
-        switch.teacher.timesteps = full[: len(t_steps)]
-        try:
-            with _lora(teacher_pipe, False) if lora else contextlib.nullcontext():
-                latents = _denoise(teacher_pipe, switch, t_steps, latents, prompts, negative, spec.teacher_guidance,
-                                   generator, device)
-        finally:
-            switch.teacher.timesteps = full
-    if s_steps:
-        switch.use("student")
-        latents = _denoise(student_pipe, switch, s_steps, latents, prompts, negative, spec.student_guidance,
-                           generator, device)
-    finisher = student_pipe if s_steps else teacher_pipe
-    if kwargs.get("output_type") == "latent":
-        return SimpleNamespace(images=latents)
-    vae = finisher.vae
-    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False, generator=generator)[0]
-    images = finisher.image_processor.postprocess(image, output_type=kwargs.get("output_type", "np"),
-                                                  do_denormalize=[True] * image.shape[0])
-    return SimpleNamespace(images=images)
+
+    def __init__(self, teacher, student, mechanism: str = "pipelines"):
+        super().__init__()
+        if mechanism not in MECHANISMS:
+            raise ValueError(f"hybrid mechanism={mechanism!r}: expected one of {MECHANISMS}")
+        if mechanism == "lora" and teacher is not student:
+            raise ValueError("mechanism 'lora' needs one pipeline (teacher_pipe is student_pipe) with the LoRA loaded")
+        if mechanism == "lora" and not getattr(teacher, "get_active_adapters", lambda: [])():
+            raise ValueError("mechanism 'lora': the pipeline has no active LoRA adapter to switch on at the hand-off")
+        self.mechanism, self.teacher_pipe, self.student_pipe, self.spec = mechanism, teacher, student, None
+        self.teacher_base = _base_config(teacher.scheduler)
+        self.student_base = _base_config(student.scheduler) if student is not teacher else self.teacher_base
+        self.register_modules(unet=DenoiserSwitch(teacher.unet, student.unet), scheduler=None)
+
+    @property
+    def vae(self):
+        return self.teacher_pipe.vae
+
+    def configure(self, hybrid: dict) -> None:
+        """Set the spec for the next calls from a ``plan.extra["hybrid"]`` record (:func:`hybrid_extra`):
+        a fresh :class:`SwitchScheduler` from the base configs; ValueError if its grids differ from the
+        record's ``teacher_timesteps`` / ``student_timesteps`` or the mechanism from this pipeline's."""
+        from trajlab.models.schedulers import make_scheduler
+
+        spec = HybridSpec(**{k: hybrid[k] for k in HybridSpec.__dataclass_fields__})
+        spec.validate()
+        if spec.mechanism != self.mechanism:
+            raise ValueError(f"hybrid record has mechanism {spec.mechanism!r}; this pipeline was built for "
+                             f"{self.mechanism!r}")
+        switch = SwitchScheduler(make_scheduler(spec.teacher_scheduler, self.teacher_base),
+                                 make_scheduler(spec.student_scheduler, self.student_base))
+        expected = hybrid_extra(spec, switch.teacher, switch.student)
+        if (expected["teacher_timesteps"] != list(hybrid["teacher_timesteps"])
+                or expected["student_timesteps"] != list(hybrid["student_timesteps"])):
+            raise ValueError(f"hybrid grids of this pipeline ({expected['teacher_timesteps']} + "
+                             f"{expected['student_timesteps']}) differ from the plan's ({hybrid['teacher_timesteps']} + "
+                             f"{hybrid['student_timesteps']}): build the plan with this pipeline's schedulers")
+        self.spec = spec
+        self.scheduler = switch
+
+    def _part(self, which: str, latents, prompts, negative, generator, height, width):
+        """Run the active part's grid from ``latents``; model and steps go through ``self.unet`` /
+        ``self.scheduler`` (the tapped instances)."""
+        from trajlab.models.denoiser import encode, guided_model, sample
+        from trajlab.models.schedulers import step_kwargs
+
+        pipe = self.teacher_pipe if which == "teacher" else self.student_pipe
+        guidance = self.spec.teacher_guidance if which == "teacher" else self.spec.student_guidance
+        self.scheduler.use(which)
+        self.unet.active = which
+        lora = self.mechanism == "lora"
+        with _lora(pipe, which == "student") if lora else contextlib.nullcontext():
+            cond = encode(pipe, prompts, guidance_scale=guidance, negative_prompt=negative, device=latents.device,
+                          height=height, width=width, latent_dtype=latents.dtype)
+            latents = latents.to(cond.encoder_hidden_states.dtype)
+            kw = step_kwargs(self.scheduler.active, generator)
+            return sample(self.scheduler, guided_model(self.unet, cond), latents, extra_step_kwargs=kw)
+
+    @torch.no_grad()
+    def __call__(self, prompt, num_inference_steps: int | None = None, generator=None, output_type: str = "np",
+                 guidance_scale: float | None = None, negative_prompt=None, height: int | None = None,
+                 width: int | None = None, return_dict: bool = True):
+        """One batch of hybrid sampling as :meth:`configure` set it.  ``guidance_scale`` is accepted and
+        ignored (the spec's teacher/student guidance apply); ``num_inference_steps`` must be the number of
+        steps run (teacher + student) when given.  Returns ``images``: np (B, H, W, 3) in [0, 1], or
+        latents for output_type "latent"."""
+        if self.spec is None:
+            raise RuntimeError("HybridPipeline.configure(plan.extra['hybrid']) must run before sampling")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        switch = self.scheduler
+        t_steps, s_steps, _ = handoff_grid(switch.teacher, switch.student, self.spec)  # sets both grids
+        if num_inference_steps is not None and num_inference_steps != len(t_steps) + len(s_steps):
+            raise ValueError(f"num_inference_steps={num_inference_steps}, but this hybrid runs "
+                             f"{len(t_steps)} + {len(s_steps)} steps")
+        teacher, student = self.teacher_pipe, self.student_pipe
+        device = teacher._execution_device
+        height = height or teacher.unet.config.sample_size * teacher.vae_scale_factor
+        width = width or teacher.unet.config.sample_size * teacher.vae_scale_factor
+        first = teacher if t_steps else student
+        latents = teacher.prepare_latents(len(prompts), first.unet.config.in_channels, height, width,
+                                          first.unet.dtype, device, generator, None)
+        if t_steps:
+            full = switch.teacher.timesteps
+            switch.teacher.timesteps = full[: len(t_steps)]  # the first k (the scheduler keeps its table)
+            try:
+                latents = self._part("teacher", latents, prompts, negative_prompt, generator, height, width)
+            finally:
+                switch.teacher.timesteps = full
+        if s_steps:
+            latents = self._part("student", latents, prompts, negative_prompt, generator, height, width)
+        if output_type == "latent":
+            images = latents
+        else:
+            images = _decode(student if s_steps else teacher, latents, generator, output_type)
+        return HybridPipelineOutput(images=images) if return_dict else (images,)
+
+
+def _base_config(scheduler) -> dict:
+    return dict(scheduler.teacher.config if isinstance(scheduler, SwitchScheduler) else scheduler.config)
+
+
+def load_hybrid_pipeline(hybrid: dict, *, dtype: str, device: str) -> HybridPipeline:
+    """The :class:`HybridPipeline` of a ``plan.extra["hybrid"]`` record, loaded with
+    ``trajlab.models.loading.load_pipeline(name, scheduler="default")``; call :meth:`HybridPipeline.configure`
+    before sampling.  mechanism "lora": the student name (a registry entry carrying the LoRA on the
+    teacher's base model, e.g. micro-lcm-lora) is loaded once and serves as both parts."""
+    from trajlab.models.loading import load_pipeline
+
+    mechanism = hybrid.get("mechanism", "pipelines")
+    student = load_pipeline(hybrid["student"], dtype=dtype, device=device, scheduler="default")
+    teacher = student if mechanism == "lora" else load_pipeline(hybrid["teacher"], dtype=dtype, device=device,
+                                                                scheduler="default")
+    return HybridPipeline(teacher, student, mechanism)
 
 
 def hybrid_extra(spec: HybridSpec, teacher_sched, student_sched) -> dict:
@@ -283,42 +380,22 @@ def hybrid_plan(spec: HybridSpec, prompts, seeds, *, teacher_sched=None, student
 
 
 def capture_hybrid(teacher_pipe, student_pipe, plan, path, *, group: str | None = None, progress: bool = False):
-    """Capture one hybrid plan (from :func:`hybrid_plan`) into ``path``; returns the CaptureResult.
+    """Capture one hybrid plan (from :func:`hybrid_plan`) into ``path`` through the plain
+    ``trajlab.capture.capture`` on a :class:`HybridPipeline`; returns the CaptureResult.
 
     lora mechanism: pass the same pipeline (UNet with the LoRA loaded) as teacher and student.
-    Schedulers: built from ``teacher_pipe.scheduler.config`` with the spec's scheduler names.
+    Schedulers: built from the parts' current scheduler configs with the spec's scheduler names.
     """
     from trajlab.capture import capture
-    from trajlab.models.schedulers import make_scheduler
 
     h = plan.extra.get("hybrid")
     if not h:
         raise ValueError("plan.extra['hybrid'] is missing: build hybrid plans with hybrid_plan()")
-    spec = HybridSpec(**{k: h[k] for k in HybridSpec.__dataclass_fields__})
-    if spec.mechanism == "lora" and teacher_pipe is not student_pipe:
-        raise ValueError("mechanism 'lora' needs one pipeline (teacher_pipe is student_pipe) with the LoRA loaded")
-    if spec.mechanism == "lora" and not getattr(teacher_pipe, "get_active_adapters", lambda: [])():
-        raise ValueError("mechanism 'lora': the pipeline has no active LoRA adapter to switch on at the hand-off")
-    original = teacher_pipe.scheduler
-    base = dict(original.config if not isinstance(original, SwitchScheduler) else original.teacher.config)
-    sbase = dict(student_pipe.scheduler.config) if student_pipe is not teacher_pipe else base
-    switch = SwitchScheduler(make_scheduler(spec.teacher_scheduler, base), make_scheduler(spec.student_scheduler, sbase))
-    expected = hybrid_extra(spec, switch.teacher, switch.student)
-    if expected["teacher_timesteps"] != h["teacher_timesteps"] or expected["student_timesteps"] != h["student_timesteps"]:
-        raise ValueError(f"hybrid grids of this pipeline ({expected['teacher_timesteps']} + "
-                         f"{expected['student_timesteps']}) differ from the plan's ({h['teacher_timesteps']} + "
-                         f"{h['student_timesteps']}): build the plan with this pipeline's schedulers")
-    teacher_pipe.scheduler = switch
-
-    def run(pipe, kwargs):
-        return hybrid_sample(pipe, student_pipe, switch, spec, kwargs)
-
-    try:
-        return capture(teacher_pipe, plan, path, group=group or plan.extra.get("group"), progress=progress,
-                       run_pipeline=run)
-    finally:
-        teacher_pipe.scheduler = original
+    pipe = HybridPipeline(teacher_pipe, student_pipe, h.get("mechanism", "pipelines"))
+    pipe.configure(h)
+    return capture(pipe, plan, path, group=group or plan.extra.get("group"), progress=progress)
 
 
-__all__ = ["HybridSpec", "SwitchScheduler", "MECHANISMS", "capture_hybrid", "handoff_grid", "hybrid_extra",
-           "hybrid_plan", "hybrid_sample", "origin_timesteps"]
+__all__ = ["DenoiserSwitch", "HybridPipeline", "HybridPipelineOutput", "HybridSpec", "SwitchScheduler", "MECHANISMS",
+           "capture_hybrid", "handoff_grid", "hybrid_extra", "hybrid_plan", "load_hybrid_pipeline",
+           "origin_timesteps"]

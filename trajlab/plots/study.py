@@ -106,7 +106,10 @@ def image_grid(images: np.ndarray, rows: int, title: str = "") -> plt.Figure:
 
 
 def filmstrip(frames: np.ndarray, sigmas, title: str = "") -> plt.Figure:
-    """frames (sample, step, H, W, 3) floats in [0, 1]: one row per sample, one column per step."""
+    """frames (sample, step, H, W, 3), floats in [0, 1] or uint8: one row per sample, one column per step."""
+    frames = np.asarray(frames)
+    if frames.dtype == np.uint8:
+        frames = frames.astype(np.float64) / 255.0
     s, k = frames.shape[:2]
     fig, axes = plt.subplots(s, k, figsize=(k * 0.85 + 0.2, s * 0.95 + 0.4), squeeze=False)
     for i in range(s):

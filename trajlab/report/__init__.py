@@ -1,6 +1,8 @@
-"""Static HTML reports of trajlab stores (``python -m trajlab report STORE --out DIR``)."""
-from trajlab.report.html import SECTIONS, THRESHOLDS, build_report, taxonomy
+"""Static HTML reports drawn from result datasets (``trajlab.analysis.results``); renders only.
 
-report_store = build_report
+Compute and render in one call: ``trajlab.experiments.reporting.report_store`` (``python -m trajlab
+report STORE --out DIR``).
+"""
+from trajlab.report.html import SECTIONS, THRESHOLDS, load_results, render_report, tables
 
-__all__ = ["SECTIONS", "THRESHOLDS", "build_report", "report_store", "taxonomy"]
+__all__ = ["SECTIONS", "THRESHOLDS", "load_results", "render_report", "tables"]

@@ -1,0 +1,116 @@
+"""Jacobian contraction and covariance propagation of a store's groups, written as NetCDF results.
+
+The one place these analyses are wired (and their defaults set): ``analyses/jacobian_contraction.py``,
+``analyses/covariance_propagation.py`` and the demo call :func:`jacobian_results` /
+:func:`covariance_results`; the report reads what they write (``<group>_contraction.nc``,
+``<group>_covariance.nc``) through :func:`trajlab.analysis.results.analyses_results`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from trajlab.analysis import io
+
+JACOBIAN_DEFAULTS = {"samples": 4, "n_probes": 8, "n_power_iter": 10, "seed": 0}
+COVARIANCE_DEFAULTS = {"n_prompts": None, "n_components": 16, "n_probes": 16, "dense_max": 256, "seed": 0}
+COVARIANCE_VARIABLES = ("latent", "final_latent", "prompt_text")
+
+
+def experiment_of(attrs) -> str:
+    """The ``experiment`` a group was captured for (from its ``extra`` attr; "" when none)."""
+    from trajlab.store import decode_attr
+
+    extra = decode_attr(attrs.get("extra")) or {}
+    return str(extra.get("experiment", "")) if isinstance(extra, dict) else ""
+
+
+def analysed_groups(store, out_dir, keep=None, *, groups=None, model: str | None = None, variables=None):
+    """(name, dataset, pipeline) of the complete non-hybrid groups of ``store`` (``groups``: only these)
+    for which ``keep(dataset)`` holds; pipelines (``model`` overrides the group's attr) resolved once
+    per (model, LoRAs); creates ``out_dir``."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    pipes = {}
+    for name, ds in io.open_groups(store, groups, variables=variables, complete_only=True).items():
+        if ds.attrs.get("scheduler_class") == "SwitchScheduler" or (keep is not None and not keep(ds)):
+            continue
+        key = (model,) if model else (str(ds.attrs.get("model", "")), str(ds.attrs.get("loras", "")))
+        if key not in pipes:
+            pipes[key] = io.resolve_pipeline(model or ds)
+        yield name, ds, pipes[key]
+
+
+def jacobian_results(store, out_dir, *, groups=None, model: str | None = None, models=None, experiments=None,
+                     samples: int = JACOBIAN_DEFAULTS["samples"], n_probes: int = JACOBIAN_DEFAULTS["n_probes"],
+                     n_power_iter: int = JACOBIAN_DEFAULTS["n_power_iter"], seed: int = JACOBIAN_DEFAULTS["seed"],
+                     callback=None) -> list[Path]:
+    """Jacobian contraction (per step and whole sampler, JVPs; ``jacobian.contraction_profile``) of a
+    store's groups, written as ``out_dir/<group>_contraction.nc`` (attr group); returns the paths.
+
+    groups: names (default all); models: keep groups captured with these models; experiments: keep
+    groups whose ``experiment`` tag is in these; hybrid groups are skipped. callback(name, group dataset,
+    profile, pipe) is called per group (the script draws its figures there).
+    """
+    from trajlab.analysis import jacobian as jac
+
+    def keep(ds):
+        return ((models is None or str(ds.attrs.get("model", "")) in models)
+                and (experiments is None or experiment_of(ds.attrs) in experiments))
+
+    written = []
+    for name, ds, pipe in analysed_groups(store, out_dir, keep, groups=groups, model=model):
+        t = time.perf_counter()
+        prof = jac.contraction_profile(ds, pipe, samples=samples, n_probes=n_probes, n_power_iter=n_power_iter,
+                                       seed=seed)
+        written.append(io.save_dataset(prof, Path(out_dir) / f"{name}_contraction.nc", attrs={"group": name}))
+        print(f"jacobian {name}: whole-map ||J||_F^2 = {float(prof['whole_fro2'].mean()):.4g} "
+              f"(+- {float(prof['whole_fro2_se'].mean()):.2g}); replay rel. error "
+              f"{float(prof['replay_rel_error'].max()):.2g}; {time.perf_counter() - t:.0f} s")
+        if callback is not None:
+            callback(name, ds, prof, pipe)
+    return written
+
+
+def covariance_results(store, out_dir, *, groups=None, model: str | None = None, configs=None, experiments=None,
+                       n_prompts: int | None = COVARIANCE_DEFAULTS["n_prompts"],
+                       n_components: int = COVARIANCE_DEFAULTS["n_components"],
+                       n_probes: int = COVARIANCE_DEFAULTS["n_probes"], dense_max: int = COVARIANCE_DEFAULTS["dense_max"],
+                       seed: int = COVARIANCE_DEFAULTS["seed"], callback=None) -> list[Path]:
+    """Covariance propagation (empirical Cov[final latent] vs J Cov[latent_0] J^T;
+    ``covariance.group_covariance_propagation``) over each group's first ``n_prompts`` prompts (None:
+    all), dense Jacobians up to ``dense_max`` latent entries, else randomized SVD + ``n_probes``
+    Hutchinson probes. Written as ``out_dir/<group>_covariance.nc`` (attr group); returns the paths.
+
+    configs: keep groups whose (model, steps) is in these; experiments: keep groups whose
+    ``experiment`` tag is in these; hybrid groups are skipped. callback(name, result) per group.
+    """
+    from trajlab.analysis import covariance as cov
+
+    configs = None if configs is None else set(configs)
+
+    def keep(ds):
+        return ((configs is None or (str(ds.attrs.get("model", "")), int(ds.attrs.get("steps", -1))) in configs)
+                and (experiments is None or experiment_of(ds.attrs) in experiments))
+
+    written = []
+    for name, ds, pipe in analysed_groups(store, out_dir, keep, groups=groups, model=model,
+                                          variables=COVARIANCE_VARIABLES):
+        if n_prompts is not None:
+            first = np.unique(ds["prompt_index"].values)[:n_prompts]
+            ds = ds.isel(sample=np.flatnonzero(np.isin(ds["prompt_index"].values, first)))
+        t = time.perf_counter()
+        res = cov.group_covariance_propagation(ds.load(), pipe, n_components=n_components, dense_max=dense_max,
+                                               n_probes=n_probes, seed=seed)
+        written.append(io.save_dataset(res, Path(out_dir) / f"{name}_covariance.nc", attrs={"group": name}))
+        print(f"covariance {name}: trace ratio emp/pred = {np.round(res['trace_ratio'].values, 3)}, "
+              f"{time.perf_counter() - t:.0f} s")
+        if callback is not None:
+            callback(name, res)
+    return written
+
+
+__all__ = ["COVARIANCE_DEFAULTS", "JACOBIAN_DEFAULTS", "analysed_groups", "covariance_results", "experiment_of",
+           "jacobian_results"]
