@@ -337,3 +337,30 @@ def test_processors_restored_after_exception(tiny_unet):
     x = torch.randn(1, 4, 16, 16)
     with pytest.raises(NotImplementedError):
         torch.func.jvp(lambda a: unet(a, 500, torch.zeros(1, 7, 32)).sample, (x,), (x,))
+
+
+def test_attention_context_is_the_one_switch(tiny_unet):
+    """Outside forward mode: no-op.  Under jvp on CPU (no fused forward-AD rule): impl="math" warns and
+    uses the math backend, impl="fused" the custom-tangent processors; both give the same JVP."""
+    import contextlib
+    import warnings
+
+    from trajlab.analysis.attention_jvp import attention_context, forward_mode_active
+
+    unet, (x, emb, vx, _) = tiny_unet
+    assert isinstance(attention_context(unet), contextlib.nullcontext) and not forward_mode_active()
+    with pytest.raises(ValueError, match="impl"):
+        attention_context(unet, impl="flash")
+
+    def f(impl):
+        def g(a):
+            with attention_context(unet, impl=impl):
+                return unet(a, 500, emb).sample
+        return g
+
+    with pytest.warns(RuntimeWarning, match="MATH"):
+        _, t_math = torch.func.jvp(f("math"), (x,), (vx,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no math fallback warning on the fused path
+        _, t_fused = torch.func.jvp(f("fused"), (x,), (vx,))
+    assert _rel(t_fused, t_math) < 1e-4

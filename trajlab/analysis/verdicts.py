@@ -35,7 +35,7 @@ import xarray as xr
 from trajlab.metrics.bootstrap import mean_pairwise
 
 DECISIONS = ("supported", "refuted", "inconclusive", "not applicable")
-CHECKS = ("same_prompts", "paired_seeds", "same_n", "matched_guidance", "cfg_branch", "shared_sigma_axis")
+CHECKS = ("same_prompts", "same_n", "paired_seeds", "matched_guidance", "cfg_branch", "shared_sigma_axis")
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def precondition_failure(comp: Comparison, ref: GroupInfo | None, cand: GroupInf
         "shared_sigma_axis": lambda: None if ref.sigma is not None and cand.sigma is not None else
         "no sigma grid recorded: the comparison needs a shared sigma axis, not a step index",
     }
-    for name in comp.requires:
+    for name in (c for c in CHECKS if c in comp.requires):  # a fixed order: the most basic failure is named
         why = checks[name]()
         if why:
             return why
