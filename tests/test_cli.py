@@ -230,3 +230,25 @@ def test_rerun_with_its_own_derived_group_name_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(["capture", *TINY, "--prompt", "x", "--seeds", "0:2", "--out", str(out), "--group", g]) == 0
     assert "captured 0 samples (2 already complete)" in capsys.readouterr().out
+
+
+def test_custom_exact_world_from_a_toml_file(tmp_path, capsys):
+    """--model exact:world.toml captures a user's own GMM; its samples land on the world's modes with its weights."""
+    world = tmp_path / "world.toml"
+    world.write_text('kind = "gmm"\nmeans = [[3.0, 0.0, 0.0], [-3.0, 0.0, 0.0]]\nvariances = [0.05, 0.05]\n'
+                     'weights = [0.75, 0.25]\n')
+    out = tmp_path / "w.zarr"
+    assert main(["capture", "--model", f"exact:{world}", "--steps", "50", "--prompt", "x", "--seeds", "0:400",
+                 "--batch-size", "400", "--out", str(out), "--quiet"]) == 0
+    (g,) = store.group_names(out)
+    x = store.open_group(out, g)["final_latent"].values.reshape(400, 3)
+    right = x[:, 0] > 0
+    assert abs(right.mean() - 0.75) < 0.07  # binomial SD 0.022
+    np.testing.assert_allclose(np.abs(x[:, 0]).mean(), 3.0, atol=0.1)
+    assert np.abs(x[:, 1:]).max() < 1.5
+    bad = tmp_path / "bad.toml"
+    bad.write_text('kind = "gmm"\nmeans = [[1.0, 0.0], [0.0, 1.0]]\nweights = [1.0]\nvariances = 0.1\n')
+    capsys.readouterr()
+    assert main(["capture", "--model", f"exact:{bad}", "--prompt", "x", "--out", str(tmp_path / "b.zarr")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "weights has shape (1,); expected (2,)" in err

@@ -77,3 +77,27 @@ def test_cli_registers_study_commands():
     ap = build_parser()
     for cmd in (["experiment", "--list"], ["report", "x.zarr", "--out", "r"], ["demo", "--out", "d", "--quick"]):
         assert ap.parse_args(cmd).func.__module__ == "trajlab.cli"
+
+
+def test_results_are_datasets_and_the_report_only_renders(demo, tmp_path):
+    import subprocess
+    import sys
+
+    import xarray as xr
+
+    out, _ = demo
+    res = out / "report" / "results"
+    for name in ("groups", "metrics", "step_consistency", "negative_prompt", "cfg", "hybrid", "commitment",
+                 "coverage", "taxonomy"):
+        assert (res / f"{name}.nc").is_file(), name
+    assert xr.open_dataset(res / "taxonomy.nc").sizes["row"] == 12
+    grid = next((res / "image_grid").glob("*.nc"))
+    from trajlab.report import load_results, render_report
+
+    assert next(iter(load_results(res)["image_grid"].values()))["image"].dtype.name == "uint8", grid
+    # re-rendering from the result files alone gives the same numbers
+    render_report(res, tmp_path)
+    assert (tmp_path / "tables.json").read_text() == (out / "report" / "tables.json").read_text()
+    code = ("import sys, trajlab.report; bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers') "
+            "or m.startswith('trajlab.models')]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

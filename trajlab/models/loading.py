@@ -91,6 +91,13 @@ def spec_for(model: str) -> ModelSpec:
 def check_available(model: str, loras: tuple[Lora, ...] = ()) -> ModelSpec:
     """Fail fast (before any weights load) if a model or LoRA is not present locally."""
     spec = spec_for(model)
+    if spec.source.startswith("exact:"):
+        from trajlab.models.exact_presets import exact_recipe
+
+        try:
+            exact_recipe(spec.source)
+        except ValueError as exc:
+            raise ModelNotAvailable(str(exc)) from None
     if not spec.source.startswith(("builtin:", "exact:")):
         resolve_source(spec.source)
     if spec.unet:
@@ -150,8 +157,9 @@ def load_pipeline(model: str, *, loras: tuple[Lora, ...] = (), dtype: str = "fp3
         pipe = BUILDERS[spec.source.split(":", 1)[1]]()
     elif spec.source.startswith("exact:"):
         from trajlab.models.exact import build_exact_world
+        from trajlab.models.exact_presets import exact_recipe
 
-        pipe = build_exact_world(spec.source.split(":", 1)[1])
+        pipe = build_exact_world(exact_recipe(spec.source))
     else:
         pipe = _from_pretrained(spec, td)
     apply_loras(pipe, spec.loras + tuple(loras))

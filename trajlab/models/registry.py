@@ -105,7 +105,12 @@ def registry() -> dict[str, ModelSpec]:
 
 
 def get(name: str) -> ModelSpec | None:
-    return registry().get(name)
+    """The spec of a registered name; ``exact:FILE.toml`` / ``exact:{json}`` get an ad-hoc exact-world spec."""
+    spec = registry().get(name)
+    if spec is None and name.startswith("exact:") and (name.endswith(".toml") or name[6:].lstrip().startswith("{")):
+        spec = ModelSpec(name, name, "ExactWorldPipeline", "ddim", 30, 1.0, role="exact",
+                         notes="custom closed-form world (recipe file or JSON)")
+    return spec
 
 
 def parse_lora(text: str) -> Lora:
