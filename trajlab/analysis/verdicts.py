@@ -147,8 +147,8 @@ def precondition_failure(comp: Comparison, ref: GroupInfo | None, cand: GroupInf
         "matched_guidance": lambda: None if ref.guidance == cand.guidance else
         f"guidance differs ({ref.guidance:g} vs {cand.guidance:g}) where guidance changes the metric",
         "cfg_branch": lambda: None if ref.cfg_branch and cand.cfg_branch else
-        f"{ref.name if not ref.cfg_branch else cand.name} runs no CFG branch: a negative prompt has nothing to act "
-        "on, its sensitivity is 0 by construction",
+        f"{ref.name if not ref.cfg_branch else cand.name} runs no CFG branch (guidance <= 1, or guidance through a "
+        "w-embedding): classifier-free guidance and negative prompts have nothing to act on",
         "shared_sigma_axis": lambda: None if ref.sigma is not None and cand.sigma is not None else
         "no sigma grid recorded: the comparison needs a shared sigma axis, not a step index",
     }

@@ -1,0 +1,73 @@
+"""The store taxonomy on synthetic groups with planted effects: matching, verdicts, not-applicable rows."""
+
+import numpy as np
+import xarray as xr
+
+from trajlab.analysis import failure_modes as F
+
+PROMPTS = [f"prompt {i}" for i in range(8)]
+
+
+def _group(images, seeds, model, scheduler, guidance=4.0, steps=30, negative="", prompts=PROMPTS):
+    n_p, n_s = len(prompts), len(seeds)
+    return xr.Dataset(
+        {"image": (("sample", "height", "width", "rgb"), images),
+         "complete": ("sample", np.ones(n_p * n_s, bool)),
+         "prompt_text": ("prompt", np.array(prompts, dtype=object))},
+        coords={"seed": ("sample", np.tile(seeds, n_p)), "prompt_index": ("sample", np.repeat(np.arange(n_p), n_s)),
+                "step": np.arange(steps), "sigma": ("step", np.geomspace(14.6, 0.03, steps))},
+        attrs={"model": model, "scheduler_class": scheduler, "guidance": guidance, "negative_prompt": negative,
+               "pipeline_class": "StableDiffusionPipeline"})
+
+
+def _images(rng, seeds, shrink=0.0):
+    """Per prompt a base pattern plus per-seed structure; shrink pulls every sample to its prompt's mean."""
+    out = []
+    for p in range(len(PROMPTS)):
+        base = np.random.default_rng(100 + p).uniform(0.2, 0.8, (8, 8))
+        for s in seeds:
+            dev = np.random.default_rng([s, p]).normal(0, 0.15, (8, 8)) + 0.05 * rng.standard_normal((8, 8))
+            out.append(np.clip(base + (1 - shrink) * dev, 0, 1))
+    x = np.kron(np.stack(out), np.ones((4, 4)))  # 32 x 32, as the micro-world stores 8x8 content
+    return np.repeat((x * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def test_planted_diversity_collapse_is_supported_and_its_null_is_not():
+    rng = np.random.default_rng(0)
+    seeds = np.arange(24)
+    groups = {"teacher": _group(_images(rng, seeds), seeds, "t-model", "DDIMScheduler"),
+              "collapsed": _group(_images(rng, seeds, shrink=0.5), seeds, "s-model", "LCMScheduler", steps=4),
+              "faithful": _group(_images(rng, seeds), seeds, "s2-model", "LCMScheduler", steps=4)}
+    ds = F.store_verdicts(groups)
+    rows = {(str(m), str(c)): (str(d), float(e)) for m, c, d, e in
+            zip(ds["mode"].values, ds["candidate"].values, ds["decision"].values, ds["estimate"].values)}
+    dec, est = rows["diversity_collapse", "collapsed"]
+    assert dec == "supported" and abs(est - np.log(0.5)) < 0.15
+    assert rows["diversity_collapse", "faithful"][0] != "supported"
+    # no decoder -> commitment not applicable; no teacher step family -> step inconsistency not applicable
+    why = dict(zip(zip(ds["mode"].values.tolist(), ds["candidate"].values.tolist()), ds["why"].values.tolist()))
+    assert "no decoder" in why["early_commitment", "collapsed"]
+    assert ds.attrs["teacher"] == "teacher" and "pixel-space substitute" in ds.attrs["features"]
+
+
+def test_unequal_seed_sets_are_matched_on_their_common_seeds():
+    rng = np.random.default_rng(1)
+    t = _group(_images(rng, np.arange(32)), np.arange(32), "t-model", "DDIMScheduler")
+    s = _group(_images(rng, np.arange(8)), np.arange(8), "s-model", "LCMScheduler", steps=4)
+    pairs = F.matched(t, s)
+    assert len(pairs) == 8 and all(len(ia) == len(ib) == 8 for _, ia, ib, _ in pairs)
+    assert all((t["seed"].values[ia] == s["seed"].values[ib]).all() for _, ia, ib, _ in pairs)
+
+
+def test_commit_log_sigma_on_shared_levels():
+    ls = np.log(np.array([10.0, 3.0, 1.0]))
+    labels = np.array([[0, 1, 2], [1, 1, 2], [1, 1, 0], [1, 1, 2]])  # 3 levels + final
+    # sample 0 settles at level 1; sample 1 at level 0; sample 2 changes at the last level: the lowest level
+    np.testing.assert_allclose(F.commit_log_sigma(labels, ls), [ls[1], ls[0], ls[2]])
+
+
+def test_band_fraction_finds_a_planted_frequency():
+    y, x = np.mgrid[0:32, 0:32]
+    img = 0.5 + 0.4 * np.cos(2 * np.pi * 0.25 * x)  # all power at 0.25 cycles / pixel
+    u8 = np.repeat((img * 255).round().astype(np.uint8)[None, ..., None], 3, -1)
+    assert F.band_fraction(u8, (0.2, 0.3))[0] > 0.99 and F.band_fraction(u8, (0.0, 0.2))[0] < 0.01
