@@ -65,3 +65,15 @@ def test_config_runs_quick_on_tiny_models(name, tmp_path, capsys):
     assert all(store.completed(out, g).all() for g in names)
     if exp.kind == "hybrid":
         assert any(g.startswith("hybrid__") for g in names)
+
+
+def test_experiment_declares_verdict_margins(tmp_path):
+    good = tmp_path / "g.toml"
+    good.write_text('model = "tiny-sd"\nprompts = ["a"]\n[experiment]\nkind = "grid"\n'
+                    '[experiment.verdicts.diversity_collapse]\nmargin = 0.2\n')
+    assert E.load_experiment(good).verdicts == {"diversity_collapse": {"margin": 0.2}}
+    bad = tmp_path / "b.toml"
+    bad.write_text('model = "tiny-sd"\nprompts = ["a"]\n[experiment]\nkind = "grid"\n[experiment.verdicts.diversity]\n'
+                   'margin = 0.2\n')
+    with pytest.raises(E.ExperimentError, match="unknown failure mode"):
+        E.load_experiment(bad)

@@ -20,6 +20,11 @@ DEFAULT_THREADS = 1
 cores are shared (README, "Threads"). Override with ``--threads`` or ``TRAJLAB_THREADS``."""
 
 
+SHARD_HELP = ("capture only sample blocks b with b %% N == I (blocks of --batch-size, prompt-major); run I = 0..N-1 "
+              "anywhere into one store (a path, file:// or s3:// URL); re-running a shard resumes it. Under torchrun "
+              "the ranks split the blocks the same way without this flag")
+
+
 class CliError(Exception):
     """A user error found by the CLI itself: printed as one line, exit status 2."""
 
@@ -55,6 +60,17 @@ def _map_arg(items) -> dict:
             raise CliError(f"--map {it!r}: expected FROM=TO (e.g. micro-sd=tiny-sd)")
         out[a] = b
     return out
+
+
+def _shard_arg(text):
+    """``--shard I/N`` checked (and against torchrun's environment) before any heavy import."""
+    from trajlab.capture.shard import ShardError, check
+
+    try:
+        check(text)
+    except ShardError as exc:
+        raise CliError(str(exc)) from None
+    return text
 
 
 def set_threads(n: int | None) -> int:
@@ -93,9 +109,10 @@ def cmd_capture(args) -> int:
         out = args.out
     if not out:
         raise CliError("capture needs --out STORE")
+    shard = _shard_arg(args.shard)
     P.preflight(plans, out)
     _quiet_libraries()
-    P.run_plans(plans, out, progress=not args.quiet)
+    P.run_plans(plans, out, progress=not args.quiet, shard=shard)
     return 0
 
 
@@ -147,10 +164,11 @@ def cmd_experiment(args) -> int:
     model_map = _map_arg(args.map)
     plans, hplans, _ = build_plans(exp, offline=args.offline, quick=args.quick, seeds=args.seeds,
                                    model_map=model_map, device=args.device)
+    shard = _shard_arg(args.shard)
     preflight(plans + hplans, args.out)
     _quiet_libraries()
     res = run_experiment(exp, args.out, offline=args.offline, quick=args.quick, seeds=args.seeds,
-                         model_map=model_map, device=args.device, progress=not args.quiet)
+                         model_map=model_map, device=args.device, progress=not args.quiet, shard=shard)
     print(f"experiment {exp.name}: {len(res['groups'])} group(s) in {args.out}")
     return 0
 
@@ -248,6 +266,7 @@ re-running the same command resumes (complete samples are skipped).""", cmd_capt
     c.add_argument("--no-images", action="store_true", help="do not decode and store final images")
     c.add_argument("--config", metavar="FILE", help="TOML grid of runs (one group per cell)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--shard", metavar="I/N", default=None, help=SHARD_HELP)
 
 
 def add_study(sub) -> None:
@@ -265,6 +284,7 @@ def add_study(sub) -> None:
     e.add_argument("--device", default=None, help="cpu | cuda | cuda:N")
     e.add_argument("--list", action="store_true", help="list the experiments")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--shard", metavar="I/N", default=None, help=SHARD_HELP)
 
     r = _sub(sub, "report", "static HTML report (+ PNGs, result datasets) of a store", """examples:
   trajlab report runs/hybrid.zarr --out runs/hybrid-report

@@ -21,6 +21,17 @@ variable                    dims                                 meaning
 Coordinates: ``step`` with ``timestep``, ``alpha_bar``, ``sigma`` on it; ``sample`` with ``seed`` and
 ``prompt_index``. Writes go to pre-allocated, disjoint sample regions; chunks are one sample x all
 steps, so writers never share a chunk. Nothing here knows about capture or models.
+
+Where a store lives: ``path`` is a local path, a ``file://`` URL or any fsspec URL zarr can write
+(``s3://bucket/study.zarr`` through s3fs; endpoint and credentials from the usual environment, e.g.
+``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, or ``FSSPEC_S3_*``).
+
+Several processes may write one store: sample writes need no coordination (disjoint chunks, and the
+``complete`` flag of a sample is its own chunk). Metadata changes (group allocation, the root's group
+list, consolidation) are serialised by :func:`metadata_lock`, an ``flock`` that only exists on a local
+filesystem. On an object store there is no lock: there, exactly one process allocates groups (the
+capture layer lets only shard 0 / rank 0 allocate; the others :func:`wait_for_group`), and two
+independent commands must not allocate groups in one object store at the same time.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import builtins
 import contextlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +126,58 @@ def decode_attrs(attrs) -> dict:
     return {k: decode_attr(v) for k, v in dict(attrs).items()}
 
 
+# -- where a store lives ----------------------------------------------------------------------------
+def is_local(path: str | os.PathLike) -> bool:
+    """True for a local path or a ``file://`` URL (the ``flock`` metadata lock works there)."""
+    text = os.fspath(path)
+    return "://" not in text or text.startswith("file://")
+
+
+def local_path(path: str | os.PathLike) -> str:
+    """The filesystem path of a local store (``file://`` stripped); :class:`StoreError` for a remote URL."""
+    text = os.fspath(path)
+    if not is_local(text):
+        raise StoreError(f"{text} is not a local store")
+    return text[len("file://"):] if text.startswith("file://") else text
+
+
+def _target(path) -> str:
+    """What zarr / xarray are given: a local path, or the URL itself (fsspec resolves it)."""
+    return local_path(path) if is_local(path) else os.fspath(path)
+
+
+def _fs(path):
+    """(fsspec filesystem, path inside it) of a remote store, with its listing cache dropped, so a store,
+    group or object another process wrote a moment ago is seen."""
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(os.fspath(path))
+    fs.invalidate_cache()
+    return fs, inner.rstrip("/")
+
+
+def exists(path: str | os.PathLike) -> bool:
+    """Whether a store (its root ``zarr.json``) exists at ``path`` (local path or URL)."""
+    if is_local(path):
+        return Path(local_path(path)).exists()
+    fs, inner = _fs(path)
+    return fs.exists(f"{inner}/zarr.json")
+
+
+def store_bytes(path: str | os.PathLike, group: str | None = None) -> int:
+    """Stored bytes of a store (or of one of its groups); 0 when absent."""
+    if is_local(path):
+        root = Path(local_path(path))
+        root = root / group if group else root
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
+    fs, inner = _fs(path)
+    target = f"{inner}/{group}" if group else inner
+    try:
+        return int(fs.du(target, total=True))
+    except FileNotFoundError:
+        return 0
+
+
 LOCK_FILE = ".trajlab-lock"
 
 
@@ -122,7 +186,12 @@ def metadata_lock(path: str | os.PathLike):
     """Exclusive advisory lock (``fcntl.flock`` on ``PATH/.trajlab-lock``) held while a process changes
     store metadata (group allocation, the root's group list, consolidation), so several processes
     can allocate groups in one store. Sample writes need no lock: they touch disjoint chunks.
-    Not re-entrant. A no-op where ``fcntl`` is missing (Windows)."""
+    Not re-entrant. A no-op where ``fcntl`` is missing (Windows) and for a remote URL (``s3://``...):
+    object stores have no lock here, so there only one process may allocate (see the module doc)."""
+    if not is_local(path):
+        yield
+        return
+    path = local_path(path)
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -143,7 +212,8 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
 
     ``timesteps``, ``alpha_bar``: (step,); ``seeds``, ``prompt_index``: (sample,); ``prompts``: the
     prompt strings indexed by ``prompt_index``. Raises :class:`GroupExists` if the group exists.
-    Holds :func:`metadata_lock` while it changes the store's metadata.
+    Holds :func:`metadata_lock` while it changes the store's metadata (a no-op on an object store,
+    where the caller must be the store's only allocator).
     """
     import dask.array as da
     import xarray as xr
@@ -198,10 +268,10 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
     ds.attrs["trajlab_schema"] = SCHEMA_VERSION
     ds.attrs["step_variables"] = json.dumps(list(layout.step_variables))
     with metadata_lock(path):
-        root = _zarr().open_group(str(path), mode="a", zarr_format=3)
+        root = _zarr().open_group(_target(path), mode="a", zarr_format=3, use_consolidated=False)
         if name in root:
             raise GroupExists(f"group {name!r} already exists in {path}")
-        ds.to_zarr(str(path), group=name, mode="w-", compute=False, zarr_format=3, consolidated=False,
+        ds.to_zarr(_target(path), group=name, mode="w-", compute=False, zarr_format=3, consolidated=False,
                    encoding=encoding)
         groups = list(root.attrs.get("groups", []))
         if name not in groups:
@@ -213,24 +283,67 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
 def _consolidate(path) -> None:
     """Consolidate metadata so plain ``xr.open_zarr`` / ``open_datatree`` open fast and without warnings.
 
-    Metadata never changes after allocation (sample writes touch chunks only), so this stays valid.
+    Metadata never changes after allocation (sample writes touch chunks only), so this stays valid
+    however many processes then write samples.
     """
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _zarr().consolidate_metadata(str(path))
+        _zarr().consolidate_metadata(_target(path))
+
+
+def consolidated_is_stale(path: str | os.PathLike) -> bool:
+    """True when the root's consolidated metadata lacks a group the root attrs list (an allocator that
+    kept a stale consolidated root while listing a new group died before re-consolidating)."""
+    if not exists(path):
+        return False
+    root = _zarr().open_group(_target(path), mode="r", zarr_format=3)
+    return any(name not in root for name in root.attrs.get("groups", []))
+
+
+def repair_consolidated(path: str | os.PathLike) -> bool:
+    """Re-consolidate a stale store under :func:`metadata_lock`; True if it was stale. Call only from a
+    process allowed to allocate (see the module doc)."""
+    with metadata_lock(path):
+        if not consolidated_is_stale(path):
+            return False
+        _consolidate(path)
+        return True
 
 
 def _group(path, name, mode="r+"):
     zarr = _zarr()
     try:
-        root = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        root = zarr.open_group(_target(path), mode=mode, zarr_format=3)
     except Exception as exc:  # FileNotFoundError / GroupNotFoundError, depending on zarr version
         raise StoreError(f"no trajlab store at {path}: {exc}") from None
     if name not in root:
+        # another process may be between writing the group and re-consolidating: read the tree itself
+        root = zarr.open_group(_target(path), mode=mode, zarr_format=3, use_consolidated=False)
+    if name not in root:
         raise StoreError(f"group {name!r} not in store {path}; groups: {list(root.attrs.get('groups', []))}")
     return root[name]
+
+
+def wait_for_group(path: str | os.PathLike, name: str, *, timeout: float = 3600.0, poll: float = 0.5) -> None:
+    """Block until another process has allocated group ``name`` (listed in the root and openable).
+
+    For writers that may not allocate (shards > 0 on an object store). Raises :class:`StoreError` after
+    ``timeout`` seconds, naming what to launch.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if name in group_names(path):
+            try:
+                _group(path, name, mode="r")
+                return
+            except StoreError:
+                pass
+        if time.monotonic() >= deadline:
+            raise StoreError(f"group {name!r} did not appear in {path} within {timeout:g} s: on an object store "
+                             "only shard 0 (or torchrun rank 0) allocates groups; is it running?")
+        time.sleep(poll)
 
 
 def write_samples(path: str | os.PathLike, name: str, start: int, arrays: dict[str, np.ndarray]) -> None:
@@ -274,9 +387,9 @@ def step_grid(path: str | os.PathLike, name: str) -> np.ndarray:
 
 def group_names(path: str | os.PathLike) -> list[str]:
     """Groups listed in the root attrs (empty when the store does not exist)."""
-    if not Path(path).exists():
+    if not exists(path):
         return []
-    root = _zarr().open_group(str(path), mode="r", zarr_format=3)
+    root = _zarr().open_group(_target(path), mode="r", zarr_format=3)
     return list(root.attrs.get("groups", []))
 
 
@@ -303,10 +416,10 @@ def check_config(path: str | os.PathLike, name: str, config: dict) -> None:
 def validate(path: str | os.PathLike) -> None:
     """Check a store against the schema; raises :class:`StoreError` naming what is wrong."""
     zarr = _zarr()
-    if not Path(path).exists():
+    if not exists(path):
         raise StoreError(f"no store at {path}")
     try:
-        root = zarr.open_group(str(path), mode="r", zarr_format=3)
+        root = zarr.open_group(_target(path), mode="r", zarr_format=3)
     except Exception as exc:
         raise StoreError(f"{path} is not a Zarr v3 group: {exc}") from None
     version = root.attrs.get("trajlab_schema")
@@ -316,6 +429,9 @@ def validate(path: str | os.PathLike) -> None:
         raise StoreError(f"{path} has schema {version}; this trajlab reads up to {SCHEMA_VERSION}: upgrade trajlab")
     for name in root.attrs.get("groups", []):
         if name not in root:
+            if name in zarr.open_group(_target(path), mode="r", zarr_format=3, use_consolidated=False):
+                raise StoreError(f"{path}: group {name!r} is missing from the consolidated metadata (an allocation "
+                                 "was interrupted): re-run the capture, or call trajlab.store.repair_consolidated")
             raise StoreError(f"{path}: group {name!r} is listed in the root attrs but missing")
         g = root[name]
         missing = [v for v in REQUIRED_VARIABLES + STEP_COORDS + SAMPLE_COORDS if v not in g]
@@ -340,7 +456,7 @@ def open(path: str | os.PathLike, *, validate_store: bool = True):  # noqa: A001
 
     if validate_store:
         validate(path)
-    return xr.open_datatree(str(path), engine="zarr", chunks={})
+    return xr.open_datatree(_target(path), engine="zarr", chunks={})
 
 
 def open_group(path: str | os.PathLike, name: str):
@@ -350,7 +466,7 @@ def open_group(path: str | os.PathLike, name: str):
     validate(path)
     if name not in group_names(path):
         raise StoreError(f"group {name!r} not in store {path}; groups: {group_names(path)}")
-    return xr.open_zarr(str(path), group=name)
+    return xr.open_zarr(_target(path), group=name)
 
 
 def summary(path: str | os.PathLike) -> list[dict]:
@@ -360,7 +476,7 @@ def summary(path: str | os.PathLike) -> list[dict]:
     for name in group_names(path):
         g = _group(path, name, mode="r")
         done = completed(path, name)
-        size = sum(f.stat().st_size for f in (Path(path) / name).rglob("*") if f.is_file())
+        size = store_bytes(path, name)
         n_samples, n_steps, *latent = g["latent"].shape
         rows.append({"group": name, "samples": int(n_samples), "steps": int(n_steps), "latent": tuple(latent),
                      "complete": int(done.sum()), "bytes": int(size),

@@ -53,8 +53,11 @@ SPECS = {
 }
 
 
-def comparison(mode: str, ref: str, cand: str, requires=("same_prompts", "same_n", "paired_seeds")) -> Comparison:
+def comparison(mode: str, ref: str, cand: str, requires=("same_prompts", "same_n", "paired_seeds"),
+               margins: dict | None = None) -> Comparison:
+    """The pre-declared comparison of ``mode`` (SPECS), with an experiment's margin if it declares one."""
     metric, direction, effect, margin = SPECS[mode]
+    margin = float(((margins or {}).get(mode) or {}).get("margin", margin))
     return Comparison(mode, metric, ref, cand, direction, margin, effect=effect, requires=tuple(requires))
 
 
@@ -393,12 +396,13 @@ def _cfg_rows(groups, desc, teacher_model, data):
 
 
 def store_verdicts(groups: dict[str, xr.Dataset], *, data: dict | None = None, decode=None,
-                   alpha: float = 0.05) -> xr.Dataset:
+                   alpha: float = 0.05, margins: dict | None = None) -> xr.Dataset:
     """Every failure mode's comparisons over a store's groups, Holm-corrected as one family.
 
     data: the real-data reference ({"modes", "ink", "band", "note"}, e.g. :func:`micro_data_reference`);
     without it, modes are clusters of the teacher's samples and the ink/band comparisons are not
     applicable. decode(ds, sample_idx, step) -> uint8 images of x0_pred at that step (for commitment).
+    margins: {mode: {"margin": m}} declared by an experiment (default: SPECS).
     Bootstrap: 2000 draws, seeded (verdicts.evaluate). Returns
     :func:`trajlab.analysis.verdicts.verdict_dataset` with attrs ``teacher``, ``features``.
     """
@@ -415,6 +419,8 @@ def store_verdicts(groups: dict[str, xr.Dataset], *, data: dict | None = None, d
     rows += _cfg_rows(groups, desc, tmodel, data) if data is not None else []
     rows += _steps_rows(groups, desc, teacher, students)
     rows += _negative_rows(groups, desc, tmodel)
+    for r in rows:
+        r["margin"] = float(((margins or {}).get(r["mode"]) or {}).get("margin", r["margin"]))
     ds = verdict_dataset(decide(rows, alpha), alpha=alpha)
     ds.attrs.update(teacher=teacher, features=FEATURES, n_boot=2000,
                     data=(data or {}).get("note", "modes from the teacher's own samples (no real data)"))

@@ -264,13 +264,16 @@ def evaluate(comp: Comparison, ref: list[PromptStat] | None, cand: list[PromptSt
     sign = 1.0 if comp.direction == "increase" else -1.0
     signed = sign * b.pop("replicates")
     row.update(b, why="", p_failure=one_sided_p(signed, 0.0, "above"),
-               p_within_margin=one_sided_p(signed, comp.margin, "below"))
+               p_within_margin=one_sided_p(signed, comp.margin, "below"), signed_replicates=signed)
     return row
 
 
 def decide(rows: list[dict], alpha: float = 0.05) -> list[dict]:
     """Holm-adjust the family's p-values and set each applicable row's decision."""
     live = [r for r in rows if r.get("decision") != "not applicable"]
+    for r in live:  # the margin may have been set after evaluation (an experiment's declared margin)
+        if r.get("signed_replicates") is not None:
+            r["p_within_margin"] = one_sided_p(r["signed_replicates"], r["margin"], "below")
     if live:
         pf = holm([r["p_failure"] for r in live])
         pe = holm([r["p_within_margin"] for r in live])

@@ -3,6 +3,8 @@
 Samples are ordered prompt-major (sample = prompt_index * n_seeds + seed_index) and processed in
 fixed blocks of ``batch_size``; a block is skipped on resume only when all of its samples are
 complete, and redone whole otherwise, so a resumed store is identical to an uninterrupted one.
+Sharded captures (``--shard I/N``, torchrun ranks) run only their own blocks, block ``b`` going to
+shard ``b % N`` (:mod:`trajlab.capture.shard`), into the same store.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from trajlab import store
+from trajlab.capture import shard as _shard
 from trajlab.capture.plan import CapturePlan, PlanError
 from trajlab.capture.records import BatchRecorder, to_host
 from trajlab.capture.taps import tap_pipeline
@@ -30,6 +33,8 @@ class CaptureResult:
     samples_skipped: int
     wall_s: float
     store_bytes: int
+    shard: str | None = None
+    """``"I/N"`` for a sharded capture (samples_written / samples_skipped then count this shard's only)."""
 
 
 def _versions() -> dict:
@@ -74,26 +79,32 @@ def _step_variables(records) -> tuple[str, ...]:
     return tuple(v for v in STEP_FIELDS if v in out)
 
 
-def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress: bool = True) -> CaptureResult:
+def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress: bool = True,
+            shard=None) -> CaptureResult:
     """Run ``plan`` on ``pipe`` and record it into group ``group`` (default ``plan.group_name()``) of ``path``.
 
     Any pipeline with a ``scheduler`` and a ``unet``/``transformer`` module works, hybrids included
-    (:class:`trajlab.models.hybrid.HybridPipeline`).
+    (:class:`trajlab.models.hybrid.HybridPipeline`). ``path``: a local path or an fsspec URL
+    (``file://``, ``s3://``).
     Resumes: complete blocks are skipped, incomplete blocks redone. A group with a different config is
     refused (:class:`trajlab.store.ConfigMismatch`).
+    ``shard``: ``"I/N"`` (or a :class:`~trajlab.capture.shard.Shard`) captures only blocks ``b`` with
+    ``b % N == I``; under torchrun the ranks split the blocks the same way (see
+    :mod:`trajlab.capture.shard`). Either way the store ends bitwise identical to a one-process capture.
     """
     plan.validate()
     group = group or plan.group_name()
+    coord = _shard.coordinator(path, shard)
     config = json.loads(json.dumps(plan.config(), default=str))
     images = plan.images and getattr(pipe, "vae", None) is not None
     if images != plan.images:
         plan.images = images
         config["images"] = images
-    if group in store.group_names(path):
+    exists, done = coord.group_state(group, plan.n_samples)
+    if exists:
         store.check_config(path, group, config)
-        done = store.completed(path, group)
-    else:
-        done = np.zeros(plan.n_samples, dtype=bool)
+        if coord.may_allocate() and store.consolidated_is_stale(path):
+            store.repair_consolidated(path)
     prompt_index, seeds = plan.sample_table()
     t0 = time.perf_counter()
 
@@ -112,20 +123,27 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
                  "height": plan.height or 0, "width": plan.width or 0, "dtype": plan.dtype, "device": str(plan.device),
                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "config": config,
                  "extra": plan.extra}
-        try:
-            store.allocate_group(path, group, layout, timesteps=[r.timestep for r in records], alpha_bar=ab,
-                                 seeds=seeds, prompt_index=prompt_index, prompts=plan.prompts, attrs=attrs)
-        except store.GroupExists:  # another process allocated it since the check above: same config or refuse
-            store.check_config(path, group, config)
+
+        def allocate_here():
+            try:
+                store.allocate_group(path, group, layout, timesteps=[r.timestep for r in records], alpha_bar=ab,
+                                     seeds=seeds, prompt_index=prompt_index, prompts=plan.prompts, attrs=attrs)
+            except store.GroupExists:  # another process allocated it since the check above: same config or refuse
+                store.check_config(path, group, config)
+
+        coord.obtain(group, allocate_here, lambda: store.check_config(path, group, config))
 
     bar = None
-    todo = [s for s in range(0, plan.n_samples, plan.batch_size) if not done[s: s + plan.batch_size].all()]
+    mine = coord.shard.block_starts(plan.n_samples, plan.batch_size)
+    todo = [s for s in mine if not done[s: s + plan.batch_size].all()]
     n_todo = sum(min(plan.batch_size, plan.n_samples - s) for s in todo)
+    n_mine = sum(min(plan.batch_size, plan.n_samples - s) for s in mine)
     if progress and todo:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n_todo, unit="sample", desc=group[:40], dynamic_ncols=True)
+        bar = tqdm(total=n_todo, unit="sample", desc=group[:40] + coord.label, dynamic_ncols=True)
     writer = StoreWriter(path, group, allocate, on_batch_written=bar.update if bar else None)
+    first_put = True
     try:
         for start in todo:
             stop = min(start + plan.batch_size, plan.n_samples)
@@ -141,14 +159,20 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
             if final.is_pinned():
                 ev = torch.cuda.Event()
                 ev.record()
+            if first_put and not exists:
+                coord.before_first_put()
             writer.put(BatchEnd(start, stop - start, final, imgs, ev))
+            if first_put and not exists:
+                coord.after_first_put(writer.allocated)
+            first_put = False
     finally:
         writer.close()
         if bar is not None:
             bar.close()
-    size = sum(f.stat().st_size for f in __import__("pathlib").Path(path, group).rglob("*") if f.is_file()) \
-        if group in store.group_names(path) else 0
-    return CaptureResult(group, n_todo, plan.n_samples - n_todo, time.perf_counter() - t0, size)
+    coord.end_group(new_group=not exists, any_put=not first_put)
+    size = store.store_bytes(path, group)
+    return CaptureResult(group, n_todo, n_mine - n_todo, time.perf_counter() - t0, size,
+                         shard=str(coord.shard) if coord.shard.count > 1 else None)
 
 
 def capture_dataset(pipe, plan: CapturePlan):

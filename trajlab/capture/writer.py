@@ -49,8 +49,10 @@ class StoreWriter:
     """Drains records into group ``group`` of the store at ``path``.
 
     ``allocate(first_records, batch_end)`` is called once, before the first write, when the group does
-    not exist yet (its shapes and step grid come from the first batch). ``on_batch_written(size)``
-    is called after each batch is committed (for progress bars).
+    not exist yet (its shapes and step grid come from the first batch); it may also obtain the group
+    from another process (sharded captures). ``allocated`` is set once the group exists for this writer
+    (or the writer failed). ``on_batch_written(size)`` is called after each batch is committed (for
+    progress bars).
     """
 
     def __init__(self, path, group: str, allocate: Callable | None, maxsize: int = 256,
@@ -60,6 +62,7 @@ class StoreWriter:
         self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
         self.grid: list[float] | None = None
+        self.allocated = threading.Event()
         self._records: list[StepRecord] = []
         self._thread = threading.Thread(target=self._run, name="trajlab-writer", daemon=True)
         self._thread.start()
@@ -95,6 +98,7 @@ class StoreWriter:
             except BaseException as exc:  # noqa: BLE001 - surfaced in the producer
                 self.error = exc
                 self._records = []
+                self.allocated.set()  # nobody waits forever on a failed writer
 
     def _write_batch(self, end: BatchEnd) -> None:
         records, self._records = self._records, []
@@ -110,11 +114,11 @@ class StoreWriter:
                 if self.allocate is None:
                     raise RuntimeError(f"group {self.group!r} does not exist and no allocator was given")
                 self.allocate(records, end)
-            else:
-                stored = store.step_grid(self.path, self.group)
-                if len(stored) != len(grid) or not np.allclose(stored, grid):
-                    raise RuntimeError(f"this run's timesteps {grid} differ from those stored in {self.group!r}: "
-                                       f"{list(stored)}")
+            self.allocated.set()
+            stored = store.step_grid(self.path, self.group)  # also when another process allocated it
+            if len(stored) != len(grid) or not np.allclose(stored, grid):
+                raise RuntimeError(f"this run's timesteps {grid} differ from those stored in {self.group!r}: "
+                                   f"{list(stored)}")
             self.grid = grid
         elif grid != self.grid:
             raise RuntimeError(f"batch at sample {end.start} ran timesteps {grid}; earlier batches ran {self.grid}")

@@ -45,7 +45,7 @@ CATEGORIES = {
     "control": ("cfg_over_amplification", "weak_negative_prompt"),
 }
 """The proposal's failure taxonomy: category -> failure modes."""
-EXPERIMENT_KEYS = {"name", "kind", "description", "offline", "quick", "hybrid"}
+EXPERIMENT_KEYS = {"name", "kind", "description", "offline", "quick", "hybrid", "verdicts"}
 HYBRID_KEYS = {"teacher", "student", "handoff", "teacher_steps", "student_steps", "teacher_guidance",
                "student_guidance", "mechanism", "teacher_scheduler", "student_scheduler"}
 
@@ -119,6 +119,23 @@ class Experiment:
     offline: dict = field(default_factory=dict)
     quick: dict = field(default_factory=dict)
     hybrid: dict | None = None
+    verdicts: dict = field(default_factory=dict)
+    """Pre-declared verdict settings: ``[experiment.verdicts.<failure mode>] margin = ...`` (the
+    comparisons themselves are the rules of :mod:`trajlab.analysis.failure_modes`)."""
+
+
+def _check_verdicts(table, path) -> dict:
+    from trajlab.analysis.failure_modes import SPECS
+
+    if not isinstance(table, dict):
+        raise ExperimentError(f"experiment {path}: [experiment.verdicts] must be a table of failure modes")
+    for mode, v in table.items():
+        if mode not in SPECS:
+            raise ExperimentError(f"experiment {path}: verdicts.{mode}: unknown failure mode; expected one of "
+                                  f"{sorted(SPECS)}")
+        if not isinstance(v, dict) or set(v) - {"margin"} or not float(v.get("margin", 1)) > 0:
+            raise ExperimentError(f"experiment {path}: verdicts.{mode} = {v!r}; expected {{margin = <number > 0>}}")
+    return table
 
 
 def list_experiments() -> list[str]:
@@ -175,7 +192,7 @@ def load_experiment(name_or_path) -> Experiment:
         raise ExperimentError(f"experiment {path}: no model: give 'model' or [[run]] tables")
     return Experiment(name=meta.get("name", path.stem), kind=kind, description=meta.get("description", ""),
                       path=path, grid=doc, offline=dict(meta.get("offline", {})), quick=dict(meta.get("quick", {})),
-                      hybrid=hybrid)
+                      hybrid=hybrid, verdicts=_check_verdicts(meta.get("verdicts", {}), path))
 
 
 def _model_mapper(offline: dict | None, model_map: dict | None):
@@ -358,9 +375,10 @@ def validate_experiment(name_or_path, *, offline: bool = False, quick: bool = Fa
 
 def run_experiment(exp: Experiment, out: str, *, offline: bool = False, quick: bool = False, seeds=None,
                    model_map: dict | None = None, device: str | None = None, progress: bool = True,
-                   cache=None) -> dict:
+                   cache=None, shard=None) -> dict:
     """Preflight every plan, then capture the grid and the hybrid groups (:func:`plans.run_plans`).
 
+    ``shard``: ``"I/N"`` captures only this shard's sample blocks of every group.
     Returns {"groups": [...], "notes": [...]}.
     """
     plans, hplans, notes = build_plans(exp, offline=offline, quick=quick, seeds=seeds, model_map=model_map,
@@ -368,7 +386,7 @@ def run_experiment(exp: Experiment, out: str, *, offline: bool = False, quick: b
     for n in notes:
         print(f"note: {n}")
     preflight(plans + hplans, out)
-    run_plans(plans + hplans, out, progress=progress, cache=cache)
+    run_plans(plans + hplans, out, progress=progress, cache=cache, shard=shard)
     return {"groups": [plan_group(p) for p in plans + hplans], "notes": notes}
 
 

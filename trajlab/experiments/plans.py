@@ -256,20 +256,24 @@ def plan_pipeline(plan, cache: PipelineCache):
     return pipe
 
 
-def run_plans(plans, out: str, progress: bool = True, cache: PipelineCache | None = None) -> list:
+def run_plans(plans, out: str, progress: bool = True, cache: PipelineCache | None = None, shard=None) -> list:
     """Capture every plan into ``out`` (each model loaded once); print a one-line summary.
 
-    Returns the CaptureResults. ``cache`` lets several calls share loaded pipelines.
+    Returns the CaptureResults. ``cache`` lets several calls share loaded pipelines. ``shard``: ``"I/N"``
+    captures only this shard's sample blocks of every plan (torchrun ranks split them by themselves;
+    see :mod:`trajlab.capture.shard`).
     """
     from trajlab import store
     from trajlab.capture.run import capture
+    from trajlab.capture.shard import setup as shard_setup
 
+    shard_setup(shard)  # under torchrun: join the process group before pipelines load
     t0 = time.perf_counter()
     cache = cache or PipelineCache()
     results = []
     for plan in plans:
         pipe = plan_pipeline(plan, cache)
-        results.append(capture(pipe, plan, out, group=plan.extra.get("group"), progress=progress))
+        results.append(capture(pipe, plan, out, group=plan.extra.get("group"), progress=progress, shard=shard))
     written = sum(r.samples_written for r in results)
     skipped = sum(r.samples_skipped for r in results)
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
