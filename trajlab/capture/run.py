@@ -79,6 +79,15 @@ def _step_variables(records) -> tuple[str, ...]:
     return tuple(v for v in STEP_FIELDS if v in out)
 
 
+def _scheduler_config(sched) -> dict:
+    """The scheduler's config as stored; diffusers' ``_use_default_values`` comes from a set, so its order
+    changes from process to process: sorted, so that every process writes the same attrs."""
+    cfg = dict(sched.config)
+    if isinstance(cfg.get("_use_default_values"), (list, tuple)):
+        cfg["_use_default_values"] = sorted(cfg["_use_default_values"])
+    return cfg
+
+
 def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress: bool = True,
             shard=None) -> CaptureResult:
     """Run ``plan`` on ``pipe`` and record it into group ``group`` (default ``plan.group_name()``) of ``path``.
@@ -118,7 +127,7 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
                                    image_shape=image_shape)
         sched = pipe.scheduler
         attrs = {**_versions(), "model": plan.model, "loras": plan.loras, "pipeline_class": type(pipe).__name__,
-                 "scheduler_class": type(sched).__name__, "scheduler_config": dict(sched.config),
+                 "scheduler_class": type(sched).__name__, "scheduler_config": _scheduler_config(sched),
                  "steps": plan.steps, "guidance": plan.guidance, "negative_prompt": plan.negative_prompt,
                  "height": plan.height or 0, "width": plan.width or 0, "dtype": plan.dtype, "device": str(plan.device),
                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "config": config,
