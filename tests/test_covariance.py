@@ -81,3 +81,23 @@ def test_empirical_covariance_per_prompt():
     assert np.allclose(C.values[1], np.cov(X1, rowvar=False), atol=1e-12)
     v, E, _ = cov.empirical_pcs(X1)
     assert np.allclose(v.sum(), np.trace(C.values[1]), rtol=1e-10) and E.shape == (16, 16)
+
+
+def test_per_sample_linearisation_works_on_pipeline_groups(tmp_path):
+    """at="samples" (the default) on a tiny-sd CFG group: the per-prompt maps take a batch of the prompt's
+    own noise samples; at="mean" linearises once at their mean."""
+    from trajlab.analysis import covariance as cov
+    from trajlab.capture import CapturePlan, capture
+    from trajlab.models.loading import load_pipeline
+    from trajlab import store
+
+    pipe = load_pipeline("tiny-sd", scheduler="ddim")
+    plan = CapturePlan(model="tiny-sd", prompts=["a cat"], seeds=list(range(6)), scheduler="ddim", steps=2,
+                       guidance=3.0, height=16, width=16, images=False, batch_size=6)
+    res = capture(pipe, plan, tmp_path / "s.zarr", progress=False)
+    ds = store.open_group(tmp_path / "s.zarr", res.group).load()
+    per = cov.group_covariance_propagation(ds, pipe, max_points=3, n_components=4)
+    mean = cov.group_covariance_propagation(ds, pipe, at="mean", n_components=4)
+    assert per.attrs["at"] == "samples" and per.attrs["n_points"] == 3 and mean.attrs["n_points"] == 1
+    assert np.isfinite(per["trace_ratio"]).all() and np.isfinite(mean["trace_ratio"]).all()
+    assert float(per["pred_trace"][0]) != float(mean["pred_trace"][0])

@@ -11,8 +11,10 @@ Comparisons, per prompt (dims prompt, component):
 - along the predicted principal components (left singular vectors of J by randomized SVD, or the
   exact Jacobian when small): predicted input_var s_j^2 vs the sample variance along them;
 - in total: trace of the sample covariance vs input_var ||J||_F^2 (exact or Hutchinson).
-The linearisation point is the mean latent_0 of the prompt's samples (at="mean") or every sample
-(at="samples": predicted forms averaged over per-sample Jacobians).
+The linearisation points are the prompt's actual noise samples (at="samples", the default: predicted
+forms averaged over per-sample Jacobians, E_b[J_b C J_b^T], over the first ``max_points`` samples) or
+the mean latent_0 of the prompt's samples (at="mean": a point ~sqrt(n) closer to the origin than any
+real noise sample, where a few-step map can be far more expansive; kept for comparison only).
 
 `group_covariance_propagation(ds, pipe)` does it for a store group with the pipeline that made it
 (one sampler map per prompt) and, in single-Gaussian exact worlds, adds the theory variance ratios
@@ -34,7 +36,11 @@ from trajlab.analysis import jacobian as jac
 from trajlab.models.denoiser import sampler_map
 from trajlab.models.schedulers import scheduler_from_attrs
 
-__all__ = ["empirical_covariance", "empirical_pcs", "predicted_covariance", "covariance_propagation",
+DEFAULT_POINTS = 4
+"""Linearisation points per prompt for a store group (at="samples"): the first 4 noise samples; the
+dense teacher Jacobian costs one sampler VJP per latent entry per point."""
+
+__all__ = ["DEFAULT_POINTS", "empirical_covariance", "empirical_pcs", "predicted_covariance", "covariance_propagation",
            "group_sampler_maps", "variance_ratio_theory", "group_covariance_propagation"]
 
 
@@ -85,7 +91,8 @@ def covariance_propagation(
     input_var: float | None = None,
     by: str = "prompt_index",
     n_components: int | None = None,
-    at: str = "mean",
+    at: str = "samples",
+    max_points: int | None = None,
     rank: int | None = None,
     dense_max: int = 256,
     n_probes: int = 32,
@@ -120,7 +127,7 @@ def covariance_propagation(
         v_emp, E, mu = empirical_pcs(X, n_components)
         c = len(v_emp)
         x0 = lat0_all[idx]
-        x = torch.from_numpy(x0.mean(0, keepdims=True) if at == "mean" else x0).to(dtype)
+        x = torch.from_numpy(x0.mean(0, keepdims=True) if at == "mean" else x0[:max_points]).to(dtype)
         B = x.shape[0]
         Et = torch.from_numpy(E).to(dtype)  # (c, p)
         # predicted variance along empirical PCs: input_var * mean_b ||J_b^T e_j||^2
@@ -172,7 +179,7 @@ def covariance_propagation(
             "n_samples": ("prompt", np.array([r["n_samples"] for r in rows])),
         },
         coords={"prompt": list(groups), "component": np.arange(cmax)},
-        attrs={"input_var": float(input_var), "at": at, "units": "latent^2",
+        attrs={"input_var": float(input_var), "at": at, "n_points": int(B), "units": "latent^2",
                "method": "dense" if p <= dense_max else "randomized SVD + Hutchinson"},
     )
     dsout["ratio_emp_pc"] = dsout["emp_variance"] / dsout["pred_on_emp_pc"]
@@ -186,10 +193,12 @@ def sampling_rel_se(n: int) -> float:
     return math.sqrt(2.0 / (n - 1))
 
 
-def group_sampler_maps(ds: xr.Dataset, pipe, scheduler=None, *, dtype=None, seed: int = 0) -> dict | Callable:
+def group_sampler_maps(ds: xr.Dataset, pipe, scheduler=None, *, dtype=None, seed: int = 0,
+                       points: int = 1) -> dict | Callable:
     """Sampler maps latent_0 -> final latent of a store group: {prompt_index: map} with each prompt's
-    conditioning (`jacobian.group_model_fn`), or one map for prompt-free exact worlds. Noise of
-    stochastic schedulers is held fixed by a generator seeded with `seed`."""
+    conditioning (`jacobian.group_model_fn`) for a batch of ``points`` linearisation points, or one map
+    for prompt-free exact worlds. Noise of stochastic schedulers is held fixed by a generator seeded
+    with `seed`."""
     import inspect
 
     scheduler = scheduler if scheduler is not None else scheduler_from_attrs(ds.attrs)
@@ -204,7 +213,7 @@ def group_sampler_maps(ds: xr.Dataset, pipe, scheduler=None, *, dtype=None, seed
     if not hasattr(pipe, "encode_prompt"):
         return make(jac.pipeline_model_fn(pipe))
     pi = np.asarray(ds["prompt_index"].values)
-    return {int(k): make(jac.group_model_fn(pipe, ds, [int(np.flatnonzero(pi == k)[0])], dtype=dtype))
+    return {int(k): make(jac.group_model_fn(pipe, ds, np.flatnonzero(pi == k)[:points].tolist(), dtype=dtype))
             for k in np.unique(pi)}
 
 
@@ -235,7 +244,7 @@ def variance_ratio_theory(ds: xr.Dataset, world, scheduler=None) -> xr.Dataset |
 def group_covariance_propagation(ds: xr.Dataset, pipe, scheduler=None, *, n_components: int | None = 16,
                                  n_probes: int = 16, seed: int = 0, **kw) -> xr.Dataset:
     """`covariance_propagation` of a store group with the pipeline that made it: per-prompt sampler maps
-    (`group_sampler_maps`), input_var = init_noise_sigma^2 of the group's scheduler, JVPs in float64 for
+    (`group_sampler_maps`, batched over the linearisation points: kw ``at``/``max_points``), input_var = init_noise_sigma^2 of the group's scheduler, JVPs in float64 for
     exact worlds (else float32), probes seeded with `seed`; single-Gaussian exact worlds add
     measured_r, theory_r and coord lam over `direction` (`variance_ratio_theory`).  kw: passed on
     (at, rank, dense_max, method)."""
@@ -246,7 +255,12 @@ def group_covariance_propagation(ds: xr.Dataset, pipe, scheduler=None, *, n_comp
     s = copy.deepcopy(scheduler)
     s.set_timesteps(steps)
     dtype = jac.jvp_dtype(pipe)
-    maps = group_sampler_maps(ds, pipe, scheduler, dtype=dtype, seed=seed)
+    at, max_points = kw.get("at", "samples"), kw.get("max_points")
+    pi = np.asarray(ds["prompt_index"].values)
+    points = 1 if at == "mean" else min(int(max_points or DEFAULT_POINTS), int(np.bincount(pi).max()))
+    if at == "samples" and max_points is None:
+        kw["max_points"] = points
+    maps = group_sampler_maps(ds, pipe, scheduler, dtype=dtype, seed=seed, points=points)
     res = covariance_propagation(ds, maps, input_var=float(s.init_noise_sigma) ** 2, n_components=n_components,
                                  n_probes=n_probes, dtype=dtype, generator=torch.Generator().manual_seed(seed), **kw)
     theory = variance_ratio_theory(ds, getattr(pipe, "world", None), scheduler)
