@@ -137,3 +137,76 @@ def test_allocation_waits_for_the_metadata_lock_of_another_process(tmp_path):
     assert sorted(tree.children) == ["g", "h", "k"]
     with pytest.raises(store.GroupExists):
         _allocate(path, name="h")
+
+
+def test_file_urls_address_the_same_store(tmp_path):
+    path = tmp_path / "s.zarr"
+    url = f"file://{path}"
+    assert store.is_local(url) and store.is_local(path) and not store.is_local("s3://b/s.zarr")
+    assert store.local_path(url) == str(path) and not store.exists(url)
+    assert store.group_names(url) == [] and store.store_bytes(url) == 0
+    _allocate(url)
+    store.write_samples(url, "g", 0, {"latent": np.ones((1, 3, 4, 8, 8), dtype=np.float16)})
+    store.mark_complete(url, "g", 0, 1)
+    assert store.exists(url) and (path / "g" / "latent").is_dir(), "file:// and the plain path are one store"
+    np.testing.assert_array_equal(store.completed(path, "g"), [True, False, False, False])
+    store.validate(url)
+    assert list(store.open(url).children) == ["g"] and store.open_group(url, "g").latent.values[0].min() == 1
+    assert store.summary(url)[0]["bytes"] == store.store_bytes(path, "g") > 0
+    with pytest.raises(store.StoreError, match="not a local store"):
+        store.local_path("s3://b/s.zarr")
+
+
+def test_stale_consolidated_metadata_is_named_and_repaired(tmp_path):
+    """An allocator that died between listing a group and re-consolidating leaves the root's consolidated
+    metadata without that group: validate names it, writers still find the group, repair fixes it."""
+    import shutil
+
+    import zarr
+
+    path = tmp_path / "s.zarr"
+    _allocate(path)
+    assert not store.consolidated_is_stale(path)
+    _allocate(tmp_path / "other.zarr", name="h")
+    shutil.copytree(tmp_path / "other.zarr" / "h", path / "h")  # group h written, not yet listed
+    stale = zarr.open_group(str(path), mode="r+")  # the consolidated view, as a stale allocator held it
+    stale.attrs["groups"] = ["g", "h"]  # keeps the consolidated metadata, which lacks h
+    assert "h" not in zarr.open_group(str(path), mode="r")
+    assert "h" in zarr.open_group(str(path), mode="r", use_consolidated=False)
+    assert store.consolidated_is_stale(path)
+    with pytest.raises(store.StoreError, match="'h' is missing from the consolidated metadata"):
+        store.validate(path)
+    assert not store.completed(path, "h").any()  # writers and readers of the group still find it
+    assert store.repair_consolidated(path) and not store.repair_consolidated(path)
+    store.validate(path)
+    assert sorted(store.open(path).children) == ["g", "h"]
+
+
+def test_allocation_never_leaves_a_stale_consolidated_root(tmp_path):
+    """The allocator opens the root unconsolidated, so listing a new group drops the old consolidated view
+    (readers list the tree) until it re-consolidates: no window where a listed group is invisible."""
+    import zarr
+
+    path = tmp_path / "s.zarr"
+    _allocate(path)
+    root = zarr.open_group(str(path), mode="r+", use_consolidated=False)
+    root.attrs["groups"] = ["g"]
+    assert json.loads((path / "zarr.json").read_text()).get("consolidated_metadata") is None
+    _allocate(path, name="h")
+    meta = json.loads((path / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+    assert "h" in meta and "g" in meta and not store.consolidated_is_stale(path)
+
+
+def test_wait_for_group_returns_once_another_writer_allocates(tmp_path):
+    import threading
+    import time
+
+    path = tmp_path / "s.zarr"
+    with pytest.raises(store.StoreError, match="only shard 0"):
+        store.wait_for_group(path, "g", timeout=0.2, poll=0.05)
+    timer = threading.Timer(0.5, _allocate, args=(path,))
+    timer.start()
+    t0 = time.monotonic()
+    store.wait_for_group(path, "g", timeout=60, poll=0.05)
+    timer.join()
+    assert 0.4 < time.monotonic() - t0 < 60 and store.group_names(path) == ["g"]

@@ -198,9 +198,8 @@ def cmd_demo(args) -> int:
     _quiet_libraries()
     from trajlab.experiments.demo import run_demo
 
-    path = run_demo(args.out, quick=args.quick, tiny=args.tiny, hybrid=not args.no_hybrid,
-                    mechanistic=not args.no_jacobian, control=not args.no_control)
-    print(f"report: {path}")
+    run_demo(args.out, quick=args.quick, tiny=args.tiny, hybrid=not args.no_hybrid,
+             mechanistic=not args.no_jacobian, control=not args.no_control)  # ends with the summary and the path
     return 0
 
 

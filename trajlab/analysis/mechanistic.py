@@ -78,14 +78,16 @@ def covariance_results(store, out_dir, *, groups=None, model: str | None = None,
                        n_prompts: int | None = COVARIANCE_DEFAULTS["n_prompts"],
                        n_components: int = COVARIANCE_DEFAULTS["n_components"],
                        n_probes: int = COVARIANCE_DEFAULTS["n_probes"], dense_max: int = COVARIANCE_DEFAULTS["dense_max"],
-                       seed: int = COVARIANCE_DEFAULTS["seed"], callback=None) -> list[Path]:
+                       seed: int = COVARIANCE_DEFAULTS["seed"], max_points: int | None = None,
+                       callback=None) -> list[Path]:
     """Covariance propagation (empirical Cov[final latent] vs J Cov[latent_0] J^T;
     ``covariance.group_covariance_propagation``) over each group's first ``n_prompts`` prompts (None:
     all), dense Jacobians up to ``dense_max`` latent entries, else randomized SVD + ``n_probes``
     Hutchinson probes. Written as ``out_dir/<group>_covariance.nc`` (attr group); returns the paths.
 
     configs: keep groups whose (model, steps) is in these; experiments: keep groups whose
-    ``experiment`` tag is in these; hybrid groups are skipped. callback(name, result) per group.
+    ``experiment`` tag is in these; hybrid groups are skipped. max_points: linearisation points per
+    prompt (its first noise samples; default ``covariance.DEFAULT_POINTS``). callback(name, result) per group.
     """
     from trajlab.analysis import covariance as cov
 
@@ -103,7 +105,7 @@ def covariance_results(store, out_dir, *, groups=None, model: str | None = None,
             ds = ds.isel(sample=np.flatnonzero(np.isin(ds["prompt_index"].values, first)))
         t = time.perf_counter()
         res = cov.group_covariance_propagation(ds.load(), pipe, n_components=n_components, dense_max=dense_max,
-                                               n_probes=n_probes, seed=seed)
+                                               n_probes=n_probes, seed=seed, max_points=max_points)
         written.append(io.save_dataset(res, Path(out_dir) / f"{name}_covariance.nc", attrs={"group": name}))
         print(f"covariance {name}: trace ratio emp/pred = {np.round(res['trace_ratio'].values, 3)}, "
               f"{time.perf_counter() - t:.0f} s")

@@ -187,17 +187,44 @@ def metric_results(groups, desc, *, lpips: bool = True, n_boot: int = N_BOOT, sc
     return table, per_prompt, metrics, labeller, list(notes)
 
 
+def engine_verdicts(groups, desc, decode=None, margins: dict | None = None) -> xr.Dataset:
+    """The failure taxonomy from the verdict engine (:func:`failure_modes.store_verdicts`): real-data modes,
+    ink and spectrum for micro-world stores; x0 decoded with ``decode`` for commitment."""
+    from trajlab.analysis import failure_modes as F
+
+    data = F.micro_data_reference() if S.is_micro(desc) else None
+
+    def decode_x0(ds, idx, step):
+        img = decode(np.asarray(ds["x0_pred"].isel(sample=idx, step=step).values))
+        return (np.asarray(img) * 255).round().astype(np.uint8)
+
+    image_groups = {n: g.assign(image=g["image"].compute()) for n, g in groups.items() if "image" in g}
+    return F.store_verdicts(image_groups, data=data, decode=decode_x0 if decode is not None else None,
+                            margins=margins)
+
+
 def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: int = N_BOOT, scorers=None,
-                max_grid: int = MAX_GRID, tags: dict | None = None) -> dict:
+                max_grid: int = MAX_GRID, tags: dict | None = None, margins: dict | None = None,
+                progress=None) -> dict:
     """{result name: Dataset or {key: Dataset}} of every store analysis the report shows.
 
     tags: {prompt text: {"failure_mode": ...}} for the taxonomy's per-category rows (the orchestrator
     passes ``trajlab.experiments.configs.prompt_tags()``; None: those rows are not measured)."""
+    import time
+
+    t0 = time.perf_counter()
+
+    def say(what):
+        if progress is not None:
+            progress(f"  results: {what} ({time.perf_counter() - t0:.0f} s)")
+
     groups = S.open_groups(store)
     desc = S.describe_all(groups)
     teacher = S.pick_teacher(desc)
+    say(f"metrics of {len(groups)} groups")
     table, per_prompt, metrics, labeller, notes = metric_results(groups, desc, lpips=lpips, n_boot=n_boot,
                                                                  scorers=scorers)
+    say("sweeps")
     stepc, neg = S.step_consistency(groups), S.negative_prompt_sensitivity(groups)
     cfg, hyb = S.cfg_curves(groups, metrics), S.hybrid_sweep(groups, table)
     try:
@@ -205,13 +232,18 @@ def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: 
     except Exception as exc:  # noqa: BLE001 - the report still builds with latent channels
         decode = None
         notes.append(f"no VAE for decoding x0 ({exc})")
+    say("commitment")
     commit, commit_note = commitment_results(groups, desc, decode, labeller)
+    say("mode coverage")
     coverage = coverage_results(groups, desc)
     tax = taxonomy(desc, table.assign_attrs(per_prompt_clip=per_prompt), stepc, neg, cfg, commit, coverage, teacher,
                    tags or {})
+    say("verdicts (matched comparisons, bootstrap)")
+    verdicts = engine_verdicts(groups, desc, decode, margins=margins)
+    say("image grids and filmstrips")
     return {"groups": groups_dataset(desc, store, teacher, notes), "metrics": table, "step_consistency": stepc,
             "negative_prompt": neg, "cfg": cfg, "hybrid": hyb, "commitment": commitment_dataset(commit, desc, commit_note),
-            "coverage": coverage_dataset(coverage, teacher), "taxonomy": taxonomy_dataset(tax),
+            "coverage": coverage_dataset(coverage, teacher), "taxonomy": taxonomy_dataset(tax), "verdicts": verdicts,
             "image_grid": image_grids(groups, desc, max_grid), "filmstrip": filmstrips(groups, desc, decode)}
 
 
@@ -277,17 +309,23 @@ def write_results(results: dict, results_dir) -> Path:
 
 
 def compute_results(store, out_dir, *, model: str | None = None, lpips: bool = True, n_boot: int = N_BOOT,
-                    analyses_dir=None, scorers=None, max_grid: int = MAX_GRID, tags: dict | None = None) -> Path:
+                    analyses_dir=None, scorers=None, max_grid: int = MAX_GRID, tags: dict | None = None,
+                    calibration=None, margins: dict | None = None, progress=None) -> Path:
     """Compute every result the report shows and write it to ``out_dir/results``; returns that path.
 
     model: pipeline whose VAE decodes x0 filmstrips (default: a teacher model of the store if
     available). analyses_dir: results of ``analyses/*.py`` (Jacobian contraction, covariance) to include.
     scorers: (embedder, lpips_model, labeller, notes) to skip :func:`sweeps.default_scorers`.
     tags: prompt tags of the taxonomy's category rows (see :func:`compute_all`).
+    calibration: a ``trajlab calibrate`` result file (calibration.nc) to show beside the verdicts.
+    margins: an experiment's declared verdict margins ({mode: {"margin": m}}).
     """
     results = compute_all(store, model=model, lpips=lpips, n_boot=n_boot, scorers=scorers, max_grid=max_grid,
-                          tags=tags)
+                          tags=tags, margins=margins, progress=progress)
     results.update(analyses_results(analyses_dir))
+    if calibration is not None and Path(calibration).is_file():
+        with xr.open_dataset(calibration) as c:
+            results["calibration"] = c.load().assign_attrs(source=str(calibration))
     return write_results(results, Path(out_dir) / RESULTS_DIR)
 
 

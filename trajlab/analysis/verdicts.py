@@ -174,7 +174,9 @@ def _stratified_replicates(ref: list[PromptStat], cand: list[PromptStat], n_boot
         idx = rng.integers(0, r.n, size=(n_boot, r.n))
         R[p] = [r(i) for i in idx]
         C[p] = [c(i) for i in idx]
-    return np.nanmean(R, axis=0), np.nanmean(C, axis=0)
+    with warnings.catch_warnings():  # a replicate where every prompt is undefined (NaN) stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(R, axis=0), np.nanmean(C, axis=0)
 
 
 def paired_bootstrap(ref: list[PromptStat], cand: list[PromptStat], *, effect: str = "log_ratio",
@@ -263,7 +265,9 @@ def evaluate(comp: Comparison, ref: list[PromptStat] | None, cand: list[PromptSt
                          min_clusters=min_clusters)
     sign = 1.0 if comp.direction == "increase" else -1.0
     signed = sign * b.pop("replicates")
-    row.update(b, why="", p_failure=one_sided_p(signed, 0.0, "above"),
+    fin = signed[np.isfinite(signed)]
+    degenerate = fin.size == 0 or bool(np.ptp(fin) == 0 and np.ptp([r() for r in ref] + [c() for c in cand]) == 0)
+    row.update(b, why="", p_failure=one_sided_p(signed, 0.0, "above"), degenerate=degenerate,
                p_within_margin=one_sided_p(signed, comp.margin, "below"), signed_replicates=signed)
     return row
 
@@ -282,6 +286,9 @@ def decide(rows: list[dict], alpha: float = 0.05) -> list[dict]:
             reaches = sign * r["estimate"] >= r["margin"]
             r["p_failure_holm"], r["p_within_margin_holm"] = float(a), float(b)
             r["decision"] = "supported" if (a < alpha and reaches) else "refuted" if b < alpha else "inconclusive"
+            if r.get("degenerate"):  # e.g. a count of zero in both groups: the data cannot bound the effect
+                r["decision"] = "inconclusive"
+                r["why"] = "no variation at all in either group's statistic: the data cannot bound the effect"
     for r in rows:
         r.setdefault("p_failure_holm", np.nan)
         r.setdefault("p_within_margin_holm", np.nan)

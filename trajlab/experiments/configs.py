@@ -34,6 +34,8 @@ from trajlab.experiments.plans import GRID_KEYS, SCALAR_KEYS, InputError, expand
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS_DIR = REPO / "data" / "experiments"
+CALIBRATION_FILE = REPO / "data" / "calibration" / "calibration.nc"
+"""The shipped `trajlab calibrate` result the reports show beside their verdicts."""
 PROMPTS_DIR = REPO / "data" / "prompts"
 
 KINDS = ("seed_table", "cfg_sweep", "step_consistency", "negative_prompt", "hybrid", "fine_detail", "composition",
@@ -136,6 +138,19 @@ def _check_verdicts(table, path) -> dict:
         if not isinstance(v, dict) or set(v) - {"margin"} or not float(v.get("margin", 1)) > 0:
             raise ExperimentError(f"experiment {path}: verdicts.{mode} = {v!r}; expected {{margin = <number > 0>}}")
     return table
+
+
+def store_margins(store) -> dict:
+    """Verdict margins declared by the experiments a store's groups were captured for (merged)."""
+    from trajlab import store as st
+
+    margins = {}
+    for g in st.group_names(store):
+        extra = st.decode_attr(st.group_attrs(store, g).get("extra")) or {}
+        name = extra.get("experiment") if isinstance(extra, dict) else None
+        if name and name in list_experiments():
+            margins.update(load_experiment(name).verdicts)
+    return margins
 
 
 def list_experiments() -> list[str]:

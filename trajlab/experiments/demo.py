@@ -31,8 +31,9 @@ def micro_available() -> bool:
 
 
 def demo_plans(teacher: str, student: str, prompts, seeds, *, teacher_steps: int = 30, student_steps=(1, 2, 4, 8),
-               handoff=(0, 3, 6, 10, 15, 30), hybrid: bool = True, batch_size: int = 32):
-    """(grid plans, hybrid plans) of the demo study."""
+               handoff=(0, 3, 6, 10, 15, 30), hybrid: bool = True, batch_size: int = 32, teacher_family=(10, 20)):
+    """(grid plans, hybrid plans) of the demo study. ``teacher_family``: extra teacher step counts (tag
+    experiment "demo-family"), the baseline that step inconsistency is measured against."""
     from trajlab.experiments.configs import resolve_mechanism
     from trajlab.experiments.plans import resolve_plan
     from trajlab.models.hybrid import HybridSpec, hybrid_plan
@@ -46,6 +47,10 @@ def demo_plans(teacher: str, student: str, prompts, seeds, *, teacher_steps: int
                                    batch_size=batch_size))
     for p in plans:
         p.extra["experiment"] = "demo"
+    for k in teacher_family:
+        plans.append(resolve_plan(model=teacher, scheduler="ddim", steps=k, guidance=None, negative_prompt=None,
+                                  prompts=list(prompts), seeds=list(seeds), batch_size=batch_size))
+        plans[-1].extra["experiment"] = "demo-family"
     hplans = []
     if hybrid:
         ts, ss = get(teacher), get(student)
@@ -100,14 +105,11 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
              n_prompts: int | None = None, n_seeds: int | None = None, progress: bool = True,
              mechanistic: bool = True, control: bool = True) -> Path:
     """Capture the demo study into ``out/study.zarr`` and build ``out/report``; returns index.html's path."""
-    import torch
-
     from trajlab.analysis.mechanistic import covariance_results, jacobian_results
     from trajlab.experiments.plans import preflight, run_plans
     from trajlab.experiments.reporting import report_store
     from trajlab.models.micro import PROMPTS
 
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -136,16 +138,47 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
           + (f" + hybrid k in {sorted(set(handoff))}" if hybrid else "") + f"; {n_prompts} prompts x {n_seeds} seeds"
           + (f"; + {len(cplans)} guidance-sweep / negative-prompt groups on {min(len(seeds), 2 if quick else 8)} seeds"
              if cplans else ""))
+    stages = ["capture"] + (["Jacobian contraction", "covariance propagation"] if mechanistic else []) + \
+        ["analyses and report"]
+    stage = _stages(stages, t0)
+    stage()
     run_plans(plans + cplans + hplans, store, progress=progress)
     analyses = None
     if mechanistic:
         analyses = out / "analyses"
+        stage()
         jacobian_results(store, analyses, models=(teacher, student), experiments=("demo",), **DEMO_JACOBIAN)
+        stage()
         covariance_results(store, analyses, configs=((teacher, teacher_steps), (student, 1), (student, 4)),
-                           experiments=("demo", ""), n_prompts=1 if quick else 3, n_probes=4 if quick else 16)
+                           experiments=("demo", ""), n_prompts=1 if quick else 2, n_probes=4 if quick else 16,
+                           max_points=2)
+    stage()
     path = report_store(store, out / "report", model=teacher, analyses_dir=analyses)
-    print(f"demo done in {time.perf_counter() - t0:.0f} s")
+    print_summary(out / "report", time.perf_counter() - t0)
     return path
+
+
+def _stages(names, t0):
+    """A callable that prints the next stage line: ``[stage i/n] name (elapsed)``."""
+    state = {"i": 0}
+
+    def next_stage():
+        state["i"] += 1
+        print(f"[stage {state['i']}/{len(names)}] {names[state['i'] - 1]} ({time.perf_counter() - t0:.0f} s elapsed)",
+              flush=True)
+
+    return next_stage
+
+
+def print_summary(report_dir, elapsed: float) -> None:
+    """The terminal summary: each failure mode's decision, effect and CI, and where the report is."""
+    import json
+
+    rows = json.loads((Path(report_dir) / "tables.json").read_text()).get("verdicts", [])
+    print(f"\ndemo done in {elapsed:.0f} s. Failure taxonomy (verdict engine; effect [95% CI], Holm-corrected):")
+    for r in rows:
+        print(f"  {r['mode']:24} {r['candidate'][:38]:38} {r['effect']:28} {r['decision']}")
+    print(f"report: {Path(report_dir) / 'index.html'}")
 
 
 __all__ = ["control_plans", "demo_plans", "micro_available", "run_demo"]

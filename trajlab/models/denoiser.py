@@ -91,6 +91,7 @@ def guided_model(unet, cond: Conditioning | None = None, *,
             with ctx():
                 return unet(x, t, encoder_hidden_states=cond.encoder_hidden_states,
                             timestep_cond=cond.timestep_cond, return_dict=False, **kw)[0]
+        model.unet, model.cond = unet, cond  # read by trajlab.analysis.fast_jvp.model_jvp
         return model
     eh = torch.cat([cond.negative_encoder_hidden_states, cond.encoder_hidden_states])
     w = cond.guidance_scale
@@ -102,6 +103,7 @@ def guided_model(unet, cond: Conditioning | None = None, *,
         u, c = o.chunk(2)
         return u + w * (c - u)
 
+    model.unet, model.cond = unet, cond
     return model
 
 
@@ -249,6 +251,13 @@ def sampler_map(scheduler, model: Model, num_inference_steps: int, *, generator=
         s = promote_tables(copy.deepcopy(base), latent.dtype)
         return sample(s, model, latent, extra_step_kwargs=_kwargs(s, gstate, step_kwargs))
 
+    def fast_jvp(latent, V):  # (f(latent), J V) with primal and tangents stacked (fast_jvp.sample_jvp)
+        from trajlab.analysis.fast_jvp import sample_jvp
+
+        s = promote_tables(copy.deepcopy(base), latent.dtype)
+        return sample_jvp(s, model, latent, V, extra_step_kwargs=_kwargs(s, gstate, step_kwargs))
+
+    f.fast_jvp = fast_jvp
     return f
 
 
@@ -268,6 +277,13 @@ def sampler_step_map(scheduler_state, model: Model, timestep, *, generator=None,
         s = promote_tables(copy.deepcopy(scheduler_state), latent.dtype)
         return sample(s, model, latent, timesteps=[timestep], extra_step_kwargs=_kwargs(s, gstate, step_kwargs))
 
+    def fast_jvp(latent, V):
+        from trajlab.analysis.fast_jvp import sample_jvp
+
+        s = promote_tables(copy.deepcopy(scheduler_state), latent.dtype)
+        return sample_jvp(s, model, latent, V, timesteps=[timestep], extra_step_kwargs=_kwargs(s, gstate, step_kwargs))
+
+    f.fast_jvp = fast_jvp
     return f
 
 
@@ -322,4 +338,16 @@ def denoiser_map(model: Model, timestep, alpha_bar: float, *, prediction_type: s
         x_t = inp * math.sqrt(ab) if space == "edm" else inp
         return derive_x0(prediction_type, model(x_t, timestep), x_t, level)
 
+    def fast_jvp(inp, V):  # derive_x0 is linear in (model output, x_t): applied to the stacked pair
+        from trajlab.analysis.fast_jvp import model_jvp
+
+        c = math.sqrt(ab) if space == "edm" else 1.0
+        x_t, T = inp * c, V * c
+        y, dY = model_jvp(model, x_t, T, timestep)
+        m = T.shape[0]
+        z = derive_x0(prediction_type, torch.cat([y, dY.flatten(0, 1)]), torch.cat([x_t, T.flatten(0, 1)]), level)
+        B = inp.shape[0]
+        return z[:B], z[B:].view(m, B, *z.shape[1:])
+
+    f.fast_jvp = fast_jvp
     return f

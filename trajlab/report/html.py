@@ -17,7 +17,7 @@ import xarray as xr
 
 from trajlab.analysis.taxonomy import THRESHOLDS, taxonomy_rows
 
-SECTIONS = ("Groups", "Failure taxonomy", "Diversity vs steps", "Diversity-alignment trade-off", "CFG curves",
+SECTIONS = ("Groups", "Failure taxonomy", "Calibration", "Diversity vs steps", "Diversity-alignment trade-off", "CFG curves",
             "Step consistency", "Negative-prompt sensitivity", "Hybrid sweep", "Commitment", "Mode coverage",
             "Jacobian spectra and covariance", "Image grids", "x0-prediction filmstrips")
 
@@ -114,12 +114,66 @@ def _groups_section(r, fig) -> list:
     return [_table(g, ["model", "scheduler", "steps", "guidance", "negative_prompt", "role", "n_samples"])]
 
 
+def verdict_rows(v: xr.Dataset, labels: dict | None = None) -> list[dict]:
+    """The engine's rows for the page and tables.json: mode, groups, effect with CI, decision, evidence."""
+    labels = labels or {}
+    rows = []
+    for i in range(v.sizes.get("comparison", 0)):
+        x = {k: v[k].values[i].item() if hasattr(v[k].values[i], "item") else v[k].values[i] for k in v.data_vars}
+        kind = "log ratio" if x["effect_kind"] == "log_ratio" else "difference"
+        applicable = x["decision"] != "not applicable"
+        effect = (f"{x['estimate']:+.3f} [{x['ci_low']:+.3f}, {x['ci_high']:+.3f}]" if applicable else "-")
+        evidence = (f"{x['metric']}; {kind} candidate vs reference, {x['n_prompts']} prompts x {x['n_per_prompt']} "
+                    f"paired seeds; margin {x['margin']:g}; Holm p(no failure) = {x['p_failure_holm']:.3g}, "
+                    f"p(failure >= margin) = {x['p_within_margin_holm']:.3g}; {x['method']}"
+                    + (f"; {x['description']}" if x["description"] else "") if applicable else str(x["why"]))
+        rows.append({"mode": x["mode"], "reference": labels.get(x["reference"], x["reference"]),
+                     "candidate": labels.get(x["candidate"], x["candidate"]), "reference_group": x["reference"],
+                     "candidate_group": x["candidate"], "effect": effect, "decision": x["decision"],
+                     "evidence": evidence, "estimate": x["estimate"], "ci_low": x["ci_low"], "ci_high": x["ci_high"]})
+    return rows
+
+
+def _labels(r) -> dict:
+    g = r["groups"]
+    if "label" not in g:
+        return {}
+    return dict(zip(g["group"].values.tolist(), g["label"].values.tolist()))
+
+
 def _taxonomy_section(r, fig) -> list:
+    out = []
+    v = r.get("verdicts")
+    if v is not None and v.sizes.get("comparison", 0):
+        out += [_p("Each failure mode is a pre-declared, matched comparison (trajlab.analysis.failure_modes): the "
+                   "candidate against the reference teacher on the same prompts and paired seeds; effect with a 95% "
+                   f"bootstrap CI; decisions Holm-corrected over all {v.sizes['comparison']} comparisons "
+                   f"(alpha {v.attrs.get('alpha', 0.05)}). Features: {v.attrs.get('features', '')}. "
+                   f"Reference data: {v.attrs.get('data', '')}."),
+                {"kind": "verdicts", "head": ["failure mode", "reference", "candidate", "effect [95% CI]",
+                                              "decision", "evidence"], "rows": verdict_rows(v, _labels(r))}]
+    else:
+        out.append(_none("the verdict engine found no teacher group with images"))
     head = ["category", "failure mode", "hypothesis", "metric and threshold", "measured evidence (group names)",
             "verdict"]
-    return [_p("Verdicts are computed from the measurements below with the stated thresholds; 'not measured' where "
-               "no group of this store supports the comparison."),
-            {"kind": "taxonomy", "head": head, "rows": taxonomy_rows(r["taxonomy"])}]
+    out.append({"kind": "details", "summary": "legacy threshold verdicts (fixed thresholds, no CIs: kept for "
+                                               "comparison, not trusted)",
+                "block": {"kind": "taxonomy", "head": head, "rows": taxonomy_rows(r["taxonomy"])}})
+    return out
+
+
+def _calibration_section(r, fig) -> list:
+    c = r.get("calibration")
+    if c is None:
+        return [_none("no calibration result (run `trajlab calibrate --out data/calibration`)")]
+    from trajlab.plots.calibration import plot_power_curves
+
+    ok = int(c["ok"].sum())
+    return [_p(f"The engine on planted failures in exact GMM worlds ({c.attrs.get('n_replicates')} replicate seed "
+               f"sets x {c.attrs.get('n_prompts')} prompts x {c.attrs.get('n_seeds')} seeds; "
+               f"{c.attrs.get('source', '')}): {ok}/{c.sizes['mode']} failure modes with FPR <= 0.05 and power >= 0.9."),
+            _table(c, ["metric", "margin", "fpr", "power_max", "min_magnitude_power90"], dim="mode"),
+            fig(plot_power_curves(c), "calibration", "P(supported) and P(refuted) against the planted magnitude")]
 
 
 def _diversity_var(table: xr.Dataset) -> str:
@@ -289,7 +343,7 @@ def _filmstrip_section(r, fig) -> list:
     return out or [_none("no trajectory with >= 2 steps")]
 
 
-_SECTION_BUILDERS = (_groups_section, _taxonomy_section, _diversity_section, _tradeoff_section, _cfg_section,
+_SECTION_BUILDERS = (_groups_section, _taxonomy_section, _calibration_section, _diversity_section, _tradeoff_section, _cfg_section,
                      _step_section, _negative_section, _hybrid_section, _commitment_section, _coverage_section,
                      _mechanistic_section, _grids_section, _filmstrip_section)
 
@@ -304,6 +358,8 @@ def _jsonable(ds: xr.Dataset) -> dict:
 def tables(r: dict) -> dict:
     """The numeric artifact (``tables.json``): taxonomy rows and the metric / sweep tables."""
     return {"taxonomy": taxonomy_rows(r["taxonomy"]), "metrics": _jsonable(r["metrics"]),
+            "verdicts": verdict_rows(r["verdicts"], _labels(r)) if "verdicts" in r else [],
+            "calibration": _jsonable(r["calibration"]) if "calibration" in r else {},
             "step_consistency": _jsonable(r["step_consistency"]), "negative_prompt": _jsonable(r["negative_prompt"]),
             "cfg": _jsonable(r["cfg"]), "hybrid": _jsonable(r["hybrid"])}
 
