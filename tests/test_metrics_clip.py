@@ -34,15 +34,18 @@ def test_clip_score_higher_for_aligned_text_and_bounded():
     assert np.all((s >= 0) & (s <= 100)) and np.any(s == 0) and np.any(s > 0)
 
 
-def test_clip_variance_equals_one_minus_mean_norm_and_zero_for_identical():
+def test_clip_variance_is_the_unbiased_variance_and_zero_for_identical():
     rng = np.random.default_rng(1)
     E = rng.normal(size=(20, 8))
     U = E / np.linalg.norm(E, axis=1, keepdims=True)
-    assert abs(clip_variance(E) - (1 - np.sum(U.mean(0) ** 2))) < 1e-12
+    assert abs(clip_variance(E) - 20 / 19 * (1 - np.sum(U.mean(0) ** 2))) < 1e-12
+    # unbiased: the mean over many small samples matches the population variance 1 - ||mu||^2 = 1 here
+    small = [clip_variance(rng.normal(size=(3, 8))) for _ in range(4000)]
+    assert abs(np.mean(small) - 1.0) < 0.02
     emb = colour_embedder()
     assert clip_variance(emb.embed_images(_solid([10, 200, 40], n=5))) == 0.0
     mixed = np.concatenate([_solid([255, 0, 0], 2), _solid([0, 255, 0], 2)])
-    assert abs(clip_variance(emb.embed_images(mixed)) - 0.5) < 1e-12  # 1 - ||(0.5, 0.5, 0)||^2
+    assert abs(clip_variance(emb.embed_images(mixed)) - 4 / 3 * 0.5) < 1e-12  # n/(n-1) (1 - ||(0.5, 0.5, 0)||^2)
 
 
 class TinyClip(torch.nn.Module):

@@ -71,3 +71,13 @@ def test_knn_radii_and_errors():
         prdc(np.zeros((5, 3)), np.zeros((5, 4)))
     with pytest.raises(ValueError, match="k=6"):
         knn_radii(x, 6)
+
+
+def test_strict_ball_membership_gives_density_one_for_a_set_against_itself():
+    """Naeem et al.'s reference code counts a point inside a ball when d < r (strict): with no distance
+    ties a set against itself has density exactly 1 and coverage 1 (with d <= r it is (k+1)/k)."""
+    from trajlab.metrics.prdc import prdc
+
+    x = np.random.default_rng(3).normal(size=(200, 6))
+    res = prdc(x, x, k=5)
+    assert res["density"] == pytest.approx(1.0, abs=1e-12) and res["coverage"] == 1.0

@@ -267,8 +267,21 @@ def fused_sdpa_supports_jvp(device, dtype, head_dim: int = 64, seq_len: int = 16
         return False
 
 
-@functools.lru_cache(maxsize=None)
+def _sdp_flags() -> tuple:
+    """The ambient SDPA backend switches (what `sdpa_kernel` sets)."""
+    b = torch.backends.cuda
+    return tuple(bool(f()) for f in (b.flash_sdp_enabled, b.mem_efficient_sdp_enabled, b.math_sdp_enabled,
+                                     getattr(b, "cudnn_sdp_enabled", lambda: False)))
+
+
 def _default_kernel_supports_jvp(device: str, dtype: torch.dtype) -> bool:
+    # keyed on the ambient backend switches: a probe made inside sdpa_kernel(MATH) must not decide
+    # for later calls outside it (it did: the cached True then sent JVPs into the flash kernel)
+    return _supports_jvp_cached(device, dtype, _sdp_flags())
+
+
+@functools.lru_cache(maxsize=None)
+def _supports_jvp_cached(device: str, dtype: torch.dtype, flags: tuple) -> bool:
     return fused_sdpa_supports_jvp(device, dtype)
 
 

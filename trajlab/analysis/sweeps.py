@@ -394,10 +394,10 @@ def default_scorers(desc: dict[str, dict], lpips: bool = True):
             try:
                 lp = load_lpips()
                 notes.append("LPIPS: AlexNet backbone from the local torch hub cache")
-            except MissingWeightsError:
-                lp = load_lpips(random_backbone=True)
-                notes.append("LPIPS uses the real v0.1 linear heads on a RANDOM AlexNet backbone (no backbone "
-                             "weights cached): read LPIPS diversity as a relative, not absolute, measure")
+            except MissingWeightsError as exc:
+                notes.append(f"LPIPS not measured: no AlexNet backbone weights in the local torch cache ({exc}); "
+                             "a random backbone is never used outside tests. Diversity is pixel RMS "
+                             "(pixel_diversity), named as such")
         except Exception as exc:  # noqa: BLE001
             notes.append(f"LPIPS not measured ({type(exc).__name__}: {exc})")
     return embedder, lp, labeller, notes

@@ -7,8 +7,11 @@ tokenizer(list[str]) -> LongTensor), e.g. `trajlab.models.micro.load_micro_clip(
 open_clip model from the local cache with `load_clip` (never downloads).
 
 Metrics use unit-normalised embeddings:
-- CLIP score = max(100 cos(e_img, e_txt), 0), in [0, 100] (torchmetrics convention).
-- CLIP feature variance = mean_i ||e_i - e_bar||^2 = 1 - ||e_bar||^2, in [0, 1].
+- CLIP score = mean over samples of max(100 cos(e_img, e_txt), 0), in [0, 100]: each sample is clipped
+  at 0 before the mean (as Hessel et al. 2021, who also scale by 2.5; torchmetrics' CLIPScore instead
+  clips the mean, max(100 mean cos, 0): the two differ when some cosines are negative).
+- CLIP feature variance = the unbiased sample variance of the unit embeddings,
+  1/(n-1) sum_i ||e_i - e_bar||^2 = n/(n-1) (1 - ||e_bar||^2), so groups of different n compare.
 """
 from __future__ import annotations
 
@@ -63,9 +66,11 @@ def clip_scores(image_emb, text_emb) -> np.ndarray:
 
 
 def clip_variance(image_emb) -> float:
-    """mean_i ||e_i - e_bar||^2 of unit-normalised (N, D) embeddings (= 1 - ||e_bar||^2)."""
+    """Unbiased variance 1/(N-1) sum_i ||e_i - e_bar||^2 of unit-normalised (N, D) embeddings (N >= 2)."""
     e = unit(image_emb, "image_emb")
-    return float(np.mean(np.sum((e - e.mean(0)) ** 2, axis=1)))
+    if e.shape[0] < 2:
+        raise ValueError(f"image_emb has shape {e.shape}; a variance needs N >= 2 embeddings")
+    return float(np.sum((e - e.mean(0)) ** 2) / (e.shape[0] - 1))
 
 
 # --- building embedders -------------------------------------------------------------------

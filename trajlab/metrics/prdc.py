@@ -3,7 +3,10 @@
 
 Inputs are feature arrays `real (N, F)` and `fake (M, F)` (any float dtype; computed in
 float64, Euclidean distance). Outputs are plain floats: precision, recall, coverage in [0, 1];
-density >= 0, unbounded above, ~1 when the distributions match.
+density >= 0, unbounded above, ~1 when the distributions match. A point is inside a k-NN ball when
+its distance is strictly smaller than the radius, as in the authors' reference code
+(clovaai/generative-evaluation-prdc): a set compared with itself gets density 1.0 (each real point
+is inside its own k-NN ball's k neighbours, not on the boundary of the k-th).
 """
 from __future__ import annotations
 
@@ -63,21 +66,21 @@ def precision_recall(real_features, fake_features, k: int = 3) -> dict:
     r, f = _check_pair(real_features, fake_features)
     rr, rf = knn_radii(r, k), knn_radii(f, k)
     d = pairwise_distances(r, f)  # (N, M)
-    precision = float(np.mean(np.any(d <= rr[:, None], axis=0)))
-    recall = float(np.mean(np.any(d <= rf[None, :], axis=1)))
+    precision = float(np.mean(np.any(d < rr[:, None], axis=0)))
+    recall = float(np.mean(np.any(d < rf[None, :], axis=1)))
     return {"precision": precision, "recall": recall, "k": k}
 
 
 def density_coverage(real_features, fake_features, k: int = 5) -> dict:
     """Density and coverage (Naeem et al., k=5 by default), balls around real samples only.
 
-    density = (1 / (k M)) sum_j #{i : |fake_j - real_i| <= r_i}  (~1 for identical distributions);
+    density = (1 / (k M)) sum_j #{i : |fake_j - real_i| < r_i}  (~1 for identical distributions);
     coverage = fraction of real i whose ball contains at least one fake sample
     (expected 1 - prod_{i=1..k} (N-i)/(N+M-i) for identical distributions).
     """
     r, f = _check_pair(real_features, fake_features)
     rr = knn_radii(r, k)
-    inside = pairwise_distances(r, f) <= rr[:, None]  # (N, M)
+    inside = pairwise_distances(r, f) < rr[:, None]  # (N, M)
     density = float(inside.sum() / (k * f.shape[0]))
     coverage = float(np.mean(inside.any(axis=1)))
     return {"density": density, "coverage": coverage, "k": k}
@@ -91,10 +94,10 @@ def prdc(real_features, fake_features, k: int = 5) -> dict:
     r, f = _check_pair(real_features, fake_features)
     rr, rf = knn_radii(r, k), knn_radii(f, k)
     d = pairwise_distances(r, f)
-    inside_real = d <= rr[:, None]
+    inside_real = d < rr[:, None]
     return {
         "precision": float(np.mean(inside_real.any(axis=0))),
-        "recall": float(np.mean(np.any(d <= rf[None, :], axis=1))),
+        "recall": float(np.mean(np.any(d < rf[None, :], axis=1))),
         "density": float(inside_real.sum() / (k * f.shape[0])),
         "coverage": float(np.mean(inside_real.any(axis=1))),
         "k": k,
