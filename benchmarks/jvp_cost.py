@@ -1,22 +1,26 @@
-"""JVP / VJP cost relative to a forward, for one UNet call and for a whole k-step DDIM sampler.
+"""JVP cost relative to a forward: the stacked primal/tangent path (trajlab.analysis.fast_jvp) vs the
+previous torch.func path, for one guided UNet call and whole DDIM samplers, plus the GPU checks.
 
-Methods (each timed as medians over interleaved repetitions, warmup excluded):
-  fwd         plain forward, default (fused) SDPA, no_grad
-  fwd_math    (single call) forward under sdpa_kernel(MATH) (what a math-backend JVP pays first)
-  jvp         torch.func.jvp under trajlab's jvp_attention: fused SDPA primal + custom attention JVP
-              (Triton kernel for fp16/bf16 on CUDA, query-blocked torch tangent otherwise)
-  jvp_lean    the same plus lean_jvp_layers (Conv2d/Linear JVPs skip the zero weight tangents that
-              PyTorch's forward-AD rules otherwise materialise and convolve)
-  jvp_torch / jvp_triton  (CUDA, single call) the same with the other tangent implementation
-  jvp_fwad    (single call) torch.autograd.forward_ad dual tensors under jvp_attention
-  jvp_math    torch.func.jvp under sdpa_kernel(MATH) (the old fallback; norm tangents dtype-matched)
-  vjp         reverse mode w.r.t. the input (torch.autograd.grad), default fused SDPA (native fused
-              backward); the sampler VJP checkpoints each step (one UNet call of activations held)
+CPU part (always; tiny-sd and micro-sd pipelines, batch 2, CFG 7.5 -> UNet batch 4; exact:gauss-8d):
+  fwd        the plain call / sampler run (default fused SDPA, no_grad)
+  prev       what the analyses ran before: torch.func.jvp with the model under attention_context
+             (math SDPA backend), as estimators.jvp(method="func")
+  fast       trajlab.analysis.fast_jvp: primal and tangent stacked along the batch (one conv /
+             matmul over the pair, exact rules for SiLU / GELU / norms / softmax attention), the
+             sampler replayed once on the stacked latent (what estimators.jvp(method="auto") now picks)
+  fast_m4    the same with 4 probes folded into one call, time per probe
+Times are medians over interleaved repetitions (warmup excluded); ratios are to fwd of the same
+workload, measured in the same rounds.
+
+GPU part (CUDA only, else printed as skipped): SD1.5-architecture UNet (random weights, 512 px =
+64x64 latents) fp32/fp16: forward, fused-SDPA + custom attention JVP (Triton kernel for fp16/bf16),
+lean layers, math-backend JVP, VJP; and the Triton tangent kernel vs the PyPI package
+`jvp-flash-attention` when that is installed.
 
 Examples:
-  python benchmarks/jvp_cost.py --device cpu --arch tiny --reps 3
-  python benchmarks/jvp_cost.py --device cuda --arch sd15 --dtype fp16
-The last line is a one-line summary with the ratios.
+  OMP_NUM_THREADS=1 python benchmarks/jvp_cost.py                # CPU table (+ GPU if present)
+  python benchmarks/jvp_cost.py --gpu-only --dtype fp16           # GPU part only
+The last line is the headline ratio.
 """
 
 from __future__ import annotations
@@ -245,7 +249,7 @@ def run_all(args, dtype: torch.dtype) -> dict:
         reps = args.reps if k <= 8 else max(2, args.reps - 2)
         med = time_methods(make_methods(unet, emb, x, v, fn, device, None, False), reps, device, f"ddim{k}", state)
         out[f"ddim{k}"] = report(f"ddim{k}", med)
-    del unet
+    unet = None  # noqa: F841 - free before the next dtype
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
@@ -263,7 +267,7 @@ def summary(results: list, args) -> str:
     return " ".join(parts)
 
 
-def main(argv=None):
+def gpu_main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
@@ -292,6 +296,136 @@ def main(argv=None):
         results.append(run_all(args, torch.float32))
     log(f"total {time.perf_counter() - t0:.1f}s")
     log(summary(results, args))
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: previous vs fast path on the project's pipelines
+
+
+def cpu_workloads(name: str, steps: list, prev_steps: int, fast_probes: int = 4):
+    """name -> list of (label, methods dict) for one pipeline."""
+    import copy
+
+    from trajlab.analysis import fast_jvp as fj
+    from trajlab.analysis.attention_jvp import attention_context
+    from trajlab.analysis.estimators import _jvp_func
+    from trajlab.models import denoiser as dn
+    from trajlab.models.loading import load_pipeline
+
+    pipe = load_pipeline(name)
+    exact = getattr(pipe, "world", None) is not None
+    dtype = torch.float64 if exact else torch.float32
+    g = torch.Generator().manual_seed(0)
+    if exact:
+        d = pipe.unet.world.d
+        model = dn.pipeline_model(pipe, context=lambda: attention_context(pipe.unet))
+        x = torch.randn(4, d, 1, 1, generator=g, dtype=dtype)
+    else:
+        model = dn.pipeline_model(pipe, ["a red cube", "a dog"], guidance_scale=7.5, dtype=dtype,
+                                  context=lambda: attention_context(pipe.unet))
+        res = pipe.unet.config.sample_size
+        x = torch.randn(2, 4, res, res, generator=g)
+    v = torch.randn(x.shape, generator=g, dtype=dtype)
+    V4 = torch.randn(fast_probes, *x.shape, generator=g, dtype=dtype)
+    out = []
+
+    def trio(f, fast, prev_ok):
+        m = {"fwd": lambda: _nograd(f, x)}
+        if prev_ok:
+            m["prev"] = lambda: _jvp_func(f, x, v)
+        m["fast"] = lambda: fast(x, v[None])
+        m[f"fast_m{fast_probes}"] = lambda: fast(x, V4)
+        return m
+
+    if not exact:
+        t = torch.tensor(500)
+        call = lambda a: model(a, t)  # noqa: E731
+        out.append(("unet call", trio(call, lambda a, T: fj.model_jvp(model, a, T, t), True)))
+    for k in steps:
+        f = dn.sampler_map(copy.deepcopy(pipe.scheduler), model, k)
+        out.append((f"ddim{k}", trio(f, f.fast_jvp, k <= prev_steps)))
+    return out
+
+
+def _nograd(f, x):
+    with torch.no_grad():
+        return f(x)
+
+
+def cpu_main(args) -> list:
+    rows = []
+    jobs = [("tiny-sd", args.steps), ("micro-sd", args.steps), ("exact:gauss-8d", [25])]
+    for name, steps in jobs:
+        log(f"== {name} on cpu ({torch.get_num_threads()} thread(s))")
+        for label, methods in cpu_workloads(name, steps, args.prev_steps):
+            k = int(label[4:]) if label.startswith("ddim") else 1
+            reps = args.reps if k <= 8 else max(3, args.reps - 2)
+            med = time_methods(methods, reps, "cpu", f"{name} {label}", {"warm": set(), "failed": set()})
+            fp = [n for n in med if n.startswith("fast_m")]
+            if fp:  # per probe
+                m = int(fp[0][6:])
+                med[fp[0]] = med[fp[0]] / m
+            rat = report(f"{name} {label}", med)
+            rows.append((name, label, med, rat))
+    log("")
+    log("| model | workload | forward | prev JVP (func, math SDPA) | fast JVP | fast, 4 probes/call (per probe) |")
+    log("|---|---|---|---|---|---|")
+    for name, label, med, rat in rows:
+        fp = next((n for n in med if n.startswith("fast_m")), None)
+        cell = lambda n: (f"{med[n] * 1e3:.0f} ms ({rat[n]:.2f}x)" if n in med else "not run")  # noqa: E731
+        log(f"| {name} | {label} | {med['fwd'] * 1e3:.0f} ms | {cell('prev')} | {cell('fast')} | "
+            f"{cell(fp) if fp else '-'} |")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reps", type=int, default=5, help="timed interleaved rounds on the CPU (30 steps: reps-2)")
+    p.add_argument("--steps", type=str, default="4,30", help="DDIM step counts, comma separated")
+    p.add_argument("--prev-steps", type=int, default=4,
+                   help="time the previous (torch.func) path only for samplers up to this many steps (slow)")
+    p.add_argument("--gpu-only", action="store_true")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="GPU part")
+    args, rest = p.parse_known_args(argv)
+    args.steps = [int(s) for s in args.steps.split(",") if s]
+    log(f"torch {torch.__version__}; cpu threads {torch.get_num_threads()}; OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS')}; load average {os.getloadavg()}")
+    rows = []
+    if not args.gpu_only:
+        torch.set_num_threads(1 if os.environ.get("OMP_NUM_THREADS") == "1" else torch.get_num_threads())
+        rows = cpu_main(args)
+    if torch.cuda.is_available():
+        gpu_main(["--device", "cuda", "--dtype", args.dtype] + rest)
+        triton_vs_pypi()
+    else:
+        log("GPU part SKIPPED: no CUDA device (SD1.5-architecture UNet fp32/fp16 JVPs, Triton flash-JVP kernel "
+            "vs jvp-flash-attention)")
+    heads = [f"{n} {lab} JVP/fwd {r['fast']:.2f}x (prev {r['prev']:.2f}x)" if "prev" in r else
+             f"{n} {lab} JVP/fwd {r['fast']:.2f}x" for n, lab, _, r in rows]
+    log("HEADLINE fast JVP / forward: " + "; ".join(heads))
+
+
+def triton_vs_pypi():
+    """Attention tangent: trajlab's Triton kernel vs the PyPI `jvp-flash-attention` package (CUDA)."""
+    try:
+        import jvp_flash_attention  # noqa: F401
+    except ImportError:
+        log("jvp-flash-attention not installed: Triton kernel comparison SKIPPED")
+        return
+    from trajlab.analysis.attention_jvp import attention_tangent
+    q, k, v, dq, dk, dv = (torch.randn(4, 8, 4096, 64, device="cuda", dtype=torch.float16) for _ in range(6))
+    import torch.nn.functional as F
+
+    def ours():
+        return F.scaled_dot_product_attention(q, k, v), attention_tangent(q, k, v, dq, dk, dv, impl="triton")
+
+    def theirs():
+        fn = getattr(jvp_flash_attention, "attention", None) or getattr(jvp_flash_attention, "JVPAttn").fwd_dual
+        return torch.func.jvp(lambda a, b, c: fn(a, b, c), (q, k, v), (dq, dk, dv))
+
+    med = time_methods({"ours": ours, "pypi": theirs}, 5, "cuda", "attn 4x8x4096x64 fp16",
+                       {"warm": set(), "failed": set()})
+    log("  attention primal+tangent: " + " ".join(f"{n}={t * 1e3:.2f}ms" for n, t in med.items()))
 
 
 if __name__ == "__main__":

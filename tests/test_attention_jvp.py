@@ -364,3 +364,26 @@ def test_attention_context_is_the_one_switch(tiny_unet):
         warnings.simplefilter("error", RuntimeWarning)  # no math fallback warning on the fused path
         _, t_fused = torch.func.jvp(f("fused"), (x,), (vx,))
     assert _rel(t_fused, t_math) < 1e-4
+
+
+def test_attention_context_probe_not_poisoned_by_an_ambient_math_backend(tiny_unet):
+    """The 'does the default kernel support forward AD' probe is cached per ambient SDPA switches: a
+    first call made inside sdpa_kernel(MATH) (where it does) must not make later calls outside it
+    skip the fallback (they then hit the flash kernel's missing forward-AD rule)."""
+    import warnings
+
+    from trajlab.analysis.attention_jvp import _supports_jvp_cached, attention_context
+
+    unet, (x, emb, vx, _) = tiny_unet
+    _supports_jvp_cached.cache_clear()
+
+    def g(a):
+        with attention_context(unet):
+            return unet(a, 500, emb).sample
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with sdpa_kernel(SDPBackend.MATH):
+            _, t_in = torch.func.jvp(g, (x,), (vx,))
+        _, t_out = torch.func.jvp(g, (x,), (vx,))  # raised NotImplementedError before the fix
+    assert _rel(t_out, t_in) < 1e-5

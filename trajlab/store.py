@@ -138,7 +138,7 @@ def local_path(path: str | os.PathLike) -> str:
     text = os.fspath(path)
     if not is_local(text):
         raise StoreError(f"{text} is not a local store")
-    return text[len("file://"):] if text.startswith("file://") else text
+    return text.removeprefix("file://")
 
 
 def _target(path) -> str:
