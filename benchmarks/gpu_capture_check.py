@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from trajlab import store  # noqa: E402
 from trajlab.capture import CapturePlan, capture, tap_pipeline  # noqa: E402
 from trajlab.capture.run import pipeline_kwargs, to_uint8  # noqa: E402
-from trajlab.capture.x0 import EXPOSES_X0, derive_x0, noise_level, prediction_type  # noqa: E402
+from trajlab.models.x0 import EXPOSES_X0, derive_x0, noise_level, prediction_type  # noqa: E402
 from trajlab.models.schedulers import make_scheduler  # noqa: E402
 from trajlab.models.tiny import tiny_sd  # noqa: E402
 

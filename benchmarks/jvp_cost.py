@@ -1,11 +1,11 @@
-"""JVP cost relative to a forward: the stacked primal/tangent path (trajlab.analysis.fast_jvp) vs the
+"""JVP cost relative to a forward: the stacked primal/tangent path (trajlab.autodiff.fast_jvp) vs the
 previous torch.func path, for one guided UNet call and whole DDIM samplers, plus the GPU checks.
 
 CPU part (always; tiny-sd and micro-sd pipelines, batch 2, CFG 7.5 -> UNet batch 4; exact:gauss-8d):
   fwd        the plain call / sampler run (default fused SDPA, no_grad)
   prev       what the analyses ran before: torch.func.jvp with the model under attention_context
              (math SDPA backend), as estimators.jvp(method="func")
-  fast       trajlab.analysis.fast_jvp: primal and tangent stacked along the batch (one conv /
+  fast       trajlab.autodiff.fast_jvp: primal and tangent stacked along the batch (one conv /
              matmul over the pair, exact rules for SiLU / GELU / norms / softmax attention), the
              sampler replayed once on the stacked latent (what estimators.jvp(method="auto") now picks)
   fast_m4    the same with 4 probes folded into one call, time per probe
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
-from trajlab.analysis.attention_jvp import (  # noqa: E402
+from trajlab.autodiff.attention import (  # noqa: E402
     fused_sdpa_supports_jvp, jvp_attention, matched_tangent_dtypes)
 
 # Published SD1.5 UNet config (stable-diffusion-v1-5 unet/config.json), random weights, no download.
@@ -207,7 +207,7 @@ def run_all(args, dtype: torch.dtype) -> dict:
     log(f"  fused SDPA supports jvp natively: {fused_sdpa_supports_jvp(device, dtype)}")
     triton_ok = False
     if device == "cuda":
-        from trajlab.analysis.attention_jvp import _triton_tangent
+        from trajlab.autodiff.attention import _triton_tangent
         triton_ok = _triton_tangent() is not None
         if not triton_ok:
             log("  Triton flash-JVP kernel not importable; using the torch tangent")
@@ -306,8 +306,8 @@ def cpu_workloads(name: str, steps: list, prev_steps: int, fast_probes: int = 4)
     """name -> list of (label, methods dict) for one pipeline."""
     import copy
 
-    from trajlab.analysis import fast_jvp as fj
-    from trajlab.analysis.attention_jvp import attention_context
+    from trajlab.autodiff import fast_jvp as fj
+    from trajlab.autodiff.attention import attention_context
     from trajlab.analysis.estimators import _jvp_func
     from trajlab.models import denoiser as dn
     from trajlab.models.loading import load_pipeline
@@ -412,7 +412,7 @@ def triton_vs_pypi():
     except ImportError:
         log("jvp-flash-attention not installed: Triton kernel comparison SKIPPED")
         return
-    from trajlab.analysis.attention_jvp import attention_tangent
+    from trajlab.autodiff.attention import attention_tangent
     q, k, v, dq, dk, dv = (torch.randn(4, 8, 4096, 64, device="cuda", dtype=torch.float16) for _ in range(6))
     import torch.nn.functional as F
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from trajlab.analysis.attention_jvp import (
+from trajlab.autodiff.attention import (
     FusedSDPAWithJVP,
     JVPAttnProcessor,
     attention_tangent_torch,
@@ -134,7 +134,7 @@ def test_fused_support_detection_does_not_crash():
 
 _TRITON_SCRIPT = textwrap.dedent("""
     import json, torch
-    from trajlab.analysis.attention_jvp import naive_attention, FusedSDPAWithJVP
+    from trajlab.autodiff.attention import naive_attention, FusedSDPAWithJVP
     from trajlab.kernels.flash_jvp import attention_tangent_triton
     def ref(q, k, v, dq, dk, dv):
         z = lambda t, x: torch.zeros_like(x, dtype=torch.float64) if t is None else t.double()
@@ -284,7 +284,7 @@ def test_unet_vmap_jvp_batched_probes(tiny_unet):
 
 def test_matched_tangent_dtypes_fixes_fp32_tangents_from_a_norm():
     """Emulates the CUDA layer_norm forward-AD rule (fp32 tangent for a half primal)."""
-    from trajlab.analysis.attention_jvp import matched_tangent_dtypes
+    from trajlab.autodiff.attention import matched_tangent_dtypes
 
     class Fp32Tangent(torch.autograd.Function):
         @staticmethod
@@ -345,7 +345,7 @@ def test_attention_context_is_the_one_switch(tiny_unet):
     import contextlib
     import warnings
 
-    from trajlab.analysis.attention_jvp import attention_context, forward_mode_active
+    from trajlab.autodiff.attention import attention_context, forward_mode_active
 
     unet, (x, emb, vx, _) = tiny_unet
     assert isinstance(attention_context(unet), contextlib.nullcontext) and not forward_mode_active()
@@ -372,7 +372,7 @@ def test_attention_context_probe_not_poisoned_by_an_ambient_math_backend(tiny_un
     skip the fallback (they then hit the flash kernel's missing forward-AD rule)."""
     import warnings
 
-    from trajlab.analysis.attention_jvp import _supports_jvp_cached, attention_context
+    from trajlab.autodiff.attention import _supports_jvp_cached, attention_context
 
     unet, (x, emb, vx, _) = tiny_unet
     _supports_jvp_cached.cache_clear()

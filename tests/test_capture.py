@@ -8,7 +8,7 @@ import torch
 
 from trajlab.capture import CapturePlan, capture, tap_pipeline
 from trajlab.capture.run import to_uint8
-from trajlab.capture.x0 import EXPOSES_X0, derive_x0, noise_level, prediction_type
+from trajlab.models.x0 import EXPOSES_X0, derive_x0, noise_level, prediction_type
 from trajlab.models.schedulers import DETERMINISTIC, make_scheduler
 
 SCHEDULERS = ["ddim", "ddpm", "euler", "euler-ancestral", "heun", "dpm++", "unipc", "lcm", "tcd"]

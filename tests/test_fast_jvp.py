@@ -1,4 +1,4 @@
-"""Stacked primal/tangent JVPs (trajlab.analysis.fast_jvp) equal torch.func.jvp on the math attention
+"""Stacked primal/tangent JVPs (trajlab.autodiff.fast_jvp) equal torch.func.jvp on the math attention
 backend: one UNet call (tiny-sd, micro-sd, tiny-sdxl), guided models with CFG, whole samplers
 (DDIM / Euler / DPM++), exact worlds; estimators pick the fast path and fall back where it does not
 apply."""
@@ -11,8 +11,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trajlab.analysis import estimators as est
-from trajlab.analysis.attention_jvp import attention_context
-from trajlab.analysis import fast_jvp as fj
+from trajlab.autodiff.attention import attention_context
+from trajlab.autodiff import fast_jvp as fj
 from trajlab.models import denoiser as dn
 
 

@@ -12,7 +12,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from trajlab.analysis import jacobian as jac
-from trajlab.analysis.attention_jvp import fused_sdpa_supports_jvp
+from trajlab.autodiff.attention import fused_sdpa_supports_jvp
 from trajlab.analysis import theory as th
 from exact_helpers import exact_trajectories
 from trajlab.models.exact import build_exact_world, gmm_denoiser_jacobian

@@ -4,7 +4,6 @@ no file over ~600 lines, no function over ~120 lines, and the CLI validates befo
 import ast
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "trajlab"
 

@@ -12,7 +12,7 @@ stored trajectories in `trajlab.analysis.jacobian`.
 
 Fast path: maps built by `trajlab.models.denoiser` (`guided_model`'s model via `denoiser_map`,
 `sampler_step_map`, `sampler_map`) carry a `fast_jvp` rule that runs primal and tangents stacked
-along the batch (`trajlab.analysis.fast_jvp`): ~2x a forward instead of ~7x; method "auto" tries it
+along the batch (`trajlab.autodiff.fast_jvp`): ~2x a forward instead of ~7x; method "auto" tries it
 first and falls back to torch.func where it does not apply (LoRA layers, stochastic schedulers, ...).
 """
 
@@ -93,8 +93,8 @@ _FAST_CHUNK = 8  # probes folded into one stacked call (memory: (1 + chunk) x th
 
 
 def _jvp_fast(f, x, V):
-    """The map's own stacked primal/tangent rule (`trajlab.analysis.fast_jvp`), probes in chunks."""
-    from trajlab.analysis.fast_jvp import FastJVPUnsupported, fast_jvp_of
+    """The map's own stacked primal/tangent rule (`trajlab.autodiff.fast_jvp`), probes in chunks."""
+    from trajlab.autodiff.fast_jvp import FastJVPUnsupported, fast_jvp_of
 
     rule = fast_jvp_of(f)
     if rule is None:
@@ -108,7 +108,7 @@ def _jvp_fast(f, x, V):
 
 def _jvp_batch(f, x, V, *, method="auto", use_vmap=True):
     """(f(x), J V, method used).  method "auto": "fast" (the map's stacked primal/tangent rule, see
-    `trajlab.analysis.fast_jvp`; skipped silently where the map has none or it does not apply), then
+    `trajlab.autodiff.fast_jvp`; skipped silently where the map has none or it does not apply), then
     "func", "forward_ad", "double_vjp"."""
     if tuple(V.shape[1:]) != tuple(x.shape):
         raise ValueError(f"probes V must have shape (m, *x.shape) = (m, {tuple(x.shape)}); got {tuple(V.shape)}")
@@ -116,7 +116,7 @@ def _jvp_batch(f, x, V, *, method="auto", use_vmap=True):
     errors = []
     for mth in methods:
         if mth == "fast":
-            from trajlab.analysis.fast_jvp import FastJVPUnsupported
+            from trajlab.autodiff.fast_jvp import FastJVPUnsupported
 
             try:
                 y, JV = _jvp_fast(f, x, V)

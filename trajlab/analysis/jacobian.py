@@ -11,7 +11,7 @@ Analyses here: `step_contraction_profile` (along a stored trajectory), `contract
 `contraction_theory`, `contraction_law`.  Estimators and maps are re-exported under their names.
 
 Attention: forward mode fails on fused SDPA kernels (FACTS.md); `unet_model_fn` /
-`pipeline_model_fn` run the network under `trajlab.analysis.attention_jvp.attention_context`, the
+`pipeline_model_fn` run the network under `trajlab.autodiff.attention.attention_context`, the
 one switch (math backend fallback, ~4.5x).
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from trajlab.analysis.attention_jvp import attention_context, forward_mode_active
+from trajlab.autodiff.attention import attention_context, forward_mode_active
 from trajlab.analysis.estimators import (Map, exact_jacobian, hutchinson_frobenius, jvp, jvp_probes, logdet_exact,
                                          logdet_slq, power_iteration, randomized_svd, vjp, vjp_probes)
 from trajlab.models import denoiser as dn

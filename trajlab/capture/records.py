@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trajlab.capture.taps import DenoiserEvent, StepEvent
-from trajlab.capture.x0 import NoiseLevel, exposed_x0, noise_level, prediction_type
+from trajlab.models.x0 import NoiseLevel, exposed_x0, noise_level, prediction_type
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from trajlab import store
 from trajlab.capture.records import StepRecord
-from trajlab.capture.x0 import derive_x0
+from trajlab.models.x0 import derive_x0
 
 STEP_FIELDS = {"latent": "sample", "x0_pred": "x0", "model_output": "model_output",
                "model_output_uncond": "uncond", "model_output_cond": "cond", "denoised": "denoised"}

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from trajlab.capture.x0 import NoiseLevel, derive_x0
+from trajlab.models.x0 import NoiseLevel, derive_x0
 from trajlab.models import schedulers as _sched
 from trajlab.models.schedulers import promote_tables, scheduler_from_attrs
 
@@ -91,7 +91,7 @@ def guided_model(unet, cond: Conditioning | None = None, *,
             with ctx():
                 return unet(x, t, encoder_hidden_states=cond.encoder_hidden_states,
                             timestep_cond=cond.timestep_cond, return_dict=False, **kw)[0]
-        model.unet, model.cond = unet, cond  # read by trajlab.analysis.fast_jvp.model_jvp
+        model.unet, model.cond = unet, cond  # read by trajlab.autodiff.fast_jvp.model_jvp
         return model
     eh = torch.cat([cond.negative_encoder_hidden_states, cond.encoder_hidden_states])
     w = cond.guidance_scale
@@ -252,7 +252,7 @@ def sampler_map(scheduler, model: Model, num_inference_steps: int, *, generator=
         return sample(s, model, latent, extra_step_kwargs=_kwargs(s, gstate, step_kwargs))
 
     def fast_jvp(latent, V):  # (f(latent), J V) with primal and tangents stacked (fast_jvp.sample_jvp)
-        from trajlab.analysis.fast_jvp import sample_jvp
+        from trajlab.autodiff.fast_jvp import sample_jvp
 
         s = promote_tables(copy.deepcopy(base), latent.dtype)
         return sample_jvp(s, model, latent, V, extra_step_kwargs=_kwargs(s, gstate, step_kwargs))
@@ -278,7 +278,7 @@ def sampler_step_map(scheduler_state, model: Model, timestep, *, generator=None,
         return sample(s, model, latent, timesteps=[timestep], extra_step_kwargs=_kwargs(s, gstate, step_kwargs))
 
     def fast_jvp(latent, V):
-        from trajlab.analysis.fast_jvp import sample_jvp
+        from trajlab.autodiff.fast_jvp import sample_jvp
 
         s = promote_tables(copy.deepcopy(scheduler_state), latent.dtype)
         return sample_jvp(s, model, latent, V, timesteps=[timestep], extra_step_kwargs=_kwargs(s, gstate, step_kwargs))
@@ -324,7 +324,7 @@ def replay_scheduler(scheduler, num_inference_steps: int, model_output: torch.Te
 def denoiser_map(model: Model, timestep, alpha_bar: float, *, prediction_type: str = "epsilon",
                  space: str = "edm") -> Map:
     """x0_hat as a function of the noisy input at `timestep` (VP coordinates; x0 by
-    `trajlab.capture.x0.derive_x0`, the capture's own function).
+    `trajlab.models.x0.derive_x0`, the capture's own function).
 
     space="edm": input y = x_t / sqrt(ab) (dD/dy, THEORY.md's Jacobian); space="vp": input x_t
     (the model input).  model(model_input, timestep) -> model output.
@@ -339,7 +339,7 @@ def denoiser_map(model: Model, timestep, alpha_bar: float, *, prediction_type: s
         return derive_x0(prediction_type, model(x_t, timestep), x_t, level)
 
     def fast_jvp(inp, V):  # derive_x0 is linear in (model output, x_t): applied to the stacked pair
-        from trajlab.analysis.fast_jvp import model_jvp
+        from trajlab.autodiff.fast_jvp import model_jvp
 
         c = math.sqrt(ab) if space == "edm" else 1.0
         x_t, T = inp * c, V * c

@@ -349,6 +349,41 @@ class ExactDenoiser(torch.nn.Module):
         sig = self.sigmas_table[lo] * (1 - frac) + self.sigmas_table[hi] * frac
         return torch.where(frac == 0, self.alphas_cumprod[lo], 1.0 / (1.0 + sig * sig))
 
+    def tangent(self, x: torch.Tensor, T: torch.Tensor, timestep):
+        """(output, tangent) of this denoiser at x (B, d, 1, 1) along tangents T (m, B, d, 1, 1), in closed
+        form (the GMM denoiser's derivative, THEORY.md); the fast-JVP path (trajlab.autodiff.fast_jvp)
+        uses it. Outputs in the model's parameterisation (epsilon / v_prediction / sample)."""
+        dt = x.dtype
+        m, B = T.shape[0], x.shape[0]
+        ab = self.alpha_bar(timestep).to(device=x.device, dtype=dt)
+        ab = ab.reshape(-1) if ab.ndim else ab
+        abx = _per_sample(ab, x)
+        sq, sq1 = abx.sqrt(), (1 - abx).sqrt()
+        W = world_to(self.world, x.device, dt)
+        d = W.means.shape[-1]
+        y = (x / sq).reshape(B, d)
+        dy = (T / sq).reshape(m, B, d)
+        s2 = ((1 - ab) / ab).reshape(-1, 1, 1)  # (B|1, 1, 1)
+        var = W.lam[None] + s2  # (B, K, d)
+        c = torch.einsum("kij,bki->bkj", W.U, y[:, None, :] - W.means[None])
+        logp = -0.5 * (c * c / var).sum(-1) - 0.5 * torch.log(2 * math.pi * var).sum(-1) + torch.log(W.weights)[None]
+        w = torch.softmax(logp, dim=-1)  # (B, K)
+        g = W.lam[None] / var
+        mk = W.means[None] + torch.einsum("kij,bkj->bki", W.U, g * c)  # (B, K, d)
+        D = torch.einsum("bk,bkd->bd", w, mk)
+        dc = torch.einsum("kij,mbi->mbkj", W.U, dy)  # (m, B, K, d)
+        dlogp = -(c / var * dc).sum(-1)  # (m, B, K)
+        dw = w * (dlogp - (w * dlogp).sum(-1, keepdim=True))
+        dmk = torch.einsum("kij,mbkj->mbki", W.U, g * dc)
+        dD = torch.einsum("mbk,bkd->mbd", dw, mk) + torch.einsum("bk,mbkd->mbd", w, dmk)
+        D, dD = D.reshape(x.shape), dD.reshape(T.shape)
+        if self.prediction_type == "sample":
+            return D, dD
+        eps, deps = (x - sq * D) / sq1, (T - sq * dD) / sq1
+        if self.prediction_type == "epsilon":
+            return eps, deps
+        return sq * eps - sq1 * D, sq * deps - sq1 * dD
+
     def forward(self, sample, timestep, encoder_hidden_states=None, timestep_cond=None, return_dict=True, **kw):
         x_t = sample
         dt = x_t.dtype if x_t.is_floating_point() else torch.float32

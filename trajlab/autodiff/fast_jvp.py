@@ -21,7 +21,7 @@ backend to fp32 round-off (tests/test_fast_jvp.py).
 
 Entry points:
   `unet_supported(unet)`                  -> (ok, reason): the module classes / flags handled here
-  `unet_jvp(unet, x, T, timestep, ...)`   -> (y, dY) for a UNet2DConditionModel / ExactDenoiser call
+  `unet_jvp(unet, x, T, timestep, ...)`   -> (y, dY) for a UNet2DConditionModel call, or a module's own `tangent`
   `model_jvp(model, x, T, t)`             -> the guided model of `trajlab.models.denoiser.guided_model`
   `sample_jvp(scheduler, model, x, T, ...)` -> the sampling loop with pairs (linear schedulers only)
   `attach(f, rule)` / `fast_jvp_of(f)`    -> the `fast_jvp` attribute that `estimators.jvp` looks for
@@ -32,7 +32,6 @@ Unsupported configurations raise `FastJVPUnsupported` (a `NotImplementedError`);
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
@@ -205,7 +204,7 @@ def _attention_core(qz, k, v, dk, dv, scale, m):
 
 def _attention_core_fused(qz, k, v, dk, dv, scale, m):
     """CUDA: fused SDPA primal, `attention_tangent` (Triton for fp16/bf16) for the tangents."""
-    from trajlab.analysis.attention_jvp import attention_tangent
+    from trajlab.autodiff.attention import attention_tangent
 
     q, dq = qz[0], qz[1:]
     O = F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -405,7 +404,7 @@ def unet_supported(unet) -> tuple[bool, str]:
     """(True, "") when `unet_jvp` handles this module exactly: a diffusers UNet2DConditionModel built
     from the block / layer classes of SD1.x / SD2 / SDXL / LCM UNets (plain Conv2d / Linear, so no
     unfused PEFT LoRA layers; AttnProcessor(2_0); eval mode; no FreeU, class embeddings, gradient
-    checkpointing in training), or a `trajlab.models.exact.ExactDenoiser`.  Else (False, reason).
+    checkpointing in training), or a module with its own closed-form ``tangent(x, T, timestep)``.  Else (False, reason).
     Cached per module (by id and a parameter/processor fingerprint)."""
     key = (id(unet), tuple(type(getattr(m, "processor", None)).__name__ for m in unet.modules()
                            if hasattr(m, "processor")), unet.training)
@@ -417,9 +416,7 @@ def unet_supported(unet) -> tuple[bool, str]:
 
 
 def _check(unet) -> tuple[bool, str]:
-    from trajlab.models.exact import ExactDenoiser
-
-    if isinstance(unet, ExactDenoiser):
+    if callable(getattr(unet, "tangent", None)):  # a model that owns its closed-form tangent (exact worlds)
         return True, ""
     T = _diffusers_types()
     if type(unet) is not T["UNet2DConditionModel"]:
@@ -498,10 +495,8 @@ def unet_jvp(unet, x, T, timestep, encoder_hidden_states=None, *, timestep_cond=
     if not ok:
         raise FastJVPUnsupported(why)
     _check_tangents(x, T)
-    from trajlab.models.exact import ExactDenoiser
-
-    if isinstance(unet, ExactDenoiser):
-        return _exact_jvp(unet, x, T, timestep)
+    if callable(getattr(unet, "tangent", None)):  # the model's own closed-form tangent (exact worlds)
+        return unet.tangent(x, T, timestep)
     B, m = x.shape[0], T.shape[0]
     s = _S(B, m)
     T = T.to(x.dtype)
@@ -533,44 +528,6 @@ def unet_jvp(unet, x, T, timestep, encoder_hidden_states=None, *, timestep_cond=
         z = _act(unet.conv_act, _group_norm(unet.conv_norm_out, z, s), s)
     z = _conv(unet.conv_out, z, s)
     return z[:B], z[B:].view(m, B, *z.shape[1:])
-
-
-def _exact_jvp(den, x, T, timestep):
-    """ExactDenoiser: the closed-form GMM denoiser and its tangent (VP eps / v / sample output)."""
-    from trajlab.models.exact import _per_sample, world_to
-
-    dt = x.dtype
-    m, B = T.shape[0], x.shape[0]
-    ab = den.alpha_bar(timestep).to(device=x.device, dtype=dt)
-    ab = ab.reshape(-1) if ab.ndim else ab
-    abx = _per_sample(ab, x)
-    sq, sq1 = abx.sqrt(), (1 - abx).sqrt()
-    W = world_to(den.world, x.device, dt)
-    d = W.means.shape[-1]
-    y = (x / sq).reshape(B, d)
-    dy = (T / sq).reshape(m, B, d)
-    s2 = ((1 - ab) / ab).reshape(-1, 1, 1)  # (B|1, 1, 1)
-    var = W.lam[None] + s2  # (B, K, d)
-    c = torch.einsum("kij,bki->bkj", W.U, y[:, None, :] - W.means[None])
-    logp = -0.5 * (c * c / var).sum(-1) - 0.5 * torch.log(2 * math.pi * var).sum(-1) + torch.log(W.weights)[None]
-    w = torch.softmax(logp, dim=-1)  # (B, K)
-    g = W.lam[None] / var
-    mk = W.means[None] + torch.einsum("kij,bkj->bki", W.U, g * c)  # (B, K, d)
-    D = torch.einsum("bk,bkd->bd", w, mk)
-    dc = torch.einsum("kij,mbi->mbkj", W.U, dy)  # (m, B, K, d)
-    dlogp = -(c / var * dc).sum(-1)  # (m, B, K)
-    dw = w * (dlogp - (w * dlogp).sum(-1, keepdim=True))
-    dmk = torch.einsum("kij,mbkj->mbki", W.U, g * dc)
-    dD = torch.einsum("mbk,bkd->mbd", dw, mk) + torch.einsum("bk,mbkd->mbd", w, dmk)
-    D = D.reshape(x.shape)
-    dD = dD.reshape(T.shape)
-    if den.prediction_type == "sample":
-        return D, dD
-    eps = (x - sq * D) / sq1
-    deps = (T - sq * dD) / sq1
-    if den.prediction_type == "epsilon":
-        return eps, deps
-    return sq * eps - sq1 * D, sq * deps - sq1 * dD
 
 
 def model_jvp(model, x, T, t):
