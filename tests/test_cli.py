@@ -150,8 +150,10 @@ def test_resume_after_kill_equals_uninterrupted_run(sig, tmp_path, capsys):
     assert main([*args, "--out", str(full)]) == 0
     part = tmp_path / "part.zarr"
     env = _env()
+    # SIGINT at its default (a parent started in the background may have it ignored, which the child inherits)
     proc = subprocess.Popen([sys.executable, "-m", "trajlab", *args, "--out", str(part)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     n_done = 0
     while time.time() < deadline and proc.poll() is None:

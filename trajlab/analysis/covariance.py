@@ -144,7 +144,13 @@ def covariance_propagation(
             pred_trace, pred_trace_se = float(torch.trace(Cp)), 0.0
         else:
             r = rank or c
-            sv = jac.randomized_svd(fk, x[:1], r, generator=generator, return_vectors=True, method=method)
+            # predicted PCs from the first point's Jacobian (the map is batched over all points; samples
+            # do not interact in a batch, so output 0 depends on input 0 only)
+            def f_first(z, fk=fk, rest=x[1:]):
+                return fk(torch.cat([z, rest.to(z.dtype)]))[:1]
+
+            sv = jac.randomized_svd(f_first if B > 1 else fk, x[:1], r, generator=generator, return_vectors=True,
+                                    method=method)
             pred_var = torch.from_numpy(input_var * sv["singular_value"].values[0] ** 2)
             L = torch.from_numpy(sv["left"].values[0])
             h = jac.hutchinson_frobenius(fk, x, n_probes, generator=generator, method=method)
