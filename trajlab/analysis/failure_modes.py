@@ -272,8 +272,9 @@ def _negative_rows(groups, desc, teacher_model):
         comp = comparison("weak_negative_prompt", tpair[0] if tpair else f"{teacher_model} at guidance {w:g} (none)",
                           neg, requires=("same_prompts", "same_n", "paired_seeds", "matched_guidance", "cfg_branch"))
         cand_info = _info(neg, groups[neg], [(t,) for t in desc[neg]["prompts"]], [])
-        if tpair is None:
-            rows.append(evaluate(comp, None, None, ref_info=None, cand_info=cand_info))
+        if tpair is None:  # the most basic reason first: no CFG branch, else no matched teacher
+            ref_info = cand_info if not cand_info.cfg_branch else None
+            rows.append(evaluate(comp, None, None, ref_info=ref_info, cand_info=cand_info))
             continue
         negative = desc[neg]["negative_prompt"]
         skip = {t for t in desc[neg]["prompts"] if t == negative or (_digit(t) is not None and _digit(t) ==
