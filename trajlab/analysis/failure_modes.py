@@ -245,14 +245,7 @@ def _steps_rows(groups, desc, teacher, students):
             rows.append(evaluate(comp, None, None, ref_info=None, cand_info=GroupInfo(names[0], [], [])))
             continue
         r, c = _consecutive_rms(groups, tfam), _consecutive_rms(groups, names)
-        texts = [t for t in r if t in c]
-        ref, cand = [], []
-        for t in texts:
-            seeds = sorted(set(r[t][0].tolist()) & set(c[t][0].tolist()))
-            rv, cv = dict(zip(r[t][0].tolist(), r[t][1])), dict(zip(c[t][0].tolist(), c[t][1]))
-            ref.append(PromptStat("mean", [rv[s] for s in seeds]))
-            cand.append(PromptStat("mean", [cv[s] for s in seeds]))
-        rows.append(evaluate(comp, ref, cand))
+        rows.append(evaluate(comp, *_paired_values(r, c, [t for t in r if t in c])))
     return rows
 
 
