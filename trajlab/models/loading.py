@@ -103,8 +103,22 @@ def check_available(model: str, loras: tuple[Lora, ...] = ()) -> ModelSpec:
     if spec.unet:
         resolve_source(spec.unet, "UNet")
     for lora in spec.loras + tuple(loras):
-        resolve_source(lora.source, "LoRA")
+        _check_lora_file(lora, resolve_source(lora.source, "LoRA"))
     return spec
+
+
+def _check_lora_file(lora: Lora, path: str) -> None:
+    """A LoRA folder (a local one or a cached hub snapshot) that lacks the named weight file fails here, before
+    any weights load (e.g. a partial download of a multi-file repo such as PCM_Weights)."""
+    if not lora.weight_name or not os.path.isdir(path):
+        return
+    folder = os.path.join(path, lora.subfolder) if lora.subfolder else path
+    if not os.path.isfile(os.path.join(folder, lora.weight_name)):
+        rel = f"{lora.subfolder}/{lora.weight_name}" if lora.subfolder else lora.weight_name
+        present = sorted(os.listdir(folder))[:12] if os.path.isdir(folder) else []
+        raise ModelNotAvailable(
+            f"LoRA {lora.source!r}: the file {rel!r} is not in {folder} (found: {present or 'nothing'}). Download it "
+            f"(`hf download {lora.source} {rel}`) or pass the file you have with --lora PATH")
 
 
 def _from_pretrained(spec: ModelSpec, dtype):
@@ -137,11 +151,90 @@ def apply_loras(pipe, loras: tuple[Lora, ...]) -> list[str]:
         if os.path.isfile(path):
             kwargs["weight_name"] = os.path.basename(path)
             path = os.path.dirname(path) or "."
-        pipe.load_lora_weights(path, **kwargs)
+        peft_files = peft_adapter_files(path, kwargs.get("weight_name"), kwargs.get("subfolder"))
+        if peft_files is not None:
+            load_peft_adapter(pipe, *peft_files, adapter_name=kwargs["adapter_name"])
+        else:
+            pipe.load_lora_weights(path, **kwargs)
         names.append(kwargs["adapter_name"])
     if names:
         pipe.set_adapters(names, adapter_weights=[lo.scale for lo in loras])
     return names
+
+
+PEFT_PREFIX = "base_model.model."
+"""Key prefix of a state dict saved by ``PeftModel.save_pretrained`` (``get_peft_model(unet, cfg)``)."""
+
+
+def _state_dict_keys(file: str) -> list[str]:
+    if file.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    return []
+
+
+def peft_adapter_files(folder: str, weight_name: str | None = None, subfolder: str | None = None):
+    """``(folder, weights file)`` when a LoRA is a PEFT adapter (``adapter_config.json`` next to weights whose
+    keys start with ``base_model.model.``, as ``PeftModel.save_pretrained`` writes them: TLCM's checkpoints),
+    else ``None`` (a diffusers/kohya LoRA file for ``load_lora_weights``).
+
+    diffusers' ``load_lora_weights`` finds no ``unet.`` keys in such a file and loads NOTHING (it only logs a
+    warning), so these go through :func:`load_peft_adapter`.  PEFT-format weights without their
+    ``adapter_config.json`` are refused: their ``lora_alpha`` (hence the LoRA's scale) is unknown."""
+    if subfolder:
+        folder = os.path.join(folder, subfolder)
+    has_config = os.path.isfile(os.path.join(folder, "adapter_config.json"))
+    names = [weight_name] if weight_name else ["adapter_model.safetensors", "adapter_model.bin"]
+    files = [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
+    if not files:
+        if has_config and not weight_name:
+            raise ModelNotAvailable(f"PEFT adapter folder {folder} has adapter_config.json but no adapter_model.safetensors"
+                                    f" / adapter_model.bin")
+        return None
+    file = files[0]
+    keys = _state_dict_keys(file)
+    peft_keys = bool(keys) and all(k.startswith(PEFT_PREFIX) for k in keys)
+    if has_config and (peft_keys or not file.endswith(".safetensors")):
+        return folder, file
+    if peft_keys:
+        raise ModelNotAvailable(f"{file} holds a PEFT adapter state dict (keys {PEFT_PREFIX}...) but {folder} has no "
+                                "adapter_config.json: its rank/alpha are unknown. Put the adapter_config.json that came "
+                                "with it next to it")
+    return None
+
+
+def load_peft_adapter(pipe, folder: str, file: str, adapter_name: str) -> None:
+    """Load a PEFT LoRA adapter (``adapter_config.json`` + weights) into ``pipe.unet`` as adapter ``adapter_name``.
+
+    The equivalent of TLCM's README (``get_peft_model(unet, LoraConfig(r=64, ...))`` then
+    ``unet.load_adapter(lora_path)``), but the UNet stays a diffusers ``UNet2DConditionModel`` (diffusers'
+    ``add_adapter`` + PEFT's ``set_peft_model_state_dict``), so ``set_adapters`` / ``disable_lora`` and the
+    capture taps work as for any LoRA.  Rank, alpha and target modules come from ``adapter_config.json``
+    (as PEFT's ``PeftModel.from_pretrained`` reads them).  Every LoRA tensor of the adapter must be filled."""
+    import torch
+    from peft import PeftConfig, set_peft_model_state_dict
+
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        raise TypeError(f"{type(pipe).__name__} has no unet to load the PEFT adapter {folder} into")
+    config = PeftConfig.from_pretrained(folder)
+    config.inference_mode = True
+    if file.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(file)
+    else:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    state = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in state.items()}
+    unet.add_adapter(config, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    missing = [k for k in result.missing_keys if "lora_" in k and f".{adapter_name}." in k]
+    if unexpected or missing:
+        raise ValueError(f"PEFT adapter {file} does not fit {type(unet).__name__}: {len(unexpected)} unexpected "
+                         f"(e.g. {unexpected[:2]}), {len(missing)} missing LoRA tensors (e.g. {missing[:2]})")
 
 
 def load_pipeline(model: str, *, loras: tuple[Lora, ...] = (), dtype: str = "fp32", device: str = "cpu",

@@ -16,6 +16,7 @@ SCHEDULERS = {
     "tcd": ("TCDScheduler", {}),
     "tcd-trailing": ("TCDScheduler", {"timestep_spacing": "trailing"}),
     "euler-trailing": ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    "euler-ancestral-trailing": ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
 }
 """Short name -> (diffusers class, config overrides). ``default`` keeps the pipeline's own."""
 

@@ -74,20 +74,28 @@ def tiny_lcm(seed: int = 0):
     return pipe
 
 
-def tiny_sdxl(seed: int = 0):
-    """A tiny StableDiffusionXLPipeline (two text encoders, micro-conditioning)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-
-    from trajlab.models.tokenizer import clip_tokenizer
+def tiny_sdxl_unet(seed: int = 0, time_cond_proj_dim: int | None = None):
+    """tiny-sdxl's UNet (micro-conditioning ``text_time``); ``time_cond_proj_dim`` adds LCM's guidance embedding
+    (as the ``latent-consistency/lcm-sdxl`` UNet has, 256 there)."""
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+    return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
                                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
                                 use_linear_projection=True, addition_embed_type="text_time",
                                 addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
                                 projection_class_embeddings_input_dim=80, cross_attention_dim=64,
-                                norm_num_groups=1)
+                                norm_num_groups=1, time_cond_proj_dim=time_cond_proj_dim)
+
+
+def tiny_sdxl(seed: int = 0):
+    """A tiny StableDiffusionXLPipeline (two text encoders, micro-conditioning)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from trajlab.models.tokenizer import clip_tokenizer
+
+    unet = tiny_sdxl_unet(seed)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(

@@ -12,7 +12,7 @@ def plot_power_curves(ds):
     modes = list(ds["mode"].values)
     cols = 4
     rows = int(np.ceil(len(modes) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False, layout="constrained")
     for ax, mode in zip(axes.ravel(), modes):
         d = ds.sel(mode=mode)
         ok = np.isfinite(d["magnitude"].values)
@@ -26,5 +26,7 @@ def plot_power_curves(ds):
         ax.set_ylabel("rate over replicates", fontsize=8)
     for ax in axes.ravel()[len(modes):]:
         ax.axis("off")
-    axes.ravel()[0].legend(fontsize=7, loc="center right")
+    from trajlab.plots._style import legend_below
+
+    legend_below(fig, axes.ravel()[:1], fontsize=8)
     return fig

@@ -1,7 +1,8 @@
 """Commitment plots: each function takes analysis results (xarray) and returns a matplotlib Figure.
 
-Noise axes are EDM sigma on a log scale, drawn decreasing (sampling runs left to right); sigma = 0
-(the final sample) is drawn at half the smallest positive level.
+Noise axes are EDM sigma on a log scale, drawn decreasing (sampling runs left to right; the axis label
+says so); sigma = 0 (the final sample) is drawn at half the smallest positive level. Legends sit below
+the axes (constrained layout), never over the data.
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
+
+from trajlab.plots._style import legend_below, sigma_axis  # noqa: E402
 
 __all__ = ["plot_commitment_curves", "plot_commitment_by_step", "plot_direction_commitment",
            "plot_clone_curve", "plot_p_same"]
@@ -33,26 +36,23 @@ def plot_commitment_curves(curves: dict, sigma_s: float | None = None, title: st
     curves: {label: DataArray (sigma_level,)} from commitment.commitment_curve. sigma_s: the
     speciation noise level sqrt(Lambda - 1) of the theory, drawn as a vertical line.
     """
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.6), layout="constrained")
     floor = _floor(*[c["sigma_level"].values for c in curves.values()])
     for name, c in curves.items():
         ax.step(_positive(c["sigma_level"].values, floor), c.values, where="post", label=str(name))
     if sigma_s is not None:
         ax.axvline(sigma_s, color="k", ls="--", lw=1, label=f"theory: speciation sigma_S = {sigma_s:.3g}")
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel("EDM sigma (decreasing: sampling direction)")
+    sigma_axis(ax)
     ax.set_ylabel("fraction of samples committed")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or "commitment curve")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    legend_below(fig)
     return fig
 
 
 def plot_commitment_by_step(summary: xr.Dataset, title: str = "") -> plt.Figure:
     """fraction_committed (group, step) vs step index, one line per group (e.g. prompt)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.6), layout="constrained")
     fc = summary["fraction_committed"]
     steps = fc["step"].values if "step" in fc.coords else np.arange(fc.sizes["step"])
     for g in fc["group"].values:
@@ -62,8 +62,7 @@ def plot_commitment_by_step(summary: xr.Dataset, title: str = "") -> plt.Figure:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or f"commitment by step ({summary.attrs.get('method', '')})")
     if fc.sizes["group"] <= 12:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        legend_below(fig)
     return fig
 
 
@@ -75,7 +74,7 @@ def plot_direction_commitment(measured: xr.Dataset, theory: dict | None = None, 
     (commitment.direction_commitment). theory: {label: DataArray with dims direction and step}
     (e.g. theory.commitment_ratio_exact / commitment_ratio_ddim).
     """
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 5.1), layout="constrained")
     sig = measured["sigma"].values
     k = min(measured.sizes["direction"], max_directions)
     colors = plt.cm.viridis(np.linspace(0, 0.9, k))
@@ -86,14 +85,11 @@ def plot_direction_commitment(measured: xr.Dataset, theory: dict | None = None, 
         for j, (name, th) in enumerate((theory or {}).items()):
             v = th.isel(direction=d).transpose("step").values
             ax.plot(sig, v, styles[j % 3], color=colors[d], lw=1, label=f"theory {name}" if d == 0 else None)
-    ax.set_xscale("log")
-    ax.invert_xaxis()
+    sigma_axis(ax)
     ax.axhline(1 / np.sqrt(2), color="grey", lw=0.5)
-    ax.set_xlabel("EDM sigma")
     ax.set_ylabel("rho = slope of x0_pred on final sample")
     ax.set_title(title or "per-direction commitment")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    legend_below(fig)
     return fig
 
 
@@ -103,7 +99,7 @@ def plot_clone_curve(measured: xr.Dataset, theory: xr.DataArray | None = None, t
 
     measured: speciation.clone_curve output; theory: DataArray over `t` (theory.clone_probability).
     """
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.6), layout="constrained")
     t = measured["t"].values
     p = measured["p_same"].values
     err = np.stack([p - measured["ci_low"].values, measured["ci_high"].values - p])
@@ -117,25 +113,21 @@ def plot_clone_curve(measured: xr.Dataset, theory: xr.DataArray | None = None, t
     ax.set_ylabel("P(both branches same class)")
     ax.set_ylim(0.45, 1.02)
     ax.set_title(title or "speciation: clone experiment")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    legend_below(fig)
     return fig
 
 
 def plot_p_same(probe: xr.Dataset, theory: np.ndarray | None = None, title: str = "") -> plt.Figure:
     """Re-noise probe: mean p_same over samples vs sigma (commitment.renoise_probe output);
     theory: optional array (step,) drawn as a line."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.6), layout="constrained")
     sig = probe["sigma"].values
     ax.plot(sig, probe["p_same"].mean("sample").values, "o-", label="measured")
     if theory is not None:
         ax.plot(sig, theory, "k--", label="theory")
     ax.axhline(probe.attrs.get("threshold", 0.9), color="grey", lw=0.5)
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.set_xlabel("EDM sigma")
+    sigma_axis(ax)
     ax.set_ylabel("p_same")
     ax.set_title(title or "re-noise probe")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    legend_below(fig)
     return fig

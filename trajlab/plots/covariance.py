@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
+from trajlab.plots._style import legend_below  # noqa: E402
+
 __all__ = ["plot_covariance_propagation", "plot_trace_scatter", "plot_variance_ratio_theory"]
 
 
@@ -16,7 +18,7 @@ def plot_covariance_propagation(res: xr.Dataset, prompt=None, title: str = ""):
     """Left: empirical vs predicted variance per component (log-log, identity line).  Right: ratio
     emp / pred per empirical PC with the +-2 sampling SE band sqrt(2/(n-1))."""
     r = res.isel(prompt=0) if prompt is None else res.sel(prompt=prompt)
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained")
     a1.loglog(r["pred_on_emp_pc"], r["emp_variance"], "o", label="along empirical PCs")
     a1.loglog(r["pred_variance"], r["emp_on_pred_pc"], "x", label="along predicted PCs")
     lo = np.nanmin([np.nanmin(r["emp_variance"]), np.nanmin(r["pred_on_emp_pc"])])
@@ -24,7 +26,6 @@ def plot_covariance_propagation(res: xr.Dataset, prompt=None, title: str = ""):
     a1.plot([lo, hi], [lo, hi], "k-", lw=0.8)
     a1.set_xlabel("predicted variance (J C J^T)")
     a1.set_ylabel("empirical variance")
-    a1.legend(fontsize=8)
     c = r["component"].values
     a2.plot(c, r["ratio_emp_pc"], "o-", label="emp / pred (empirical PCs)")
     n = int(r["n_samples"])
@@ -34,16 +35,15 @@ def plot_covariance_propagation(res: xr.Dataset, prompt=None, title: str = ""):
     a2.set_xlabel("component")
     a2.set_ylabel("variance ratio")
     a2.set_title(f"trace ratio {float(r['trace_ratio']):.3f}")
-    a2.legend(fontsize=8)
     fig.suptitle(title or "covariance propagation")
-    fig.tight_layout()
+    legend_below(fig)
     return fig
 
 
 def plot_variance_ratio_theory(lam, measured_r, theory_r, title: str = ""):
     """Output variance ratio r_k per eigen-direction vs lam: measured points and theory prod cos^2 line
     (dicts K -> array, or single arrays)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.6), layout="constrained")
     meas = measured_r if isinstance(measured_r, dict) else {"": measured_r}
     theo = theory_r if isinstance(theory_r, dict) else {"": theory_r}
     for i, K in enumerate(sorted(theo)):
@@ -53,20 +53,19 @@ def plot_variance_ratio_theory(lam, measured_r, theory_r, title: str = ""):
     ax.set_xscale("log")
     ax.set_xlabel("data variance lam_k")
     ax.set_ylabel("output variance ratio r_k")
-    ax.legend(fontsize=7)
     ax.set_title(title or "variance ratio r_k")
-    fig.tight_layout()
+    legend_below(fig)
     return fig
 
 
-def plot_trace_scatter(results: dict):
+def plot_trace_scatter(results: dict, labels: dict | None = None):
     """Empirical vs propagated trace (total output variance) per prompt, one marker series per group:
-    results {group: covariance_propagation Dataset}; log-log with the identity line."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    results {group: covariance_propagation Dataset}, labels {group: human label}; log-log with the identity line."""
+    fig, ax = plt.subplots(figsize=(6, 5.1), layout="constrained")
     lo, hi = np.inf, -np.inf
     for i, (g, d) in enumerate(results.items()):
         x, y = np.asarray(d["pred_trace"].values), np.asarray(d["emp_trace"].values)
-        ax.loglog(x, y, "o", color=f"C{i % 10}", label=f"{g[:40]} ({int(d.attrs.get('steps', 0))} steps)")
+        ax.loglog(x, y, "o", color=f"C{i % 10}", label=f"{(labels or {}).get(g, g)} ({int(d.attrs.get('steps', 0))} steps)")
         vals = np.concatenate([x, y])
         vals = vals[np.isfinite(vals) & (vals > 0)]
         if vals.size:
@@ -75,7 +74,6 @@ def plot_trace_scatter(results: dict):
         ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
     ax.set_xlabel("propagated trace  input_var * ||J||_F^2")
     ax.set_ylabel("empirical trace of Cov[final latent]")
-    ax.legend(fontsize=6)
     ax.set_title("covariance propagation: total variance")
-    fig.tight_layout()
+    legend_below(fig)
     return fig

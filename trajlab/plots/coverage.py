@@ -8,6 +8,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
+from trajlab.plots._style import legend_below  # noqa: E402
+
 __all__ = ["plot_variance_ratio", "plot_ndb_bins", "plot_mode_fractions"]
 
 
@@ -17,7 +19,7 @@ def plot_variance_ratio(results: dict, theory: dict | None = None, title: str = 
     results: {student name: Dataset with variance_ratio (component,)}; theory: {name: array
     (component,)} drawn as dashed lines (e.g. prod cos^2 dphi ratios in Gaussian worlds).
     """
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.6), layout="constrained")
     for name, ds in results.items():
         ax.plot(ds["component"].values, ds["variance_ratio"].values, "o-", ms=3, label=f"{name}")
     for name, v in (theory or {}).items():
@@ -28,14 +30,13 @@ def plot_variance_ratio(results: dict, theory: dict | None = None, title: str = 
     ax.set_xlabel("teacher PCA component (decreasing variance)")
     ax.set_ylabel("variance ratio student / teacher")
     ax.set_title(title or "PCA variance ratio")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    legend_below(fig)
     return fig
 
 
 def plot_ndb_bins(ds: xr.Dataset, title: str = "") -> plt.Figure:
     """Teacher vs student proportions per k-means bin; statistically different bins marked."""
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 4.1), layout="constrained")
     b = ds["bin"].values
     order = np.argsort(-ds["teacher_proportion"].values)
     x = np.arange(len(b))
@@ -48,8 +49,7 @@ def plot_ndb_bins(ds: xr.Dataset, title: str = "") -> plt.Figure:
     ax.set_xlabel("k-means bin (sorted by teacher mass)")
     ax.set_ylabel("proportion")
     ax.set_title(title or f"NDB = {int(ds['ndb'])}, JSD = {float(ds['jsd']):.3g} nats")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    legend_below(fig)
     return fig
 
 
@@ -58,7 +58,7 @@ def plot_mode_fractions(results: dict, title: str = "") -> plt.Figure:
 
     results: {student name: Dataset with mode_fraction / fraction, expected_fraction (mode,)}.
     """
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4.1), layout="constrained")
     n = len(results)
     w = 0.8 / max(n, 1)
     for j, (name, ds) in enumerate(results.items()):
@@ -70,6 +70,5 @@ def plot_mode_fractions(results: dict, title: str = "") -> plt.Figure:
     ax.set_xlabel("mixture component")
     ax.set_ylabel("fraction of student samples")
     ax.set_title(title or "covered mixture components")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    legend_below(fig)
     return fig

@@ -2,12 +2,15 @@
 results, images. Renders only: it reads the result Datasets that :mod:`trajlab.analysis.results`
 wrote (``<out_dir>/results/*.nc``), draws them, and fills ``templates/report.html.j2``.
 
-``render_report(results_dir, out_dir)`` writes ``out_dir/index.html`` + PNGs + ``tables.json``.
-Sections without supporting groups say "not measured". Every number names the store group it came from.
+``render_report(results_dir, out_dir)`` writes ``out_dir/index.html`` + PNGs + ``tables.json`` + one CSV
+per table (``NN_<section>.csv``, linked under the table). Sections without supporting groups say "not
+measured". Every number names the store group it came from: rows show the group's human label (e.g.
+"micro-lcm LCM 4 steps cfg 4") with the store name on hover, and the CSVs carry both.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import time
 from pathlib import Path
@@ -70,29 +73,42 @@ def _none(why="") -> dict:
     return {"kind": "none", "why": why}
 
 
-def _table(ds: xr.Dataset, cols, dim="group") -> dict:
-    """A table block: one row per ``dim`` entry, the given columns (``-`` where absent), units line."""
+def _raw(v):
+    v = v.item() if hasattr(v, "item") else v
+    return "" if v is None or (isinstance(v, float) and not np.isfinite(v)) else v
+
+
+def _table(ds: xr.Dataset, cols, dim="group", labels: dict | None = None) -> dict:
+    """A table block: one row per ``dim`` entry, the given columns (``-`` where absent), units line.
+    ``labels`` {entry: human label}: the first cell shows the label, the entry (store name) on hover.
+    ``csv_head`` / ``csv_rows``: the unformatted values (store name and label both) for the CSV."""
     if dim not in ds.dims:
         return _p("not measured")
-    rows = []
+    labels = labels or {}
+    rows, titles, raw = [], [], []
     for i in range(ds.sizes[dim]):
         r = ds.isel({dim: i})
-        rows.append([_fmt(r[dim].values.item())] + [_fmt(r[c].values.item()) if c in r else "-" for c in cols])
+        key = r[dim].values.item()
+        label = labels.get(key)
+        rows.append([_fmt(label if label else key)] + [_fmt(r[c].values.item()) if c in r else "-" for c in cols])
+        titles.append(str(key) if label else "")
+        raw.append([_raw(key)] + ([label or ""] if labels else []) + [_raw(r[c].values) if c in r else "" for c in cols])
     units = "; ".join(f"{c}: {ds[c].attrs['units']}" for c in cols if c in ds and "units" in ds[c].attrs)
-    return {"kind": "table", "head": [dim, *cols], "rows": rows, "units": units}
+    return {"kind": "table", "head": [dim, *cols], "rows": rows, "titles": titles, "units": units,
+            "csv_head": [dim] + (["label"] if labels else []) + list(cols), "csv_rows": raw}
 
 
-def _rows_table(rows: dict[str, dict], cols) -> dict:
+def _rows_table(rows: dict[str, dict], cols, labels: dict | None = None) -> dict:
     """:func:`_table` of {group: {col: value}} rows."""
     return _table(xr.Dataset({c: ("group", [r[c] for r in rows.values()]) for c in cols},
-                             coords={"group": list(rows)}), cols)
+                             coords={"group": list(rows)}), cols, labels=labels)
 
 
 class _Figures:
     """Saves figures as ``NN_<name>.png`` beside the page and returns their blocks."""
 
-    def __init__(self, out: Path):
-        self.out, self.n = out, 0
+    def __init__(self, out: Path, labels: dict | None = None):
+        self.out, self.n, self.labels = out, 0, labels or {}
 
     def __call__(self, fig, name, caption="") -> dict:
         import matplotlib.pyplot as plt
@@ -111,7 +127,8 @@ def _has_group(ds: xr.Dataset | None) -> bool:
 # -- sections -----------------------------------------------------------------------------------
 def _groups_section(r, fig) -> list:
     g = r["groups"]
-    return [_table(g, ["model", "scheduler", "steps", "guidance", "negative_prompt", "role", "n_samples"])]
+    return [_table(g, [c for c in ("label", "model", "scheduler", "steps", "guidance", "negative_prompt", "role",
+                                   "n_samples") if c != "label" or c in g])]
 
 
 def verdict_rows(v: xr.Dataset, labels: dict | None = None) -> list[dict]:
@@ -192,9 +209,10 @@ def _diversity_section(r, fig) -> list:
     cols = [c for c in ("steps", "guidance", "pixel_diversity", "lpips_diversity", "lpips_diversity_ci_low",
                         "lpips_diversity_ci_high", "clip_variance", "vendi", "clip_score", "label_accuracy",
                         "high_freq_fraction", "detail_ratio") if c in table]
-    return [fig(plot_vs(nonhyb, "steps", dv, by="model", xlog=True, title=f"{dv} vs steps"), "diversity_steps",
-                f"{dv} per group (mean over prompts)"),
-            _table(table, cols)]
+    return [fig(plot_vs(nonhyb, "steps", dv, by="model", xlog=True, zero=True, title=f"{dv} vs steps"),
+                "diversity_steps", f"{dv} per group (mean over prompts; y axis from 0"
+                + ("; bars: 95% bootstrap CI)" if f"{dv}_ci_low" in table else ")")),
+            _table(table, cols, labels=fig.labels)]
 
 
 def _tradeoff_section(r, fig) -> list:
@@ -217,7 +235,7 @@ def _cfg_section(r, fig) -> list:
 
     return [fig(plot_cfg_curves(cfg), "cfg", "metric vs guidance scale per family"),
             _table(cfg, ["guidance", "model", "role", "saturation", "colourfulness", "pixel_diversity",
-                         "lpips_diversity", "clip_score"])]
+                         "lpips_diversity", "clip_score"], labels=fig.labels)]
 
 
 def _step_section(r, fig) -> list:
@@ -229,7 +247,7 @@ def _step_section(r, fig) -> list:
     return [fig(plot_vs(stepc, "steps", "distance_to_final", by="model", xlog=True), "step_consistency",
                 "mean RMS distance of a seed's output to its output at the family's largest step count"),
             _table(stepc, ["steps", "model", "reference_group", "distance_to_final", "distance_to_previous",
-                           "n_matched"])]
+                           "n_matched"], labels=fig.labels)]
 
 
 def _negative_section(r, fig) -> list:
@@ -237,7 +255,7 @@ def _negative_section(r, fig) -> list:
     if not _has_group(neg):
         return [_none("no with/without negative-prompt pair of groups")]
     return [_table(neg, ["reference_group", "model", "guidance", "role", "negative_prompt", "sensitivity",
-                         "n_matched"])]
+                         "n_matched"], labels=fig.labels)]
 
 
 def _hybrid_section(r, fig) -> list:
@@ -248,7 +266,8 @@ def _hybrid_section(r, fig) -> list:
 
     return [fig(plot_hybrid(hyb), "hybrid", "hybrid groups vs hand-off step k"),
             _table(hyb, ["pair", "handoff_step", "handoff_timestep", "steps_run", "distance_to_teacher",
-                         "distance_to_student", "pixel_diversity", "lpips_diversity", "label_accuracy"])]
+                         "distance_to_student", "pixel_diversity", "lpips_diversity", "label_accuracy"],
+                   labels=fig.labels)]
 
 
 def _commitment_section(r, fig) -> list:
@@ -260,7 +279,7 @@ def _commitment_section(r, fig) -> list:
     curves = {str(label): cs[f"fraction_committed_{i}"].rename({f"sigma_level_{i}": "sigma_level"})
               for i, label in enumerate(cs["curve_label"].values)}
     return [fig(plot_commitment_curves(curves), "commitment", cs.attrs.get("note", "")),
-            _table(cs, ["median_commit_sigma", "median_commit_step", "n_step"])]
+            _table(cs, ["median_commit_sigma", "median_commit_step", "n_step"], labels=fig.labels)]
 
 
 def _coverage_section(r, fig) -> list:
@@ -268,7 +287,7 @@ def _coverage_section(r, fig) -> list:
     if not _has_group(cov):
         return [_none(cov.attrs.get("note", ""))]
     return [_p(f"students vs teacher group {cov.attrs.get('teacher', '')} (final latents, teacher PCA space)"),
-            _table(cov, ["precision", "recall", "density", "coverage", "ndb_fraction", "jsd"])]
+            _table(cov, ["precision", "recall", "density", "coverage", "ndb_fraction", "jsd"], labels=fig.labels)]
 
 
 def _contraction_blocks(contraction: dict, fig) -> list:
@@ -282,10 +301,11 @@ def _contraction_blocks(contraction: dict, fig) -> list:
               "(Hutchinson ||J||_F^2, captured noise replayed; replay error = how exactly the differentiated map "
               "reproduces the stored output) and per-step gains vs sigma. Contraction theory (THEORY.md): fewer "
               "steps = a more contractive map, so smaller output covariance J Cov[x_T] J^T."),
-           _rows_table(rows, ["steps", "whole_fro2", "whole_fro2_se", "replay_rel_error", "samples"]),
-           fig(plot_whole_contraction(rows), "jacobian_whole", "whole-sampler ||J||_F^2 per group vs steps")]
+           _rows_table(rows, ["steps", "whole_fro2", "whole_fro2_se", "replay_rel_error", "samples"], fig.labels),
+           fig(plot_whole_contraction(rows, fig.labels), "jacobian_whole", "whole-sampler ||J||_F^2 per group vs steps")]
     for g, d in contraction.items():
-        out.append(fig(plot_step_contraction(d, title=g[:60]), "jacobian_steps", f"per-step contraction: {g}"))
+        out.append(fig(plot_step_contraction(d, title=fig.labels.get(g, g)), "jacobian_steps",
+                       f"per-step contraction: {g}"))
     return out
 
 
@@ -302,11 +322,11 @@ def _covariance_blocks(covariance: dict, fig) -> list:
               "ratio near 1 means the linearised sampler explains the output spread; per-component ratios are "
               "along the empirical principal components (sampling SE of a variance: sqrt(2/(n-1)))."),
            _rows_table(rows, ["steps", "emp_trace", "pred_trace", "trace_ratio", "median_pc_ratio", "prompts",
-                              "samples_per_prompt"]),
-           fig(plot_trace_scatter(covariance), "covariance_trace",
+                              "samples_per_prompt"], fig.labels),
+           fig(plot_trace_scatter(covariance, fig.labels), "covariance_trace",
                "empirical vs propagated output variance (trace) per group and prompt")]
     for g, d in covariance.items():
-        out.append(fig(plot_covariance_propagation(d, title=g[:60]), "covariance",
+        out.append(fig(plot_covariance_propagation(d, title=fig.labels.get(g, g)), "covariance",
                        f"per-component variances, first prompt: {g}"))
     return out
 
@@ -364,6 +384,35 @@ def tables(r: dict) -> dict:
             "cfg": _jsonable(r["cfg"]), "hybrid": _jsonable(r["hybrid"])}
 
 
+_VERDICT_CSV = ("mode", "reference", "candidate", "reference_group", "candidate_group", "estimate", "ci_low", "ci_high",
+                "decision", "evidence")
+_TAXONOMY_CSV = ("category", "mode", "hypothesis", "metric", "evidence", "verdict")
+
+
+def _csv_table(b: dict):
+    """(head, rows) of a table-like block for its CSV, or None."""
+    if b["kind"] == "table":
+        return b["csv_head"], b["csv_rows"]
+    if b["kind"] in ("verdicts", "taxonomy"):
+        cols = _VERDICT_CSV if b["kind"] == "verdicts" else _TAXONOMY_CSV
+        return list(cols), [[_raw(row.get(c)) for c in cols] for row in b["rows"]]
+    return None
+
+
+def _write_csvs(sections: list, out: Path) -> None:
+    """One CSV per table beside the page (``NN_<section>[_k].csv``); sets each block's ``csv``."""
+    for i, s in enumerate(sections, 1):
+        blocks = [b.get("block") if b["kind"] == "details" else b for b in s["blocks"]]
+        tabs = [(b, t) for b in blocks if b and (t := _csv_table(b)) is not None]
+        for k, (b, (head, rows)) in enumerate(tabs):
+            name = f"{i:02d}_{s['anchor'].lower()}" + (f"_{k + 1}" if len(tabs) > 1 else "") + ".csv"
+            with open(out / name, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(head)
+                w.writerows(rows)
+            b["csv"] = name
+
+
 def render_report(results_dir, out_dir) -> Path:
     """Draw the results in ``results_dir`` into ``out_dir/index.html`` (+ PNGs, tables.json); returns
     the html path."""
@@ -373,9 +422,10 @@ def render_report(results_dir, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     r = load_results(results_dir)
-    fig = _Figures(out)
+    fig = _Figures(out, _labels(r))
     sections = [{"title": t, "anchor": t.replace(" ", "-"), "blocks": build(r, fig)}
                 for t, build in zip(SECTIONS, _SECTION_BUILDERS)]
+    _write_csvs(sections, out)
     g = r["groups"]
     env = Environment(loader=PackageLoader("trajlab.report", "templates"), autoescape=select_autoescape(["j2", "html"]))
     page = env.get_template(TEMPLATE).render(
