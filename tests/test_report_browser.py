@@ -50,9 +50,11 @@ class Browser:
             os.dup2(a, 3)
             os.dup2(b, 4)
 
-        self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
-                                    preexec_fn=fds, pass_fds=(3, 4), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log = Path(f"{user_data_dir}.log")  # Chromium's stderr: a file, so a full pipe never blocks it
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
+                                        preexec_fn=fds, pass_fds=(3, 4), stdin=subprocess.DEVNULL,
+                                        stdout=log, stderr=subprocess.STDOUT)
         os.close(r_in)
         os.close(w_out)
         self.w, self.r = w_in, r_out
@@ -65,7 +67,7 @@ class Browser:
                 raise TimeoutError("no DevTools message from Chromium in time")
             chunk = os.read(self.r, 1 << 20)
             if not chunk:
-                raise RuntimeError(f"Chromium closed the DevTools pipe: {self.proc.stderr.read()[-2000:]!r}")
+                raise RuntimeError(f"Chromium closed the DevTools pipe: {self.log.read_bytes()[-2000:]!r}")
             self.buf += chunk
         msg, self.buf = self.buf.split(b"\0", 1)
         return json.loads(msg)
@@ -110,7 +112,6 @@ class Browser:
             self.proc.wait()
         for fd in (self.w, self.r):
             os.close(fd)
-        self.proc.stderr.close()
 
 
 class _Quiet(SimpleHTTPRequestHandler):

@@ -35,6 +35,8 @@ def legend_below(fig, axes=None, fontsize: float = 7, ncol: int | None = None, *
         longest = max(len(lab) for lab in handles)
         width = fig.get_figwidth()
         ncol = max(1, min(len(handles), int(width * 72 / (fontsize * 0.62 * longest + 30))))
+    rows = -(-len(handles) // ncol)
+    fig.set_figheight(fig.get_figheight() + rows * fontsize * 1.45 / 72 + 0.1)  # room for it, axes keep theirs
     return fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=ncol,
                       fontsize=fontsize, frameon=False, **kw)
 

@@ -65,7 +65,8 @@ def plot_trace_scatter(results: dict, labels: dict | None = None):
     lo, hi = np.inf, -np.inf
     for i, (g, d) in enumerate(results.items()):
         x, y = np.asarray(d["pred_trace"].values), np.asarray(d["emp_trace"].values)
-        ax.loglog(x, y, "o", color=f"C{i % 10}", label=f"{(labels or {}).get(g, g)} ({int(d.attrs.get('steps', 0))} steps)")
+        name = (labels or {}).get(g, g)
+        ax.loglog(x, y, "o", color=f"C{i % 10}", label=f"{name} ({int(d.attrs.get('steps', 0))} steps)")
         vals = np.concatenate([x, y])
         vals = vals[np.isfinite(vals) & (vals > 0)]
         if vals.size:

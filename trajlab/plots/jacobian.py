@@ -30,7 +30,7 @@ def plot_step_contraction(profile: xr.Dataset, theory_factors: xr.DataArray | No
         ax.plot(sig, np.sqrt((a**2).mean(-1)), "-", label="theory rms a_k")
         ax.plot(sig, a.max(-1), "--", label="theory max a_k")
     if "sigma" in profile.coords:
-        sigma_axis(ax, "sigma at step start (EDM sigma, log scale, decreasing left to right: sampling direction)")
+        sigma_axis(ax, "EDM sigma at step start (log scale, decreasing left to right)")
     else:
         ax.set_xlabel("step index")
     ax.set_ylabel("step Jacobian gain")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def _table(ds: xr.Dataset, cols, dim="group", labels: dict | None = None) -> dic
         label = labels.get(key)
         rows.append([_fmt(label if label else key)] + [_fmt(r[c].values.item()) if c in r else "-" for c in cols])
         titles.append(str(key) if label else "")
-        raw.append([_raw(key)] + ([label or ""] if labels else []) + [_raw(r[c].values) if c in r else "" for c in cols])
+        raw.append([_raw(key)] + ([label or ""] if labels else [])
+                   + [_raw(r[c].values) if c in r else "" for c in cols])
     units = "; ".join(f"{c}: {ds[c].attrs['units']}" for c in cols if c in ds and "units" in ds[c].attrs)
     return {"kind": "table", "head": [dim, *cols], "rows": rows, "titles": titles, "units": units,
             "csv_head": [dim] + (["label"] if labels else []) + list(cols), "csv_rows": raw}
@@ -209,7 +211,11 @@ def _diversity_section(r, fig) -> list:
     cols = [c for c in ("steps", "guidance", "pixel_diversity", "lpips_diversity", "lpips_diversity_ci_low",
                         "lpips_diversity_ci_high", "clip_variance", "vendi", "clip_score", "label_accuracy",
                         "high_freq_fraction", "detail_ratio") if c in table]
-    return [fig(plot_vs(nonhyb, "steps", dv, by="model", xlog=True, zero=True, title=f"{dv} vs steps"),
+    if "label" in nonhyb:  # one line per configuration apart from the step count
+        nonhyb = nonhyb.assign(series=("group", [re.sub(r"\s*\b\d+ steps?\b", "", str(x))
+                                                for x in nonhyb["label"].values]))
+    by = "series" if "series" in nonhyb else "model"
+    return [fig(plot_vs(nonhyb, "steps", dv, by=by, xlog=True, zero=True, title=f"{dv} vs steps"),
                 "diversity_steps", f"{dv} per group (mean over prompts; y axis from 0"
                 + ("; bars: 95% bootstrap CI)" if f"{dv}_ci_low" in table else ")")),
             _table(table, cols, labels=fig.labels)]
@@ -276,7 +282,8 @@ def _commitment_section(r, fig) -> list:
         return [_none(cs.attrs.get("note") or "no group with >= 2 steps")]
     from trajlab.plots.commitment import plot_commitment_curves
 
-    curves = {str(label): cs[f"fraction_committed_{i}"].rename({f"sigma_level_{i}": "sigma_level"})
+    curves = {re.sub(r"\s*\[[^\]]*\]$", "", str(label)):  # the store name is in the table below
+              cs[f"fraction_committed_{i}"].rename({f"sigma_level_{i}": "sigma_level"})
               for i, label in enumerate(cs["curve_label"].values)}
     return [fig(plot_commitment_curves(curves), "commitment", cs.attrs.get("note", "")),
             _table(cs, ["median_commit_sigma", "median_commit_step", "n_step"], labels=fig.labels)]
@@ -302,7 +309,8 @@ def _contraction_blocks(contraction: dict, fig) -> list:
               "reproduces the stored output) and per-step gains vs sigma. Contraction theory (THEORY.md): fewer "
               "steps = a more contractive map, so smaller output covariance J Cov[x_T] J^T."),
            _rows_table(rows, ["steps", "whole_fro2", "whole_fro2_se", "replay_rel_error", "samples"], fig.labels),
-           fig(plot_whole_contraction(rows, fig.labels), "jacobian_whole", "whole-sampler ||J||_F^2 per group vs steps")]
+           fig(plot_whole_contraction(rows, fig.labels), "jacobian_whole",
+               "whole-sampler ||J||_F^2 per group vs steps")]
     for g, d in contraction.items():
         out.append(fig(plot_step_contraction(d, title=fig.labels.get(g, g)), "jacobian_steps",
                        f"per-step contraction: {g}"))
