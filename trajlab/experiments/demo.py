@@ -151,7 +151,7 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
         stage()
         covariance_results(store, analyses, configs=((teacher, teacher_steps), (student, 1), (student, 4)),
                            experiments=("demo", ""), n_prompts=1 if quick else 2, n_probes=4 if quick else 16,
-                           max_points=2)
+                           max_points=1 if quick else 2)
     stage()
     path = report_store(store, out / "report", model=teacher, analyses_dir=analyses)
     print_summary(out / "report", time.perf_counter() - t0)
