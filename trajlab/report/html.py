@@ -304,7 +304,7 @@ def _contraction_blocks(contraction: dict, fig) -> list:
                 "whole_fro2": float(d["whole_fro2"].mean()), "whole_fro2_se": float(d["whole_fro2_se"].mean()),
                 "replay_rel_error": float(d["replay_rel_error"].max()), "samples": int(d.sizes["sample"])}
             for g, d in contraction.items()}
-    out = [_p("JVP estimates (torch.func) along stored trajectories: whole sampler map latent_0 -> final latent "
+    out = [_p("JVP estimates (fast stacked-tangent path, torch.func where it does not apply) along stored trajectories: whole sampler map latent_0 -> final latent "
               "(Hutchinson ||J||_F^2, captured noise replayed; replay error = how exactly the differentiated map "
               "reproduces the stored output) and per-step gains vs sigma. Contraction theory (THEORY.md): fewer "
               "steps = a more contractive map, so smaller output covariance J Cov[x_T] J^T."),
@@ -326,7 +326,8 @@ def _covariance_blocks(covariance: dict, fig) -> list:
                 "prompts": int(d.sizes["prompt"]), "samples_per_prompt": int(d["n_samples"].min())}
             for g, d in covariance.items()}
     out = [_p("Covariance propagation: empirical covariance of final latents (same prompt, different seeds) vs "
-              "the propagated J Cov[x_T] J^T (J of the whole sampler map at the prompt's mean latent_0). A trace "
+              "the propagated E_b[J_b Cov[x_T] J_b^T] (J_b of the whole sampler map at the prompt's own noise samples; "
+              "the results' `at` / `n_points` attrs say where). A trace "
               "ratio near 1 means the linearised sampler explains the output spread; per-component ratios are "
               "along the empirical principal components (sampling SE of a variance: sqrt(2/(n-1)))."),
            _rows_table(rows, ["steps", "emp_trace", "pred_trace", "trace_ratio", "median_pc_ratio", "prompts",
