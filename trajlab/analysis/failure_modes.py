@@ -53,11 +53,9 @@ SPECS = {
 }
 
 
-def comparison(mode: str, ref: str, cand: str, requires=("same_prompts", "same_n", "paired_seeds"),
-               margins: dict | None = None) -> Comparison:
-    """The pre-declared comparison of ``mode`` (SPECS), with an experiment's margin if it declares one."""
+def comparison(mode: str, ref: str, cand: str, requires=("same_prompts", "same_n", "paired_seeds")) -> Comparison:
+    """The pre-declared comparison of ``mode`` (SPECS); an experiment's margins are applied in store_verdicts."""
     metric, direction, effect, margin = SPECS[mode]
-    margin = float(((margins or {}).get(mode) or {}).get("margin", margin))
     return Comparison(mode, metric, ref, cand, direction, margin, effect=effect, requires=tuple(requires))
 
 
