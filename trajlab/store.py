@@ -334,12 +334,12 @@ def wait_for_group(path: str | os.PathLike, name: str, *, timeout: float = 3600.
     """
     deadline = time.monotonic() + timeout
     while True:
-        if name in group_names(path):
-            try:
+        try:  # the root may be half-created by the allocating writer (directory there, zarr.json not yet)
+            if name in group_names(path):
                 _group(path, name, mode="r")
                 return
-            except StoreError:
-                pass
+        except StoreError:
+            pass
         if time.monotonic() >= deadline:
             raise StoreError(f"group {name!r} did not appear in {path} within {timeout:g} s: on an object store "
                              "only shard 0 (or torchrun rank 0) allocates groups; is it running?")
@@ -389,7 +389,10 @@ def group_names(path: str | os.PathLike) -> list[str]:
     """Groups listed in the root attrs (empty when the store does not exist)."""
     if not exists(path):
         return []
-    root = _zarr().open_group(_target(path), mode="r", zarr_format=3)
+    try:
+        root = _zarr().open_group(_target(path), mode="r", zarr_format=3)
+    except Exception as exc:  # FileNotFoundError / GroupNotFoundError, depending on zarr version
+        raise StoreError(f"{path} exists but is not a trajlab store (no readable root zarr.json): {exc}") from None
     return list(root.attrs.get("groups", []))
 
 
