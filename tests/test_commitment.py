@@ -247,3 +247,26 @@ def test_exact_world_commitment_helpers():
     spec = world_speciation(gm.world)
     assert abs(spec["Lambda"] - 16.5) < 1e-9 and abs(spec["sigma_S"] - np.sqrt(15.5)) < 1e-9
     assert world_speciation(pipe.world) is None
+
+
+def test_centroid_labellers_are_shared_within_a_latent_shape_not_across():
+    """A store may hold models with different latent shapes (tiny-sd 8x8x4 next to micro-sd 4x8x8): the
+    centroid labeller is shared by the groups of one shape, and every group gets labels."""
+    import xarray as xr
+
+    from trajlab.analysis.labellers import group_labellers
+
+    rng = np.random.default_rng(0)
+
+    def group(shape, shift):
+        x = rng.normal(size=(12, *shape)) + shift * (np.arange(12) % 2)[:, None, None, None]
+        return xr.Dataset({"final_latent": (("sample", "c", "y", "x"), x)})
+
+    ds = {"a": group((4, 8, 8), 5.0), "b": group((4, 8, 8), 5.0), "c": group((4, 16, 16), 5.0)}
+    lab = group_labellers(ds, "centroid", n_classes=2, n_components=4)
+    assert lab["a"] is lab["b"] and lab["a"] is not lab["c"]
+    for name, d in ds.items():
+        labels = lab[name](d["final_latent"].values.reshape(12, -1))
+        assert labels.shape == (12,)
+        # the two planted clusters (even / odd samples) get two different labels
+        assert len(set(labels[::2])) == 1 and len(set(labels[1::2])) == 1 and labels[0] != labels[1]

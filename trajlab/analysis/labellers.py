@@ -92,13 +92,21 @@ def group_labellers(datasets: dict, kind: str = "centroid", world=None, *, n_cla
                     n_components: int | None = CENTROID_COMPONENTS, seed: int = 0) -> dict:
     """{group name: labeller} for store groups {name: Dataset}.
 
-    kind "centroid": one `shared_labeller` for all groups (labels comparable across samplers).
+    kind "centroid": one `shared_labeller` per latent shape (labels comparable across the samplers of one
+    latent space; a store may hold models with different latent shapes, which no centroid can span).
     kind "micro": per group, `micro_labeller` over the group's own pipeline (resolved from its `model`
     attr by `trajlab.analysis.io.resolve_pipeline`, loaded once per model) and latent shape.
     """
     if kind == "centroid":
-        shared = shared_labeller(datasets.values(), world, n_classes=n_classes, n_components=n_components, seed=seed)
-        return dict.fromkeys(datasets, shared)
+        by_shape: dict[tuple, list[str]] = {}
+        for name, ds in datasets.items():
+            by_shape.setdefault(tuple(ds["final_latent"].shape[1:]), []).append(name)
+        out = {}
+        for names in by_shape.values():
+            shared = shared_labeller([datasets[n] for n in names], world, n_classes=n_classes,
+                                     n_components=n_components, seed=seed)
+            out.update(dict.fromkeys(names, shared))
+        return {n: out[n] for n in datasets}
     if kind != "micro":
         raise ValueError(f"group_labellers: kind={kind!r}; expected 'centroid' or 'micro'")
     from trajlab.analysis import io
