@@ -22,7 +22,7 @@ import xarray as xr
 from trajlab.store import decode_attr
 
 __all__ = ["RESULT_SUFFIX", "script_parser", "open_groups", "resolve_pipeline", "exact_world", "save_dataset", "save_figure",
-           "json_safe_attrs"]
+           "json_safe_attrs", "CHUNK_BYTES", "only", "samples_per_chunk", "sample_chunks", "map_sample_chunks"]
 
 
 RESULT_SUFFIX = ".nc"
@@ -52,7 +52,8 @@ def open_groups(store, groups: Iterable[str] | None = None, *, variables: Iterab
     groups: names to open (default: every group, in the store's order). variables: keep only these
     data variables (those a group lacks are skipped; every coordinate is kept, step coords included),
     so that `load` reads no more than needed. complete_only: keep only samples whose `complete` flag is set.
-    load: read the (selected) arrays into memory; otherwise they stay lazy (dask).
+    load: read the (selected) arrays into memory; otherwise they stay lazy (dask, one sample per chunk):
+    analyses then stream over sample chunks (:func:`map_sample_chunks`) with bounded memory.
     """
     import trajlab
 
@@ -65,15 +66,70 @@ def open_groups(store, groups: Iterable[str] | None = None, *, variables: Iterab
     out = {}
     for name in names:
         ds = tree[name].to_dataset()
+        if "complete" in ds:  # (sample,) bool, 1 byte a sample, asked for by every analysis: read once
+            ds["complete"] = ds["complete"].compute()
         if complete_only and "complete" in ds:
             ds = ds.isel(sample=np.flatnonzero(np.asarray(ds["complete"].values)))
         if variables is not None:
-            sub = ds[[v for v in variables if v in ds.data_vars]]
-            # keep every coordinate (step coords such as alpha_bar / sigma too, which a selection of
-            # sample-only variables would drop)
-            ds = sub.assign_coords({k: c for k, c in ds.coords.items() if k not in sub.coords})
+            ds = only(ds, variables)
         out[name] = ds.load() if load else ds
     return out
+
+
+# -- streaming over sample chunks -----------------------------------------------------------------
+CHUNK_BYTES = 64 * 2**20
+"""Bytes (counted as float64) of the sample chunk a streaming analysis holds in memory at a time."""
+MAX_CHUNK_SAMPLES = 64
+"""Most samples in one chunk, however small the samples are."""
+
+
+def only(ds: xr.Dataset, variables: Iterable[str]) -> xr.Dataset:
+    """``ds`` with only the data variables named in ``variables`` (those it lacks are skipped) and every
+    coordinate kept (step coords such as alpha_bar / sigma too, which a selection of sample-only variables
+    would drop). Lazy stays lazy: nothing is read."""
+    sub = ds[[v for v in variables if v in ds.data_vars]]
+    return sub.assign_coords({k: c for k, c in ds.coords.items() if k not in sub.coords})
+
+
+def samples_per_chunk(ds: xr.Dataset, variables: Iterable[str], budget: int = CHUNK_BYTES,
+                      max_samples: int = MAX_CHUNK_SAMPLES) -> int:
+    """How many samples of ``variables`` fit in ``budget`` bytes as float64 (at least 1, at most
+    ``max_samples``), from the shapes alone: e.g. x0_pred (sample, 30, 4, 64, 64) -> 3.9 MB per sample
+    -> 16 samples per 64 MiB chunk."""
+    per = sum(8 * int(np.prod([ds.sizes[d] for d in ds[v].dims if d != "sample"])) for v in variables if v in ds)
+    return int(max(1, min(max_samples, budget // max(per, 1))))
+
+
+def sample_chunks(samples, size: int):
+    """Yield consecutive pieces of the int array ``samples`` (sample positions) of at most ``size``."""
+    samples = np.asarray(samples, dtype=np.int64)
+    if size < 1:
+        raise ValueError(f"sample_chunks: size={size}; expected >= 1")
+    for start in range(0, samples.size, size):
+        yield samples[start:start + size]
+
+
+def map_sample_chunks(fn, ds: xr.Dataset, samples=None, *, variables: Iterable[str],
+                      budget: int = CHUNK_BYTES) -> xr.Dataset:
+    """``fn`` applied to ``ds`` (only ``variables`` and every coordinate) one sample chunk at a time, each
+    chunk read into memory (through whatever dask scheduler is active) and dropped after ``fn``; the
+    results, Datasets with a ``sample`` dim, concatenated along ``sample`` (attrs of the first).
+
+    samples: positions along ``sample`` (default all, in order). Chunks hold :func:`samples_per_chunk`
+    samples, so peak memory is about ``budget`` plus what ``fn`` allocates, whatever the store's size.
+    For ``fn`` that treats samples independently the result equals ``fn(ds.isel(sample=samples).load())``.
+    """
+    variables = list(variables)
+    sub = only(ds, variables)
+    samples = np.arange(ds.sizes["sample"]) if samples is None else np.asarray(samples, dtype=np.int64)
+    if samples.size == 0:
+        raise ValueError("map_sample_chunks: no samples given")
+    size = samples_per_chunk(sub, variables, budget)
+    parts = [fn(sub.isel(sample=part).load()) for part in sample_chunks(samples, size)]
+    if len(parts) == 1:
+        return parts[0]
+    return xr.concat(parts, dim="sample", data_vars="minimal", coords="minimal", compat="override",
+                     combine_attrs="override")
 
 
 def _attrs_of(source) -> dict:
@@ -86,10 +142,16 @@ def _attrs_of(source) -> dict:
     raise TypeError(f"expected a model name, a group Dataset or its attrs; got {type(source).__name__}")
 
 
-def _exact_spec(spec: str):
-    """Preset name or JSON recipe after "exact:" (or given bare)."""
-    spec = spec.split(":", 1)[1] if spec.startswith("exact:") else spec
-    return json.loads(spec) if spec.strip().startswith("{") else spec
+def _exact_spec(spec: str, attrs=None):
+    """Preset name or recipe dict of an exact world: a group's stored `exact_recipe` attr when there is one
+    (the world a capture used, so a world file need not exist any more), else what follows "exact:" (a
+    preset, a JSON recipe or a .toml file, as `trajlab.models.exact_presets.exact_recipe` reads them)."""
+    stored = decode_attr(attrs.get("exact_recipe")) if attrs else None
+    if stored:
+        return stored
+    from trajlab.models.exact_presets import exact_recipe
+
+    return exact_recipe(spec)
 
 
 def resolve_pipeline(source, *, dtype: str = "fp32", device: str = "cpu", loras=None):
@@ -108,7 +170,7 @@ def resolve_pipeline(source, *, dtype: str = "fp32", device: str = "cpu", loras=
     if model.startswith("exact:"):
         from trajlab.models.exact import build_exact_world
 
-        return build_exact_world(_exact_spec(model), device=None if device == "cpu" else device)
+        return build_exact_world(_exact_spec(model, attrs), device=None if device == "cpu" else device)
     from trajlab.models.loading import load_pipeline
     from trajlab.models.registry import Lora, parse_lora
 
@@ -125,7 +187,7 @@ def exact_world(spec: str | dict | None = None, datasets: Iterable[xr.Dataset] =
         for ds in datasets:
             model = str(ds.attrs.get("model", ""))
             if model.startswith("exact:"):
-                spec = model
+                spec = _exact_spec(model, ds.attrs)
                 break
     if spec is None:
         return None

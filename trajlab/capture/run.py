@@ -132,6 +132,10 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
                  "height": plan.height or 0, "width": plan.width or 0, "dtype": plan.dtype, "device": str(plan.device),
                  "created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "config": config,
                  "extra": plan.extra}
+        if str(plan.model).startswith("exact:"):  # the world itself, so a file's world replays without the file
+            from trajlab.models.exact_presets import exact_recipe
+
+            attrs["exact_recipe"] = exact_recipe(str(plan.model))
 
         def allocate_here():
             try:
