@@ -199,7 +199,9 @@ def test_cli_refuses_bad_flags_before_heavy_imports(tmp_path):
             "round(time.process_time() - t, 3))")
     for args in (["capture", "--model", "tiny-sd", "--steps", "0", "--prompt", "x", "--out", str(tmp_path / "s")],
                  ["capture", "--model", "micro-sdd", "--prompt", "x", "--out", str(tmp_path / "s")],
-                 ["capture", "--config", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "s")]):
+                 ["capture", "--config", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "s")],
+                 # stock diffusers would crash at the first step (LCM pipeline passes eta=None to TCD)
+                 ["capture", "--model", "micro-lcm", "--scheduler", "tcd", "--prompt", "x", "--out", str(tmp_path / "s")]):
         r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=_env(), timeout=60)
         rc, torch_loaded, diffusers_loaded, cpu_s = r.stdout.split()
         assert rc == "2" and torch_loaded == "False" and diffusers_loaded == "False", (args, r.stdout, r.stderr)

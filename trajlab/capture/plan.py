@@ -66,6 +66,18 @@ class CapturePlan:
             check_scheduler_name(self.scheduler)
         except ValueError as exc:
             raise PlanError(str(exc)) from None
+        self._check_pipeline_accepts_scheduler()
+
+    def _check_pipeline_accepts_scheduler(self) -> None:
+        """Refuse stock-diffusers combinations that crash mid-run. LatentConsistencyModelPipeline passes
+        ``eta=None`` to ``scheduler.step``; TCDScheduler asserts 0 <= eta (its gamma) <= 1 and fails there."""
+        from trajlab.models.registry import get
+
+        spec = get(self.model)
+        if spec is not None and spec.pipeline == "LatentConsistencyModelPipeline" and self.scheduler.startswith("tcd"):
+            raise PlanError(f"scheduler={self.scheduler!r} with model {self.model!r} (a LatentConsistencyModelPipeline): "
+                            "that pipeline passes eta=None, which TCDScheduler rejects; use scheduler 'lcm', or a "
+                            "StableDiffusionPipeline student such as micro-lcm-lora (eta 0: deterministic TCD)")
 
     @property
     def n_samples(self) -> int:
