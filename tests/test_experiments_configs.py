@@ -4,7 +4,7 @@ import pytest
 from trajlab import store
 from trajlab.experiments import configs as E
 
-TINY = ["micro-sd=tiny-sd", "micro-lcm=tiny-lcm", "micro-lcm-lora=tiny-lcm"]
+TINY = ["micro-sd=tiny-sd", "micro-lcm=tiny-lcm", "micro-lcm-lora=tiny-sd"]  # an SD pipeline, as micro-lcm-lora is (TCD runs)
 NAMES = E.list_experiments()
 
 

@@ -98,7 +98,34 @@ def control_plans(prompts, seeds, *, exclude=(), tiny: bool = False, quick: bool
             if key not in seen:
                 seen.add(key)
                 plans.append(plan)
+    if not tiny:  # tiny-lcm is a LatentConsistencyModelPipeline: no TCD (see reinjection_plans)
+        for plan in reinjection_plans(prompts, seeds, steps=(1, 2, 4) if quick else (1, 2, 4, 8), batch_size=batch_size):
+            if _content_key(plan) not in seen:
+                seen.add(_content_key(plan))
+                plans.append(plan)
     return plans, list(dict.fromkeys(notes))
+
+
+REINJECTION_STUDENT = "micro-lcm-lora"
+"""The student of the noise re-injection control: a StableDiffusionPipeline (LCM-LoRA on micro-sd), so that
+the same weights run under LCM's sampler and under TCD at gamma = eta = 0 (the pipeline's default)."""
+
+
+def reinjection_plans(prompts, seeds, *, steps=(1, 2, 4, 8), batch_size: int = 32):
+    """Grid plans of the noise re-injection control (tag "demo-control"): ``REINJECTION_STUDENT`` at each
+    step count with the "lcm" scheduler (fresh noise after every step) and with "tcd" at gamma 0
+    (deterministic re-noising with the model's own epsilon). Step inconsistency of the two families,
+    matched by (prompt, seed), separates the share due to fresh noise (failure_modes)."""
+    from trajlab.experiments.plans import resolve_plan
+
+    plans = []
+    for scheduler in ("lcm", "tcd"):
+        for k in steps:
+            p = resolve_plan(model=REINJECTION_STUDENT, scheduler=scheduler, steps=k, guidance=None,
+                             negative_prompt=None, prompts=list(prompts), seeds=list(seeds), batch_size=batch_size)
+            p.extra["experiment"] = "demo-control"
+            plans.append(p)
+    return plans
 
 
 def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = True, teacher_steps: int = 30,
@@ -136,7 +163,7 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
     preflight(plans + cplans + hplans, store)
     print(f"demo: {teacher} ({teacher_steps} DDIM steps) vs {student} (1/2/4/8 steps)"
           + (f" + hybrid k in {sorted(set(handoff))}" if hybrid else "") + f"; {n_prompts} prompts x {n_seeds} seeds"
-          + (f"; + {len(cplans)} guidance-sweep / negative-prompt groups on {min(len(seeds), 2 if quick else 8)} seeds"
+          + (f"; + {len(cplans)} guidance-sweep / negative-prompt / noise re-injection groups on {min(len(seeds), 2 if quick else 8)} seeds"
              if cplans else ""))
     stages = ["capture"] + (["Jacobian contraction", "covariance propagation"] if mechanistic else []) + \
         ["analyses and report"]
@@ -181,4 +208,4 @@ def print_summary(report_dir, elapsed: float) -> None:
     print(f"report: {Path(report_dir) / 'index.html'}")
 
 
-__all__ = ["control_plans", "demo_plans", "micro_available", "run_demo"]
+__all__ = ["control_plans", "demo_plans", "micro_available", "reinjection_plans", "run_demo"]
