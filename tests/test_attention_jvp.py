@@ -358,8 +358,16 @@ def test_attention_context_is_the_one_switch(tiny_unet):
                 return unet(a, 500, emb).sample
         return g
 
-    with pytest.warns(RuntimeWarning, match="MATH"):
+    import trajlab.autodiff.attention as A
+
+    A._WARNED_MATH.clear()  # earlier tests in this process may have announced the fallback already
+    with pytest.warns(RuntimeWarning, match="MATH") as record:
         _, t_math = torch.func.jvp(f("math"), (x,), (vx,))
+    assert "FACTS.md" not in str(record[0].message)  # points at nothing a user lacks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # announced once per process, not once per call
+        _, t_math2 = torch.func.jvp(f("math"), (x,), (vx,))
+    assert torch.equal(t_math, t_math2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no math fallback warning on the fused path
         _, t_fused = torch.func.jvp(f("fused"), (x,), (vx,))

@@ -300,7 +300,7 @@ MAGNITUDES = {
     "canonical_bias": (0.0, 0.1, 0.2, 0.4),
     "mode_dropping": (0.0, 0.3, 0.6, 1.0),
     "early_commitment": (0.0, 0.3, 0.5, 0.7),
-    "cfg_over_amplification": (0.0, 0.1, 0.2, 0.4),
+    "cfg_over_amplification": (0.0, 0.2, 0.4, 0.6),
     "fine_detail": (0.0, 0.2, 0.4, 0.6),
     "step_inconsistency": (0.0, 0.1, 0.2, 0.4),
     "weak_negative_prompt": (0.0, 0.2, 0.4, 0.6),

@@ -318,7 +318,7 @@ def attention_context(model=None, impl: str = "math") -> contextlib.AbstractCont
     fused kernels, whose backward exists), when the model has no attention module, or when a JVP
     through the default SDPA kernel works on the model's device/dtype (`fused_sdpa_supports_jvp`,
     cached).  Otherwise impl="math" warns and returns `sdpa_kernel(SDPBackend.MATH)` (~4.5x a fused
-    forward per FACTS.md); impl="fused" returns `jvp_attention(model)` (fused primal, custom tangent).
+    forward; README, 'Performance'); impl="fused" returns `jvp_attention(model)` (fused primal, custom tangent).
     """
     if impl not in ("math", "fused"):
         raise ValueError(f"impl must be 'math' or 'fused'; got {impl!r}")
@@ -329,13 +329,19 @@ def attention_context(model=None, impl: str = "math") -> contextlib.AbstractCont
         return contextlib.nullcontext()
     if impl == "fused":
         return jvp_attention(model)
-    warnings.warn(
-        f"forward-mode AD through fused SDPA fails on {device}/{dtype}: using the MATH attention backend "
-        "for JVPs (~4.5x slower than the fused kernel, FACTS.md)",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+    if (device, dtype) not in _WARNED_MATH:  # once per process and device/dtype, not once per group
+        _WARNED_MATH.add((device, dtype))
+        warnings.warn(
+            f"forward-mode AD through fused SDPA fails on {device}/{dtype}: using the MATH attention backend "
+            "for JVPs (~4.5x slower than the fused kernel; README, 'Performance')",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return sdpa_kernel(SDPBackend.MATH)
+
+
+_WARNED_MATH: set = set()
+"""(device, dtype) pairs the math-backend fallback has been announced for."""
 
 
 class _CastTangent(torch.autograd.Function):

@@ -306,7 +306,7 @@ def _contraction_blocks(contraction: dict, fig) -> list:
             for g, d in contraction.items()}
     out = [_p("JVP estimates (fast stacked-tangent path, torch.func where it does not apply) along stored trajectories: whole sampler map latent_0 -> final latent "
               "(Hutchinson ||J||_F^2, captured noise replayed; replay error = how exactly the differentiated map "
-              "reproduces the stored output) and per-step gains vs sigma. Contraction theory (THEORY.md): fewer "
+              "reproduces the stored output) and per-step gains vs sigma. Contraction theory (closed forms in trajlab/analysis/theory.py): fewer "
               "steps = a more contractive map, so smaller output covariance J Cov[x_T] J^T."),
            _rows_table(rows, ["steps", "whole_fro2", "whole_fro2_se", "replay_rel_error", "samples"], fig.labels),
            fig(plot_whole_contraction(rows, fig.labels), "jacobian_whole",
