@@ -256,3 +256,12 @@ def test_custom_exact_world_from_a_toml_file(tmp_path, capsys):
     assert main(["capture", "--model", f"exact:{bad}", "--prompt", "x", "--out", str(tmp_path / "b.zarr")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "weights has shape (1,); expected (2,)" in err
+
+
+def test_eta_line_extrapolates_the_rate_per_unit_of_cost():
+    from trajlab.progress import eta_line
+
+    assert eta_line(0, 40, 0.0, 0, 3) == "[0/3]"
+    # 30 cost units in 60 s -> 2 s a unit; 10 units left -> ~20 s
+    assert eta_line(30, 40, 60.0, 1, 3) == "[1/3], ~20 s left"
+    assert eta_line(40, 40, 75.0, 3, 3) == "[3/3]"

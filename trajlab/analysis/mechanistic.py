@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from trajlab.analysis import io
+from trajlab.progress import eta_line
 
 JACOBIAN_DEFAULTS = {"samples": 4, "n_probes": 8, "n_power_iter": 10, "seed": 0}
 COVARIANCE_DEFAULTS = {"n_prompts": None, "n_components": 16, "n_probes": 16, "dense_max": 256, "seed": 0}
@@ -43,6 +44,21 @@ def analysed_groups(store, out_dir, keep=None, *, groups=None, model: str | None
         yield name, ds, pipes[key]
 
 
+def _with_eta(items, label: str):
+    """A ``done(text)`` to call after each of ``items`` ((name, ds, pipe) from :func:`analysed_groups`, in
+    order): prints ``label [i/n], ~S s left text``; a group's cost is its stored step count."""
+    cost = [max(1, int(ds.sizes.get("step", 1))) for _, ds, _ in items]
+    t0, state = time.perf_counter(), {"i": 0, "done": 0.0}
+
+    def done(text: str) -> None:
+        state["done"] += cost[state["i"]]
+        state["i"] += 1
+        eta = eta_line(state["done"], sum(cost), time.perf_counter() - t0, state["i"], len(items))
+        print(f"{label} {eta} {text}", flush=True)
+
+    return done
+
+
 def jacobian_results(store, out_dir, *, groups=None, model: str | None = None, models=None, experiments=None,
                      samples: int = JACOBIAN_DEFAULTS["samples"], n_probes: int = JACOBIAN_DEFAULTS["n_probes"],
                      n_power_iter: int = JACOBIAN_DEFAULTS["n_power_iter"], seed: int = JACOBIAN_DEFAULTS["seed"],
@@ -61,14 +77,16 @@ def jacobian_results(store, out_dir, *, groups=None, model: str | None = None, m
                 and (experiments is None or experiment_of(ds.attrs) in experiments))
 
     written = []
-    for name, ds, pipe in analysed_groups(store, out_dir, keep, groups=groups, model=model):
+    items = list(analysed_groups(store, out_dir, keep, groups=groups, model=model))
+    done = _with_eta(items, "jacobian")
+    for name, ds, pipe in items:
         t = time.perf_counter()
         prof = jac.contraction_profile(ds, pipe, samples=samples, n_probes=n_probes, n_power_iter=n_power_iter,
                                        seed=seed)
         written.append(io.save_dataset(prof, Path(out_dir) / f"{name}_contraction.nc", attrs={"group": name}))
-        print(f"jacobian {name}: whole-map ||J||_F^2 = {float(prof['whole_fro2'].mean()):.4g} "
-              f"(+- {float(prof['whole_fro2_se'].mean()):.2g}); replay rel. error "
-              f"{float(prof['replay_rel_error'].max()):.2g}; {time.perf_counter() - t:.0f} s")
+        done(f"{name}: whole-map ||J||_F^2 = {float(prof['whole_fro2'].mean()):.4g} "
+             f"(+- {float(prof['whole_fro2_se'].mean()):.2g}); replay rel. error "
+             f"{float(prof['replay_rel_error'].max()):.2g}; {time.perf_counter() - t:.0f} s")
         if callback is not None:
             callback(name, ds, prof, pipe)
     return written
@@ -98,8 +116,9 @@ def covariance_results(store, out_dir, *, groups=None, model: str | None = None,
                 and (experiments is None or experiment_of(ds.attrs) in experiments))
 
     written = []
-    for name, ds, pipe in analysed_groups(store, out_dir, keep, groups=groups, model=model,
-                                          variables=COVARIANCE_VARIABLES):
+    items = list(analysed_groups(store, out_dir, keep, groups=groups, model=model, variables=COVARIANCE_VARIABLES))
+    done = _with_eta(items, "covariance")
+    for name, ds, pipe in items:
         if n_prompts is not None:
             first = np.unique(ds["prompt_index"].values)[:n_prompts]
             ds = ds.isel(sample=np.flatnonzero(np.isin(ds["prompt_index"].values, first)))
@@ -107,12 +126,12 @@ def covariance_results(store, out_dir, *, groups=None, model: str | None = None,
         res = cov.group_covariance_propagation(ds.load(), pipe, n_components=n_components, dense_max=dense_max,
                                                n_probes=n_probes, seed=seed, max_points=max_points)
         written.append(io.save_dataset(res, Path(out_dir) / f"{name}_covariance.nc", attrs={"group": name}))
-        print(f"covariance {name}: trace ratio emp/pred = {np.round(res['trace_ratio'].values, 3)}, "
-              f"{time.perf_counter() - t:.0f} s")
+        done(f"{name}: trace ratio emp/pred = {np.round(res['trace_ratio'].values, 3)}, "
+             f"{time.perf_counter() - t:.0f} s")
         if callback is not None:
             callback(name, res)
     return written
 
 
-__all__ = ["COVARIANCE_DEFAULTS", "JACOBIAN_DEFAULTS", "analysed_groups", "covariance_results", "experiment_of",
-           "jacobian_results"]
+__all__ = ["COVARIANCE_DEFAULTS", "JACOBIAN_DEFAULTS", "analysed_groups", "covariance_results",
+           "experiment_of", "jacobian_results"]

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from trajlab.progress import eta_line
+
 GRID_KEYS = ("model", "scheduler", "steps", "guidance", "negative_prompt")
 SCALAR_KEYS = ("prompts", "prompts_file", "seeds", "loras", "height", "width", "dtype", "device", "images",
                "batch_size", "group", "out")
@@ -271,7 +273,11 @@ def run_plans(plans, out: str, progress: bool = True, cache: PipelineCache | Non
     t0 = time.perf_counter()
     cache = cache or PipelineCache()
     results = []
-    for plan in plans:
+    cost = [plan.n_samples * plan.steps for plan in plans]  # what a group's capture time scales with
+    for i, plan in enumerate(plans):
+        if progress and len(plans) > 1:
+            print(f"capture group {eta_line(sum(cost[:i]), sum(cost), time.perf_counter() - t0, i, len(plans))}",
+                  flush=True)
         pipe = plan_pipeline(plan, cache)
         results.append(capture(pipe, plan, out, group=plan.extra.get("group"), progress=progress, shard=shard))
     written = sum(r.samples_written for r in results)
