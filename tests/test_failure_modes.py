@@ -71,3 +71,32 @@ def test_band_fraction_finds_a_planted_frequency():
     img = 0.5 + 0.4 * np.cos(2 * np.pi * 0.25 * x)  # all power at 0.25 cycles / pixel
     u8 = np.repeat((img * 255).round().astype(np.uint8)[None, ..., None], 3, -1)
     assert F.band_fraction(u8, (0.2, 0.3))[0] > 0.99 and F.band_fraction(u8, (0.0, 0.2))[0] < 0.01
+
+
+def test_diversity_on_a_micro_store_is_micro_lpips_and_named_so():
+    """On a micro-world store (models micro-*) diversity_collapse uses micro-LPIPS (labeller features) and the
+    row and the dataset say so; the other rows keep the named pixel substitute. Real digits: the teacher's
+    8 samples per prompt are 8 real images of the digit; the collapsed student pulls them halfway to
+    their mean image."""
+    from trajlab.models.micro.data import load_digits_rgb, to_uint8_hwc
+
+    x, y = load_digits_rgb()
+    imgs, y = to_uint8_hwc(x), y.numpy()
+    prompts = [f"a handwritten digit {d}" for d in range(8)]
+    seeds = np.arange(8)
+    real = np.concatenate([imgs[np.flatnonzero(y == d)[:8]] for d in range(8)])
+    mean = real.reshape(8, 8, 32, 32, 3).astype(float).mean(1, keepdims=True)
+    shrunk = (0.5 * real.reshape(8, 8, 32, 32, 3) + 0.5 * mean).round().astype(np.uint8).reshape(real.shape)
+    groups = {"teacher": _group(real, seeds, "micro-sd", "DDIMScheduler", prompts=prompts),
+              "collapsed": _group(shrunk, seeds, "micro-lcm", "LCMScheduler", steps=4, prompts=prompts)}
+    ds = F.store_verdicts(groups)
+    row = int(np.flatnonzero(ds["mode"].values == "diversity_collapse")[0])
+    metric = str(ds["metric"].values[row])
+    assert "micro-LPIPS (labeller conv features, uniform layer weights; not human-calibrated)" in metric
+    assert "micro-LPIPS" in ds.attrs["diversity_features"] and "pixel-space substitute" in ds.attrs["features"]
+    assert str(ds["decision"].values[row]) == "supported" and float(ds["estimate"].values[row]) < -0.1
+    # the same store under non-micro model names keeps the pixel substitute, named as such
+    plain = {n: g.assign_attrs(model=g.attrs["model"].replace("micro-", "other-")) for n, g in groups.items()}
+    ds2 = F.store_verdicts(plain)
+    row2 = int(np.flatnonzero(ds2["mode"].values == "diversity_collapse")[0])
+    assert "pixel-space substitute" in str(ds2["metric"].values[row2]) and "micro" not in ds2.attrs["features"]

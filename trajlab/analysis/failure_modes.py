@@ -7,13 +7,16 @@ Rules (declared here, before any data are read; an experiment may restate them):
 - Features: the final image as grey levels block-averaged to at most 8x8 (the digits' native
   resolution in the micro-world; a plain pixel space elsewhere), RMS distances in [0, 1] units.
   This is a pixel-space substitute, named so in every row, not a perceptual distance.
+- Diversity (``diversity_collapse``) on micro-world stores: micro-LPIPS
+  (:mod:`trajlab.metrics.world_lpips`: LPIPS's formula with uniform weights on the labeller CNN's three
+  conv stages; not human-calibrated), named so in the row; other stores keep the pixel substitute.
 - Modes inside a prompt: k-means (k = 4) clusters of the real data of the prompted class when the
   store is a micro-world store (``reference_modes``), else of the reference group's own samples.
 
 =======================  ============================================  =========  ===========  ======
 failure mode             per-sample metric (per prompt)                direction  effect       margin
 =======================  ============================================  =========  ===========  ======
-diversity_collapse       pairwise RMS distance (pairs within prompt)   decrease   log ratio    0.05
+diversity_collapse       pairwise distance (micro-LPIPS / pixel RMS)   decrease   log ratio    0.05
 canonical_bias           in the prompt's most populous mode (0/1)      increase   difference   0.05
 mode_dropping            in the prompt's rarest mode (0/1)             decrease   difference   0.03
 early_commitment         log sigma of commitment on shared sigmas      increase   difference   0.1
@@ -30,6 +33,7 @@ store is one family for the Holm correction.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -39,6 +43,7 @@ from trajlab.analysis import sweeps as S
 from trajlab.analysis.verdicts import Comparison, GroupInfo, PromptStat, decide, evaluate, verdict_dataset
 
 FEATURES = "grey pixels block-averaged to <= 8x8 (a pixel-space substitute, not a perceptual distance)"
+PIXEL_DIVERSITY = f"pairwise RMS distance within prompt ({FEATURES})"
 SPECS = {
     "diversity_collapse": ("pairwise RMS distance within prompt", "decrease", "log_ratio", 0.05),
     "canonical_bias": ("fraction of samples in the prompt's most populous mode", "increase", "difference", 0.05),
@@ -146,11 +151,36 @@ def _per_prompt(pairs, side, values_of) -> list[PromptStat]:
     return [PromptStat("mean", values_of(p[side])) for p in pairs]
 
 
-def _pair_stats(mode, ref_ds, cand_ds, pairs, modes=None, data=None):
-    """(reference stats, candidate stats) of one mode on matched pairs."""
+def _pixel_pairwise(images: np.ndarray) -> np.ndarray:
+    """(n, n) RMS distances of uint8 images (n, H, W, 3) in the pixel substitute (:func:`grey`), [0, 1] units."""
+    return _rms_pairwise(grey(images).reshape(len(images), -1))
+
+
+def diversity_distance(desc: dict, data: dict | None) -> tuple:
+    """(pairwise(uint8 images (n, H, W, 3)) -> (n, n) distances, metric name, features name) for
+    diversity_collapse: ``data["diversity"]`` when given, micro-LPIPS on micro-world stores (the shipped
+    labeller), else the pixel substitute. A micro store without the labeller weights falls back to
+    pixels and says why in the features name."""
+    if (data or {}).get("diversity") is not None:
+        return data["diversity"]
+    if S.is_micro(desc):
+        try:
+            from trajlab.metrics import world_lpips as W
+
+            model = W.load_micro_lpips()
+            return ((lambda images: W.micro_lpips_pairwise(model, images)),
+                    f"mean pairwise {W.DESCRIPTION} within prompt", W.DESCRIPTION)
+        except FileNotFoundError as exc:
+            return _pixel_pairwise, PIXEL_DIVERSITY, f"{FEATURES}; micro-LPIPS unavailable ({exc})"
+    return _pixel_pairwise, PIXEL_DIVERSITY, FEATURES
+
+
+def _pair_stats(mode, ref_ds, cand_ds, pairs, modes=None, data=None, pairwise=_pixel_pairwise):
+    """(reference stats, candidate stats) of one mode on matched pairs; ``pairwise`` is the diversity
+    distance (:func:`diversity_distance`)."""
     if mode == "diversity_collapse":
-        return ([PromptStat("pairwise", _rms_pairwise(features(ref_ds, p[1]))) for p in pairs],
-                [PromptStat("pairwise", _rms_pairwise(features(cand_ds, p[2]))) for p in pairs])
+        return ([PromptStat("pairwise", pairwise(ref_ds["image"].isel(sample=p[1]).values)) for p in pairs],
+                [PromptStat("pairwise", pairwise(cand_ds["image"].isel(sample=p[2]).values)) for p in pairs])
     if mode in ("canonical_bias", "mode_dropping"):
         which = 0 if mode == "canonical_bias" else -1
         out = []
@@ -345,7 +375,7 @@ def _commit_rows(groups, desc, teacher, students, modes, decode):
 
 
 # -- the store's taxonomy -----------------------------------------------------------------------------
-def _pair_rows(groups, teacher, students, modes, data):
+def _pair_rows(groups, teacher, students, modes, data, diversity=(_pixel_pairwise, PIXEL_DIVERSITY, FEATURES)):
     rows = []
     for s in students:
         pairs = matched(groups[teacher], groups[s])
@@ -353,11 +383,14 @@ def _pair_rows(groups, teacher, students, modes, data):
         cand_info = _info(s, groups[s], pairs, pairs[0][3] if pairs else [])
         for mode in ("diversity_collapse", "canonical_bias", "mode_dropping", "fine_detail"):
             comp = comparison(mode, teacher, s)
+            if mode == "diversity_collapse":
+                comp = dataclasses.replace(comp, metric=diversity[1])
             if mode == "fine_detail" and "band" not in data:
                 row = evaluate(comp, None, None)
                 rows.append({**row, "why": "no real-data spectrum to place the band where the data has power"})
                 continue
-            ref, cand = _pair_stats(mode, groups[teacher], groups[s], pairs, modes, data) if pairs else (None, None)
+            ref, cand = (_pair_stats(mode, groups[teacher], groups[s], pairs, modes, data, diversity[0]) if pairs
+                         else (None, None))
             rows.append(evaluate(comp, ref, cand, ref_info=ref_info, cand_info=cand_info))
     return rows
 
@@ -391,9 +424,11 @@ def store_verdicts(groups: dict[str, xr.Dataset], *, data: dict | None = None, d
                    alpha: float = 0.05, margins: dict | None = None) -> xr.Dataset:
     """Every failure mode's comparisons over a store's groups, Holm-corrected as one family.
 
-    data: the real-data reference ({"modes", "ink", "band", "note"}, e.g. :func:`micro_data_reference`);
+    data: the real-data reference ({"modes", "ink", "band", "note"}, e.g. :func:`micro_data_reference`;
+    optional "diversity": (pairwise fn, metric name, features name) as :func:`diversity_distance`);
     without it, modes are clusters of the teacher's samples and the ink/band comparisons are not
-    applicable. decode(ds, sample_idx, step) -> uint8 images of x0_pred at that step (for commitment).
+    applicable. Diversity: micro-LPIPS on micro-world stores, else the pixel substitute.
+    decode(ds, sample_idx, step) -> uint8 images of x0_pred at that step (for commitment).
     margins: {mode: {"margin": m}} declared by an experiment (default: SPECS).
     Bootstrap: 2000 draws, seeded (verdicts.evaluate). Returns
     :func:`trajlab.analysis.verdicts.verdict_dataset` with attrs ``teacher``, ``features``.
@@ -406,7 +441,8 @@ def store_verdicts(groups: dict[str, xr.Dataset], *, data: dict | None = None, d
     students = [n for n, d in desc.items() if d["role"] == "student" and d["has_images"] and not d["negative_prompt"]
                 and not S._off_default_guidance(d) and d["prompts"] == desc[teacher]["prompts"]]
     modes = (data or {}).get("modes") or _modes(groups[teacher], matched(groups[teacher], groups[teacher]), None)
-    rows = _pair_rows(groups, teacher, students, modes, data or {})
+    diversity = diversity_distance(desc, data) if students else (_pixel_pairwise, PIXEL_DIVERSITY, FEATURES)
+    rows = _pair_rows(groups, teacher, students, modes, data or {}, diversity)
     rows += _commit_rows(groups, desc, teacher, students, modes, decode)
     rows += _cfg_rows(groups, desc, tmodel, data) if data is not None else []
     rows += _steps_rows(groups, desc, teacher, students)
@@ -414,10 +450,12 @@ def store_verdicts(groups: dict[str, xr.Dataset], *, data: dict | None = None, d
     for r in rows:
         r["margin"] = float(((margins or {}).get(r["mode"]) or {}).get("margin", r["margin"]))
     ds = verdict_dataset(decide(rows, alpha), alpha=alpha)
-    ds.attrs.update(teacher=teacher, features=FEATURES, n_boot=2000,
+    feats = FEATURES if diversity[2] == FEATURES else f"diversity_collapse: {diversity[2]}; other modes: {FEATURES}"
+    ds.attrs.update(teacher=teacher, features=feats, diversity_features=diversity[2], n_boot=2000,
                     data=(data or {}).get("note", "modes from the teacher's own samples (no real data)"))
     return ds
 
 
-__all__ = ["FEATURES", "SPECS", "band_fraction", "comparison", "commit_log_sigma", "data_band", "features", "grey",
+__all__ = ["FEATURES", "PIXEL_DIVERSITY", "SPECS", "band_fraction", "comparison", "commit_log_sigma", "data_band",
+           "diversity_distance", "features", "grey",
            "matched", "micro_data_reference", "reference_modes_from", "store_verdicts"]

@@ -181,8 +181,9 @@ def group_model_fn(pipe, ds: xr.Dataset, samples=None, *, dtype=None):
 
 def contraction_theory(world, scheduler, steps: int) -> xr.Dataset | None:
     """DDIM theory of the per-step and whole-sampler contraction in a single-Gaussian exact world
-    (THEORY.md): theory_step_factor (step, direction) = a_k(t_i, t_{i+1}) on the scheduler's K-step grid
-    (`theory.ddim_step_factor`), theory_whole_fro2 = sum_k prod_i a_k^2 (= ||J_sampler||_F^2), coord lam.
+    (THEORY.md): theory_step_factor (step, direction) on the scheduler's actual K-step grid
+    (`theory.step_factor`: DDIM's a_k for DDIM steps, LCM / ancestral steps as they run),
+    theory_whole_fro2 = sum_k prod_i a_k^2 (= ||J_sampler||_F^2), coord lam.
     None for mixtures (no closed form) or world None."""
     from trajlab.analysis import theory as th
 
@@ -190,7 +191,7 @@ def contraction_theory(world, scheduler, steps: int) -> xr.Dataset | None:
         return None
     lam, _, _ = th.gaussian_eigensystem(world)
     grid = th.ddim_grid(scheduler, steps)
-    a = th.ddim_step_factor(lam, grid["alpha_bar"].values, grid["alpha_bar_next"].values).transpose("step", "direction")
+    a = th.step_factor(lam, grid)  # theory hook (issue 9): the scheduler's actual steps, in its latent coordinates
     return xr.Dataset({"theory_step_factor": (("step", "direction"), np.asarray(a.values)),
                        "theory_whole_fro2": ((), float((np.asarray(a.values).prod(0) ** 2).sum()))},
                       coords={"step": np.arange(a.sizes["step"]), "direction": np.arange(lam.size),

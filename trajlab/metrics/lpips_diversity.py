@@ -7,6 +7,10 @@ is downloaded. `random_backbone=True` gives real heads on a random backbone (tes
 Pairwise distances reuse per-image features: each image passes the backbone once, then
 d(i, j) = sum_l mean_hw lin_l((f_l(i) - f_l(j))^2) exactly as lpips.LPIPS.forward computes it.
 Distances are unitless (LPIPS units); 0 for identical images.
+
+Without the AlexNet weights, micro-world stores use :mod:`trajlab.metrics.world_lpips` instead: the same
+formula (uniform weights, no heads) on the micro-world's trained labeller CNN, named "micro-LPIPS ... not
+human-calibrated" wherever it appears; a random backbone is never used outside tests.
 """
 from __future__ import annotations
 
