@@ -100,3 +100,39 @@ def test_diversity_on_a_micro_store_is_micro_lpips_and_named_so():
     ds2 = F.store_verdicts(plain)
     row2 = int(np.flatnonzero(ds2["mode"].values == "diversity_collapse")[0])
     assert "pixel-space substitute" in str(ds2["metric"].values[row2]) and "micro" not in ds2.attrs["features"]
+
+
+def _step_images(seeds, steps, jitter, salt):
+    """Per (prompt, seed) a fixed image plus a per-step-count perturbation of std ``jitter``."""
+    out = []
+    for p in range(len(PROMPTS)):
+        for s in seeds:
+            base = np.random.default_rng([s, p, 7]).uniform(0.3, 0.7, (8, 8))
+            out.append(np.clip(base + np.random.default_rng([s, p, steps, salt]).normal(0, jitter, (8, 8)), 0, 1))
+    x = np.kron(np.stack(out), np.ones((4, 4)))
+    return np.repeat((x * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def test_noise_reinjection_share_of_step_inconsistency():
+    """Same student under LCM (fresh noise: outputs move a lot with the step count) and TCD gamma 0 (they move
+    little): the re-injection row is supported; with equal movement it is not; one shared step count: n/a."""
+    seeds = np.arange(16)
+
+    def store(lcm_jitter, tcd_jitter, tcd_steps=(1, 2, 4)):
+        g = {"teacher": _group(_step_images(seeds, 30, 0.0, 0), seeds, "t-model", "DDIMScheduler")}
+        for k in (1, 2, 4):
+            g[f"lcm{k}"] = _group(_step_images(seeds, k, lcm_jitter, 1), seeds, "s-model", "LCMScheduler", steps=k)
+        for k in tcd_steps:
+            g[f"tcd{k}"] = _group(_step_images(seeds, k, tcd_jitter, 2), seeds, "s-model", "TCDScheduler", steps=k)
+        ds = F.store_verdicts(g)
+        rows = [(str(d), float(e), str(w)) for m, d, e, w in zip(ds["mode"].values, ds["decision"].values,
+                                                                ds["estimate"].values, ds["why"].values)
+                if m == "step_inconsistency_reinjection"]
+        assert len(rows) == 1
+        return rows[0]
+
+    dec, est, _ = store(0.12, 0.03)
+    assert dec == "supported" and 0.9 < est < 1.6  # planted log(0.12 / 0.03) = 1.39, less clipping and rounding
+    assert store(0.08, 0.08)[0] != "supported"
+    dec, _, why = store(0.12, 0.03, tcd_steps=(1, 3))
+    assert dec == "not applicable" and "share 1 step count" in why

@@ -24,6 +24,8 @@ cfg_over_amplification   |ink - data ink| / data ink, matched w        increase 
 fine_detail              power fraction in the data's upper band       decrease   log ratio    0.1
 step_inconsistency       RMS between consecutive step counts           increase   log ratio    0.1
 weak_negative_prompt     RMS(with negative - without), matched w       decrease   log ratio    0.1
+step_inconsistency_      step inconsistency, LCM sampler / the same    increase   log ratio    0.1
+reinjection              weights under TCD gamma 0 (mechanism row)
 =======================  ============================================  =========  ===========  ======
 
 The margins are those the calibration (``trajlab calibrate``) validates. Students are compared with
@@ -55,6 +57,9 @@ SPECS = {
     "fine_detail": ("spectral power fraction in the data's upper band", "decrease", "log_ratio", 0.1),
     "step_inconsistency": ("RMS between consecutive step counts / teacher family's", "increase", "log_ratio", 0.1),
     "weak_negative_prompt": ("RMS(with negative - without), matched guidance", "decrease", "log_ratio", 0.1),
+    "step_inconsistency_reinjection": ("RMS between consecutive step counts: LCM sampler (fresh noise each step) / "
+                                       "the same weights under TCD gamma 0 (deterministic re-noising)",
+                                       "increase", "log_ratio", 0.1),
 }
 
 
@@ -277,6 +282,33 @@ def _steps_rows(groups, desc, teacher, students):
     return rows
 
 
+def _reinjection_rows(groups, desc):
+    """Step inconsistency due to fresh noise: a student's LCM step family (LCMScheduler draws fresh noise
+    after every step) against the same weights' TCD family (TCDScheduler at gamma = eta = 0, what trajlab
+    captures through a StableDiffusionPipeline: re-noising with the model's own epsilon), on the step counts
+    both have, matched by (prompt, seed). Supported: fresh noise makes outputs change more with the step
+    count than the deterministic path does (a mechanism of step inconsistency, not a separate failure)."""
+    by_config: dict[tuple, dict[str, list[str]]] = {}
+    for key, names in S.families(desc, "steps").items():
+        rest = tuple((k, v) for k, v in key if k != "scheduler")
+        by_config.setdefault(rest, {})[dict(key)["scheduler"]] = names
+    rows = []
+    for scheds in by_config.values():
+        if "LCMScheduler" not in scheds or "TCDScheduler" not in scheds:
+            continue
+        common = {desc[n]["steps"] for n in scheds["LCMScheduler"]} & {desc[n]["steps"] for n in scheds["TCDScheduler"]}
+        lcm = [n for n in scheds["LCMScheduler"] if desc[n]["steps"] in common]
+        tcd = [n for n in scheds["TCDScheduler"] if desc[n]["steps"] in common]
+        comp = comparison("step_inconsistency_reinjection", " / ".join(tcd), " / ".join(lcm))
+        if len(common) < 2:
+            rows.append({**evaluate(comp, None, None), "why": f"the LCM and TCD families share {len(common)} step "
+                         "count(s); consecutive step counts need >= 2"})
+            continue
+        r, c = _consecutive_rms(groups, tcd), _consecutive_rms(groups, lcm)
+        rows.append(evaluate(comp, *_paired_values(r, c, [t for t in r if t in c])))
+    return rows
+
+
 def _negative_rows(groups, desc, teacher_model):
     """Weak negative prompt: sensitivity of each student with/without pair vs the teacher's at the same
     guidance; prompts the negative names (e.g. its own digit) are left out."""
@@ -446,6 +478,7 @@ def store_verdicts(groups: dict[str, xr.Dataset], *, data: dict | None = None, d
     rows += _commit_rows(groups, desc, teacher, students, modes, decode)
     rows += _cfg_rows(groups, desc, tmodel, data) if data is not None else []
     rows += _steps_rows(groups, desc, teacher, students)
+    rows += _reinjection_rows(groups, desc)
     rows += _negative_rows(groups, desc, tmodel)
     for r in rows:
         r["margin"] = float(((margins or {}).get(r["mode"]) or {}).get("margin", r["margin"]))
