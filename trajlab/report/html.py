@@ -195,9 +195,13 @@ def _calibration_section(r, fig) -> list:
             fig(plot_power_curves(c), "calibration", "P(supported) and P(refuted) against the planted magnitude")]
 
 
+DIVERSITY_VARS = ("lpips_diversity", "micro_lpips_diversity", "pixel_diversity")
+"""Diversity columns in order of preference: real LPIPS (AlexNet weights cached), micro-LPIPS (the micro-world
+labeller's features, not human-calibrated), pixels (a substitute)."""
+
+
 def _diversity_var(table: xr.Dataset) -> str:
-    return "lpips_diversity" if "lpips_diversity" in table and np.isfinite(table["lpips_diversity"].values).any() \
-        else "pixel_diversity"
+    return next((v for v in DIVERSITY_VARS if v in table and np.isfinite(table[v].values).any()), "pixel_diversity")
 
 
 def _diversity_section(r, fig) -> list:
@@ -209,7 +213,8 @@ def _diversity_section(r, fig) -> list:
     if nonhyb is None or np.isfinite(nonhyb[dv].values).sum() < 2:
         return [_none("fewer than two image groups")]
     cols = [c for c in ("steps", "guidance", "pixel_diversity", "lpips_diversity", "lpips_diversity_ci_low",
-                        "lpips_diversity_ci_high", "clip_variance", "vendi", "clip_score", "label_accuracy",
+                        "lpips_diversity_ci_high", "micro_lpips_diversity", "micro_lpips_diversity_ci_low",
+                        "micro_lpips_diversity_ci_high", "clip_variance", "vendi", "clip_score", "label_accuracy",
                         "high_freq_fraction", "detail_ratio") if c in table]
     if "label" in nonhyb:  # one line per configuration apart from the step count
         nonhyb = nonhyb.assign(series=("group", [re.sub(r"\s*\b\d+ steps?\b", "", str(x))
@@ -217,6 +222,8 @@ def _diversity_section(r, fig) -> list:
     by = "series" if "series" in nonhyb else "model"
     return [fig(plot_vs(nonhyb, "steps", dv, by=by, xlog=True, zero=True, title=f"{dv} vs steps"),
                 "diversity_steps", f"{dv} per group (mean over prompts; y axis from 0"
+                + ("; micro-LPIPS: LPIPS-style distance on the micro-world labeller's features, not human-calibrated"
+                   if dv == "micro_lpips_diversity" else "")
                 + ("; bars: 95% bootstrap CI)" if f"{dv}_ci_low" in table else ")")),
             _table(table, cols, labels=fig.labels)]
 
