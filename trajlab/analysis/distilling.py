@@ -1,0 +1,160 @@
+"""The Distilling-Diversity study (Gandikota & Bau, "Distilling Diversity and Control in Diffusion Models"),
+asked of a store with the verdict engine: pre-declared, matched comparisons against the reference teacher.
+
+1. Does each distilled student lose diversity? ``diversity_collapse`` per student: mean pairwise distance
+   within a prompt (micro-LPIPS on micro stores, else the pixel substitute; :func:`failure_modes.diversity_distance`),
+   log ratio student / teacher, seeds paired within prompts.
+2. Does the hybrid (teacher for the first k steps, student after) restore it, and from which k? The same
+   comparison for every hybrid group, plus the accuracy cost (prompted-digit accuracy, difference), both
+   against the hand-off k and against compute (UNet evaluations per sample: a CFG step costs 2).
+   ``restored_from_k`` per (teacher, student) pair: the smallest k from which no larger k has diversity
+   collapse supported, and the smallest k from which every larger k is refuted within the margin
+   (equivalent to the teacher).
+3. When does each model commit? The taxonomy's ``early_commitment`` rows (shared sigma levels) and the
+   report's x0 filmstrips answer it; this module does not duplicate them.
+
+All comparisons of the study are one family for the Holm correction (a family of its own, declared here,
+apart from the store taxonomy's).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from trajlab.analysis import failure_modes as F
+from trajlab.analysis import sweeps as S
+from trajlab.analysis.verdicts import Comparison, PromptStat, decide, evaluate
+
+ACCURACY = ("prompted-digit accuracy (labeller)", "decrease", "difference", 0.05)
+"""metric, direction, effect, margin of the accuracy cost of a student or hybrid."""
+
+ROW_VARS = ("candidate", "label", "kind", "hybrid_pair", "handoff_step", "nfe", "div_estimate", "div_ci_low",
+            "div_ci_high", "div_decision", "div_why", "acc_estimate", "acc_ci_low", "acc_ci_high", "acc_decision",
+            "acc_why", "teacher_accuracy", "candidate_accuracy")
+
+
+def unet_evals(d: dict) -> float:
+    """UNet evaluations per sample of a described group (``sweeps.describe``): each step costs 2 with a CFG
+    branch (guidance > 1 outside LCM pipelines, whose guidance is a w-embedding), else 1; a hybrid adds its
+    teacher and student parts."""
+    from trajlab.models.registry import get
+
+    def per_step(model, guidance):
+        spec = get(model)
+        lcm = spec is not None and spec.pipeline == "LatentConsistencyModelPipeline"
+        return 2.0 if guidance > 1 and not lcm else 1.0
+
+    h = d.get("hybrid")
+    if h:
+        return (h["n_teacher_steps_run"] * per_step(h["teacher"], h["teacher_guidance"])
+                + h["n_student_steps_run"] * per_step(h["student"], h["student_guidance"]))
+    return d["steps"] * per_step(d["model"], d["guidance"])
+
+
+def _correct(ds: xr.Dataset, idx: np.ndarray, text: str, labeller) -> np.ndarray | None:
+    digit = S.prompt_digit(text)
+    if digit is None:
+        return None
+    labels, _ = labeller(np.asarray(ds["image"].isel(sample=idx).values))
+    return (np.asarray(labels) == digit).astype(float)
+
+
+def _candidate_rows(groups, teacher, cand, pairwise, labeller, seed):
+    """(diversity row, accuracy row or None, accuracies) of one candidate against the teacher."""
+    pairs = F.matched(groups[teacher], groups[cand])
+    seeds = pairs[0][3] if pairs else []
+    ref_info, cand_info = F._info(teacher, groups[teacher], pairs, seeds), F._info(cand, groups[cand], pairs, seeds)
+    metric, direction, effect, margin = F.SPECS["diversity_collapse"]
+    comp = Comparison("diversity_collapse", metric, teacher, cand, direction, margin, effect=effect)
+    ref = [PromptStat("pairwise", pairwise(groups[teacher]["image"].isel(sample=p[1]).values)) for p in pairs]
+    cnd = [PromptStat("pairwise", pairwise(groups[cand]["image"].isel(sample=p[2]).values)) for p in pairs]
+    div = evaluate(comp, ref, cnd, ref_info=ref_info, cand_info=cand_info, seed=seed)
+    if labeller is None:
+        return div, None, (np.nan, np.nan)
+    a_ref, a_cnd = [], []
+    for text, ia, ib, _ in pairs:
+        ca, cb = _correct(groups[teacher], ia, text, labeller), _correct(groups[cand], ib, text, labeller)
+        if ca is not None:
+            a_ref.append(PromptStat("mean", ca))
+            a_cnd.append(PromptStat("mean", cb))
+    metric, direction, effect, margin = ACCURACY
+    comp = Comparison("accuracy_loss", metric, teacher, cand, direction, margin, effect=effect)
+    acc = evaluate(comp, a_ref or None, a_cnd or None, ref_info=ref_info, cand_info=cand_info, seed=seed + 1)
+    means = (float(np.mean([s() for s in a_ref])) if a_ref else np.nan,
+             float(np.mean([s() for s in a_cnd])) if a_cnd else np.nan)
+    return div, acc, means
+
+
+def restored_from(ks, decisions) -> tuple[float, float]:
+    """(smallest k from which no larger k is "supported", smallest k from which every larger k is "refuted"),
+    NaN when there is none; ``ks`` ascending with their diversity decisions."""
+    def first_tail(ok):
+        out = np.nan
+        for k, good in zip(reversed(ks), reversed(ok)):
+            if not good:
+                break
+            out = float(k)
+        return out
+
+    return (first_tail([d not in ("supported", "not applicable") for d in decisions]),
+            first_tail([d == "refuted" for d in decisions]))
+
+
+def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: dict | None = None,
+                         alpha: float = 0.05) -> xr.Dataset:
+    """The study over a store's image groups (dims ``row``: one per student or hybrid; ``pair``: per hybrid
+    (teacher -> student) pair). Empty, with a ``note``, without a teacher or a student.
+
+    labeller: uint8 images (N, H, W, 3) -> (labels, probs) for the accuracy cost (None: not measured).
+    data: as for :func:`failure_modes.store_verdicts` (optional ``diversity`` distance).
+    Estimates: diversity log ratio candidate / teacher; accuracy difference candidate - teacher; 95% paired
+    bootstrap CIs; decisions Holm-corrected over the study's family.
+    """
+    groups = {n: g for n, g in groups.items() if "image" in g}
+    desc = S.describe_all(groups)
+    teacher = S.pick_teacher(desc)
+    students = [n for n, d in desc.items() if d["role"] == "student" and not d["negative_prompt"]
+                and not S._off_default_guidance(d)]
+    hybrids = sorted((n for n, d in desc.items() if d["role"] == "hybrid"),
+                     key=lambda n: (desc[n]["hybrid"]["student"], desc[n]["hybrid"]["handoff_step"]))
+    if teacher is None or not (students or hybrids):
+        return xr.Dataset(attrs={"note": "needs a teacher group and a student or hybrid group with images"})
+    pairwise, _, features = F.diversity_distance(desc, data)
+    rows, families = [], []
+    for i, n in enumerate(students + hybrids):
+        div, acc, (ta, ca) = _candidate_rows(groups, teacher, n, pairwise, labeller, seed=1000 + 7 * i)
+        h = desc[n]["hybrid"] or {}
+        rows.append({"candidate": n, "label": desc[n]["label"], "kind": "hybrid" if h else "student",
+                     "hybrid_pair": f"{h['teacher']} -> {h['student']}" if h else "", "handoff_step": h.get("handoff_step", -1),
+                     "nfe": unet_evals(desc[n]), "teacher_accuracy": ta, "candidate_accuracy": ca})
+        families += [div] + ([acc] if acc is not None else [])
+    decided = iter(decide(families, alpha))
+    for row in rows:
+        for prefix in ("div", "acc"):
+            if prefix == "acc" and labeller is None:
+                r = {"estimate": np.nan, "ci_low": np.nan, "ci_high": np.nan, "decision": "not applicable",
+                     "why": "no labeller"}
+            else:
+                r = next(decided)
+            row.update({f"{prefix}_{k}": r.get(k) for k in ("estimate", "ci_low", "ci_high", "decision", "why")})
+    ds = xr.Dataset({v: ("row", [r[v] for r in rows]) for v in ROW_VARS}, coords={"row": np.arange(len(rows))})
+    pairs = sorted({r["hybrid_pair"] for r in rows if r["kind"] == "hybrid"})
+    restored = [restored_from([r["handoff_step"] for r in rows if r["hybrid_pair"] == p],
+                              [r["div_decision"] for r in rows if r["hybrid_pair"] == p]) for p in pairs]
+    ds = ds.assign({"restored_from_k": ("pair", [r[0] for r in restored]),
+                    "equivalent_from_k": ("pair", [r[1] for r in restored])}).assign_coords(pair=pairs)
+    for v in ("div_estimate", "div_ci_low", "div_ci_high"):
+        ds[v].attrs["units"] = "log ratio (candidate / teacher) of mean pairwise distance within prompt"
+    for v in ("acc_estimate", "acc_ci_low", "acc_ci_high"):
+        ds[v].attrs["units"] = "difference (candidate - teacher) of prompted-digit accuracy"
+    ds["nfe"].attrs["units"] = "UNet evaluations per sample (a CFG step counts 2)"
+    ds["restored_from_k"].attrs["meaning"] = "smallest k from which no larger k has diversity collapse supported"
+    ds["equivalent_from_k"].attrs["meaning"] = "smallest k from which every larger k is refuted within the margin"
+    ds.attrs.update(teacher=teacher, features=features, alpha=alpha, margin_diversity=F.SPECS["diversity_collapse"][3],
+                    margin_accuracy=ACCURACY[3], multiplicity="Holm over the study's comparisons (its own family)",
+                    question_3="commitment: the taxonomy's early_commitment rows and the x0 filmstrips")
+    return ds
+
+
+__all__ = ["ACCURACY", "distilling_diversity", "restored_from", "unet_evals"]
