@@ -265,3 +265,19 @@ def test_eta_line_extrapolates_the_rate_per_unit_of_cost():
     # 30 cost units in 60 s -> 2 s a unit; 10 units left -> ~20 s
     assert eta_line(30, 40, 60.0, 1, 3) == "[1/3], ~20 s left"
     assert eta_line(40, 40, 75.0, 3, 3) == "[3/3]"
+
+
+def test_models_lists_every_seed_system_with_its_offline_analogue(capsys):
+    from trajlab.models.registry import REAL_MODELS, SEED_SYSTEMS, registry
+
+    reg = registry()
+    for m in REAL_MODELS:  # every real system of the plan has a micro-world analogue that the registry knows
+        assert m.name in SEED_SYSTEMS, m.name
+        assert SEED_SYSTEMS[m.name] in reg and SEED_SYSTEMS[m.name].startswith("micro-"), m.name
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "offline analogue" in out.splitlines()[0]
+    for line in out.splitlines()[1:]:
+        name = line.split()[0]
+        if name in SEED_SYSTEMS:
+            assert f" {SEED_SYSTEMS[name]} " in line

@@ -29,6 +29,7 @@ PCM = "wangfuyun/PCM_Weights"
 TLCM = "OPPOer/TLCM"
 TURBO = "stabilityai/sdxl-turbo"
 LCM_UNET = "latent-consistency/lcm-sdxl"
+DMD2 = "tianweiy/DMD2"
 TLCM_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                 "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
 """TLCM README's LoraConfig target modules."""
@@ -72,6 +73,9 @@ def hub(tmp_path_factory):
     pcm = _cache_entry(cache, PCM) / "sdxl"
     StableDiffusionXLPipeline.save_lora_weights(pcm, unet_lora_layers=_random_lora(unet, 2),
                                                 weight_name="pcm_sdxl_smallcfg_2step_converted.safetensors")
+    # DMD2: dmd2_sdxl_4step_lora_fp16.safetensors at the repo root (diffusers' LoRA format, as its README loads it)
+    StableDiffusionXLPipeline.save_lora_weights(_cache_entry(cache, DMD2), unet_lora_layers=_random_lora(unet, 4),
+                                                weight_name="dmd2_sdxl_4step_lora_fp16.safetensors")
     # TLCM: a PEFT adapter (PeftModel.save_pretrained of get_peft_model(unet, LoraConfig(r=.., TLCM targets)))
     torch.manual_seed(3)
     peft_unet = get_peft_model(copy.deepcopy(unet), LoraConfig(r=8, lora_alpha=4, target_modules=TLCM_TARGETS,
@@ -156,6 +160,21 @@ def test_lcm_lora_sdxl_row_lcm_4_steps_replays_and_lora_matters(cached, tmp_path
     by_path.disable_lora()
     call["generator"] = [torch.Generator().manual_seed(s) for s in (0, 1)]
     assert np.abs(by_path(**call).images.numpy() - ds.final_latent.values).max() > 1e-3, "the LoRA must matter"
+
+
+def test_dmd2_sdxl_lora_row_lcm_4_steps_no_cfg_replays(cached, tmp_path):
+    spec = registry()["dmd2-sdxl-lora"]
+    pipe = load_pipeline("dmd2-sdxl-lora")  # SDXL base + tianweiy/DMD2's 4-step LoRA file from the (fake) cache
+    assert type(pipe.scheduler).__name__ == "LCMScheduler" and spec.guidance == 0.0 and pipe.get_active_adapters()
+    ds, attrs = _capture(pipe, tmp_path, steps=spec.steps, guidance=spec.guidance, model=spec.name)
+    assert list(ds.timestep.values) == [999, 759, 499, 259] and "model_output_uncond" not in ds
+    for out, target in _replay(ds, attrs, spec.steps)[1]:
+        torch.testing.assert_close(out[0], target, rtol=1e-5, atol=1e-5)
+    pipe.disable_lora()
+    gens = [torch.Generator().manual_seed(s) for s in (0, 1)]
+    plain = pipe(prompt=["a cat"] * 2, num_inference_steps=4, guidance_scale=0.0, generator=gens,
+                 output_type="latent", **KW).images.numpy()
+    assert np.abs(plain - ds.final_latent.values).max() > 1e-3, "the LoRA must matter"
 
 
 def test_pcm_sdxl_row_lora_tcd_2_steps_replays(cached, tmp_path):

@@ -8,6 +8,7 @@ how to resume.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import sys
@@ -133,9 +134,10 @@ def cmd_info(args) -> int:
 
 def cmd_models(args) -> int:
     from trajlab.models.loading import ModelNotAvailable, check_available
-    from trajlab.models.registry import registry
+    from trajlab.models.registry import SEED_SYSTEMS, registry
 
-    print(f"{'name':24} {'role':8} {'sched':16} {'steps':>5} {'cfg':>5}  {'available':9}  source / loras")
+    print(f"{'name':24} {'role':8} {'sched':24} {'steps':>5} {'cfg':>5}  {'available':9}  {'offline analogue':16}  "
+          "source / loras")
     for m in registry().values():
         try:
             check_available(m.name)
@@ -145,7 +147,10 @@ def cmd_models(args) -> int:
         loras = " + ".join(lo.source + (f"/{lo.subfolder}" if lo.subfolder else "") + (f"/{lo.weight_name}" if lo.weight_name else "")
                            for lo in m.loras)
         src = m.source + (f" (unet {m.unet})" if m.unet else "") + (f" + lora {loras}" if loras else "")
-        print(f"{m.name:24} {m.role:8} {m.scheduler:16} {m.steps:>5} {m.guidance:>5g}  {avail:9}  {src}")
+        analogue = SEED_SYSTEMS.get(m.name, "-")
+        print(f"{m.name:24} {m.role:8} {m.scheduler:24} {m.steps:>5} {m.guidance:>5g}  {avail:9}  {analogue:16}  {src}")
+    print("offline analogue: the micro-world model trained with the same recipe (`make train-micro`), what "
+          "`trajlab experiment NAME --offline` substitutes")
     return 0
 
 
@@ -175,7 +180,16 @@ def cmd_experiment(args) -> int:
 
 def cmd_report(args) -> int:
     from trajlab import store
+    from trajlab.analysis.cluster import ClusterError, check_address, dask_cluster
 
+    if args.scheduler is not None and args.workers is not None:
+        raise CliError("give --scheduler ADDRESS or --workers N, not both")
+    if args.workers is not None and args.workers < 1:
+        raise CliError(f"--workers {args.workers}: expected >= 1 worker processes")
+    try:
+        address = check_address(args.scheduler) if args.scheduler is not None else None
+    except ClusterError as exc:
+        raise CliError(f"--scheduler: {exc}") from None
     try:
         store.validate(args.store)
     except store.StoreError as exc:
@@ -185,8 +199,16 @@ def cmd_report(args) -> int:
     _quiet_libraries()
     from trajlab.experiments.reporting import report_store
 
-    path = report_store(args.store, args.out, model=args.model, analyses_dir=args.analyses, lpips=not args.no_lpips,
-                        n_boot=args.n_boot)
+    with contextlib.ExitStack() as stack:
+        try:  # connects (or starts the workers) before any analysis: a bad address costs seconds, not a run
+            client = stack.enter_context(dask_cluster(address=address, workers=args.workers))
+        except ClusterError as exc:
+            raise CliError(str(exc)) from None
+        if client is not None:
+            print(f"analyses on dask cluster {client.scheduler.address} ({len(client.scheduler_info()['workers'])} "
+                  "worker(s))", flush=True)
+        path = report_store(args.store, args.out, model=args.model, analyses_dir=args.analyses,
+                            lpips=not args.no_lpips, n_boot=args.n_boot)
     print(path)
     return 0
 
@@ -287,6 +309,8 @@ def add_study(sub) -> None:
 
     r = _sub(sub, "report", "static HTML report (+ PNGs, result datasets) of a store", """examples:
   trajlab report runs/hybrid.zarr --out runs/hybrid-report
+  trajlab report s3://bucket/study.zarr --out runs/r --scheduler tcp://10.0.0.5:8786   # existing dask cluster
+  trajlab report runs/big.zarr --out runs/r --workers 4                                  # local dask cluster
   trajlab report runs/demo/study.zarr --out runs/r --analyses runs/demo/analyses""", cmd_report)
     r.add_argument("store")
     r.add_argument("--out", required=True, help="report directory (index.html is written there)")
@@ -295,6 +319,12 @@ def add_study(sub) -> None:
     r.add_argument("--analyses", help="directory with result datasets written by analyses/*.py to include")
     r.add_argument("--no-lpips", action="store_true", help="skip the perceptual distance (pixel diversity only)")
     r.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates for metric CIs")
+    r.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                   help="run the analyses on an existing dask.distributed scheduler (tcp://HOST:PORT, as printed "
+                        "by `dask scheduler`); its workers must reach the store by the same path or URL")
+    r.add_argument("--workers", type=int, metavar="N", default=None,
+                   help="run the analyses on a local dask cluster of N worker processes (default: dask's "
+                        "threaded scheduler in this process)")
 
     d = _sub(sub, "demo", "the micro-world study end to end on the CPU (report at OUT/report)", """examples:
   trajlab demo --out runs/demo            # what `make demo` runs
