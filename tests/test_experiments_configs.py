@@ -4,7 +4,8 @@ import pytest
 from trajlab import store
 from trajlab.experiments import configs as E
 
-TINY = ["micro-sd=tiny-sd", "micro-lcm=tiny-lcm", "micro-lcm-lora=tiny-sd"]  # an SD pipeline, as micro-lcm-lora is (TCD runs)
+TINY = ["micro-sd=tiny-sd", "micro-lcm=tiny-lcm", "micro-lcm-lora=tiny-sd", "micro-pcm=tiny-sd", "micro-tlcm=tiny-sd",
+        "micro-turbo=tiny-sd", "micro-dmd=tiny-sd"]  # SD pipelines where the micro model is one (TCD runs)
 NAMES = E.list_experiments()
 
 
@@ -31,8 +32,10 @@ def test_config_validates_online_and_offline(name):
         models = {p.model for p in plans} | {h.extra["hybrid"]["student"] for h in hplans}
         if offline:
             assert all(m.startswith("micro-") for m in models), models
-        else:
-            assert {"sd15", "lcm-lora-sd15"} & models, models
+        else:  # online: the research plan's real systems (hub ids), each with a micro-world analogue
+            from trajlab.models.registry import REAL_MODELS, SEED_SYSTEMS
+
+            assert models <= {m.name for m in REAL_MODELS} and models <= set(SEED_SYSTEMS), models
 
 
 def test_bad_configs_are_refused(tmp_path):

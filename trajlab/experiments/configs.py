@@ -195,6 +195,10 @@ def load_experiment(name_or_path) -> Experiment:
         if not isinstance(hybrid, dict):
             raise ExperimentError(f"experiment {path}: kind 'hybrid' needs an [experiment.hybrid] table")
         bad = set(hybrid) - HYBRID_KEYS
+        students = hybrid.get("student")
+        if isinstance(students, list) and (not students or not all(isinstance(x, str) for x in students)):
+            raise ExperimentError(f"experiment {path}: [experiment.hybrid] student = {students!r}: expected a model "
+                                  "name or a non-empty list of names")
         if bad or not {"teacher", "student", "handoff"} <= set(hybrid):
             raise ExperimentError(f"experiment {path}: [experiment.hybrid] needs teacher, student, handoff; "
                                   f"unknown keys {sorted(bad)}; allowed {sorted(HYBRID_KEYS)}")
@@ -319,7 +323,13 @@ def build_plans(exp: Experiment, *, offline: bool = False, quick: bool = False, 
                 plans.append(plan)
         hplans = []
         if hybrid is not None:
-            hplans = _hybrid_plans(exp, hybrid, doc, mapped, seeds, n_prompts, device, schedulers)
+            for plan in _hybrid_plans(exp, hybrid, doc, mapped, seeds, n_prompts, device, schedulers):
+                g = plan.extra["group"]
+                if g in seen:
+                    notes.append(f"dropped a duplicate of group {g} (models mapped onto the same one)")
+                    continue
+                seen.add(g)
+                hplans.append(plan)
     except InputError as exc:
         if isinstance(exc, ExperimentError):
             raise
@@ -345,10 +355,22 @@ def resolve_mechanism(teacher: str, student: str, mechanism: str = "auto") -> st
 
 
 def _hybrid_plans(exp, h, doc, mapped, seeds, n_prompts, device, schedulers):
+    """Hybrid plans of ``[experiment.hybrid]``: one hand-off sweep per student (``student`` is a name or a
+    list of names)."""
+    students = h["student"] if isinstance(h["student"], list) else [h["student"]]
+    out = []
+    for student in students:
+        out += _hybrid_plans_of(exp, h, doc, mapped(h["teacher"]), mapped(student), seeds, n_prompts, device,
+                                schedulers)
+    return out
+
+
+def _hybrid_plans_of(exp, h, doc, teacher, student, seeds, n_prompts, device, schedulers):
+    """The hand-off sweep of one (teacher, student) pair; the student's steps, guidance and scheduler are its
+    registry recommendation unless the table sets them."""
     from trajlab.models.hybrid import HybridSpec, hybrid_plan
     from trajlab.models.registry import get
 
-    teacher, student = mapped(h["teacher"]), mapped(h["student"])
     ts, ss = get(teacher), get(student)
     prompts = _prompts_of(doc, exp.path.parent)[: n_prompts or None]
     sd = parse_seeds(seeds if seeds is not None else doc.get("seeds", "0:4"))
