@@ -100,3 +100,14 @@ def test_unet_evals_counts_cfg_branches():
     assert unet_evals({"model": "micro-sd", "guidance": 4.0, "steps": 30, "hybrid": None}) == 60
     assert unet_evals({"model": "micro-sd", "guidance": 1.0, "steps": 30, "hybrid": None}) == 30
     assert unet_evals({"model": "micro-lcm", "guidance": 4.0, "steps": 4, "hybrid": None}) == 4
+
+
+def test_only_the_studys_tagged_groups_are_candidates_when_there_are_any():
+    groups = {"teacher": _group(_images(0.0), "micro-sd", "DDIMScheduler", 30, 4.0),
+              "other": _group(_images(0.5), "micro-lcm", "LCMScheduler", 4, 4.0),
+              "study": _group(_images(0.5, salt=3), "micro-lcm", "LCMScheduler", 2, 4.0)}
+    groups["study"].attrs["extra"] = json.dumps({"experiment": "distilling_diversity"})
+    div = (lambda im: np.zeros((len(im), len(im))) + 0.1, "c", "c")
+    assert distilling_diversity(groups, data={"diversity": div})["candidate"].values.tolist() == ["study"]
+    assert sorted(distilling_diversity(groups, data={"diversity": div}, experiment=None)["candidate"].values) == \
+        ["other", "study"]

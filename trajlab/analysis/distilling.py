@@ -101,13 +101,26 @@ def restored_from(ks, decisions) -> tuple[float, float]:
             first_tail([d == "refuted" for d in decisions]))
 
 
+EXPERIMENT = "distilling_diversity"
+"""The experiment tag of the study's groups (data/experiments/distilling_diversity.toml)."""
+
+
+def _tag(ds: xr.Dataset) -> str:
+    from trajlab.store import decode_attr
+
+    extra = decode_attr(ds.attrs.get("extra")) or {}
+    return str(extra.get("experiment", "")) if isinstance(extra, dict) else ""
+
+
 def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: dict | None = None,
-                         alpha: float = 0.05) -> xr.Dataset:
+                         alpha: float = 0.05, experiment: str | None = EXPERIMENT) -> xr.Dataset:
     """The study over a store's image groups (dims ``row``: one per student or hybrid; ``pair``: per hybrid
     (teacher -> student) pair). Empty, with a ``note``, without a teacher or a student.
 
     labeller: uint8 images (N, H, W, 3) -> (labels, probs) for the accuracy cost (None: not measured).
     data: as for :func:`failure_modes.store_verdicts` (optional ``diversity`` distance).
+    experiment: when some group carries this experiment tag, only those groups are candidates (the teacher is
+    the store's reference teacher either way); None: every student and hybrid group.
     Estimates: diversity log ratio candidate / teacher; accuracy difference candidate - teacher; 95% paired
     bootstrap CIs; decisions Holm-corrected over the study's family.
     """
@@ -118,6 +131,9 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
                 and not S._off_default_guidance(d)]
     hybrids = sorted((n for n, d in desc.items() if d["role"] == "hybrid"),
                      key=lambda n: (desc[n]["hybrid"]["student"], desc[n]["hybrid"]["handoff_step"]))
+    tagged = {n for n, g in groups.items() if experiment is not None and _tag(g) == experiment}
+    if tagged:
+        students, hybrids = [n for n in students if n in tagged], [n for n in hybrids if n in tagged]
     if teacher is None or not (students or hybrids):
         return xr.Dataset(attrs={"note": "needs a teacher group and a student or hybrid group with images"})
     pairwise, _, features = F.diversity_distance(desc, data)
@@ -125,7 +141,8 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
     for i, n in enumerate(students + hybrids):
         div, acc, (ta, ca) = _candidate_rows(groups, teacher, n, pairwise, labeller, seed=1000 + 7 * i)
         h = desc[n]["hybrid"] or {}
-        rows.append({"candidate": n, "label": desc[n]["label"], "kind": "hybrid" if h else "student",
+        label = f"hybrid {h['teacher']} -> {h['student']}, k = {h['handoff_step']}" if h else desc[n]["label"]
+        rows.append({"candidate": n, "label": label, "kind": "hybrid" if h else "student",
                      "hybrid_pair": f"{h['teacher']} -> {h['student']}" if h else "", "handoff_step": h.get("handoff_step", -1),
                      "nfe": unet_evals(desc[n]), "teacher_accuracy": ta, "candidate_accuracy": ca})
         families += [div] + ([acc] if acc is not None else [])
@@ -157,4 +174,4 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
     return ds
 
 
-__all__ = ["ACCURACY", "distilling_diversity", "restored_from", "unet_evals"]
+__all__ = ["ACCURACY", "EXPERIMENT", "distilling_diversity", "restored_from", "unet_evals"]

@@ -69,6 +69,7 @@ def _content_key(plan) -> str:
     import json
 
     c = {k: v for k, v in plan.config().items() if k not in ("seeds", "extra")}
+    c["hybrid"] = plan.extra.get("hybrid")  # hybrids of different students share every other field
     return json.dumps(c, sort_keys=True, default=str)
 
 
@@ -104,6 +105,36 @@ def control_plans(prompts, seeds, *, exclude=(), tiny: bool = False, quick: bool
                 seen.add(_content_key(plan))
                 plans.append(plan)
     return plans, list(dict.fromkeys(notes))
+
+
+def distilling_plans(prompts, seeds, *, exclude=(), quick: bool = False, batch_size: int = 32):
+    """(grid plans, hybrid plans, notes) of the Distilling-Diversity experiment (data/experiments/
+    distilling_diversity.toml, offline models; ``quick``: its quick hand-offs) on the demo's prompts and
+    ``seeds``, tagged "distilling_diversity". Plans equal to one in ``exclude`` on a superset of the seeds
+    (the demo's teacher) are left out; so are students whose weights are not shipped, with a note."""
+    from trajlab.experiments.configs import build_plans, load_experiment
+    from trajlab.models.loading import ModelNotAvailable, check_available
+
+    ps, hps, notes = build_plans(load_experiment("distilling_diversity"), offline=True, quick=quick, seeds=list(seeds))
+    seen = {_content_key(p) for p in exclude if set(seeds) <= set(p.seeds)}
+    missing = set()
+    for p in ps + hps:
+        for m in (p.model, (p.extra.get("hybrid") or {}).get("student")):
+            try:
+                m and check_available(m)
+            except ModelNotAvailable:
+                missing.add(m)
+    plans, hplans = [], []
+    for p in ps + hps:
+        p.prompts, p.seeds, p.batch_size = list(prompts), list(seeds), batch_size
+        student = (p.extra.get("hybrid") or {}).get("student")
+        if p.model in missing or student in missing or _content_key(p) in seen:
+            continue
+        seen.add(_content_key(p))
+        (hplans if student else plans).append(p)
+    notes += [f"Distilling-Diversity study without {m}: its weights are not in data/micro (make train-micro)"
+              for m in sorted(missing)]
+    return plans, hplans, notes
 
 
 REINJECTION_STUDENT = "micro-lcm-lora"
@@ -159,12 +190,21 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
                                       tiny=teacher == "tiny-sd", quick=quick, teacher_steps=teacher_steps)
         for n in notes:
             print(f"note: {n}")
+    splans, shplans = [], []
+    if control and teacher == "micro-sd":
+        splans, shplans, notes = distilling_plans(prompts, seeds[: 4 if quick else 16], exclude=plans, quick=quick)
+        for n in notes:
+            print(f"note: {n}")
+    hplans += shplans
+    cplans += splans
     store = str(out / "study.zarr")
     preflight(plans + cplans + hplans, store)
     print(f"demo: {teacher} ({teacher_steps} DDIM steps) vs {student} (1/2/4/8 steps)"
           + (f" + hybrid k in {sorted(set(handoff))}" if hybrid else "") + f"; {n_prompts} prompts x {n_seeds} seeds"
-          + (f"; + {len(cplans)} guidance-sweep / negative-prompt / noise re-injection groups on {min(len(seeds), 2 if quick else 8)} seeds"
-             if cplans else ""))
+          + (f"; + {len(cplans) - len(splans)} guidance-sweep / negative-prompt / noise re-injection groups on "
+             f"{min(len(seeds), 2 if quick else 8)} seeds" if cplans else "")
+          + (f"; + Distilling-Diversity study: {len(splans)} student and {len(shplans)} hybrid groups on "
+             f"{min(len(seeds), 4 if quick else 16)} seeds" if splans or shplans else ""))
     stages = ["capture"] + (["Jacobian contraction", "covariance propagation"] if mechanistic else []) + \
         ["analyses and report"]
     stage = _stages(stages, t0)
@@ -201,11 +241,18 @@ def print_summary(report_dir, elapsed: float) -> None:
     """The terminal summary: each failure mode's decision, effect and CI, and where the report is."""
     import json
 
-    rows = json.loads((Path(report_dir) / "tables.json").read_text()).get("verdicts", [])
+    tables = json.loads((Path(report_dir) / "tables.json").read_text())
     print(f"\ndemo done in {elapsed:.0f} s. Failure taxonomy (verdict engine; effect [95% CI], Holm-corrected):")
-    for r in rows:
+    for r in tables.get("verdicts", []):
         print(f"  {r['mode']:24} {r['candidate'][:38]:38} {r['effect']:28} {r['decision']}")
+    study = (tables.get("distilling") or {}).get("data_vars")
+    if study:
+        print("Distilling-Diversity study (diversity log ratio vs teacher [95% CI], decision; accuracy difference):")
+        col = {k: v["data"] for k, v in study.items()}
+        for i, label in enumerate(col["label"]):
+            print(f"  {label[:44]:44} {col['div_estimate'][i]:+.3f} [{col['div_ci_low'][i]:+.3f}, "
+                  f"{col['div_ci_high'][i]:+.3f}] {col['div_decision'][i]:13} acc {col['acc_estimate'][i]:+.3f}")
     print(f"report: {Path(report_dir) / 'index.html'}")
 
 
-__all__ = ["control_plans", "demo_plans", "micro_available", "reinjection_plans", "run_demo"]
+__all__ = ["control_plans", "demo_plans", "distilling_plans", "micro_available", "reinjection_plans", "run_demo"]

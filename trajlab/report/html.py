@@ -22,7 +22,8 @@ import xarray as xr
 from trajlab.analysis.taxonomy import THRESHOLDS, taxonomy_rows
 
 SECTIONS = ("Groups", "Failure taxonomy", "Calibration", "Diversity vs steps", "Diversity-alignment trade-off", "CFG curves",
-            "Step consistency", "Negative-prompt sensitivity", "Hybrid sweep", "Commitment", "Mode coverage",
+            "Step consistency", "Negative-prompt sensitivity", "Hybrid sweep", "Distilling diversity", "Commitment",
+            "Mode coverage",
             "Jacobian spectra and covariance", "Image grids", "x0-prediction filmstrips")
 
 TEMPLATE = "report.html.j2"
@@ -283,6 +284,44 @@ def _hybrid_section(r, fig) -> list:
                    labels=fig.labels)]
 
 
+_DISTILLING_COLS = ("kind", "hybrid_pair", "handoff_step", "nfe", "div_estimate", "div_ci_low", "div_ci_high",
+                    "div_decision", "acc_estimate", "acc_ci_low", "acc_ci_high", "acc_decision", "teacher_accuracy",
+                    "candidate_accuracy")
+
+
+def _distilling_section(r, fig) -> list:
+    d = r.get("distilling")
+    if d is None or "row" not in d.dims:
+        return [_none((d.attrs.get("note", "") if d is not None else "") or
+                      "no Distilling-Diversity groups (trajlab experiment distilling_diversity; make demo captures it)")]
+    from trajlab.plots.distilling import plot_hybrid_restoration, plot_students
+
+    kinds = set(d["kind"].values.tolist())
+    out = [_p(f"Gandikota & Bau's questions, each candidate against teacher {d.attrs.get('teacher', '')} on matched "
+              f"(prompt, seed) pairs: (1) diversity, {d.attrs.get('features', '')}, log ratio (margin "
+              f"{d.attrs.get('margin_diversity')}); accuracy cost, prompted-digit accuracy difference (margin "
+              f"{d.attrs.get('margin_accuracy')}); (2) hybrids (the teacher for the first k of its steps, then the "
+              f"student) against k and against compute; 95% paired bootstrap CIs, {d.attrs.get('multiplicity', '')}. "
+              "(3) Commitment: the early_commitment rows below and the x0-prediction filmstrips.")]
+    if "student" in kinds:
+        out.append(fig(plot_students(d, fig.labels), "distilling_students",
+                       "students vs teacher: diversity log ratio and accuracy difference (0 = teacher; bars: 95% CI)"))
+    if "hybrid" in kinds:
+        out += [fig(plot_hybrid_restoration(d), "distilling_k", "hybrids vs hand-off step k (bars: 95% CI)"),
+                fig(plot_hybrid_restoration(d, "nfe"), "distilling_nfe", "hybrids vs UNet evaluations per sample"),
+                _table(d, ["restored_from_k", "equivalent_from_k"], dim="pair")]
+    out.append(_table(d.assign_coords(row=d["candidate"].values), list(_DISTILLING_COLS), dim="row",
+                      labels=fig.labels))
+    v = r.get("verdicts")
+    if v is not None and "comparison" in v.dims:
+        keep = np.isin(v["candidate"].values, d["candidate"].values) & (v["mode"].values == "early_commitment")
+        if keep.any():
+            sub = v.isel(comparison=np.flatnonzero(keep))
+            out.append(_table(sub.assign_coords(comparison=sub["candidate"].values),
+                              ["estimate", "ci_low", "ci_high", "decision", "why"], dim="comparison", labels=fig.labels))
+    return out
+
+
 def _commitment_section(r, fig) -> list:
     cs = r["commitment"]
     if not _has_group(cs):
@@ -380,7 +419,8 @@ def _filmstrip_section(r, fig) -> list:
 
 
 _SECTION_BUILDERS = (_groups_section, _taxonomy_section, _calibration_section, _diversity_section, _tradeoff_section, _cfg_section,
-                     _step_section, _negative_section, _hybrid_section, _commitment_section, _coverage_section,
+                     _step_section, _negative_section, _hybrid_section, _distilling_section, _commitment_section,
+                     _coverage_section,
                      _mechanistic_section, _grids_section, _filmstrip_section)
 
 
@@ -397,7 +437,8 @@ def tables(r: dict) -> dict:
             "verdicts": verdict_rows(r["verdicts"], _labels(r)) if "verdicts" in r else [],
             "calibration": _jsonable(r["calibration"]) if "calibration" in r else {},
             "step_consistency": _jsonable(r["step_consistency"]), "negative_prompt": _jsonable(r["negative_prompt"]),
-            "cfg": _jsonable(r["cfg"]), "hybrid": _jsonable(r["hybrid"])}
+            "cfg": _jsonable(r["cfg"]), "hybrid": _jsonable(r["hybrid"]),
+            "distilling": _jsonable(r["distilling"]) if "distilling" in r else {}}
 
 
 _VERDICT_CSV = ("mode", "reference", "candidate", "reference_group", "candidate_group", "estimate", "ci_low", "ci_high",
