@@ -453,13 +453,18 @@ def validate(path: str | os.PathLike) -> None:
                 raise StoreError(f"{path}/{name}: {v} has shape {g[v].shape}; expected ({n_steps},)")
 
 
-def open(path: str | os.PathLike, *, validate_store: bool = True):  # noqa: A001 - trajlab.open mirrors xr.open_*
-    """Open a store as an ``xarray.DataTree`` (lazy, dask-backed), validating it first."""
+def open(path: str | os.PathLike, *, validate_store: bool = True, chunks: dict | None = None):  # noqa: A001
+    """Open a store (local path, ``file://`` or fsspec URL such as ``s3://...``) as an ``xarray.DataTree``,
+    validating it first. No array data is read: every variable is a dask array, chunked along ``sample``
+    as stored (one sample, all steps per chunk) unless ``chunks`` says otherwise (e.g. ``{"sample": 64}``,
+    a multiple of the stored chunks, for fewer, larger dask tasks). Only the small index coordinates
+    (``step``, ``sample``) are loaded. Analyses stream over these chunks (``trajlab.analysis.io``).
+    """
     import xarray as xr
 
     if validate_store:
         validate(path)
-    return xr.open_datatree(_target(path), engine="zarr", chunks={})
+    return xr.open_datatree(_target(path), engine="zarr", chunks={} if chunks is None else dict(chunks))
 
 
 def open_group(path: str | os.PathLike, name: str):

@@ -287,8 +287,10 @@ def group_mode_coverage(teacher: xr.Dataset, student: xr.Dataset, world=None, *,
                                "Gaussian-world theory; pass store group Datasets with their coords "
                                "(trajlab.analysis.io.open_groups(..., variables=...) keeps them)")
         lam = np.sort(arrays["lam"][0])[::-1]
-        th = _theory.variance_ratio_vs_teacher(lam, _theory.alpha_bar_nodes(student),
-                                               _theory.alpha_bar_nodes(teacher)).values[:n_comp]
+        # theory hook (issue 9): the groups' actual scheduler grids when their attrs name them
+        grid = (_theory.group_grid if all("scheduler_config" in g.attrs for g in (student, teacher))
+                else _theory.alpha_bar_nodes)
+        th = _theory.variance_ratio_vs_teacher(lam, grid(student), grid(teacher)).values[:n_comp]
         th = np.pad(th, (0, res.sizes["component"] - th.size), constant_values=np.nan)
         res["theory_variance_ratio"] = ("component", th)
         res["theory_max_abs_log_error"] = ((), float(np.nanmax(np.abs(np.log(res["variance_ratio"].values / th)))))

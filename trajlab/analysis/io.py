@@ -77,7 +77,7 @@ def open_groups(store, groups: Iterable[str] | None = None, *, variables: Iterab
 
 
 # -- streaming over sample chunks -----------------------------------------------------------------
-CHUNK_BYTES = 64 * 2**20
+CHUNK_BYTES = 32 * 2**20
 """Bytes (counted as float64) of the sample chunk a streaming analysis holds in memory at a time."""
 MAX_CHUNK_SAMPLES = 64
 """Most samples in one chunk, however small the samples are."""
@@ -91,11 +91,12 @@ def only(ds: xr.Dataset, variables: Iterable[str]) -> xr.Dataset:
     return sub.assign_coords({k: c for k, c in ds.coords.items() if k not in sub.coords})
 
 
-def samples_per_chunk(ds: xr.Dataset, variables: Iterable[str], budget: int = CHUNK_BYTES,
+def samples_per_chunk(ds: xr.Dataset, variables: Iterable[str], budget: int | None = None,
                       max_samples: int = MAX_CHUNK_SAMPLES) -> int:
-    """How many samples of ``variables`` fit in ``budget`` bytes as float64 (at least 1, at most
-    ``max_samples``), from the shapes alone: e.g. x0_pred (sample, 30, 4, 64, 64) -> 3.9 MB per sample
-    -> 16 samples per 64 MiB chunk."""
+    """How many samples of ``variables`` fit in ``budget`` bytes (default :data:`CHUNK_BYTES`) as float64
+    (at least 1, at most ``max_samples``), from the shapes alone: e.g. x0_pred (sample, 30, 4, 64, 64)
+    -> 3.9 MB per sample -> 8 samples per 32 MiB chunk."""
+    budget = CHUNK_BYTES if budget is None else budget
     per = sum(8 * int(np.prod([ds.sizes[d] for d in ds[v].dims if d != "sample"])) for v in variables if v in ds)
     return int(max(1, min(max_samples, budget // max(per, 1))))
 
@@ -110,7 +111,7 @@ def sample_chunks(samples, size: int):
 
 
 def map_sample_chunks(fn, ds: xr.Dataset, samples=None, *, variables: Iterable[str],
-                      budget: int = CHUNK_BYTES) -> xr.Dataset:
+                      budget: int | None = None) -> xr.Dataset:
     """``fn`` applied to ``ds`` (only ``variables`` and every coordinate) one sample chunk at a time, each
     chunk read into memory (through whatever dask scheduler is active) and dropped after ``fn``; the
     results, Datasets with a ``sample`` dim, concatenated along ``sample`` (attrs of the first).

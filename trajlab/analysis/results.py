@@ -34,6 +34,7 @@ import xarray as xr
 
 from trajlab.analysis import io
 from trajlab.analysis import sweeps as S
+from trajlab.analysis.distilling import distilling_diversity
 from trajlab.analysis.labellers import CENTROID_COMPONENTS
 from trajlab.analysis.result_images import filmstrips, image_grids, vae_decoder
 from trajlab.analysis.taxonomy import taxonomy, taxonomy_dataset
@@ -44,6 +45,8 @@ MAX_GRID = 8                 # image grids: at most this many prompts x seeds pe
 COMMIT_MAX_SAMPLES = 64      # commitment: complete samples per group
 LABELLER_FIT_SAMPLES = 256   # nearest-centroid labeller: teacher samples it is fitted on
 COVERAGE_MIN_SAMPLES = 12    # mode coverage: fewest complete samples per group
+SAMPLE_CACHE_BYTES = 256 * 2**20  # per-sample outputs (images, final latents) of all groups held in memory at most
+PER_SAMPLE_OUTPUTS = ("final_latent", "image")  # variables without a step dim that the analyses read many times
 
 
 def coverage_params(m: int) -> dict:
@@ -69,11 +72,15 @@ def centroid_labeller(ref: xr.Dataset, n_classes: int | None = None):
     return fit, n_cls
 
 
-def commitment_results(groups, desc, decode=None, labeller=None, max_samples: int = COMMIT_MAX_SAMPLES):
+def commitment_results(groups, desc, decode=None, labeller=None, max_samples: int = COMMIT_MAX_SAMPLES,
+                       chunk_bytes: int | None = None):
     """({group: label_stability result}, labeller note) for non-hybrid groups with >= 2 steps.
 
     Labels: ``labeller`` (uint8 images -> labels) on x0 predictions decoded with ``decode`` when both
     are given, else a :func:`centroid_labeller` fitted on the teacher group's final latents.
+    x0_pred (sample, step, ...) is streamed: only ``x0_pred`` and ``final_latent`` of about
+    ``chunk_bytes`` (as float64; default ``io.CHUNK_BYTES``) of samples are in memory at a time
+    (:func:`io.map_sample_chunks`).
     """
     from trajlab.analysis import commitment as C
 
@@ -101,7 +108,8 @@ def commitment_results(groups, desc, decode=None, labeller=None, max_samples: in
             continue
         shape = tuple(ds["final_latent"].shape[1:])
         labeller_fn = (lambda f, shape=shape: lab(f, shape)) if lab is not None else fit
-        out[n] = C.label_stability(ds.isel(sample=ok).load(), labeller_fn)
+        out[n] = io.map_sample_chunks(lambda chunk, fn=labeller_fn: C.label_stability(chunk, fn), ds, ok,
+                                      variables=("x0_pred", "final_latent"), budget=chunk_bytes)
     return out, note
 
 
@@ -135,7 +143,9 @@ def coverage_results(groups, desc) -> dict[str, xr.Dataset]:
         s_ok = np.flatnonzero(np.asarray(groups[n]["complete"].values))
         if min(t_ok.size, s_ok.size) < COVERAGE_MIN_SAMPLES:
             continue
-        res[n] = coverage_vs_teacher(tds.isel(sample=t_ok).load(), groups[n].isel(sample=s_ok).load())
+        # final latents only (small per sample); the step arrays are never read here
+        res[n] = coverage_vs_teacher(io.only(tds, ["final_latent"]).isel(sample=t_ok).load(),
+                                     io.only(groups[n], ["final_latent"]).isel(sample=s_ok).load())
     return res
 
 
@@ -173,6 +183,24 @@ def groups_dataset(desc: dict, store, teacher: str | None, notes: list[str]) -> 
                       attrs={"store": str(store), "teacher": teacher or "", "notes": json.dumps(list(notes))})
 
 
+def hold_outputs(groups: dict, budget: int | None = None) -> dict:
+    """``groups`` with their per-sample outputs (:data:`PER_SAMPLE_OUTPUTS`) read into memory, group by group,
+    while they fit ``budget`` bytes in all (the analyses read them many times: one read each instead of one
+    per prompt and analysis); beyond the budget they stay lazy and are read where needed, in chunks.
+    (sample, step, ...) arrays always stay lazy. Values are unchanged either way. budget: default
+    :data:`SAMPLE_CACHE_BYTES`."""
+    budget = SAMPLE_CACHE_BYTES if budget is None else budget
+    held, out = 0, {}
+    for n, g in groups.items():
+        loaded = {}
+        for v in PER_SAMPLE_OUTPUTS:
+            if v in g and not isinstance(g[v].data, np.ndarray) and held + g[v].nbytes <= budget:
+                held += g[v].nbytes
+                loaded[v] = g[v].compute()
+        out[n] = g.assign(loaded) if loaded else g
+    return out
+
+
 # -- the per-group metrics and sweeps -------------------------------------------------------------
 def metric_results(groups, desc, *, lpips: bool = True, n_boot: int = N_BOOT, scorers=None):
     """(metrics table, {group: {prompt: CLIP score}}, {group: metric_suite result}, labeller, notes).
@@ -198,18 +226,22 @@ def engine_verdicts(groups, desc, decode=None, margins: dict | None = None) -> x
         img = decode(np.asarray(ds["x0_pred"].isel(sample=idx, step=step).values))
         return (np.asarray(img) * 255).round().astype(np.uint8)
 
-    image_groups = {n: g.assign(image=g["image"].compute()) for n, g in groups.items() if "image" in g}
+    image_groups = {n: g for n, g in groups.items() if "image" in g}
     return F.store_verdicts(image_groups, data=data, decode=decode_x0 if decode is not None else None,
                             margins=margins)
 
 
 def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: int = N_BOOT, scorers=None,
                 max_grid: int = MAX_GRID, tags: dict | None = None, margins: dict | None = None,
-                progress=None) -> dict:
+                progress=None, in_memory: bool = False) -> dict:
     """{result name: Dataset or {key: Dataset}} of every store analysis the report shows.
 
     tags: {prompt text: {"failure_mode": ...}} for the taxonomy's per-category rows (the orchestrator
-    passes ``trajlab.experiments.configs.prompt_tags()``; None: those rows are not measured)."""
+    passes ``trajlab.experiments.configs.prompt_tags()``; None: those rows are not measured).
+    The groups stay lazy (dask, ``trajlab.open``): the analyses read per-sample outputs (final latents,
+    images) and stream the (sample, step, ...) arrays in bounded sample chunks, on whatever dask scheduler
+    is active (``trajlab.analysis.cluster``). in_memory: load every group first (the reference path the
+    streaming one must equal; needs the store to fit in memory)."""
     import time
 
     t0 = time.perf_counter()
@@ -218,7 +250,8 @@ def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: 
         if progress is not None:
             progress(f"  results: {what} ({time.perf_counter() - t0:.0f} s)")
 
-    groups = S.open_groups(store)
+    groups = S.open_groups(store, load=in_memory)
+    groups = groups if in_memory else hold_outputs(groups)
     desc = S.describe_all(groups)
     teacher = S.pick_teacher(desc)
     say(f"metrics of {len(groups)} groups")
@@ -240,8 +273,10 @@ def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: 
                    tags or {})
     say("verdicts (matched comparisons, bootstrap)")
     verdicts = engine_verdicts(groups, desc, decode, margins=margins)
+    say("Distilling-Diversity study (matched comparisons, bootstrap)")
+    distilling = distilling_diversity(groups, labeller=labeller)
     say("image grids and filmstrips")
-    return {"groups": groups_dataset(desc, store, teacher, notes), "metrics": table, "step_consistency": stepc,
+    return {"distilling": distilling, "groups": groups_dataset(desc, store, teacher, notes), "metrics": table, "step_consistency": stepc,
             "negative_prompt": neg, "cfg": cfg, "hybrid": hyb, "commitment": commitment_dataset(commit, desc, commit_note),
             "coverage": coverage_dataset(coverage, teacher), "taxonomy": taxonomy_dataset(tax), "verdicts": verdicts,
             "image_grid": image_grids(groups, desc, max_grid), "filmstrip": filmstrips(groups, desc, decode)}
@@ -310,7 +345,7 @@ def write_results(results: dict, results_dir) -> Path:
 
 def compute_results(store, out_dir, *, model: str | None = None, lpips: bool = True, n_boot: int = N_BOOT,
                     analyses_dir=None, scorers=None, max_grid: int = MAX_GRID, tags: dict | None = None,
-                    calibration=None, margins: dict | None = None, progress=None) -> Path:
+                    calibration=None, margins: dict | None = None, progress=None, in_memory: bool = False) -> Path:
     """Compute every result the report shows and write it to ``out_dir/results``; returns that path.
 
     model: pipeline whose VAE decodes x0 filmstrips (default: a teacher model of the store if
@@ -319,9 +354,10 @@ def compute_results(store, out_dir, *, model: str | None = None, lpips: bool = T
     tags: prompt tags of the taxonomy's category rows (see :func:`compute_all`).
     calibration: a ``trajlab calibrate`` result file (calibration.nc) to show beside the verdicts.
     margins: an experiment's declared verdict margins ({mode: {"margin": m}}).
+    in_memory: load the store's groups into memory first (see :func:`compute_all`); default: stream.
     """
     results = compute_all(store, model=model, lpips=lpips, n_boot=n_boot, scorers=scorers, max_grid=max_grid,
-                          tags=tags, margins=margins, progress=progress)
+                          tags=tags, margins=margins, progress=progress, in_memory=in_memory)
     results.update(analyses_results(analyses_dir))
     if calibration is not None and Path(calibration).is_file():
         with xr.open_dataset(calibration) as c:

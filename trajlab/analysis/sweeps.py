@@ -5,6 +5,8 @@ Groups are read as ``{name: xr.Dataset}`` (:func:`trajlab.analysis.io.open_group
 on (prompt text, seed), so groups with the same prompt list match on (prompt_index, seed).
 Distances: ``image`` RMS difference in [0, 1] pixel units when both groups have images, else
 ``final_latent`` RMS difference in latent units. Every result names the groups it came from.
+Per-sample statistics (distances, image stats) are read in sample chunks of bounded size
+(:func:`trajlab.analysis.io.samples_per_chunk`), so lazy groups larger than memory stream.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from itertools import combinations
 import numpy as np
 import xarray as xr
 
-from trajlab.analysis.io import open_groups  # noqa: F401  (the one store reader, re-exported)
+from trajlab.analysis.io import open_groups, sample_chunks, samples_per_chunk  # open_groups: re-exported reader
 from trajlab.store import decode_attr
 
 TEACHER_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
@@ -117,10 +119,13 @@ def output_distance(a: xr.Dataset, b: xr.Dataset, var: str | None = None) -> xr.
     ia, ib = matched_samples(a, b)
     if ia.size == 0:
         raise ValueError("output_distance: the two groups share no complete (prompt, seed) sample")
-    xa = np.asarray(a[var].isel(sample=ia).values, dtype=np.float64)
-    xb = np.asarray(b[var].isel(sample=ib).values, dtype=np.float64)
     scale = 255.0 if var == "image" else 1.0
-    d = np.sqrt((((xa - xb) / scale) ** 2).reshape(len(ia), -1).mean(axis=1))
+    parts = []
+    for k in sample_chunks(np.arange(ia.size), samples_per_chunk(a, [var])):  # bounded memory, row-wise exact
+        xa = np.asarray(a[var].isel(sample=ia[k]).values, dtype=np.float64)
+        xb = np.asarray(b[var].isel(sample=ib[k]).values, dtype=np.float64)
+        parts.append(np.sqrt((((xa - xb) / scale) ** 2).reshape(len(k), -1).mean(axis=1)))
+    d = np.concatenate(parts)
     return xr.DataArray(d, dims="sample", coords={"seed": ("sample", np.asarray(a["seed"].values)[ia]),
                                                   "prompt_index": ("sample", np.asarray(a["prompt_index"].values)[ia])},
                         name="distance", attrs={"units": "RMS, pixel values in [0, 1]" if var == "image" else
@@ -189,11 +194,15 @@ def image_stats(ds: xr.Dataset) -> xr.Dataset:
     if "image" not in ds:
         raise ValueError(f"image_stats: no 'image' variable; has {sorted(ds.data_vars)}")
     ok = np.flatnonzero(_complete(ds))
-    img = np.asarray(ds["image"].isel(sample=ok).values, dtype=np.float64)
-    sat = np.abs(img / 255.0 - 0.5).reshape(len(ok), -1).mean(axis=1)
-    r, g, b = img[..., 0], img[..., 1], img[..., 2]
-    rg, yb = (r - g).reshape(len(ok), -1), (0.5 * (r + g) - b).reshape(len(ok), -1)
-    col = np.sqrt(rg.std(1) ** 2 + yb.std(1) ** 2) + 0.3 * np.sqrt(rg.mean(1) ** 2 + yb.mean(1) ** 2)
+    sat, col = [], []
+    for part in sample_chunks(ok, samples_per_chunk(ds, ["image"])):  # bounded memory, row-wise exact
+        img = np.asarray(ds["image"].isel(sample=part).values, dtype=np.float64)
+        sat.append(np.abs(img / 255.0 - 0.5).reshape(len(part), -1).mean(axis=1))
+        r, g, b = img[..., 0], img[..., 1], img[..., 2]
+        rg, yb = (r - g).reshape(len(part), -1), (0.5 * (r + g) - b).reshape(len(part), -1)
+        col.append(np.sqrt(rg.std(1) ** 2 + yb.std(1) ** 2) + 0.3 * np.sqrt(rg.mean(1) ** 2 + yb.mean(1) ** 2))
+    sat = np.concatenate(sat) if sat else np.zeros(0)
+    col = np.concatenate(col) if col else np.zeros(0)
     coords = {"seed": ("sample", np.asarray(ds["seed"].values)[ok]),
               "prompt_index": ("sample", np.asarray(ds["prompt_index"].values)[ok])}
     return xr.Dataset({"saturation": ("sample", sat, {"units": "mean |pixel - 0.5|, pixels in [0, 1]"}),
@@ -398,6 +407,11 @@ def default_scorers(desc: dict[str, dict], lpips: bool = True):
                 notes.append(f"LPIPS not measured: no AlexNet backbone weights in the local torch cache ({exc}); "
                              "a random backbone is never used outside tests. Diversity is pixel RMS "
                              "(pixel_diversity), named as such")
+                if is_micro(desc):  # world_lpips hook (issue 9): the in-world perceptual distance
+                    from trajlab.metrics.world_lpips import DESCRIPTION, load_micro_lpips
+
+                    lp = load_micro_lpips()
+                    notes.append(f"diversity also as micro_lpips_diversity: {DESCRIPTION}")
         except Exception as exc:  # noqa: BLE001
             notes.append(f"LPIPS not measured ({type(exc).__name__}: {exc})")
     return embedder, lp, labeller, notes

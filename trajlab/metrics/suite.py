@@ -8,7 +8,8 @@ xr.Dataset with, for each metric M computed:
   M_overall, M_overall_ci_low, M_overall_ci_high ()   mean of the per-prompt values (for
       detail_ratio: of per-prompt ratios), CI by stratified bootstrap (prompts resampled
       independently, replicates averaged over prompts)
-Metrics: lpips_diversity (needs lpips_model), clip_variance, clip_score, vendi (needs embedder;
+Metrics: lpips_diversity (needs lpips_model; recorded as micro_lpips_diversity when lpips_model is a
+trajlab.metrics.world_lpips.MicroLPIPS), clip_variance, clip_score, vendi (needs embedder;
 clip_score also needs prompt texts), high_freq_fraction (always), detail_ratio (needs reference),
 precision/recall/density/coverage (needs embedder + reference; reference = "real"; no CI).
 Set statistics (vendi, clip_variance) resampled with replacement see duplicates, which lowers them:
@@ -27,11 +28,13 @@ from trajlab.metrics.detail import high_freq_fraction
 from trajlab.metrics.images import check_image_var, load_images, prompt_samples, prompt_texts
 from trajlab.metrics.lpips_diversity import lpips_pairwise
 from trajlab.metrics.vendi import vendi_from_features
+from trajlab.metrics.world_lpips import micro_lpips_pairwise  # world_lpips hook
 
 UNITS = {"lpips_diversity": "LPIPS", "clip_variance": "unit-embedding squared distance",
          "clip_score": "100 cos, clipped at 0", "vendi": "effective number of samples",
          "high_freq_fraction": "fraction of spectral power", "detail_ratio": "ratio",
-         "precision": "fraction", "recall": "fraction", "density": "unitless", "coverage": "fraction"}
+         "precision": "fraction", "recall": "fraction", "density": "unitless", "coverage": "fraction",
+         "micro_lpips_diversity": "micro-LPIPS (labeller features; not human-calibrated)"}  # world_lpips hook
 _METRIC_KEYS = {m: i for i, m in enumerate(UNITS)}
 
 
@@ -108,9 +111,11 @@ def metric_suite(ds: xr.Dataset, reference: xr.Dataset | None = None, embedder: 
         if lpips_model is not None:
             if n < 2:
                 raise ValueError(f"prompt {p} has {n} sample(s); lpips_diversity needs >= 2")
-            D = lpips_pairwise(lpips_model, d["images"], size=lpips_size, batch_size=batch_size)
-            record("lpips_diversity", p, bs.mean_pairwise(D),
-                   bs.replicates_pairwise(D, n_boot, rng(p, "lpips_diversity")))
+            # -- world_lpips hook (issue 9): a MicroLPIPS in the lpips slot is recorded as micro_lpips_diversity
+            key = "micro_lpips_diversity" if getattr(lpips_model, "name", "") == "micro_lpips" else "lpips_diversity"
+            D = (micro_lpips_pairwise(lpips_model, d["images"]) if key == "micro_lpips_diversity" else
+                 lpips_pairwise(lpips_model, d["images"], size=lpips_size, batch_size=batch_size))
+            record(key, p, bs.mean_pairwise(D), bs.replicates_pairwise(D, n_boot, rng(p, key)))
         if embedder is not None:
             E = d["emb"]
             record("clip_variance", p, clip_variance(E),
@@ -161,7 +166,7 @@ def metric_suite(ds: xr.Dataset, reference: xr.Dataset | None = None, embedder: 
                                  str(reference.attrs.get("group", "")) if reference is not None else ""),
              "n_boot": n_boot, "level": level, "seed": seed,
              "embedder": embedder.name if embedder is not None else "",
-             "lpips": "" if lpips_model is None else
+             "lpips": "" if lpips_model is None else getattr(lpips_model, "description", None) or
              f"net={getattr(lpips_model, 'pnet_type', '?')} random_backbone={getattr(lpips_model, 'pnet_rand', '?')}",
              "lpips_size": -1 if lpips_size is None else lpips_size,
              "detail_cutoff_cycles_per_pixel": detail_cutoff, "prdc_k": prdc_k,

@@ -1,0 +1,94 @@
+"""Where the analyses' dask computations run: dask's local threaded scheduler (the default), an existing
+``dask.distributed`` scheduler (``--scheduler ADDRESS``), or a ``LocalCluster`` of N worker processes
+(``--workers N``).
+
+    from trajlab.analysis.cluster import dask_cluster
+    with dask_cluster(address="tcp://10.0.0.5:8786") as client:   # or workers=4, or neither
+        compute_results(store, out)                                # every dask read runs on the cluster
+
+Stores open lazily (``trajlab.open``: dask arrays, one sample per chunk) and the analyses read them in
+bounded sample chunks (:func:`trajlab.analysis.io.map_sample_chunks`); inside :func:`dask_cluster` each
+chunk's read and decompression run on the cluster's workers and only the chunk comes back. The workers
+must reach the store by the same path or URL (a shared filesystem, or ``s3://...``). No torch import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+__all__ = ["ClusterError", "check_address", "dask_cluster"]
+
+CONNECT_TIMEOUT_S = 10.0
+"""Seconds to wait for a scheduler at ``--scheduler ADDRESS`` to answer before giving up."""
+
+_ADDRESS = re.compile(r"^(?:(tcp|tls|inproc|ucx|ws|wss)://)?[^\s:/]+:\d{1,5}$")
+
+
+class ClusterError(ValueError):
+    """A scheduler address is malformed or unreachable, or dask.distributed is missing."""
+
+
+def check_address(address: str) -> str:
+    """``address`` as a dask scheduler address (``tcp://HOST:PORT``; ``HOST:PORT`` gets ``tcp://``);
+    :class:`ClusterError` naming the address and the expected form otherwise. Does not connect."""
+    text = str(address).strip()
+    if not _ADDRESS.match(text):
+        raise ClusterError(f"scheduler address {address!r} is not of the form tcp://HOST:PORT "
+                           "(what `dask scheduler` prints as 'Scheduler at:')")
+    port = int(text.rsplit(":", 1)[1])
+    if not 0 < port < 65536:
+        raise ClusterError(f"scheduler address {address!r}: port {port} is out of range 1..65535")
+    return text if "://" in text else f"tcp://{text}"
+
+
+def _distributed():
+    try:
+        import distributed
+    except ImportError:
+        raise ClusterError("--scheduler / --workers need dask.distributed: pip install distributed "
+                           "(requirements/constraints.txt pins it)") from None
+    return distributed
+
+
+@contextlib.contextmanager
+def dask_cluster(address: str | None = None, workers: int | None = None, *, threads_per_worker: int = 1,
+                 memory_limit: str | int = "auto", timeout: float | None = None):
+    """Context in which dask computations run on a ``distributed.Client`` (also the default client, which
+    xarray's NetCDF writer asks for its lock); yields it (None when neither
+    ``address`` nor ``workers`` is given: dask's default local scheduler, nothing started).
+
+    address: an existing scheduler (checked by :func:`check_address`, then connected within ``timeout``
+    seconds, default :data:`CONNECT_TIMEOUT_S`, else :class:`ClusterError`). workers: start a ``LocalCluster`` of that many worker
+    processes with ``threads_per_worker`` threads and ``memory_limit`` each (closed on exit).
+    """
+    if address is not None and workers is not None:
+        raise ClusterError("give --scheduler ADDRESS or --workers N, not both")
+    if address is None and workers is None:
+        yield None
+        return
+    if workers is not None and int(workers) < 1:
+        raise ClusterError(f"--workers {workers}: expected >= 1 worker processes")
+    import dask
+
+    dist = _distributed()
+    timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
+    cluster = None
+    if address is not None:
+        address = check_address(address)
+        try:
+            client = dist.Client(address, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(f"--scheduler {address}: no dask scheduler answered within {timeout:g} s "
+                               f"({type(exc).__name__}); is `dask scheduler` running there?") from None
+    else:
+        cluster = dist.LocalCluster(n_workers=int(workers), threads_per_worker=threads_per_worker, processes=True,
+                                    memory_limit=memory_limit, dashboard_address=":0")
+        client = dist.Client(cluster)
+    try:
+        with dask.config.set(scheduler=client):
+            yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
