@@ -46,6 +46,11 @@ RULES = [
      "tests/test_sharding.py::test_torchrun_two_ranks_equal_one_process"),
     ("test", r"^trajlab capture --config grid\.toml --out s3://\S+ --shard \d/\d$",
      "tests/test_sharding.py::test_two_concurrent_shards_into_s3_equal_local_one_process"),
+    ("test", r"^trajlab report runs/study\.zarr --out runs/report --workers \d+$",
+     "tests/test_streaming.py::test_report_with_workers_equals_default_scheduler"),
+    ("test", r"^dask (scheduler|worker) ", "tests/test_streaming.py::test_report_cli_checks_cluster_options_first"),
+    ("test", r"^trajlab report s3://\S+ --out runs/report --scheduler tcp://\S+$",
+     "tests/test_streaming.py::test_open_by_url_streams_like_a_local_store"),
 ]
 
 
