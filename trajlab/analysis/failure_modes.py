@@ -374,6 +374,14 @@ def _commit_rows(groups, desc, teacher, students, modes, decode):
     """Early commitment on the candidate's sigma levels; the teacher read at its nearest levels (within 0.35 in
     log sigma, else not applicable)."""
     rows = []
+    memo: dict = {}  # (group, prompt, step, samples) -> x0 mode labels: the teacher's are decoded once, not per student
+
+    def labels_at(name, ds, t, idx, k):
+        key = (name, t, k, idx.tobytes())
+        if key not in memo:
+            memo[key] = _nearest(grey(decode(ds, idx, k)).reshape(len(idx), -1), modes[t])
+        return memo[key]
+
     for s in students:
         comp = comparison("early_commitment", teacher, s, requires=("same_prompts", "same_n", "paired_seeds",
                                                                     "shared_sigma_axis"))
@@ -396,8 +404,9 @@ def _commit_rows(groups, desc, teacher, students, modes, decode):
         ref, cand = [], []
         for t, ia, ib, _ in pairs:
             vals = []
-            for ds, idx, steps in ((groups[teacher], ia, near), (groups[s], ib, np.arange(len(ls_c)))):
-                lab = [_nearest(grey(decode(ds, idx, int(k))).reshape(len(idx), -1), modes[t]) for k in steps]
+            for name, idx, steps in ((teacher, ia, near), (s, ib, np.arange(len(ls_c)))):
+                ds = groups[name]
+                lab = [labels_at(name, ds, t, idx, int(k)) for k in steps]
                 lab.append(_nearest(features(ds, idx), modes[t]))
                 vals.append(commit_log_sigma(np.stack(lab), ls_c))
             ref.append(PromptStat("mean", vals[0]))
