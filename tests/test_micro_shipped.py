@@ -38,12 +38,40 @@ def test_paths():
     if getattr(trajlab, "__file__", None):
         assert MICRO_DIR == __import__("pathlib").Path(trajlab.__file__).resolve().parents[1] / "data" / "micro"
     paths = micro_paths()
-    assert set(paths) == {"micro-sd", "micro-lcm", "micro-lcm-lora", "micro-clip"}
+    assert set(paths) == {"micro-sd", "micro-lcm", "micro-lcm-lora", "micro-clip", "micro-pcm", "micro-tlcm", "micro-turbo", "micro-dmd"}
     for name, p in paths.items():
         assert p.is_dir(), f"{name}: {p} missing"
     assert PROMPTS[3] == "a handwritten digit 3" and len(PROMPTS) == 10
     total = sum(f.stat().st_size for f in MICRO_DIR.rglob("*") if f.is_file())
-    assert total < 25e6, f"data/micro is {total / 1e6:.1f} MB"
+    assert total < 32e6, f"data/micro is {total / 1e6:.1f} MB"
+
+
+STUDENT_FILES = {
+    "micro-pcm": ["pytorch_lora_weights.safetensors"],  # a diffusers LoRA, as PCM_Weights
+    "micro-tlcm": ["adapter_config.json", "adapter_model.safetensors"],  # a PEFT adapter, as TLCM's
+    "micro-turbo": ["model_index.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"],  # a full pipeline, as sdxl-turbo
+    "micro-dmd": ["config.json", "diffusion_pytorch_model.safetensors"],  # a UNet only, as DMD2's
+}
+
+
+@pytest.mark.parametrize("name", sorted(STUDENT_FILES))
+def test_student_folders_match_their_registry_rows(name):
+    from trajlab.models import registry as reg
+
+    folder = micro_paths()[name]
+    for f in STUDENT_FILES[name]:
+        assert (folder / f).is_file(), f"{name}: {f} missing in {folder}"
+    info = json.loads((folder / "trajlab.json").read_text())
+    spec = reg.get(name)
+    assert info["steps"] == spec.steps and info["guidance"] == spec.guidance, (info, spec)
+    assert spec.steps in info["steps_supported"]
+    quality = json.loads((MICRO_DIR / "quality.json").read_text())
+    row = quality["students"][name][f"steps{spec.steps}"]
+    assert row["accuracy"] >= 0.8, f"{name}: recorded prompt accuracy {row['accuracy']} at {spec.steps} steps"
+    assert row["nn_distance"]["min"] > 0.5, f"{name}: a sample is a near-copy of a training image ({row['nn_distance']})"
+    log = json.loads((MICRO_DIR / "train_log.json").read_text())
+    stage = name.split("-", 1)[1]
+    assert log[stage]["device"] == "cpu" and log[stage]["wall_s"] > 0
 
 
 def test_labeller_accuracy_on_held_out(labeller, held_out):

@@ -74,7 +74,20 @@ REAL_MODELS = [
                     "--lora PATH for the file you downloaded"),
     ModelSpec("sdxl-turbo", "stabilityai/sdxl-turbo", "StableDiffusionXLPipeline", "euler-ancestral", 1, 0.0,
               role="student", notes="adversarial diffusion distillation; 1 step, CFG 0 (its scheduler is trailing)"),
+    ModelSpec("dmd2-sdxl-lora", SDXL, "StableDiffusionXLPipeline", "lcm", 4, 0.0, role="student",
+              loras=(Lora("tianweiy/DMD2", weight_name="dmd2_sdxl_4step_lora_fp16.safetensors"),),
+              notes="DMD2 (Yin et al. 2024) 4-step LoRA on SDXL, LCMScheduler, CFG 0 (its README fuses the LoRA and "
+                    "passes timesteps [999, 749, 499, 249]; LCMScheduler's own 4-step grid is [999, 759, 499, 259])"),
 ]
+
+SEED_SYSTEMS = {
+    "sd15": "micro-sd", "sdxl": "micro-sd", "lcm-lora-sd15": "micro-lcm-lora", "lcm-lora-sdxl": "micro-lcm-lora",
+    "lcm-dreamshaper-v7": "micro-lcm", "lcm-sdxl": "micro-lcm",
+    **{f"pcm-{arch}-{k}step": "micro-pcm" for arch in ("sd15", "sdxl") for k in (2, 4, 8, 16)},
+    "tlcm-sdxl": "micro-tlcm", "sdxl-turbo": "micro-turbo", "dmd2-sdxl-lora": "micro-dmd",
+}
+"""Each real system of the research plan -> its offline analogue in the micro-world (same recipe in miniature,
+loaded the same way: a LoRA where the real one is a LoRA, a UNet swap where it is one)."""
 
 BUILTIN_MODELS = [
     ModelSpec("tiny-sd", "builtin:tiny-sd", "StableDiffusionPipeline", "ddim", 30, 5.0, role="test",
@@ -89,6 +102,17 @@ BUILTIN_MODELS = [
               notes="micro-world LCM distilled from micro-sd"),
     ModelSpec("micro-lcm-lora", "micro:micro-sd", "StableDiffusionPipeline", "lcm", 4, 1.0, role="student",
               loras=(Lora("micro:micro-lcm-lora"),), notes="micro-world LCM-LoRA on micro-sd"),
+    ModelSpec("micro-pcm", "micro:micro-sd", "StableDiffusionPipeline", "tcd-trailing", 4, 1.0, role="student",
+              loras=(Lora("micro:micro-pcm"),), notes="micro-world PCM LoRA on micro-sd (4 phases, adversarial consistency "
+                                                     "loss); TCD trailing (gamma 0) or DDIM trailing at 1/2/4/8 steps"),
+    ModelSpec("micro-tlcm", "micro:micro-sd", "StableDiffusionPipeline", "tcd-trailing", 4, 1.0, role="student",
+              loras=(Lora("micro:micro-tlcm"),), notes="micro-world TLCM: data-free multistep latent consistency, PEFT "
+                                                      "adapter on micro-sd; 2-8 steps"),
+    ModelSpec("micro-turbo", "micro:micro-turbo", "StableDiffusionPipeline", "euler-ancestral-trailing", 2, 0.0, role="student",
+              notes="micro-world ADD student (SDXL-Turbo recipe): 1-4 steps, guidance 0; 2 recommended (its 1-step "
+                    "samples are still blurred after the CPU-sized run)"),
+    ModelSpec("micro-dmd", "micro:micro-sd", "StableDiffusionPipeline", "lcm", 4, 1.0, unet="micro:micro-dmd", role="student",
+              notes="micro-world DMD2 generator (UNet swapped into micro-sd, LCM scheduler): 1-4 steps"),
 ]
 
 

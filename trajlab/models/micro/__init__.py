@@ -1,5 +1,6 @@
 """The digits micro-world: a trained teacher (micro-sd), an LCM student (micro-lcm), an
-LCM-LoRA-style student (micro-lcm-lora), a CLIP-style scorer (micro-clip) and a CNN labeller,
+LCM-LoRA-style student (micro-lcm-lora), PCM / TLCM / Turbo (ADD) / DMD2 students (micro-pcm,
+micro-tlcm, micro-turbo, micro-dmd; see students.py), a CLIP-style scorer (micro-clip) and a CNN labeller,
 all trained on scikit-learn's digits so trajlab's study runs on a CPU with real failure modes.
 
 Weights ship in ``data/micro`` (retrain: ``python -m trajlab.models.micro.train --out data/micro``;
@@ -15,11 +16,11 @@ from .data import PROMPTS
 MICRO_DIR = Path(__file__).resolve().parents[3] / "data" / "micro"
 """<repo>/data/micro (equals Path(trajlab.__file__).resolve().parents[1] / "data" / "micro")."""
 
-NAMES = ("micro-sd", "micro-lcm", "micro-lcm-lora", "micro-clip")
+NAMES = ("micro-sd", "micro-lcm", "micro-lcm-lora", "micro-clip", "micro-pcm", "micro-tlcm", "micro-turbo", "micro-dmd")
 
 
 def micro_paths(root: str | Path | None = None) -> dict[str, Path]:
-    """{name: folder} for micro-sd, micro-lcm, micro-lcm-lora, micro-clip under ``root`` (default MICRO_DIR)."""
+    """{name: folder} for every name in NAMES under ``root`` (default MICRO_DIR)."""
     root = MICRO_DIR if root is None else Path(root)
     return {name: root / name for name in NAMES}
 

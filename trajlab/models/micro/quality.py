@@ -1,12 +1,14 @@
 """Measure the micro-world against its targets and save the numbers.
 
-    python -m trajlab.models.micro.quality [--n 32] [--dir data/micro] [--out data/micro/quality.json]
+    python -m trajlab.models.micro.quality [--n 32] [--dir data/micro] [--out data/micro/quality.json] [--students-only]
 
 Reports: labeller and micro-clip zero-shot accuracy on held-out real digits; the fraction of
 samples whose label (by the labeller) is the prompted digit, for the teacher (DDIM 30 steps at its
 default guidance, and without CFG), the LCM student and the LCM-LoRA student (1, 2, 4, 8 steps);
 and nearest-training-image L2 distances of samples vs held-out digits (pixels in [0, 1], 32x32
-grey), so memorised copies would show up as a distribution near 0.
+grey), so memorised copies would show up as a distribution near 0. The few-step students
+(micro-pcm, micro-tlcm, micro-turbo, micro-dmd) get rows at their step counts with within-prompt
+diversity too (student_quality.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,22 @@ import torch
 
 from . import data as D
 
-TARGETS = {"labeller_accuracy": 0.95, "teacher_prompt_accuracy": 0.90, "lcm_4step_prompt_accuracy": 0.80}
+TARGETS = {"labeller_accuracy": 0.95, "teacher_prompt_accuracy": 0.90, "lcm_4step_prompt_accuracy": 0.80,
+           "micro_pcm_prompt_accuracy": 0.80, "micro_tlcm_prompt_accuracy": 0.80, "micro_turbo_prompt_accuracy": 0.80,
+           "micro_dmd_prompt_accuracy": 0.80}
+"""Targets; the students' are at their registry row's recommended steps / scheduler / guidance."""
+
+
+def students_section(root: Path, labeller, x_train, n: int, seed: int, log, device: str, teacher_info: dict) -> dict:
+    """The student rows (``student_quality.measure_students``) plus the teacher's within-prompt diversity."""
+    from .student_quality import measure_students
+
+    def row(images, digits):
+        r = prompt_accuracy(images, digits, labeller)
+        r["nn_distance"] = summary(nearest_distances(images, x_train))
+        return r
+
+    return measure_students(root, lambda pipe, steps, guidance: sample(pipe, n, steps, guidance, seed), row, log, device, teacher_info=teacher_info)
 
 
 def nearest_distances(samples: torch.Tensor, reference: torch.Tensor) -> np.ndarray:
@@ -123,9 +140,25 @@ def measure(root: Path, n: int = 32, seed: int = 0, lcm_steps=(1, 2, 4, 8), log=
         res["lcm_lora"][f"steps{k}"] = r
         log(f"LCM-LoRA {k} steps guidance {lora_info['guidance']:g}: prompt accuracy {r['accuracy']:.3f}, nn median {r['nn_distance']['median']:.3f}")
     res["lcm_lora_4step_prompt_accuracy"] = res["lcm_lora"].get("steps4", {}).get("accuracy")
-    res["targets_met"] = {k: (res[k] is not None and res[k] >= v) for k, v in TARGETS.items()}
+    res.update(students_section(root, labeller, split["x_train"], n, seed, log, device, info))
+    res["targets_met"] = {k: (res.get(k) is not None and res[k] >= v) for k, v in TARGETS.items()}
     log(f"nearest-training distance, held-out real digits: {res['nn_distance_held_out']}")
     log(f"targets met: {res['targets_met']}")
+    return res
+
+
+def merge_students(root: Path, path: Path, n: int, seed: int, device: str) -> dict:
+    """The JSON at ``path`` with its student rows, teacher diversity, targets and targets_met (re)computed."""
+    from . import load_labeller
+
+    res = json.loads(path.read_text()) if path.exists() else {}
+    if res and (res.get("n_per_prompt"), res.get("seed")) != (n, seed):
+        raise SystemExit(f"--students-only: {path} was measured with n={res.get('n_per_prompt')} seed={res.get('seed')}, got n={n} seed={seed}")
+    info = json.loads((root / "micro-sd" / "trajlab.json").read_text())
+    res.update(students_section(root, load_labeller(root / "labeller"), D.load_split()["x_train"], n, seed, print, device, info))
+    res["targets"] = TARGETS
+    res["targets_met"] = {k: (res.get(k) is not None and res[k] >= v) for k, v in TARGETS.items()}
+    res["students_torch"] = torch.__version__
     return res
 
 
@@ -137,6 +170,8 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--students-only", action="store_true", help="measure only the few-step students (and the teacher's diversity) "
+                   "and merge their rows into the existing JSON, leaving every other number as it is")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(a.threads)
@@ -144,11 +179,17 @@ def main(argv=None) -> None:
 
     root = Path(a.dir) if a.dir else MICRO_DIR
     t0 = time.time()
+    out = Path(a.out) if a.out else root / "quality.json"
+    if a.students_only:
+        res = merge_students(root, out, a.n, a.seed, a.device)
+        res["students_wall_s"] = round(time.time() - t0, 1)
+        out.write_text(json.dumps(res, indent=1))
+        print(f"merged student rows into {out} ({res['students_wall_s']} s)")
+        return
     res = measure(root, a.n, a.seed, device=a.device)
     res["device"] = a.device
     res["wall_s"] = round(time.time() - t0, 1)
     res["torch"] = torch.__version__
-    out = Path(a.out) if a.out else root / "quality.json"
     out.write_text(json.dumps(res, indent=1))
     print(f"wrote {out} ({res['wall_s']} s)")
 

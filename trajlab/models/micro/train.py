@@ -1,12 +1,16 @@
 """Retrain the whole micro-world from fixed seeds on the CPU.
 
-    python -m trajlab.models.micro.train --out data/micro [--quick] [--stages clip,labeller,vae,teacher,lcm,lora]
+    python -m trajlab.models.micro.train --out data/micro [--quick] [--stages clip,labeller,vae,teacher,lcm,lora,pcm,tlcm,turbo,dmd]
 
 Stages run in order; each reads what it needs from ``--out`` (so a later stage can be rerun alone)
-and writes its folder there: labeller/, micro-clip/, vae/, micro-sd/, micro-lcm/, micro-lcm-lora/.
+and writes its folder there: labeller/, micro-clip/, vae/, micro-sd/, micro-lcm/, micro-lcm-lora/, and the
+students distilled from the shipped micro-sd (students.py): micro-pcm/, micro-tlcm/, micro-turbo/, micro-dmd/.
 Losses go to stdout and to ``<out>/train_log.json``. Batches, noise and timesteps are drawn on the
 CPU from fixed seeds whatever ``--device`` is; ``--device cuda`` only moves the models (the shipped
-weights were made that way, on an H200, in 268 s: see ``_last_run`` in train_log.json).
+weights were made that way, on an H200, in 268 s: see ``_last_run`` in train_log.json). The student
+stages (pcm, tlcm, turbo, dmd) always run on the CPU; they were made on a 2-core CPU with one torch
+thread in 587 s (``_students_run``); the whole run is estimated at ~39 min there
+(``_cpu_estimate_make_train_micro``).
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from . import distill as LCM
 from . import labeller as L
 from . import lora as LO
 from . import scorer as S
+from . import students as ST
 from . import teacher as T
 
-STAGES = ("labeller", "clip", "vae", "teacher", "lcm", "lora")
-FULL = {"labeller": 300, "clip": 400, "vae": 600, "teacher": 3000, "lcm": 1000, "lora": 1000, "aug_copies": 6}
-QUICK = {"labeller": 5, "clip": 5, "vae": 5, "teacher": 5, "lcm": 3, "lora": 3, "aug_copies": 1}
+STAGES = ("labeller", "clip", "vae", "teacher", "lcm", "lora", "pcm", "tlcm", "turbo", "dmd")
+FULL = {"labeller": 300, "clip": 400, "vae": 600, "teacher": 3000, "lcm": 1000, "lora": 1000, "aug_copies": 6,
+        "pcm": 400, "tlcm": 400, "turbo": 400, "dmd": 300}
+QUICK = {"labeller": 5, "clip": 5, "vae": 5, "teacher": 5, "lcm": 3, "lora": 3, "aug_copies": 1, "pcm": 3, "tlcm": 3, "turbo": 3, "dmd": 3}
 LCM_W_RANGE = (1.0, 7.0)  # w; pipeline guidance_scale = w + 1 in [2, 8]
 LCM_TIME_COND_DIM = 32
 LORA_RANK = 8
@@ -169,9 +175,30 @@ def run(out: Path, stages=STAGES, quick: bool = False, device: str = "cpu") -> d
         walls["lora"] = time.time() - t0
         _record(out, "lora", losses, walls["lora"], rank=LORA_RANK, baked_guidance=T.DEFAULT_GUIDANCE)
 
+    students = [s for s in ST.STUDENT_STAGES if s in stages]
+    if students:
+        ctx = student_context(out, n["aug_copies"])
+        for name in students:
+            t0 = time.time()
+            losses, extra = ST.STUDENT_STAGES[name](ctx, n[name], _log)
+            walls[name] = time.time() - t0
+            _record(out, name, losses, walls[name], threads=torch.get_num_threads(), device="cpu", **extra)
+
     if "vae" in stages and (out / "micro-sd").exists() and "teacher" not in stages:
         _log("note: vae retrained without teacher; micro-sd still holds the previous vae")
     return walls
+
+
+def student_context(out: Path, aug_copies: int, seed: int = 5) -> dict:
+    """What the student stages share (see ``students``): the shipped micro-sd, its frozen UNet, text bank, real latents."""
+    from diffusers import StableDiffusionPipeline
+
+    sd = StableDiffusionPipeline.from_pretrained(str(out / "micro-sd"), torch_dtype=torch.float32)
+    sd.set_progress_bar_config(disable=True)
+    bank, text_ids, empty = _text_bank(sd.text_encoder, sd.tokenizer)
+    split = D.load_split()
+    z, zy = _latent_bank(sd.vae, split["x_train"], split["y_train"], aug_copies, seed=seed)
+    return {"out": out, "sd": sd, "teacher": sd.unet.requires_grad_(False).eval(), "bank": bank, "text_ids": text_ids, "empty": empty, "z": z, "zy": zy}
 
 
 def main(argv=None) -> None:

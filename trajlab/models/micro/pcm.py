@@ -1,0 +1,150 @@
+"""Phased consistency distillation (PCM, Wang et al. 2024, arXiv 2405.18407) in the micro-world.
+
+The PF-ODE on [0, 999] is split into K phases whose edges are the timesteps TCD/LCM schedulers visit
+at K trailing steps (K = 4: lower edges 0, 259, 499, 759). Within a phase the student is a
+consistency function onto the phase's lower edge s, parameterised as a DDIM jump (PCM's
+parameterisation): f(x_t, t) = sqrt(a_s) x0(eps) + sqrt(1 - a_s) eps, so f(x_s, s) = x_s holds by
+construction (the boundary condition). One training step, as LCD (``distill.lcm_loss``): a data
+latent is noised to t_start on the 50-point DDIM grid; the teacher's CFG-guided epsilon takes one
+DDIM step to t_end = t_start - 20 (never crossing s); the EMA target maps x_{t_end} to s (or is x_{t_end}
+itself when t_end = s); the student maps x_{t_start} to s and matches it under a pseudo-Huber loss.
+PCM's adversarial consistency loss: a small latent discriminator (hinge loss) sees the student's
+edge prediction (fake) against the real latent forward-noised to s (real), both conditioned on s
+and the prompt; its weight ``adv_weight`` may be 0 (then the loss is plain phased LCD, which is also
+what micro-tlcm trains with on teacher-generated latents).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .distill import NUM_DDIM_TIMESTEPS, ddim_grid, x0_from_eps
+from .teacher import NUM_TRAIN_TIMESTEPS, alphas_cumprod, ema_update, one_cycle, text_rows
+
+EDGES = (0, 259, 499, 759)
+"""Lower phase edges (timesteps) of the 4-phase split: TCD/LCM's 4-step trailing timesteps are 999, 759, 499, 259."""
+SKIP = NUM_TRAIN_TIMESTEPS // NUM_DDIM_TIMESTEPS
+
+
+def phase_edge(t: torch.Tensor, edges=EDGES) -> torch.Tensor:
+    """Lower edge s (B,) of the phase holding each timestep t (B,): the largest edge < t (0 for t = 0)."""
+    e = torch.tensor(edges, device=t.device)
+    idx = ((t[:, None] > e[None, :]).sum(1) - 1).clamp(min=0)
+    return e[idx]
+
+
+def ddim_jump(eps: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
+    """DDIM (eta 0) from x at alpha_bar a_t to alpha_bar a_s with epsilon eps (all broadcast to x's shape)."""
+    return a_s.sqrt() * x0_from_eps(eps, x, a_t) + (1 - a_s).sqrt() * eps
+
+
+def guided_eps(teacher, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, w) -> torch.Tensor:
+    """CFG epsilon e_c + w (e_c - e_u) of the frozen teacher (pipeline guidance_scale = w + 1); w float or (B,)."""
+    e = teacher(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([cond, uncond])).sample
+    e_c, e_u = e.chunk(2)
+    w = torch.as_tensor(w, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+    return e_c + w * (e_c - e_u)
+
+
+def phased_consistency_loss(student, teacher, target, z0, cond, uncond, j, w, noise, ab, edges=EDGES, huber_c: float = 0.001):
+    """Phased LCD loss and the student's edge prediction.
+
+    z0: (B, 4, 8, 8) clean latents; cond/uncond: (B, 77, C); j: (B,) indices into the 50-point grid;
+    w: guidance weight (float or (B,)); noise like z0; ab: (1000,) alpha_bar. Returns
+    (loss scalar, pred (B, 4, 8, 8) the student's latent at the lower edge s, s (B,) int64).
+    """
+    if z0.shape != noise.shape:
+        raise ValueError(f"phased_consistency_loss: z0 {tuple(z0.shape)} and noise {tuple(noise.shape)} must match")
+    t_start = ddim_grid().to(j.device)[j]
+    t_end = (t_start - SKIP).clamp(min=0)
+    s = phase_edge(t_start, edges)
+    view = (-1, 1, 1, 1)
+    a_t, a_e, a_s = ab[t_start].view(view), ab[t_end].view(view), ab[s].view(view)
+    x_t = a_t.sqrt() * z0 + (1 - a_t).sqrt() * noise
+    pred = ddim_jump(student(x_t, t_start, encoder_hidden_states=cond).sample, x_t, a_t, a_s)
+    with torch.no_grad():
+        x_e = ddim_jump(guided_eps(teacher, x_t, t_start, cond, uncond, w), x_t, a_t, a_e)
+        tgt = ddim_jump(target(x_e, t_end, encoder_hidden_states=cond).sample, x_e, a_e, a_s)
+        tgt = torch.where((t_end == s).view(view), x_e, tgt)  # boundary: f(x_s, s) = x_s
+    loss = (((pred - tgt) ** 2 + huber_c**2).sqrt() - huber_c).mean()
+    return loss, pred, s
+
+
+class LatentDiscriminator(nn.Module):
+    """Projection discriminator on (B, 4, 8, 8) latents at timestep s, conditioned on pooled text states.
+
+    forward(x, s, cond) -> (B,) logits; cond: (B, 77, C) text states (mean-pooled).
+    """
+
+    def __init__(self, channels: int = 64, cond_dim: int = 32, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(4, channels, 3, padding=1), nn.SiLU(), nn.Conv2d(channels, channels, 3, stride=2, padding=1),
+                                  nn.SiLU(), nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU())
+        self.t_embed = nn.Linear(1, channels)
+        self.c_embed = nn.Linear(cond_dim, channels)
+        self.out = nn.Linear(channels, 1)
+
+    def forward(self, x: torch.Tensor, s: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.body(x).mean((2, 3)) + self.t_embed(s.float()[:, None] / NUM_TRAIN_TIMESTEPS)
+        return self.out(h).squeeze(1) + (h * self.c_embed(cond.mean(1))).sum(1) / h.shape[1] ** 0.5
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))."""
+    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
+def train_phased(student, teacher, latents, labels, text_bank, text_ids, empty_id: int, steps: int, params, *, batch: int = 32, lr: float = 1e-3,
+                 w: float = 3.0, adv_weight: float = 0.1, edges=EDGES, ema_decay: float = 0.95, seed: int = 0, log=None, name: str = "pcm"):
+    """Train ``student`` in place by phased consistency distillation (+ adversarial consistency loss if adv_weight > 0).
+
+    latents: (N, 4, 8, 8) scaled latents (real for PCM, teacher-generated for TLCM); labels (N,);
+    text_bank (T, 77, C) / text_ids / empty_id as in ``teacher.train_teacher``; params: trainable
+    parameters (LoRA factors). w: baked CFG weight of the teacher (guidance_scale = w + 1). CPU only.
+    Returns {"loss": per-step consistency losses, "d_loss": per-step discriminator losses}.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ab = alphas_cumprod()
+    teacher.requires_grad_(False).eval()
+    target = copy.deepcopy(student).requires_grad_(False).eval()
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = one_cycle(opt, lr, steps, 0.05)
+    disc = LatentDiscriminator(seed=seed) if adv_weight > 0 else None
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=2e-4, betas=(0.0, 0.99)) if disc is not None else None
+    student.train()
+    out = {"loss": [], "d_loss": []}
+    for step in range(steps):
+        idx = torch.randint(0, len(latents), (batch,), generator=g)
+        cond = text_bank[text_rows(labels[idx], text_ids, empty_id, g, 0.0)]
+        uncond = text_bank[empty_id].expand_as(cond)
+        j = torch.randint(0, NUM_DDIM_TIMESTEPS, (batch,), generator=g)
+        noise = torch.randn(latents[idx].shape, generator=g)
+        loss, pred, s = phased_consistency_loss(student, teacher, target, latents[idx], cond, uncond, j, w, noise, ab, edges)
+        total = loss
+        if disc is not None:
+            a_s = ab[s].view(-1, 1, 1, 1)
+            real = a_s.sqrt() * latents[idx] + (1 - a_s).sqrt() * torch.randn(pred.shape, generator=g)
+            d_loss = hinge_d_loss(disc(real, s, cond), disc(pred.detach(), s, cond))
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            total = loss + adv_weight * (-disc(pred, s, cond).mean())
+            out["d_loss"].append(d_loss.item())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema_update(target, student, ema_decay)
+        out["loss"].append(loss.item())
+        if log is not None and (step % 100 == 0 or step == steps - 1):
+            extra = f" d_loss {out['d_loss'][-1]:.4f}" if out["d_loss"] else ""
+            log(f"{name} step {step} loss {loss.item():.5f}{extra}")
+    student.eval()
+    return out
