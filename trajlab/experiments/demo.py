@@ -1,12 +1,16 @@
 """``python -m trajlab demo --out DIR``: the micro-world study end to end on the CPU.
 
-Teacher micro-sd (30 DDIM steps) vs micro-lcm at 1/2/4/8 steps and the hybrid hand-off sweep, 10
-digit prompts x 32 seeds (``quick``: 4 x 8), plus the control experiments (guidance sweep of the
-teacher and micro-lcm-lora, with / without a negative prompt) on the first 8 seeds (quick: 2),
-captured into DIR/study.zarr; then every analysis that applies (metrics with micro-clip /
-labeller, commitment, mode coverage, step consistency, CFG curves, negative-prompt sensitivity,
-hybrid, Jacobian contraction and covariance propagation) in the report at DIR/report/index.html. Falls back to the random tiny-sd / tiny-lcm pipelines,
-with a printed note, when the micro-world weights are not there (or with ``tiny=True``).
+Teacher micro-sd (30 DDIM steps; 10 and 20 steps as its own step-count family) vs micro-lcm at 1/2/4/8
+steps and the hybrid hand-off sweep, 10 digit prompts x 16 seeds (``quick``: 4 x 8); the control
+experiments (guidance sweep of the teacher and micro-lcm-lora, with / without a negative prompt, and the
+noise re-injection control: micro-lcm-lora under LCM and TCD gamma 0) on the first 8 seeds (quick: 2); the
+Distilling-Diversity study (every micro student at its recommendation, teacher-first-k hybrids for Turbo,
+DMD and LCM-LoRA) on the first 8 seeds (quick: 4); captured into DIR/study.zarr; then every analysis that
+applies (metrics with micro-clip / labeller / micro-LPIPS, commitment, mode coverage, the verdict engine's
+taxonomy, step consistency, CFG curves, negative-prompt sensitivity, hybrids, the study, Jacobian
+contraction and covariance propagation) in the report at DIR/report/index.html. Falls back to the random
+tiny-sd / tiny-lcm pipelines, with a printed note, when the micro-world weights are not there (or with
+``tiny=True``).
 """
 
 from __future__ import annotations
@@ -179,9 +183,9 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
               ": running the demo on the RANDOM tiny-sd / tiny-lcm pipelines; numbers and images carry no meaning "
               "beyond exercising the pipeline")
     n_prompts = n_prompts or (4 if quick else 10)
-    n_seeds = n_seeds or (8 if quick else 32)
+    n_seeds = n_seeds or (8 if quick else 16)
     prompts, seeds = list(PROMPTS[:n_prompts]), list(range(n_seeds))
-    handoff = (0, teacher_steps // 3, teacher_steps) if quick else (0, 3, 6, 10, 15, 20, teacher_steps)
+    handoff = (0, teacher_steps // 3, teacher_steps) if quick else (0, 3, 10, 20, teacher_steps)
     plans, hplans = demo_plans(teacher, student, prompts, seeds, teacher_steps=teacher_steps, handoff=handoff,
                                hybrid=hybrid)
     cplans = []
@@ -192,7 +196,7 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
             print(f"note: {n}")
     splans, shplans = [], []
     if control and teacher == "micro-sd":
-        splans, shplans, notes = distilling_plans(prompts, seeds[: 4 if quick else 16], exclude=plans, quick=quick)
+        splans, shplans, notes = distilling_plans(prompts, seeds[: 4 if quick else 8], exclude=plans, quick=quick)
         for n in notes:
             print(f"note: {n}")
     hplans += shplans
@@ -204,7 +208,7 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
           + (f"; + {len(cplans) - len(splans)} guidance-sweep / negative-prompt / noise re-injection groups on "
              f"{min(len(seeds), 2 if quick else 8)} seeds" if cplans else "")
           + (f"; + Distilling-Diversity study: {len(splans)} student and {len(shplans)} hybrid groups on "
-             f"{min(len(seeds), 4 if quick else 16)} seeds" if splans or shplans else ""))
+             f"{min(len(seeds), 4 if quick else 8)} seeds" if splans or shplans else ""))
     stages = ["capture"] + (["Jacobian contraction", "covariance propagation"] if mechanistic else []) + \
         ["analyses and report"]
     stage = _stages(stages, t0)
@@ -218,7 +222,7 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
         stage()
         covariance_results(store, analyses, configs=((teacher, teacher_steps), (student, 1), (student, 4)),
                            experiments=("demo", ""), n_prompts=1 if quick else 2, n_probes=4 if quick else 16,
-                           max_points=1 if quick else 2)
+                           max_points=1)
     stage()
     path = report_store(store, out / "report", model=teacher, analyses_dir=analyses)
     print_summary(out / "report", time.perf_counter() - t0)
