@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from .teacher import NUM_TRAIN_TIMESTEPS, alphas_cumprod, ema_update, one_cycle, text_rows
+from .teacher import NUM_TRAIN_TIMESTEPS, alphas_cumprod, ema_step, one_cycle, text_rows
 
 NUM_DDIM_TIMESTEPS = 50
 TIMESTEP_SCALING = 10.0
@@ -92,12 +92,7 @@ def consistency_distill(student, teacher, latents: torch.Tensor, labels: torch.T
         cond = text_bank[rows.to(device)]
         loss = lcm_loss(student, teacher, target, latents[idx].to(device), cond, text_bank[empty_id].expand_as(cond), j.to(device), w.to(device),
                         noise.to(device), ab, w_embedding=w_embedding, huber_c=huber_c)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema_update(target, student, ema_decay)
+        ema_step(loss, opt, sched, params, target, student, ema_decay)
         losses.append(loss.item())
         if log is not None and (step % 100 == 0 or step == steps - 1):
             log(f"{name} step {step} loss {loss.item():.5f}")

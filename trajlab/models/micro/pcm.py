@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .distill import NUM_DDIM_TIMESTEPS, ddim_grid, x0_from_eps
-from .teacher import NUM_TRAIN_TIMESTEPS, alphas_cumprod, ema_update, one_cycle, text_rows
+from .teacher import NUM_TRAIN_TIMESTEPS, alphas_cumprod, ema_step, one_cycle, text_rows
 
 EDGES = (0, 259, 499, 759)
 """Lower phase edges (timesteps) of the 4-phase split: TCD/LCM's 4-step trailing timesteps are 999, 759, 499, 259."""
@@ -136,12 +136,7 @@ def train_phased(student, teacher, latents, labels, text_bank, text_ids, empty_i
             d_opt.step()
             total = loss + adv_weight * (-disc(pred, s, cond).mean())
             out["d_loss"].append(d_loss.item())
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema_update(target, student, ema_decay)
+        ema_step(total, opt, sched, params, target, student, ema_decay)
         out["loss"].append(loss.item())
         if log is not None and (step % 100 == 0 or step == steps - 1):
             extra = f" d_loss {out['d_loss'][-1]:.4f}" if out["d_loss"] else ""

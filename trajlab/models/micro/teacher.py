@@ -97,6 +97,17 @@ def ema_update(target, source, decay: float) -> None:
             pt.lerp_(ps, 1 - decay)
 
 
+def ema_step(loss, opt, sched, params, target, student, ema_decay: float, max_norm: float = 1.0) -> None:
+    """One consistency-distillation update: backward ``loss``, clip ``params``' grad norm to ``max_norm``,
+    optimizer and schedule step, then the EMA target ``target`` <- ``student`` (decay ``ema_decay``)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    sched.step()
+    ema_update(target, student, ema_decay)
+
+
 def train_teacher(unet, latents: torch.Tensor, labels: torch.Tensor, text_bank: torch.Tensor, text_ids: list[list[int]], empty_id: int,
                   steps: int, batch: int = 128, lr: float = 1e-3, p_drop: float = 0.1, ema_decay: float = 0.999, seed: int = 0, log=None, device: str = "cpu"):
     """Epsilon-prediction training; returns (ema_unet, losses).
