@@ -417,7 +417,7 @@ def direction_commitment_theory(ds: xr.Dataset, lam, U, mean) -> xr.Dataset:
     lam, U = lam[order], U[:, order]
     meas = direction_commitment(ds, U.T, mean=mean)
     theory = {"exact_flow": T.commitment_ratio_exact(lam, np.asarray(ds["alpha_bar"].values, np.float64)),
-              # theory hook (issue 9): the group's actual scheduler grid when its attrs name one
+              # the group's actual scheduler grid when its attrs name the scheduler, else the chained nodes
               "K_step_DDIM": T.commitment_ratio_ddim(lam, T.group_grid(ds) if "scheduler_config" in ds.attrs
                                                      else alpha_bar_nodes(ds), form="product")}
     out = meas.assign_coords(lam=("direction", lam))

@@ -287,7 +287,8 @@ def group_mode_coverage(teacher: xr.Dataset, student: xr.Dataset, world=None, *,
                                "Gaussian-world theory; pass store group Datasets with their coords "
                                "(trajlab.analysis.io.open_groups(..., variables=...) keeps them)")
         lam = np.sort(arrays["lam"][0])[::-1]
-        # theory hook (issue 9): the groups' actual scheduler grids when their attrs name them
+        # the groups' actual scheduler grids when both attrs name their schedulers (grids and chained
+        # nodes do not mix), else the chained alpha_bar nodes
         grid = (_theory.group_grid if all("scheduler_config" in g.attrs for g in (student, teacher))
                 else _theory.alpha_bar_nodes)
         th = _theory.variance_ratio_vs_teacher(lam, grid(student), grid(teacher)).values[:n_comp]

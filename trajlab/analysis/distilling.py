@@ -19,11 +19,14 @@ apart from the store taxonomy's).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import xarray as xr
 
 from trajlab.analysis import failure_modes as F
 from trajlab.analysis import sweeps as S
+from trajlab.analysis.mechanistic import experiment_of
 from trajlab.analysis.verdicts import Comparison, PromptStat, decide, evaluate
 
 ACCURACY = ("prompted-digit accuracy (labeller)", "decrease", "difference", 0.05)
@@ -60,15 +63,15 @@ def _correct(ds: xr.Dataset, idx: np.ndarray, text: str, labeller) -> np.ndarray
     return (np.asarray(labels) == digit).astype(float)
 
 
-def _candidate_rows(groups, teacher, cand, pairwise, labeller, seed):
-    """(diversity row, accuracy row or None, accuracies) of one candidate against the teacher."""
+def _candidate_rows(groups, teacher, cand, diversity, labeller, seed):
+    """(diversity row, accuracy row or None, accuracies) of one candidate against the teacher; ``diversity``:
+    (pairwise distance, metric name) as :func:`failure_modes.diversity_distance` gives them."""
+    pairwise, metric = diversity
     pairs = F.matched(groups[teacher], groups[cand])
     seeds = pairs[0][3] if pairs else []
     ref_info, cand_info = F._info(teacher, groups[teacher], pairs, seeds), F._info(cand, groups[cand], pairs, seeds)
-    metric, direction, effect, margin = F.SPECS["diversity_collapse"]
-    comp = Comparison("diversity_collapse", metric, teacher, cand, direction, margin, effect=effect)
-    ref = [PromptStat("pairwise", pairwise(groups[teacher]["image"].isel(sample=p[1]).values)) for p in pairs]
-    cnd = [PromptStat("pairwise", pairwise(groups[cand]["image"].isel(sample=p[2]).values)) for p in pairs]
+    comp = dataclasses.replace(F.comparison("diversity_collapse", teacher, cand), metric=metric)
+    ref, cnd = F._pair_stats("diversity_collapse", groups[teacher], groups[cand], pairs, pairwise=pairwise)
     div = evaluate(comp, ref, cnd, ref_info=ref_info, cand_info=cand_info, seed=seed)
     if labeller is None:
         return div, None, (np.nan, np.nan)
@@ -105,13 +108,6 @@ EXPERIMENT = "distilling_diversity"
 """The experiment tag of the study's groups (data/experiments/distilling_diversity.toml)."""
 
 
-def _tag(ds: xr.Dataset) -> str:
-    from trajlab.store import decode_attr
-
-    extra = decode_attr(ds.attrs.get("extra")) or {}
-    return str(extra.get("experiment", "")) if isinstance(extra, dict) else ""
-
-
 def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: dict | None = None,
                          alpha: float = 0.05, experiment: str | None = EXPERIMENT) -> xr.Dataset:
     """The study over a store's image groups (dims ``row``: one per student or hybrid; ``pair``: per hybrid
@@ -131,15 +127,15 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
                 and not S._off_default_guidance(d)]
     hybrids = sorted((n for n, d in desc.items() if d["role"] == "hybrid"),
                      key=lambda n: (desc[n]["hybrid"]["student"], desc[n]["hybrid"]["handoff_step"]))
-    tagged = {n for n, g in groups.items() if experiment is not None and _tag(g) == experiment}
+    tagged = {n for n, g in groups.items() if experiment is not None and experiment_of(g.attrs) == experiment}
     if tagged:
         students, hybrids = [n for n in students if n in tagged], [n for n in hybrids if n in tagged]
     if teacher is None or not (students or hybrids):
         return xr.Dataset(attrs={"note": "needs a teacher group and a student or hybrid group with images"})
-    pairwise, _, features = F.diversity_distance(desc, data)
+    pairwise, metric, features = F.diversity_distance(desc, data)
     rows, families = [], []
     for i, n in enumerate(students + hybrids):
-        div, acc, (ta, ca) = _candidate_rows(groups, teacher, n, pairwise, labeller, seed=1000 + 7 * i)
+        div, acc, (ta, ca) = _candidate_rows(groups, teacher, n, (pairwise, metric), labeller, seed=1000 + 7 * i)
         h = desc[n]["hybrid"] or {}
         label = f"hybrid {h['teacher']} -> {h['student']}, k = {h['handoff_step']}" if h else desc[n]["label"]
         rows.append({"candidate": n, "label": label, "kind": "hybrid" if h else "student",

@@ -191,7 +191,7 @@ def contraction_theory(world, scheduler, steps: int) -> xr.Dataset | None:
         return None
     lam, _, _ = th.gaussian_eigensystem(world)
     grid = th.ddim_grid(scheduler, steps)
-    a = th.step_factor(lam, grid)  # theory hook (issue 9): the scheduler's actual steps, in its latent coordinates
+    a = th.step_factor(lam, grid)  # the scheduler's actual steps, in its latent coordinates
     return xr.Dataset({"theory_step_factor": (("step", "direction"), np.asarray(a.values)),
                        "theory_whole_fro2": ((), float((np.asarray(a.values).prod(0) ** 2).sum()))},
                       coords={"step": np.arange(a.sizes["step"]), "direction": np.arange(lam.size),

@@ -276,10 +276,11 @@ def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: 
     say("Distilling-Diversity study (matched comparisons, bootstrap)")
     distilling = distilling_diversity(groups, labeller=labeller)
     say("image grids and filmstrips")
-    return {"distilling": distilling, "groups": groups_dataset(desc, store, teacher, notes), "metrics": table, "step_consistency": stepc,
+    return {"groups": groups_dataset(desc, store, teacher, notes), "metrics": table, "step_consistency": stepc,
             "negative_prompt": neg, "cfg": cfg, "hybrid": hyb, "commitment": commitment_dataset(commit, desc, commit_note),
             "coverage": coverage_dataset(coverage, teacher), "taxonomy": taxonomy_dataset(tax), "verdicts": verdicts,
-            "image_grid": image_grids(groups, desc, max_grid), "filmstrip": filmstrips(groups, desc, decode)}
+            "distilling": distilling, "image_grid": image_grids(groups, desc, max_grid),
+            "filmstrip": filmstrips(groups, desc, decode)}
 
 
 # -- results from analyses/*.py -------------------------------------------------------------------

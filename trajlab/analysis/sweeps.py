@@ -407,7 +407,7 @@ def default_scorers(desc: dict[str, dict], lpips: bool = True):
                 notes.append(f"LPIPS not measured: no AlexNet backbone weights in the local torch cache ({exc}); "
                              "a random backbone is never used outside tests. Diversity is pixel RMS "
                              "(pixel_diversity), named as such")
-                if is_micro(desc):  # world_lpips hook (issue 9): the in-world perceptual distance
+                if is_micro(desc):  # the in-world perceptual distance, named as not human-calibrated
                     from trajlab.metrics.world_lpips import DESCRIPTION, load_micro_lpips
 
                     lp = load_micro_lpips()

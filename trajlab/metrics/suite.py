@@ -28,13 +28,13 @@ from trajlab.metrics.detail import high_freq_fraction
 from trajlab.metrics.images import check_image_var, load_images, prompt_samples, prompt_texts
 from trajlab.metrics.lpips_diversity import lpips_pairwise
 from trajlab.metrics.vendi import vendi_from_features
-from trajlab.metrics.world_lpips import micro_lpips_pairwise  # world_lpips hook
+from trajlab.metrics.world_lpips import micro_lpips_pairwise
 
 UNITS = {"lpips_diversity": "LPIPS", "clip_variance": "unit-embedding squared distance",
          "clip_score": "100 cos, clipped at 0", "vendi": "effective number of samples",
          "high_freq_fraction": "fraction of spectral power", "detail_ratio": "ratio",
          "precision": "fraction", "recall": "fraction", "density": "unitless", "coverage": "fraction",
-         "micro_lpips_diversity": "micro-LPIPS (labeller features; not human-calibrated)"}  # world_lpips hook
+         "micro_lpips_diversity": "micro-LPIPS (labeller features; not human-calibrated)"}  # last: the other metrics keep their bootstrap seed keys
 _METRIC_KEYS = {m: i for i, m in enumerate(UNITS)}
 
 
@@ -111,7 +111,7 @@ def metric_suite(ds: xr.Dataset, reference: xr.Dataset | None = None, embedder: 
         if lpips_model is not None:
             if n < 2:
                 raise ValueError(f"prompt {p} has {n} sample(s); lpips_diversity needs >= 2")
-            # -- world_lpips hook (issue 9): a MicroLPIPS in the lpips slot is recorded as micro_lpips_diversity
+            # a MicroLPIPS in the lpips slot is recorded as micro_lpips_diversity
             key = "micro_lpips_diversity" if getattr(lpips_model, "name", "") == "micro_lpips" else "lpips_diversity"
             D = (micro_lpips_pairwise(lpips_model, d["images"]) if key == "micro_lpips_diversity" else
                  lpips_pairwise(lpips_model, d["images"], size=lpips_size, batch_size=batch_size))
