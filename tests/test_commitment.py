@@ -1,6 +1,6 @@
 """Commitment estimators on trajectories whose commitment step is known by construction, the
 re-noise probe against its closed form in the two-class world, and per-direction commitment
-against the Gaussian closed forms (THEORY.md test 7)."""
+against the Gaussian closed forms (docs/theory.md §8, §9; known-answer test 7 of §12)."""
 import numpy as np
 import pytest
 import xarray as xr

@@ -1,4 +1,4 @@
-"""Covariance propagation on exact worlds (THEORY.md known-answer test 5)."""
+"""Covariance propagation on exact worlds (docs/theory.md §6; known-answer test 5 of §12)."""
 
 import math
 import os

@@ -1,6 +1,6 @@
 """Exact worlds: closed-form GMM denoiser, its Jacobian, Tweedie, and the diffusers pipeline wrapper.
 
-THEORY.md known-answer tests 1 and 2, plus pipelines driven by real DDIM / Euler / DPM++ schedulers.
+docs/theory.md §2; known-answer tests 1 and 2 of §12, plus pipelines driven by real DDIM / Euler / DPM++ schedulers.
 """
 
 import math
@@ -40,7 +40,7 @@ def _random_gmm(seed=0, K=3, d=5):
 
 
 def _direct_denoiser(y, sigma, means, covs, w):
-    """THEORY.md formula with explicit inverses (independent of the eigen-decomposition code path)."""
+    """The docs/theory.md §2.1 formula with explicit inverses (independent of the eigen-decomposition code path)."""
     d = y.shape[1]
     I = torch.eye(d, dtype=F64)
     logp, ms = [], []

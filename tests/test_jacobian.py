@@ -1,4 +1,4 @@
-"""Jacobian estimators (THEORY.md known-answer tests 3, 4, 6 and 11's math-backend half)."""
+"""Jacobian estimators (docs/theory.md §5, §7; known-answer tests 3, 4, 6 and 11's math-backend half of §12)."""
 
 import math
 import os
@@ -88,7 +88,7 @@ def test_jvp_methods_agree_and_vmap_matches_loop():
 
 
 def test_denoiser_jvp_equals_closed_form_jacobian():
-    """denoiser_map (EDM input y) through the ExactDenoiser = THEORY.md's dD/dy (nonlinear GMM), fp64 1e-10;
+    """denoiser_map (EDM input y) through the ExactDenoiser = the dD/dy of docs/theory.md §2.2 (nonlinear GMM), fp64 1e-10;
     the estimate of J - J^T (symmetry check) is ~0."""
     pipe = build_exact_world("gmm-10mode")
     t = 600

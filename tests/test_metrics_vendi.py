@@ -1,4 +1,4 @@
-"""Vendi score known answers (THEORY.md test 9)."""
+"""Vendi score known answers (docs/theory.md §11.1; known-answer test 9 of §12)."""
 import numpy as np
 import pytest
 

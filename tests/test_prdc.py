@@ -1,4 +1,4 @@
-"""PRDC: THEORY.md test 10 and brute-force checks of the k-NN ball definitions."""
+"""PRDC: docs/theory.md §11.2 (known-answer test 10 of §12) and brute-force checks of the k-NN ball definitions."""
 import numpy as np
 import pytest
 
@@ -38,7 +38,7 @@ def test_matches_brute_force_definitions():
 
 @pytest.mark.parametrize("n_real,n_fake", [(1000, 1000), (600, 300)])
 def test_identical_distributions_known_answer(n_real, n_fake):
-    # THEORY.md 10: density ~ 1, coverage ~ 1 - prod_{i=1..k} (N-i)/(N+M-i)
+    # docs/theory.md §11.2: density ~ 1, coverage ~ 1 - prod_{i=1..k} (N-i)/(N+M-i)
     rng = np.random.default_rng(1)
     dens, cov = [], []
     for _ in range(4):

@@ -1,4 +1,4 @@
-"""Speciation: THEORY.md test 8 (phi(t_S) = 0.7752; clone experiment with the exact score)."""
+"""Speciation: docs/theory.md §10, known-answer test 8 of §12 (phi(t_S) = 0.7752; clone experiment with the exact score)."""
 from functools import partial
 
 import numpy as np
@@ -75,7 +75,7 @@ def test_ancestral_sampler_reaches_data_distribution():
 
 
 def test_clone_experiment_within_binomial_ci_of_theory():
-    # THEORY.md 8: exact score, DDPM ancestral branches (300 log-spaced steps), clone at sigma_i
+    # docs/theory.md §10.4: exact score, DDPM ancestral branches (300 log-spaced steps), clone at sigma_i
     sig = np.append(np.geomspace(40.0, 1e-3, 300), 0.0)
     clone = [int(np.argmin(np.abs(sig - s))) for s in (1.0, 2.0, 3.5, 5.0, 8.0, 15.0)]
     labeller = nearest_centroid_labeller(means=np.stack([M, -M]))

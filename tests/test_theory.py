@@ -1,4 +1,4 @@
-"""Closed forms of trajlab.analysis.theory on grids from real diffusers schedulers (THEORY.md 4, 7, 8's theory half)."""
+"""Closed forms of trajlab.analysis.theory on grids from real diffusers schedulers (docs/theory.md §12, tests 4, 7, 8's theory half and 12)."""
 
 import copy
 import math

@@ -1,4 +1,4 @@
-"""Commitment time of sampling trajectories (THEORY.md, "Commitment time" estimators 1-4).
+"""Commitment time of sampling trajectories (docs/theory.md §9, estimators 1-4; Gaussian closed forms §8).
 
 Input: a store group Dataset with `x0_pred (sample, step, channel, y, x)` and
 `final_latent (sample, channel, y, x)`, step coords `sigma` (and `timestep`, `alpha_bar`),

@@ -181,7 +181,7 @@ def group_model_fn(pipe, ds: xr.Dataset, samples=None, *, dtype=None):
 
 def contraction_theory(world, scheduler, steps: int) -> xr.Dataset | None:
     """DDIM theory of the per-step and whole-sampler contraction in a single-Gaussian exact world
-    (THEORY.md): theory_step_factor (step, direction) on the scheduler's actual K-step grid
+    (docs/theory.md §4.7, §5.5): theory_step_factor (step, direction) on the scheduler's actual K-step grid
     (`theory.step_factor`: DDIM's a_k for DDIM steps, LCM / ancestral steps as they run),
     theory_whole_fro2 = sum_k prod_i a_k^2 (= ||J_sampler||_F^2), coord lam.
     None for mixtures (no closed form) or world None."""

@@ -1,5 +1,5 @@
 """Speciation: the clone experiment and its theory (Biroli, Bonnaire, de Bortoli, Mezard 2024,
-arXiv 2402.18491; THEORY.md known-answer test 8).
+arXiv 2402.18491; docs/theory.md §10, known-answer test 8 of §12).
 
 Time: OU time t with alpha_bar = exp(-2t); EDM noise level sigma^2 = (1 - ab) / ab, so
 t = 0.5 log(1 + sigma^2). Coordinates: the sampler helpers work in EDM / VE coordinates

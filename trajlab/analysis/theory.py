@@ -1,4 +1,4 @@
-"""Closed forms for exact worlds (THEORY.md), numpy in, xarray out.
+"""Closed forms for exact worlds (docs/theory.md §3-§5, §8, §10), numpy in, xarray out.
 
 Notation: VP x_t = sqrt(ab) x0 + sqrt(1 - ab) eps; sigma^2 = (1 - ab) / ab; data eigenvalues lam_k
 (data units^2, > 0) along eigen-directions k.  phi_k(t) = arctan(sigma_t / sqrt(lam_k)) (radians).
@@ -392,7 +392,7 @@ def commitment_ratio_ddim(lam, grid, form: str = "angle") -> xr.DataArray:
     angle:   rho = cos phi_k(t_i) / prod_{j>=i} cos dphi_{k,j} * c_k,
     product: rho = [sqrt(ab_i) lam / (ab_i lam + 1 - ab_i)] / prod_{j>=i} f_k,j (the steps actually taken:
              `step_factor` in VP on a scheduler_grid Dataset, DDIM a_k on chained nodes),
-    with c_k = cos(phi_k(t_f)) / sqrt(ab_f) for the final node t_f (c = 1 when ab_f = 1, THEORY.md's
+    with c_k = cos(phi_k(t_f)) / sqrt(ab_f) for the final node t_f (c = 1 when ab_f = 1: docs/theory.md §8.2's
     form); the angle form assumes a chained grid.
     """
     a0 = (np.asarray(grid["alpha_bar"], np.float64) if isinstance(grid, xr.Dataset)
@@ -458,7 +458,7 @@ def clone_probability(t, m_norm: float, s: float = 1.0, n_nodes: int = 4001) -> 
     x_t = e^-t x0 + sqrt(1 - e^-2t) z.  Only the projection on m matters: with
     kappa^2 = e^-2t |m|^2 / (e^-2t s^2 + 1 - e^-2t), phi = E_{u ~ N(kappa, 1)}[sig(2 kappa u)^2 +
     sig(-2 kappa u)^2].  At t_S = 0.5 log(Lambda), Lambda = |m|^2 + s^2 the top data eigenvalue,
-    kappa^2 = |m|^2 / (|m|^2 + 2 s^2 - 1); THEORY.md's phi(t_S) = 0.7752 is kappa = 1: exact for
+    kappa^2 = |m|^2 / (|m|^2 + 2 s^2 - 1); docs/theory.md §10.3's phi(t_S) = 0.7752 is kappa = 1: exact for
     s^2 = 1/2 at any |m| (the "gmm-2class" preset), and the |m| -> inf (high-d) limit at fixed s.
     t: OU time (scalar or 1-D); returns dims (t,).
     """

@@ -106,7 +106,7 @@ def prdc(real_features, fake_features, k: int = 5) -> dict:
 
 def expected_coverage_identical(n_real: int, n_fake: int, k: int = 5) -> float:
     """Expected coverage when real and fake come from one distribution:
-    1 - prod_{i=1..k} (N - i) / (N + M - i)  (Naeem et al., THEORY.md test 10)."""
+    1 - prod_{i=1..k} (N - i) / (N + M - i)  (Naeem et al.; derivation in docs/theory.md §11.2)."""
     i = np.arange(1, k + 1)
     return float(1.0 - np.prod((n_real - i) / (n_real + n_fake - i)))
 

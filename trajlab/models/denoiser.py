@@ -326,7 +326,7 @@ def denoiser_map(model: Model, timestep, alpha_bar: float, *, prediction_type: s
     """x0_hat as a function of the noisy input at `timestep` (VP coordinates; x0 by
     `trajlab.models.x0.derive_x0`, the capture's own function).
 
-    space="edm": input y = x_t / sqrt(ab) (dD/dy, THEORY.md's Jacobian); space="vp": input x_t
+    space="edm": input y = x_t / sqrt(ab) (dD/dy, the Jacobian of docs/theory.md §2.2); space="vp": input x_t
     (the model input).  model(model_input, timestep) -> model output.
     """
     ab = float(alpha_bar)

@@ -1,6 +1,6 @@
 """Exact worlds: Gaussian / Gaussian-mixture data with the closed-form denoiser.
 
-Notation (docs/design.md, THEORY.md): VP forward x_t = sqrt(ab) x0 + sqrt(1 - ab) eps; EDM view
+Notation (docs/design.md, docs/theory.md §1): VP forward x_t = sqrt(ab) x0 + sqrt(1 - ab) eps; EDM view
 y = x_t / sqrt(ab), sigma^2 = (1 - ab) / ab, so y = x0 + sigma * eps.  The denoiser
 D(y; sigma) = E[x0 | y] of p = sum_k pi_k N(mu_k, S_k) is exact:
 
@@ -351,7 +351,7 @@ class ExactDenoiser(torch.nn.Module):
 
     def tangent(self, x: torch.Tensor, T: torch.Tensor, timestep):
         """(output, tangent) of this denoiser at x (B, d, 1, 1) along tangents T (m, B, d, 1, 1), in closed
-        form (the GMM denoiser's derivative, THEORY.md); the fast-JVP path (trajlab.autodiff.fast_jvp)
+        form (the GMM denoiser's derivative, docs/theory.md §2.3); the fast-JVP path (trajlab.autodiff.fast_jvp)
         uses it. Outputs in the model's parameterisation (epsilon / v_prediction / sample)."""
         dt = x.dtype
         m, B = T.shape[0], x.shape[0]

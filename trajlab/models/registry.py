@@ -120,7 +120,7 @@ def _exact_specs() -> list[ModelSpec]:
     from trajlab.models.exact_presets import EXACT_WORLDS
 
     return [ModelSpec(f"exact:{k}", f"exact:{k}", "ExactWorldPipeline", "ddim", 30, 1.0, role="exact",
-                      notes="closed-form denoiser world (THEORY.md)") for k in EXACT_WORLDS]
+                      notes="closed-form denoiser world (docs/theory.md §2)") for k in EXACT_WORLDS]
 
 
 def registry() -> dict[str, ModelSpec]:
