@@ -340,8 +340,8 @@ def test_processors_restored_after_exception(tiny_unet):
 
 
 def test_attention_context_is_the_one_switch(tiny_unet):
-    """Outside forward mode: no-op.  Under jvp on CPU (no fused forward-AD rule): impl="math" warns and
-    uses the math backend, impl="fused" the custom-tangent processors; both give the same JVP."""
+    """Outside forward mode: no-op.  Under jvp on CPU (no fused forward-AD rule): warns once and uses the
+    math backend, whose JVP matches the custom-tangent processors of `jvp_attention`."""
     import contextlib
     import warnings
 
@@ -349,28 +349,23 @@ def test_attention_context_is_the_one_switch(tiny_unet):
 
     unet, (x, emb, vx, _) = tiny_unet
     assert isinstance(attention_context(unet), contextlib.nullcontext) and not forward_mode_active()
-    with pytest.raises(ValueError, match="impl"):
-        attention_context(unet, impl="flash")
 
-    def f(impl):
-        def g(a):
-            with attention_context(unet, impl=impl):
-                return unet(a, 500, emb).sample
-        return g
+    def g(a):
+        with attention_context(unet):
+            return unet(a, 500, emb).sample
 
     import trajlab.autodiff.attention as A
 
     A._WARNED_MATH.clear()  # earlier tests in this process may have announced the fallback already
     with pytest.warns(RuntimeWarning, match="MATH") as record:
-        _, t_math = torch.func.jvp(f("math"), (x,), (vx,))
+        _, t_math = torch.func.jvp(g, (x,), (vx,))
     assert "FACTS.md" not in str(record[0].message)  # points at nothing a user lacks
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # announced once per process, not once per call
-        _, t_math2 = torch.func.jvp(f("math"), (x,), (vx,))
+        _, t_math2 = torch.func.jvp(g, (x,), (vx,))
     assert torch.equal(t_math, t_math2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # no math fallback warning on the fused path
-        _, t_fused = torch.func.jvp(f("fused"), (x,), (vx,))
+    with jvp_attention(unet):
+        _, t_fused = torch.func.jvp(lambda a: unet(a, 500, emb).sample, (x,), (vx,))
     assert _rel(t_fused, t_math) < 1e-4
 
 

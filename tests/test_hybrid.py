@@ -7,11 +7,28 @@ import pytest
 
 from trajlab import store
 from trajlab.capture import CapturePlan, capture
-from trajlab.models.hybrid import HybridSpec, SwitchScheduler, capture_hybrid, handoff_grid, hybrid_plan
+from trajlab.experiments.hybrid_plans import hybrid_plan
+from trajlab.models.hybrid import HybridPipeline, HybridSpec, SwitchScheduler, handoff_grid
 
 PROMPTS = ["a cat", "a dog"]
 SEEDS = [0, 1]
 T, S = 6, 3
+
+
+def capture_hybrid(teacher_pipe, student_pipe, plan, path, *, group: str | None = None, progress: bool = False):
+    """Capture one hybrid plan (from `hybrid_plan`) into ``path`` through the plain
+    ``trajlab.capture.capture`` on a `HybridPipeline` of the given parts; returns the CaptureResult.
+
+    lora mechanism: pass the same pipeline (UNet with the LoRA loaded) as teacher and student.
+    Schedulers: built from the parts' current scheduler configs with the spec's scheduler names.
+    (Test helper: `run_plans` loads its parts with `load_hybrid_pipeline` instead.)
+    """
+    h = plan.extra.get("hybrid")
+    if not h:
+        raise ValueError("plan.extra['hybrid'] is missing: build hybrid plans with hybrid_plan()")
+    pipe = HybridPipeline(teacher_pipe, student_pipe, h.get("mechanism", "pipelines"))
+    pipe.configure(h)
+    return capture(pipe, plan, path, group=group or plan.extra.get("group"), progress=progress)
 
 
 def _vals(path, group, var):
@@ -146,7 +163,7 @@ def test_sdxl_hybrid_through_plain_capture_replays(tmp_path):
     """An SDXL hybrid (tiny-sdxl teacher with CFG + added conditioning, tiny-sdxl student with an LCM
     scheduler) loads from its plan record, captures through the plain capture() and replays; the
     pipeline's unet (DenoiserSwitch) is called once per step of both parts."""
-    from trajlab.models.hybrid import HybridPipeline, load_hybrid_pipeline
+    from trajlab.models.hybrid import load_hybrid_pipeline
     from trajlab.models.schedulers import make_scheduler
     from trajlab.models.tiny import tiny_sdxl
 

@@ -81,3 +81,27 @@ def test_files_and_functions_stay_small():
                 if n > 125:
                     big_funcs.append((name, node.name, n))
     assert not big_files and not big_funcs, (big_files, big_funcs)
+
+
+def _function_lines(f, name):
+    for node in ast.walk(ast.parse(f.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            return node.end_lineno - node.lineno + 1
+    raise AssertionError(f"{name} not found in {f}")
+
+
+def test_split_modules_stay_under_their_limits():
+    """fast_jvp.py composes the op rules of autodiff/ops.py (<= 600 lines); metric_suite delegates its
+    setup and aggregation to helpers (<= 120 lines)."""
+    n = len((ROOT / "autodiff" / "fast_jvp.py").read_text().splitlines())
+    assert n <= 600, n
+    n = _function_lines(ROOT / "metrics" / "suite.py", "metric_suite")
+    assert n <= 120, n
+
+
+def test_models_never_import_capture():
+    """models/ never knows it is observed: no trajlab.models module imports trajlab.capture (anywhere in
+    the file, function-level imports included)."""
+    bad = {(name, m) for name, f in _modules() if name.startswith("trajlab.models")
+           for m in _imports(name, f) if m == "trajlab.capture" or m.startswith("trajlab.capture.")}
+    assert not bad, sorted(bad)

@@ -11,8 +11,9 @@ flash-style Triton kernel (CUDA; `trajlab.kernels.flash_jvp`).
 
 The one switch for "network calls under forward-mode AD" is `attention_context(model)`: a no-op
 outside forward mode or where the fused kernel has a forward-AD rule (`fused_sdpa_supports_jvp`),
-else the math SDPA backend (default, what the Jacobian analyses use) or, with impl="fused", the
-fused primal with the custom tangent rule here (`jvp_attention`).
+else the math SDPA backend (what the Jacobian analyses use).  The fused primal with the custom
+tangent rule here is entered explicitly with `jvp_attention(model)` (benchmarks/jvp_cost.py times
+it against the math backend on CUDA); `attention_tangent` also serves `trajlab.autodiff.ops` (CUDA).
 
 Shapes: q (..., M, D), k (..., N, D), v (..., N, Dv), output (..., M, Dv); leading dims are batch
 dims (B, H for diffusers). Tangents have the shapes of their primals (or None = zero).
@@ -311,24 +312,20 @@ def forward_mode_active() -> bool:
     return any(i.key() == TransformType.Jvp for i in (get_interpreter_stack() or ()))
 
 
-def attention_context(model=None, impl: str = "math") -> contextlib.AbstractContextManager:
+def attention_context(model=None) -> contextlib.AbstractContextManager:
     """Context manager for network calls of `model` under forward-mode AD (the one switch).
 
     nullcontext() outside forward-mode AD (`forward_mode_active`: plain calls and VJPs keep the
     fused kernels, whose backward exists), when the model has no attention module, or when a JVP
     through the default SDPA kernel works on the model's device/dtype (`fused_sdpa_supports_jvp`,
-    cached).  Otherwise impl="math" warns and returns `sdpa_kernel(SDPBackend.MATH)` (~4.5x a fused
-    forward; README, 'Performance'); impl="fused" returns `jvp_attention(model)` (fused primal, custom tangent).
+    cached).  Otherwise it warns (once per device/dtype) and returns `sdpa_kernel(SDPBackend.MATH)`
+    (~4.5x a fused forward; README, 'Performance').
     """
-    if impl not in ("math", "fused"):
-        raise ValueError(f"impl must be 'math' or 'fused'; got {impl!r}")
     if not forward_mode_active():
         return contextlib.nullcontext()
     device, dtype = _model_device_dtype(model)
     if not _has_attention(model) or _default_kernel_supports_jvp(device, dtype):
         return contextlib.nullcontext()
-    if impl == "fused":
-        return jvp_attention(model)
     if (device, dtype) not in _WARNED_MATH:  # once per process and device/dtype, not once per group
         _WARNED_MATH.add((device, dtype))
         warnings.warn(

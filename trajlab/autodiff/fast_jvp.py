@@ -5,7 +5,8 @@ pad, residual adds) or one of a few nonlinearities (SiLU, GELU/GEGLU, group/laye
 attention).  Here a UNet call runs on ONE tensor ``Z`` of batch ``(1 + m) B``: rows ``[:B]`` the
 primal, rows ``[B:]`` m tangents (probes folded into the batch).  Linear ops run once over the whole
 stack (one conv / matmul for primal and tangents; the bias is added to the primal rows only).
-Nonlinear ops split the stack and apply exact rules, each one or two fused kernels:
+Nonlinear ops split the stack and apply exact rules, each one or two fused kernels (the rules are in
+`trajlab.autodiff.ops`; this module composes them through the diffusers blocks):
 
   SiLU, GELU      dy = act'(x) dx            (aten silu_backward / gelu_backward: elementwise,
                                               symmetric Jacobian, so the VJP kernel is the JVP)
@@ -32,9 +33,11 @@ Unsupported configurations raise `FastJVPUnsupported` (a `NotImplementedError`);
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
+
+from trajlab.autodiff.ops import (FastJVPUnsupported, Stack, activation, attention, conv, gelu_pair, group_norm,
+                                  layer_norm, linear, tangent_view)
 
 __all__ = [
     "FastJVPUnsupported",
@@ -47,296 +50,97 @@ __all__ = [
     "fast_jvp_of",
 ]
 
-_SCORE_BLOCK = 1 << 24  # score elements per query block on the math path (64 MiB fp32)
-
-
-class FastJVPUnsupported(NotImplementedError):
-    """The fast (stacked) JVP does not handle this model / scheduler; use torch.func.jvp."""
-
-
-# ----------------------------------------------------------------------------------------------
-# leaf rules on the stacked layout Z = [primal (B); tangents (m B)]
-
-
-class _S:
-    """Stack geometry: B primal rows, m tangents."""
-
-    __slots__ = ("B", "m")
-
-    def __init__(self, B: int, m: int):
-        self.B, self.m = B, m
-
-
-def _conv(mod, z, s: _S):
-    if mod.padding_mode != "zeros":
-        raise FastJVPUnsupported(f"Conv2d padding_mode {mod.padding_mode!r}")
-    out = F.conv2d(z, mod.weight, None, mod.stride, mod.padding, mod.dilation, mod.groups)
-    if mod.bias is not None:
-        out[: s.B] += mod.bias.view(1, -1, 1, 1)
-    return out
-
-
-def _linear(mod, z, s: _S):
-    out = F.linear(z, mod.weight)
-    if mod.bias is not None:
-        out[: s.B] += mod.bias
-    return out
-
-
-def _tangent_view(t, s: _S, like):
-    """(m B, ...) -> (m, B, ...)."""
-    return t.view(s.m, s.B, *like.shape[1:])
-
-
-def _silu(z, s: _S):
-    x, t = z[: s.B], z[s.B:]
-    out = torch.empty_like(z)
-    torch.ops.aten.silu.out(x, out=out[: s.B])
-    if s.m == 1:
-        torch.ops.aten.silu_backward.grad_input(t, x, grad_input=out[s.B:])
-    else:
-        torch.ops.aten.silu_backward.grad_input(_tangent_view(t, s, x), x, grad_input=_tangent_view(out[s.B:], s, x))
-    return out
-
-
-def _gelu_pair(x, t, approximate: str, s: _S):
-    """(gelu(x), gelu'(x) t) with x (B, ...), t (m B, ...)."""
-    y = F.gelu(x, approximate=approximate)
-    if s.m == 1:
-        dt = torch.ops.aten.gelu_backward(t, x, approximate=approximate)
-    else:
-        d = torch.ops.aten.gelu_backward(torch.ones_like(x), x, approximate=approximate)
-        dt = (_tangent_view(t, s, x) * d).view_as(t)
-    return y, dt
-
-
-def _act(mod, z, s: _S):
-    if type(mod) is torch.nn.SiLU:
-        return _silu(z, s)
-    if type(mod) is torch.nn.GELU:
-        y, dt = _gelu_pair(z[: s.B], z[s.B:], mod.approximate, s)
-        return torch.cat([y, dt])
-    raise FastJVPUnsupported(f"activation {type(mod).__name__}")
-
-
-def _rep(a, m):
-    return a if m == 1 else a.repeat(m, *([1] * (a.ndim - 1)))
-
-
-def _group_norm(mod, z, s: _S):
-    x, t = z[: s.B], z[s.B:]
-    B, C = x.shape[:2]
-    HxW = x[0, 0].numel()
-    G = mod.num_groups
-    y, mean, rstd = torch.native_group_norm(x, mod.weight, mod.bias, B, C, HxW, G, mod.eps)
-    dt = torch.ops.aten.native_group_norm_backward(t, _rep(x, s.m), _rep(mean, s.m), _rep(rstd, s.m), None,
-                                                   s.m * B, C, HxW, G, [True, False, False])[0]
-    out = torch.empty_like(z)
-    out[: s.B] = y
-    if mod.weight is not None:
-        torch.mul(dt, mod.weight.view(1, -1, *([1] * (x.ndim - 2))), out=out[s.B:])
-    else:
-        out[s.B:] = dt
-    return out
-
-
-def _layer_norm(mod, z, s: _S):
-    x, t = z[: s.B], z[s.B:]
-    shape = list(mod.normalized_shape)
-    y, mean, rstd = torch.native_layer_norm(x, shape, mod.weight, mod.bias, mod.eps)
-    dt = torch.ops.aten.native_layer_norm_backward(t, _rep(x, s.m), shape, _rep(mean, s.m), _rep(rstd, s.m),
-                                                   None, None, [True, False, False])[0]
-    out = torch.empty_like(z)
-    out[: s.B] = y
-    if mod.weight is not None:
-        torch.mul(dt, mod.weight, out=out[s.B:])
-    else:
-        out[s.B:] = dt
-    return out
-
-
-def _softmax_tangent(dS, P, m):
-    """dP = P (dS - sum(P dS)) for dS (m, ...) and P (...)."""
-    if P.dtype in (torch.float16, torch.bfloat16):  # keep the reduction in fp32
-        Pf = P.float()
-        Pd = Pf * dS.float()
-        return (Pd - Pf * Pd.sum(-1, keepdim=True)).to(P.dtype)
-    # one fused kernel per probe: the broadcast (expanded) form is ~3x slower on the CPU
-    return torch.stack([torch._softmax_backward_data(d, P, -1, P.dtype) for d in dS.unbind(0)])
-
-
-def _attention_core(qz, k, v, dk, dv, scale, m):
-    """Primal O (b, h, M, Dv) and tangents dO (m, b, h, M, Dv) by math attention from the stacked
-    queries qz (1+m, b, h, M, D) (dk, dv (m, b, h, N, D) or None for cross-attention).  S and the
-    tangent scores come from one matmul for cross-attention; for self-attention
-    dS = [dq, q] @ [k, dk]^T (features concatenated, no score-sized add).  Query-blocked when the
-    scores get large."""
-    M, N = qz.shape[-2], k.shape[-2]
-    bq = max(1, min(M, _SCORE_BLOCK // max(1, qz.shape[1] * qz.shape[2] * (1 + m) * N)))
-    kt = k.transpose(-1, -2)
-    if dk is not None:
-        kk = torch.cat([kt.expand(m, *kt.shape), dk.transpose(-1, -2)], -2)  # (m, b, h, 2D, N)
-        vv = torch.cat([v, dv.movedim(0, -2).reshape(*v.shape[:-1], m * v.shape[-1])], -1)  # (b, h, N, (1+m)Dv)
-    Os, dOs = [], []
-    for i in range(0, M, bq):
-        qs = qz[..., i:i + bq, :] * scale
-        if dk is None:
-            SS = qs @ kt
-            S, dS = SS[0], SS[1:]
-        else:
-            S = qs[0] @ kt
-            dS = torch.cat([qs[1:], qs[:1].expand(m, *qs.shape[1:])], -1) @ kk
-        P = torch.softmax(S, dim=-1)
-        dP = _softmax_tangent(dS, P, m)
-        if dv is not None:  # P @ [v, dv_1..m] in one matmul
-            Pv = P @ vv
-            O = Pv[..., : v.shape[-1]]
-            dO = dP @ v + Pv[..., v.shape[-1]:].unflatten(-1, (m, v.shape[-1])).movedim(-2, 0)
-        else:
-            O = P @ v
-            dO = dP @ v
-        Os.append(O)
-        dOs.append(dO)
-    if len(Os) == 1:
-        return Os[0], dOs[0]
-    return torch.cat(Os, -2), torch.cat(dOs, -2)
-
-
-def _attention_core_fused(qz, k, v, dk, dv, scale, m):
-    """CUDA: fused SDPA primal, `attention_tangent` (Triton for fp16/bf16) for the tangents."""
-    from trajlab.autodiff.attention import attention_tangent
-
-    q, dq = qz[0], qz[1:]
-    O = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    ex = lambda a: None if a is None else a.reshape(-1, *a.shape[2:])  # noqa: E731
-    rep = lambda a: a.unsqueeze(0).expand(m, *a.shape).reshape(-1, *a.shape[1:])  # noqa: E731
-    dO = attention_tangent(rep(q), rep(k), rep(v), ex(dq), ex(dk), ex(dv), scale=scale)
-    return O, dO.view(m, *O.shape)
-
-
-def _attention(attn, z, eh, s: _S):
-    """diffusers Attention (AttnProcessor2_0 semantics) on stacked hidden states z ((1+m)B, L, C);
-    eh: encoder hidden states (B, Lk, Ck), primal only, or None (self-attention)."""
-    if z.ndim != 3:
-        raise FastJVPUnsupported("4-D attention input")
-    B, m = s.B, s.m
-    q = _linear(attn.to_q, z, s)
-    if eh is None:
-        k, v = _linear(attn.to_k, z, s), _linear(attn.to_v, z, s)
-    else:
-        k, v = F.linear(eh, attn.to_k.weight, attn.to_k.bias), F.linear(eh, attn.to_v.weight, attn.to_v.bias)
-    H = attn.heads
-    hd = k.shape[-1] // H
-    heads = lambda a: a.view(a.shape[0], a.shape[1], H, hd).transpose(1, 2)  # noqa: E731
-    q, k, v = heads(q), heads(k), heads(v)
-    scale = attn.scale
-    qz = q.view(1 + m, B, *q.shape[1:])
-    if eh is None:
-        kp, dk = k[:B], k[B:].view(m, B, *k.shape[1:])
-        vp, dv = v[:B], v[B:].view(m, B, *v.shape[1:])
-    else:
-        kp, vp, dk, dv = k, v, None, None
-    core = _attention_core_fused if q.is_cuda else _attention_core
-    O, dO = core(qz, kp, vp, dk, dv, scale, m)
-    o = torch.cat([O, dO.reshape(m * B, *O.shape[1:])]).transpose(1, 2).reshape(z.shape[0], -1, H * hd)
-    o = _linear(attn.to_out[0], o, s)
-    if attn.residual_connection:
-        o = o + z
-    if attn.rescale_output_factor != 1:
-        o = o / attn.rescale_output_factor
-    return o
-
 
 # ----------------------------------------------------------------------------------------------
 # diffusers blocks
 
 
-def _resnet(r, z, temb, s: _S):
-    h = _act(r.nonlinearity, _group_norm(r.norm1, z, s), s)
-    h = _conv(r.conv1, h, s)
+def _resnet(r, z, temb, s: Stack):
+    h = activation(r.nonlinearity, group_norm(r.norm1, z, s), s)
+    h = conv(r.conv1, h, s)
     if r.time_emb_proj is not None and temb is not None:
         tt = temb if r.skip_time_act else r.nonlinearity(temb)
         h[: s.B] += F.linear(tt, r.time_emb_proj.weight, r.time_emb_proj.bias)[:, :, None, None]
-    h = _act(r.nonlinearity, _group_norm(r.norm2, h, s), s)
-    h = _conv(r.conv2, h, s)
-    x = _conv(r.conv_shortcut, z, s) if r.conv_shortcut is not None else z
+    h = activation(r.nonlinearity, group_norm(r.norm2, h, s), s)
+    h = conv(r.conv2, h, s)
+    x = conv(r.conv_shortcut, z, s) if r.conv_shortcut is not None else z
     out = x + h
     if r.output_scale_factor != 1:
         out = out / r.output_scale_factor
     return out
 
 
-def _feed_forward(ff, z, s: _S):
+def _feed_forward(ff, z, s: Stack):
     from diffusers.models.activations import GEGLU, GELU
 
     for mod in ff.net:
         if isinstance(mod, torch.nn.Dropout):
             continue
         if type(mod) is torch.nn.Linear:
-            z = _linear(mod, z, s)
+            z = linear(mod, z, s)
         elif type(mod) is GEGLU:
-            hg = _linear(mod.proj, z, s)
+            hg = linear(mod.proj, z, s)
             h, g = hg.chunk(2, dim=-1)
-            gy, gt = _gelu_pair(g[: s.B], g[s.B:], "none", s)
+            gy, gt = gelu_pair(g[: s.B], g[s.B:], "none", s)
             hp, ht = h[: s.B], h[s.B:]
             out = torch.empty_like(h)
             torch.mul(hp, gy, out=out[: s.B])
-            tv = lambda a: _tangent_view(a, s, hp)  # noqa: E731
+            tv = lambda a: tangent_view(a, s, hp)  # noqa: E731
             torch.addcmul(tv(ht) * gy, hp, tv(gt), out=tv(out[s.B:]))
             z = out
         elif type(mod) is GELU:
-            hg = _linear(mod.proj, z, s)
-            y, dt = _gelu_pair(hg[: s.B], hg[s.B:], mod.approximate, s)
+            hg = linear(mod.proj, z, s)
+            y, dt = gelu_pair(hg[: s.B], hg[s.B:], mod.approximate, s)
             z = torch.cat([y, dt])
         else:
             raise FastJVPUnsupported(f"feed-forward layer {type(mod).__name__}")
     return z
 
 
-def _transformer_block(blk, h, eh, s: _S):
-    n = _layer_norm(blk.norm1, h, s)
-    h = _attention(blk.attn1, n, eh if blk.only_cross_attention else None, s) + h
+def _transformer_block(blk, h, eh, s: Stack):
+    n = layer_norm(blk.norm1, h, s)
+    h = attention(blk.attn1, n, eh if blk.only_cross_attention else None, s) + h
     if blk.attn2 is not None:
-        n = _layer_norm(blk.norm2, h, s)
-        h = _attention(blk.attn2, n, eh, s) + h
-    n = _layer_norm(blk.norm3, h, s)
+        n = layer_norm(blk.norm2, h, s)
+        h = attention(blk.attn2, n, eh, s) + h
+    n = layer_norm(blk.norm3, h, s)
     return _feed_forward(blk.ff, n, s) + h
 
 
-def _transformer2d(t, z, eh, s: _S):
+def _transformer2d(t, z, eh, s: Stack):
     bz, _, H, W = z.shape
-    h = _group_norm(t.norm, z, s)
+    h = group_norm(t.norm, z, s)
     if not t.use_linear_projection:
-        h = _conv(t.proj_in, h, s)
+        h = conv(t.proj_in, h, s)
         inner = h.shape[1]
         h = h.permute(0, 2, 3, 1).reshape(bz, H * W, inner)
     else:
         inner = h.shape[1]
-        h = _linear(t.proj_in, h.permute(0, 2, 3, 1).reshape(bz, H * W, inner), s)
+        h = linear(t.proj_in, h.permute(0, 2, 3, 1).reshape(bz, H * W, inner), s)
     for blk in t.transformer_blocks:
         h = _transformer_block(blk, h, eh, s)
     if not t.use_linear_projection:
-        h = _conv(t.proj_out, h.reshape(bz, H, W, inner).permute(0, 3, 1, 2).contiguous(), s)
+        h = conv(t.proj_out, h.reshape(bz, H, W, inner).permute(0, 3, 1, 2).contiguous(), s)
     else:
-        h = _linear(t.proj_out, h, s).reshape(bz, H, W, inner).permute(0, 3, 1, 2).contiguous()
+        h = linear(t.proj_out, h, s).reshape(bz, H, W, inner).permute(0, 3, 1, 2).contiguous()
     return h + z
 
 
-def _downsample(d, z, s: _S):
+def _downsample(d, z, s: Stack):
     if d.use_conv and d.padding == 0:
         z = F.pad(z, (0, 1, 0, 1), mode="constant", value=0)
-    return _conv(d.conv, z, s) if type(d.conv) is torch.nn.Conv2d else d.conv(z)  # AvgPool2d is linear
+    return conv(d.conv, z, s) if type(d.conv) is torch.nn.Conv2d else d.conv(z)  # AvgPool2d is linear
 
 
-def _upsample(u, z, s: _S, size=None):
+def _upsample(u, z, s: Stack, size=None):
     z = F.interpolate(z, scale_factor=2.0, mode="nearest") if size is None else F.interpolate(z, size=size,
                                                                                                   mode="nearest")
     if u.use_conv:
-        z = _conv(u.conv if u.name == "conv" else u.Conv2d_0, z, s)
+        z = conv(u.conv if u.name == "conv" else u.Conv2d_0, z, s)
     return z
 
 
-def _down_block(blk, z, temb, eh, s: _S):
+def _down_block(blk, z, temb, eh, s: Stack):
     states = ()
     attns = getattr(blk, "attentions", None)
     for i, r in enumerate(blk.resnets):
@@ -351,14 +155,14 @@ def _down_block(blk, z, temb, eh, s: _S):
     return z, states
 
 
-def _mid_block(blk, z, temb, eh, s: _S):
+def _mid_block(blk, z, temb, eh, s: Stack):
     z = _resnet(blk.resnets[0], z, temb, s)
     for a, r in zip(blk.attentions, blk.resnets[1:]):
         z = _resnet(r, _transformer2d(a, z, eh, s), temb, s)
     return z
 
 
-def _up_block(blk, z, res, temb, eh, s: _S, size):
+def _up_block(blk, z, res, temb, eh, s: Stack, size):
     attns = getattr(blk, "attentions", None)
     for i, r in enumerate(blk.resnets):
         z = torch.cat([z, res[-1]], dim=1)
@@ -498,7 +302,7 @@ def unet_jvp(unet, x, T, timestep, encoder_hidden_states=None, *, timestep_cond=
     if callable(getattr(unet, "tangent", None)):  # the model's own closed-form tangent (exact worlds)
         return unet.tangent(x, T, timestep)
     B, m = x.shape[0], T.shape[0]
-    s = _S(B, m)
+    s = Stack(B, m)
     T = T.to(x.dtype)
     up = 2 ** unet.num_upsamplers
     fwd_size = any(d % up != 0 for d in x.shape[-2:])
@@ -512,7 +316,7 @@ def unet_jvp(unet, x, T, timestep, encoder_hidden_states=None, *, timestep_cond=
     if unet.time_embed_act is not None:
         emb = unet.time_embed_act(emb)
     eh = unet.process_encoder_hidden_states(encoder_hidden_states=eh, added_cond_kwargs=added_cond_kwargs or {})
-    z = _conv(unet.conv_in, torch.cat([x, T.reshape(m * B, *x.shape[1:])]), s)
+    z = conv(unet.conv_in, torch.cat([x, T.reshape(m * B, *x.shape[1:])]), s)
     res = (z,)
     for blk in unet.down_blocks:
         z, st = _down_block(blk, z, emb, eh, s)
@@ -525,8 +329,8 @@ def unet_jvp(unet, x, T, timestep, encoder_hidden_states=None, *, timestep_cond=
         size = res[-1].shape[2:] if (fwd_size and i < len(unet.up_blocks) - 1) else None
         z = _up_block(blk, z, r, emb, eh, s, size)
     if unet.conv_norm_out is not None:
-        z = _act(unet.conv_act, _group_norm(unet.conv_norm_out, z, s), s)
-    z = _conv(unet.conv_out, z, s)
+        z = activation(unet.conv_act, group_norm(unet.conv_norm_out, z, s), s)
+    z = conv(unet.conv_out, z, s)
     return z[:B], z[B:].view(m, B, *z.shape[1:])
 
 

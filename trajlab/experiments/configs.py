@@ -368,7 +368,8 @@ def _hybrid_plans(exp, h, doc, mapped, seeds, n_prompts, device, schedulers):
 def _hybrid_plans_of(exp, h, doc, teacher, student, seeds, n_prompts, device, schedulers):
     """The hand-off sweep of one (teacher, student) pair; the student's steps, guidance and scheduler are its
     registry recommendation unless the table sets them."""
-    from trajlab.models.hybrid import HybridSpec, hybrid_plan
+    from trajlab.experiments.hybrid_plans import hybrid_plan
+    from trajlab.models.hybrid import HybridSpec
     from trajlab.models.registry import get
 
     ts, ss = get(teacher), get(student)

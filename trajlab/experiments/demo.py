@@ -40,7 +40,8 @@ def demo_plans(teacher: str, student: str, prompts, seeds, *, teacher_steps: int
     experiment "demo-family"), the baseline that step inconsistency is measured against."""
     from trajlab.experiments.configs import resolve_mechanism
     from trajlab.experiments.plans import resolve_plan
-    from trajlab.models.hybrid import HybridSpec, hybrid_plan
+    from trajlab.experiments.hybrid_plans import hybrid_plan
+    from trajlab.models.hybrid import HybridSpec
     from trajlab.models.registry import get
 
     plans = [resolve_plan(model=teacher, scheduler="ddim", steps=teacher_steps, guidance=None,

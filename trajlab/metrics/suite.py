@@ -63,12 +63,8 @@ def metric_suite(ds: xr.Dataset, reference: xr.Dataset | None = None, embedder: 
     prompts: prompt texts by prompt index (default: the store's prompt_text).
     device: where LPIPS / spectra run (embedder and lpips_model run on their own device).
     """
-    if isinstance(ds, xr.DataTree):
-        group = group if group is not None else ds.name
-        ds = ds.to_dataset()
-    if isinstance(reference, xr.DataTree):
-        reference_group = reference_group if reference_group is not None else reference.name
-        reference = reference.to_dataset()
+    ds, group = _as_dataset(ds, group)
+    reference, reference_group = _as_dataset(reference, reference_group)
     check_image_var(ds)
     groups = prompt_samples(ds, only_complete)
     if not groups:
@@ -76,20 +72,8 @@ def metric_suite(ds: xr.Dataset, reference: xr.Dataset | None = None, embedder: 
                          f"only_complete={only_complete}; expected some complete samples")
     pids = sorted(groups)
     texts = dict(enumerate(prompts)) if prompts is not None else prompt_texts(ds)
-    ref_groups = None
-    if reference is not None:
-        check_image_var(reference)
-        ref_groups = prompt_samples(reference, only_complete)
-        missing = [p for p in pids if p not in ref_groups]
-        if missing:
-            raise ValueError(f"reference has no samples for prompt_index {missing}; "
-                             f"reference prompts: {sorted(ref_groups)}")
-    prdc_fn = None
-    if reference is not None and embedder is not None:
-        try:
-            from trajlab.metrics.prdc import prdc as prdc_fn
-        except ImportError:
-            warnings.warn("trajlab.metrics.prdc not importable: precision/recall/density/coverage skipped")
+    ref_groups = _reference_groups(reference, pids, only_complete)
+    prdc_fn = _prdc_fn() if reference is not None and embedder is not None else None
 
     values: dict[str, list[float]] = {}
     cis: dict[str, list[tuple[float, float]]] = {}
@@ -147,6 +131,52 @@ def metric_suite(ds: xr.Dataset, reference: xr.Dataset | None = None, embedder: 
     coords = {"prompt": np.asarray(pids, dtype=np.int64)}
     if texts is not None and all(p in texts for p in pids):
         coords["prompt_text"] = ("prompt", np.array([texts[p] for p in pids], dtype=object))
+    data = _metric_variables(values, cis, reps, n_boot, level)
+    attrs = {"group": group if group is not None else str(ds.attrs.get("group", "")),
+             "reference_group": (reference_group if reference_group is not None else
+                                 str(reference.attrs.get("group", "")) if reference is not None else ""),
+             "n_boot": n_boot, "level": level, "seed": seed,
+             "embedder": embedder.name if embedder is not None else "",
+             "lpips": _lpips_description(lpips_model),
+             "lpips_size": -1 if lpips_size is None else lpips_size,
+             "detail_cutoff_cycles_per_pixel": detail_cutoff, "prdc_k": prdc_k,
+             "samples_per_prompt": [int(len(groups[p])) for p in pids]}
+    return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+def _as_dataset(ds, name):
+    """(Dataset, group name): a DataTree node becomes its Dataset, its name the default group name."""
+    if isinstance(ds, xr.DataTree):
+        return ds.to_dataset(), name if name is not None else ds.name
+    return ds, name
+
+
+def _reference_groups(reference, pids, only_complete):
+    """The reference's samples per prompt index (None without a reference); every prompt in pids needed."""
+    if reference is None:
+        return None
+    check_image_var(reference)
+    ref_groups = prompt_samples(reference, only_complete)
+    missing = [p for p in pids if p not in ref_groups]
+    if missing:
+        raise ValueError(f"reference has no samples for prompt_index {missing}; "
+                         f"reference prompts: {sorted(ref_groups)}")
+    return ref_groups
+
+
+def _prdc_fn():
+    """trajlab.metrics.prdc.prdc, or None (with a warning) when it cannot be imported."""
+    try:
+        from trajlab.metrics.prdc import prdc
+    except ImportError:
+        warnings.warn("trajlab.metrics.prdc not importable: precision/recall/density/coverage skipped")
+        return None
+    return prdc
+
+
+def _metric_variables(values, cis, reps, n_boot, level):
+    """The Dataset variables of every recorded metric: per-prompt value and CI, overall mean and its
+    stratified-bootstrap CI."""
     data = {}
     for name, vals in values.items():
         attrs = {"units": UNITS[name]}
@@ -161,14 +191,12 @@ def metric_suite(ds: xr.Dataset, reference: xr.Dataset | None = None, embedder: 
         data[f"{name}_overall"] = ((), float(finite.mean()) if finite.size else np.nan, attrs)
         data[f"{name}_overall_ci_low"] = ((), olo, attrs)
         data[f"{name}_overall_ci_high"] = ((), ohi, attrs)
-    attrs = {"group": group if group is not None else str(ds.attrs.get("group", "")),
-             "reference_group": (reference_group if reference_group is not None else
-                                 str(reference.attrs.get("group", "")) if reference is not None else ""),
-             "n_boot": n_boot, "level": level, "seed": seed,
-             "embedder": embedder.name if embedder is not None else "",
-             "lpips": "" if lpips_model is None else getattr(lpips_model, "description", None) or
-             f"net={getattr(lpips_model, 'pnet_type', '?')} random_backbone={getattr(lpips_model, 'pnet_rand', '?')}",
-             "lpips_size": -1 if lpips_size is None else lpips_size,
-             "detail_cutoff_cycles_per_pixel": detail_cutoff, "prdc_k": prdc_k,
-             "samples_per_prompt": [int(len(groups[p])) for p in pids]}
-    return xr.Dataset(data, coords=coords, attrs=attrs)
+    return data
+
+
+def _lpips_description(lpips_model) -> str:
+    """The attrs["lpips"] text: the model's description, else its backbone settings ("" without one)."""
+    if lpips_model is None:
+        return ""
+    return getattr(lpips_model, "description", None) or \
+        f"net={getattr(lpips_model, 'pnet_type', '?')} random_backbone={getattr(lpips_model, 'pnet_rand', '?')}"

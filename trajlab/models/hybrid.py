@@ -20,7 +20,9 @@ part's UNet), so the plain ``trajlab.capture.capture`` taps see every step and e
 of both parts; x0 is derived from the model output with the shared alpha_bar table (both schedulers
 must share ``alphas_cumprod``). The guided model and the sampling loop are
 ``trajlab.models.denoiser``'s. The hand-off is recorded in the group attrs ``extra.hybrid``
-(:func:`hybrid_plan`); ``load_hybrid_pipeline`` + ``HybridPipeline.configure`` rebuild it from that record.
+(:func:`hybrid_extra`; the capture plan carrying it is built by
+``trajlab.experiments.hybrid_plans.hybrid_plan``: models do not import capture);
+``load_hybrid_pipeline`` + ``HybridPipeline.configure`` rebuild it from that record.
 """
 
 from __future__ import annotations
@@ -354,48 +356,5 @@ def hybrid_extra(spec: HybridSpec, teacher_sched, student_sched) -> dict:
             "n_teacher_steps_run": len(t), "n_student_steps_run": len(s)}
 
 
-def hybrid_plan(spec: HybridSpec, prompts, seeds, *, teacher_sched=None, student_sched=None, **plan_kw):
-    """A CapturePlan for one hybrid group (``plan.extra`` carries ``hybrid`` and ``group``).
-
-    ``teacher_sched``/``student_sched``: schedulers to derive the grids from (default: built
-    from the tiny SD config); the plan's ``steps`` is the number of steps actually run.
-    """
-    from trajlab.capture import CapturePlan
-
-    spec.validate()
-    if teacher_sched is None or student_sched is None:
-        from trajlab.models.schedulers import make_scheduler
-        from trajlab.models.tiny import SD_SCHEDULER
-
-        base = {"_class_name": "DDIMScheduler", **SD_SCHEDULER}
-        teacher_sched = teacher_sched or make_scheduler(spec.teacher_scheduler, base)
-        student_sched = student_sched or make_scheduler(spec.student_scheduler, base)
-    extra = hybrid_extra(spec, teacher_sched, student_sched)
-    n = extra["n_teacher_steps_run"] + extra["n_student_steps_run"]
-    plan = CapturePlan(model=spec.teacher, prompts=list(prompts), seeds=list(seeds), scheduler=spec.teacher_scheduler,
-                       steps=n, guidance=spec.teacher_guidance, **plan_kw)
-    plan.extra["hybrid"] = extra
-    plan.extra["group"] = spec.group_name()
-    return plan
-
-
-def capture_hybrid(teacher_pipe, student_pipe, plan, path, *, group: str | None = None, progress: bool = False):
-    """Capture one hybrid plan (from :func:`hybrid_plan`) into ``path`` through the plain
-    ``trajlab.capture.capture`` on a :class:`HybridPipeline`; returns the CaptureResult.
-
-    lora mechanism: pass the same pipeline (UNet with the LoRA loaded) as teacher and student.
-    Schedulers: built from the parts' current scheduler configs with the spec's scheduler names.
-    """
-    from trajlab.capture import capture
-
-    h = plan.extra.get("hybrid")
-    if not h:
-        raise ValueError("plan.extra['hybrid'] is missing: build hybrid plans with hybrid_plan()")
-    pipe = HybridPipeline(teacher_pipe, student_pipe, h.get("mechanism", "pipelines"))
-    pipe.configure(h)
-    return capture(pipe, plan, path, group=group or plan.extra.get("group"), progress=progress)
-
-
 __all__ = ["DenoiserSwitch", "HybridPipeline", "HybridPipelineOutput", "HybridSpec", "SwitchScheduler", "MECHANISMS",
-           "capture_hybrid", "handoff_grid", "hybrid_extra", "hybrid_plan", "load_hybrid_pipeline",
-           "origin_timesteps"]
+           "handoff_grid", "hybrid_extra", "load_hybrid_pipeline", "origin_timesteps"]
