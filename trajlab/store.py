@@ -40,6 +40,7 @@ import builtins
 import contextlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,38 @@ class GroupExists(StoreError):
 
 class ConfigMismatch(StoreError):
     """An existing group was written with a different run configuration."""
+
+
+def note(message: str) -> None:
+    """One line on stderr about something the store layer repaired (an interrupted allocation)."""
+    print(f"trajlab: note: {message}", file=sys.stderr, flush=True)
+
+
+def check_group_name(name) -> str:
+    """``name`` if it can name a group: one path component (no ``/``, ``\\``, ``..``), not empty, no
+    leading ``.`` or ``__`` (the lock file, zarr's reserved names), no control characters or surrounding
+    spaces. :class:`StoreError` (one line) otherwise."""
+    if not isinstance(name, str):
+        raise StoreError(f"group name {name!r}: expected a string, got {type(name).__name__}")
+    why = None
+    if not name.strip():
+        why = "is empty"
+    elif "/" in name or "\\" in name:
+        why = "contains a path separator"
+    elif ".." in name:
+        why = "contains '..'"
+    elif name.startswith((".", "__")):
+        why = "starts with '.' or '__'"
+    elif name != name.strip():
+        why = "has leading or trailing spaces"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        why = "contains control characters"
+    elif name == "zarr.json":
+        why = "is zarr's metadata file name"
+    if why:
+        raise StoreError(f"group name {name!r} {why}: a group name is one path component (letters, digits, "
+                         "'_', '-', '.', '+', ...)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -157,9 +190,10 @@ def _fs(path):
 
 
 def exists(path: str | os.PathLike) -> bool:
-    """Whether a store (its root ``zarr.json``) exists at ``path`` (local path or URL)."""
+    """Whether a store (its root ``zarr.json``) exists at ``path`` (local path or URL). A directory without
+    ``zarr.json`` (nothing yet, or an allocation killed before its first write) is no store."""
     if is_local(path):
-        return Path(local_path(path)).exists()
+        return (Path(local_path(path)) / "zarr.json").is_file()
     fs, inner = _fs(path)
     return fs.exists(f"{inner}/zarr.json")
 
@@ -211,13 +245,16 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
     """Create group ``name`` with every array pre-allocated (metadata only, no sample data).
 
     ``timesteps``, ``alpha_bar``: (step,); ``seeds``, ``prompt_index``: (sample,); ``prompts``: the
-    prompt strings indexed by ``prompt_index``. Raises :class:`GroupExists` if the group exists.
-    Holds :func:`metadata_lock` while it changes the store's metadata (a no-op on an object store,
-    where the caller must be the store's only allocator).
+    prompt strings indexed by ``prompt_index``. Raises :class:`GroupExists` if the group exists (is
+    listed in the root). Holds :func:`metadata_lock` while it changes the store's metadata (a no-op on an
+    object store, where the caller must be the store's only allocator). Self-repairing: a store root or
+    group an interrupted allocation left behind is completed or rebuilt, with a one-line note on stderr
+    (see "interrupted allocations" below).
     """
     import dask.array as da
     import xarray as xr
 
+    check_group_name(name)
     S, T = layout.n_samples, layout.n_steps
     C, H, W = layout.latent_shape
     timesteps = np.asarray(timesteps)
@@ -267,17 +304,105 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
     )
     ds.attrs["trajlab_schema"] = SCHEMA_VERSION
     ds.attrs["step_variables"] = json.dumps(list(layout.step_variables))
+    leftover_root = is_local(path) and (Path(local_path(path)) / LOCK_FILE).exists() and not exists(path)
     with metadata_lock(path):
-        root = _zarr().open_group(_target(path), mode="a", zarr_format=3, use_consolidated=False)
-        if name in root:
+        root = _root_for_allocation(path, leftover_root)
+        groups = list(root.attrs.get("groups", []))
+        if name in groups:
+            if consolidated_is_stale(path):  # its allocator died between listing it and consolidating
+                _consolidate(path)
+                note(f"{path}: group {name!r} was listed but missing from the consolidated metadata (an "
+                     "interrupted allocation): re-consolidated")
             raise GroupExists(f"group {name!r} already exists in {path}")
+        _drop_unlisted(path, root, groups, name)
         ds.to_zarr(_target(path), group=name, mode="w-", compute=False, zarr_format=3, consolidated=False,
                    encoding=encoding)
-        groups = list(root.attrs.get("groups", []))
-        if name not in groups:
-            groups.append(name)
-        root.attrs.update({"trajlab_schema": SCHEMA_VERSION, "groups": groups})
+        root.attrs.update({"trajlab_schema": SCHEMA_VERSION, "groups": groups + [name]})  # listed: now it exists
         _consolidate(path)
+
+
+# -- interrupted allocations ------------------------------------------------------------------------------
+# An allocation writes, in order: the root zarr.json (created with the trajlab attrs and an empty group list
+# in one atomic write), the group's zarr.json, attrs and arrays (one atomic file or object each), the root's
+# group list, the consolidated metadata. A group exists once it is listed; an allocator killed (or failing:
+# a full disk, a lost connection) anywhere before that leaves an unlisted group, which the next allocation
+# (under the metadata lock, or as the store's only allocator) removes and rebuilds. Killed after listing,
+# the root's consolidated metadata is stale until re-consolidated (``repair_consolidated``, or the next
+# allocation). Every state in between therefore ends, after a re-run, as if nothing had been interrupted.
+_TRAJLAB_NAMES = frozenset(STEP_VARIABLES + REQUIRED_VARIABLES + STEP_COORDS + SAMPLE_COORDS + ("image", "step", "sample"))
+
+
+def _trajlab_shaped(group) -> bool:
+    """A group trajlab may have half-allocated: its attrs say so, or it has no attrs yet and holds only
+    trajlab variable names (the first writes of an allocation)."""
+    attrs = dict(group.attrs)
+    if "trajlab_schema" in attrs:
+        return True
+    return not attrs and set(group.keys()) <= _TRAJLAB_NAMES
+
+
+def _root_for_allocation(path, leftover: bool = False):
+    """The store root, opened unconsolidated for writing: created if absent, completed if half-created.
+    Call under :func:`metadata_lock`."""
+    zarr = _zarr()
+    target = _target(path)
+    if not exists(path):
+        if leftover:
+            note(f"{path}: the store root was half-created (a directory without zarr.json: an interrupted "
+                 "allocation): completing it")
+        return zarr.open_group(target, mode="a", zarr_format=3, use_consolidated=False,
+                               attributes={"trajlab_schema": SCHEMA_VERSION, "groups": []})
+    try:
+        root = zarr.open_group(target, mode="a", zarr_format=3, use_consolidated=False)
+    except Exception as exc:  # an unreadable root zarr.json
+        raise StoreError(f"{path}: the root zarr.json is unreadable ({exc}); not a trajlab store") from None
+    attrs = dict(root.attrs)
+    if "trajlab_schema" not in attrs:
+        if attrs or list(root.array_keys()) or not all(_trajlab_shaped(g) for _, g in _child_groups(root)):
+            raise StoreError(f"{path} is a Zarr group but not a trajlab store (no 'trajlab_schema' attr): "
+                             "choose another store path")
+        note(f"{path}: the store root was half-created (no group list: an interrupted allocation): completing it")
+        root.attrs.update({"trajlab_schema": SCHEMA_VERSION, "groups": []})
+    return root
+
+
+def unlisted_groups(path) -> list[str]:
+    """Groups in the store's tree that its root does not list and that trajlab may have half-allocated
+    (what the next allocation removes)."""
+    if not exists(path):
+        return []
+    root = _zarr().open_group(_target(path), mode="r", zarr_format=3, use_consolidated=False)
+    listed = set(root.attrs.get("groups", []))
+    return sorted(k for k, g in _child_groups(root) if k not in listed and _trajlab_shaped(g))
+
+
+def _child_groups(root) -> list:
+    """(name, group) of a group's child groups; a folder without zarr.json (a write cut short) is none."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return list(root.groups())
+
+
+def _drop_unlisted(path, root, listed: list[str], name: str) -> None:
+    """Remove groups an interrupted allocation left unlisted (they hold no sample: writers write only to
+    listed groups). Call under :func:`metadata_lock`, with ``root`` opened unconsolidated."""
+    for child in unlisted_groups(path):
+        verb = "rebuilding it" if child == name else "removed"
+        note(f"{path}: group {child!r} was half-allocated (an interrupted allocation; never listed): {verb}")
+        del root[child]
+    if name not in listed:  # what zarr does not see: a group folder whose first write was cut short
+        if is_local(path):
+            import shutil
+
+            leftover = Path(local_path(path)) / name
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+        else:
+            fs, inner = _fs(path)
+            if fs.exists(f"{inner}/{name}"):
+                fs.rm(f"{inner}/{name}", recursive=True)
 
 
 def _consolidate(path) -> None:
@@ -294,12 +419,15 @@ def _consolidate(path) -> None:
 
 
 def consolidated_is_stale(path: str | os.PathLike) -> bool:
-    """True when the root's consolidated metadata lacks a group the root attrs list (an allocator that
-    kept a stale consolidated root while listing a new group died before re-consolidating)."""
+    """True when the root's consolidated metadata is missing or lacks a group the root attrs list (an
+    allocator died between listing a new group and re-consolidating)."""
     if not exists(path):
         return False
     root = _zarr().open_group(_target(path), mode="r", zarr_format=3)
-    return any(name not in root for name in root.attrs.get("groups", []))
+    listed = root.attrs.get("groups", [])
+    if listed and root.metadata.consolidated_metadata is None:  # listed, then killed before consolidating
+        return True
+    return any(name not in root for name in listed)
 
 
 def repair_consolidated(path: str | os.PathLike) -> bool:
@@ -309,6 +437,7 @@ def repair_consolidated(path: str | os.PathLike) -> bool:
         if not consolidated_is_stale(path):
             return False
         _consolidate(path)
+        note(f"{path}: the consolidated metadata missed a listed group (an interrupted allocation): re-consolidated")
         return True
 
 
@@ -416,17 +545,40 @@ def check_config(path: str | os.PathLike, name: str, config: dict) -> None:
         raise ConfigMismatch(f"group {name!r} in {path} was captured with a different config (" + "; ".join(diffs) + ")")
 
 
-def validate(path: str | os.PathLike) -> None:
-    """Check a store against the schema; raises :class:`StoreError` naming what is wrong."""
+def validate(path: str | os.PathLike, *, resumable: bool = False) -> None:
+    """Check a store against the schema; raises :class:`StoreError` naming what is wrong.
+
+    ``resumable``: accept what an interrupted allocation leaves and the next capture repairs (no root
+    ``zarr.json`` yet, a root without its group list, a stale consolidated root, unlisted groups): what a
+    capture checks before it resumes into ``path``. A local folder that holds anything else is refused.
+    """
     zarr = _zarr()
     if not exists(path):
+        if resumable:
+            if is_local(path):
+                folder = Path(local_path(path))
+                if folder.exists() and not folder.is_dir():
+                    raise StoreError(f"{path} is a file, not a store directory")
+                other = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE
+                               and not p.name.endswith(".partial")) if folder.is_dir() else []
+                if other:
+                    raise StoreError(f"{path} exists but holds no trajlab store (no zarr.json; it contains "
+                                     f"{', '.join(other[:5])}{', ...' if len(other) > 5 else ''}): choose another path")
+            return
         raise StoreError(f"no store at {path}")
     try:
-        root = zarr.open_group(_target(path), mode="r", zarr_format=3)
+        root = zarr.open_group(_target(path), mode="r", zarr_format=3, use_consolidated=False if resumable else None)
     except Exception as exc:
         raise StoreError(f"{path} is not a Zarr v3 group: {exc}") from None
     version = root.attrs.get("trajlab_schema")
     if version is None:
+        half = (not dict(root.attrs) and not list(root.array_keys())
+                and all(_trajlab_shaped(g) for _, g in _child_groups(root)))
+        if half and resumable:
+            return
+        if half:
+            raise StoreError(f"{path} has no 'trajlab_schema' attr: not a trajlab store, or one half-created by an "
+                             "interrupted allocation (no group list yet): re-running the capture completes it")
         raise StoreError(f"{path} has no 'trajlab_schema' attr: not a trajlab store")
     if version > SCHEMA_VERSION:
         raise StoreError(f"{path} has schema {version}; this trajlab reads up to {SCHEMA_VERSION}: upgrade trajlab")

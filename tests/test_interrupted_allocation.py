@@ -1,0 +1,226 @@
+"""Allocation you can interrupt anywhere: a failure injected at every write of a group allocation (the
+first group of a new store, and a later group) leaves a store that the re-run completes or rebuilds, with a
+one-line note, into the store an uninterrupted run writes, file for file. Then the same through the CLI
+with a model (the writer's allocation killed at its main points), group names checked before any work."""
+
+import errno
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.storage import LocalStore
+
+from trajlab import store
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_store import _allocate  # noqa: E402
+
+
+class Killed(Exception):
+    """Stands for a kill, a full disk or a lost connection at one write of an allocation."""
+
+
+@pytest.fixture
+def fail_at(monkeypatch):
+    """``fail_at(k, how)``: the k-th store write from now fails (1-based): ``"raise"`` before writing,
+    ``"enospc"`` as a full disk does, ``"partial"`` after leaving half a temp file (a kill mid-write)."""
+    original = LocalStore._set
+    state = {"k": None, "n": 0, "how": "raise", "keys": []}
+
+    async def _set(self, key, value, exclusive=False):
+        state["n"] += 1
+        state["keys"].append(key)
+        if state["k"] is not None and state["n"] == state["k"]:
+            state["k"] = None
+            if state["how"] == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            if state["how"] == "partial":
+                target = Path(str(self.root)) / key
+                target.parent.mkdir(parents=True, exist_ok=True)
+                data = value.to_bytes()
+                target.with_suffix(".deadbeef.partial").write_bytes(data[: len(data) // 2])
+            raise Killed(f"write {key}")
+        return await original(self, key, value, exclusive=exclusive)
+
+    monkeypatch.setattr(LocalStore, "_set", _set)
+
+    def arm(k, how="raise"):
+        state.update(k=k, n=0, how=how, keys=[])
+
+    arm.keys = lambda: list(state["keys"])
+    arm.reset = lambda: state.update(k=None, n=0, keys=[])
+    return arm
+
+
+def _files(root: Path) -> dict:
+    """Every file of a store but zarr's atomic-write leftovers (``*.partial``, never read) and the lock."""
+    return {p.relative_to(root): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and not p.name.endswith(".partial") and p.name != store.LOCK_FILE}
+
+
+def assert_same(ref: Path, other: Path):
+    store.validate(other)
+    assert store.group_names(other) == store.group_names(ref)
+    assert not store.consolidated_is_stale(other) and store.unlisted_groups(other) == []
+    a, b = _files(ref), _files(other)
+    assert sorted(map(str, a)) == sorted(map(str, b))
+    assert [str(k) for k in a if a[k] != b[k]] == []
+    for g in store.group_names(ref):
+        x, y = store.open_group(ref, g).load(), store.open_group(other, g).load()
+        assert x.attrs == y.attrs
+        for v in x.variables:
+            np.testing.assert_array_equal(x[v].values, y[v].values, err_msg=v)
+
+
+def _rerun(path, name):
+    """What a re-run does: allocate the group unless it is listed (allocation repairs the rest)."""
+    try:
+        _allocate(path, name=name)
+    except store.GroupExists:
+        pass
+
+
+def _writes_of_one_allocation(tmp_path, fail_at, first: bool) -> list[str]:
+    probe = tmp_path / f"probe{first}.zarr"
+    if not first:
+        _allocate(probe)
+    fail_at.reset()
+    _allocate(probe, name="h")
+    return fail_at.keys()
+
+
+def _points(keys: list[str]) -> list[int]:
+    """Where to fail (1-based write numbers): every write with TRAJLAB_ALL_FAULT_POINTS=1, else the first
+    write of each kind (root zarr.json, group zarr.json, array metadata, coordinate chunk, ...), the
+    middle one and the last four (group attrs, listing, consolidation)."""
+    import os
+    import re
+
+    n = len(keys)
+    if os.environ.get("TRAJLAB_ALL_FAULT_POINTS") == "1":
+        return list(range(1, n + 1))
+    kinds = {}
+    for i, key in enumerate(keys, 1):
+        kinds.setdefault(re.sub(r"^h/[^/]+/", "h/ARRAY/", key), i)
+    return sorted(set(kinds.values()) | {n // 2} | set(range(n - 3, n + 1)))
+
+
+@pytest.fixture
+def references(tmp_path):
+    one, two = tmp_path / "ref1.zarr", tmp_path / "ref2.zarr"
+    _allocate(one, name="h")
+    _allocate(two)
+    _allocate(two, name="h")
+    return one, two
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-group", "later-group"])
+def test_an_allocation_failing_at_any_write_is_completed_by_the_rerun(first, tmp_path, fail_at, references, capsys):
+    keys = _writes_of_one_allocation(tmp_path, fail_at, first)
+    n = len(keys)
+    assert n > 30, n  # root, group, ~13 arrays, coordinate chunks, listing, consolidation
+    ref = references[0 if first else 1]
+    notes = set()
+    for k in _points(keys):
+        path = tmp_path / f"k{k}.zarr"
+        if not first:
+            _allocate(path)
+        fail_at(k, how=("raise", "enospc", "partial")[k % 3])
+        with pytest.raises((Killed, OSError)):
+            _allocate(path, name="h")
+        fail_at.reset()
+        capsys.readouterr()
+        # every reader sees a store, refused or repairable, never a crash
+        store.validate(path, resumable=True)
+        assert "h" not in store.group_names(path) or k >= n - 2  # listed only by the last writes
+        _rerun(path, "h")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) <= 1 and all(e.startswith("trajlab: note: ") for e in err), err
+        notes.update(e.split(": ", 3)[-1] for e in err)
+        assert_same(ref, path)
+    joined = " | ".join(sorted(notes))
+    assert "half-allocated" in joined and "re-consolidated" in joined, joined
+    if first:
+        assert "the store root was half-created" in joined, joined
+
+
+def test_a_rerun_interrupted_again_still_ends_identical(tmp_path, fail_at, references, capsys):
+    path = tmp_path / "twice.zarr"
+    _allocate(path)
+    for k in (20, 5, 40):  # killed three times, at different points, then left to finish
+        fail_at(k)
+        with pytest.raises(Killed):
+            _allocate(path, name="h")
+    fail_at.reset()
+    _rerun(path, "h")
+    assert_same(references[1], path)
+
+
+def test_unlisted_half_group_is_invisible_to_readers_until_rebuilt(tmp_path, fail_at, capsys):
+    """Killed after its arrays but before it is listed: readers see the store without it (info, open, report);
+    the next allocation of any group removes it, and re-allocating it rebuilds it."""
+    path = tmp_path / "s.zarr"
+    _allocate(path)
+    n = len(_writes_of_one_allocation(tmp_path, fail_at, first=False))
+    fail_at(n - 2)  # the listing write
+    with pytest.raises(Killed):
+        _allocate(path, name="h")
+    fail_at.reset()
+    assert store.group_names(path) == ["g"] and store.unlisted_groups(path) == ["h"]
+    store.validate(path)
+    assert list(store.open(path).children) == ["g"]
+    with pytest.raises(store.StoreError, match="not in store"):
+        store.completed(path, "h") if "h" in store.group_names(path) else store.open_group(path, "h")
+    _allocate(path, name="k")
+    assert "group 'h' was half-allocated" in capsys.readouterr().err
+    assert store.unlisted_groups(path) == [] and store.group_names(path) == ["g", "k"]
+
+
+def test_half_created_root_from_an_older_trajlab_is_completed(tmp_path, capsys):
+    """An older allocator created the root with empty attrs first; killed there, the re-run completes it."""
+    path = tmp_path / "old.zarr"
+    zarr.open_group(str(path), mode="w", zarr_format=3)
+    with pytest.raises(store.StoreError, match="not a trajlab store, or one half-created"):
+        store.validate(path)
+    store.validate(path, resumable=True)
+    _allocate(path)
+    assert "store root was half-created" in capsys.readouterr().err
+    ref = tmp_path / "ref.zarr"
+    _allocate(ref)
+    assert_same(ref, path)
+
+
+def test_foreign_folders_and_zarr_groups_are_never_taken_over(tmp_path):
+    data = tmp_path / "mydata"
+    data.mkdir()
+    (data / "notes.txt").write_text("keep me")
+    with pytest.raises(store.StoreError, match="holds no trajlab store .*notes.txt"):
+        store.validate(data, resumable=True)
+    foreign = tmp_path / "foreign.zarr"
+    root = zarr.open_group(str(foreign), mode="w", zarr_format=3)
+    root.attrs["owner"] = "someone"
+    root.create_group("results").create_array("x", shape=(2,), dtype="f4")
+    with pytest.raises(store.StoreError, match="not a trajlab store"):
+        _allocate(foreign)
+    assert sorted(zarr.open_group(str(foreign), mode="r").group_keys()) == ["results"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(store.StoreError, match="is a file"):
+        store.validate(afile, resumable=True)
+
+
+@pytest.mark.parametrize("name", ["", " ", "../escape", "a/b", "a\\b", "..", ".", ".trajlab-lock", "__x", "x\n",
+                                  " lead", "zarr.json", 3])
+def test_group_names_are_one_path_component(name, tmp_path):
+    with pytest.raises(store.StoreError, match="group name"):
+        store.check_group_name(name)
+    with pytest.raises(store.StoreError, match="group name"):
+        _allocate(tmp_path / "s.zarr", name=name)
+    assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "escape").exists()
+
+
+def test_good_group_names_pass():
+    for name in ("g", "tiny-sd__ddim__3steps__cfg7.5__none__abc123", "a+lora", "x.y", "ü"):
+        assert store.check_group_name(name) == name
