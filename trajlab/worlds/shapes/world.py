@@ -287,9 +287,10 @@ _SUB = (np.arange(IMAGE_SIZE * SUPERSAMPLE) + 0.5) / SUPERSAMPLE  # sub-pixel ce
 
 
 def render(scene: dict) -> np.ndarray:
-    """The scene as uint8 (32, 32, 3): anti-aliased shapes (4x4 supersampling), stripes on the pixel grid."""
-    s, n = SUPERSAMPLE, IMAGE_SIZE * SUPERSAMPLE
-    img = np.empty((n, n, 3), np.float32)
+    """The scene as uint8 (32, 32, 3): anti-aliased shapes (coverage from 4x4 sub-samples per pixel),
+    stripes on the pixel grid (a pixel's colour is constant, so it blends by its coverage)."""
+    s, n = SUPERSAMPLE, IMAGE_SIZE
+    img = np.empty((n, n, 3), np.float64)
     img[:] = BACKGROUND
     for o in scene["objects"]:
         if o["colour"] not in RGB:
@@ -298,22 +299,22 @@ def render(scene: dict) -> np.ndarray:
             raise ValueError(f"shapes world: unknown texture {o['texture']!r} (it has {', '.join(TEXTURES)})")
         h = HALF_SIZE[o["size"]]
         cx, cy = float(o["x"]), float(o["y"])
-        x0, x1 = max(0, int((cx - h - 1) * s)), min(n, int((cx + h + 1) * s) + 1)
-        y0, y1 = max(0, int((cy - h - 1) * s)), min(n, int((cy + h + 1) * s) + 1)
+        x0, x1 = max(0, int(cx - h - 1)), min(n, int(cx + h + 1) + 1)  # pixel bounding box
+        y0, y1 = max(0, int(cy - h - 1)), min(n, int(cy + h + 1) + 1)
         if x0 >= x1 or y0 >= y1:
             continue
-        X, Y = _SUB[x0:x1][None, :], _SUB[y0:y1][:, None]
+        X, Y = _SUB[x0 * s:x1 * s][None, :], _SUB[y0 * s:y1 * s][:, None]
         mask = _shape_mask(o["shape"], (X - cx) / h, (Y - cy) / h)
-        rgb = np.asarray(RGB[o["colour"]], np.float32)
+        cover = mask.reshape(y1 - y0, s, x1 - x0, s).mean(axis=(1, 3))[..., None]  # (h, w, 1)
+        rgb = np.asarray(RGB[o["colour"]], np.float64)
         if o["texture"] == "striped":
-            dark = (np.floor(X[0]).astype(np.int64) // STRIPE_WIDTH) % 2 == 1
-            cols = np.where(dark[:, None], rgb * STRIPE_DARK, rgb)  # (w, 3)
+            dark = (np.arange(x0, x1) // STRIPE_WIDTH) % 2 == 1
+            cols = np.where(dark[:, None], rgb * STRIPE_DARK, rgb)[None]  # (1, w, 3)
         else:
-            cols = np.broadcast_to(rgb, (x1 - x0, 3))
+            cols = rgb
         patch = img[y0:y1, x0:x1]
-        patch[mask] = np.broadcast_to(cols[None], patch.shape)[mask]
-    out = img.reshape(IMAGE_SIZE, s, IMAGE_SIZE, s, 3).mean(axis=(1, 3))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+        patch += cover * (cols - patch)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
 def render_batch(scenes: list[dict]) -> np.ndarray:
