@@ -224,3 +224,110 @@ def test_group_names_are_one_path_component(name, tmp_path):
 def test_good_group_names_pass():
     for name in ("g", "tiny-sd__ddim__3steps__cfg7.5__none__abc123", "a+lora", "x.y", "ü"):
         assert store.check_group_name(name) == name
+
+
+# -- through the CLI: the capture writer's allocation interrupted --------------------------------------------
+TINY = ["capture", "--model", "tiny-sd", "--steps", "3", "--height", "32", "--width", "32", "--quiet",
+        "--prompt", "a cat", "--prompt", "a dog", "--seeds", "0:2", "--batch-size", "2", "--group", "g"]
+
+
+@pytest.fixture(scope="module")
+def capture_reference(tmp_path_factory):
+    """The uninterrupted capture of TINY; ``.keys``: the writes of its group allocation, in order."""
+    from trajlab.cli import main
+
+    out = tmp_path_factory.mktemp("capref") / "ref.zarr"
+    keys, original_set, original_allocate = [], LocalStore._set, store.allocate_group
+    on = [False]
+
+    async def _set(self, key, value, exclusive=False):
+        if on[0]:
+            keys.append(key)
+        return await original_set(self, key, value, exclusive=exclusive)
+
+    def allocate_group(*args, **kw):
+        on[0] = True
+        try:
+            return original_allocate(*args, **kw)
+        finally:
+            on[0] = False
+
+    LocalStore._set, store.allocate_group = _set, allocate_group
+    try:
+        assert main([*TINY, "--out", str(out)]) == 0
+    finally:
+        LocalStore._set, store.allocate_group = original_set, original_allocate
+    return type("Ref", (), {"path": out, "keys": keys})
+
+
+def _arm_on_allocation(monkeypatch, fail_at, k, how="raise"):
+    """Fail the k-th write counted from the start of the writer's group allocation."""
+    original = store.allocate_group
+
+    def allocate_group(*args, **kw):
+        fail_at(k, how)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(store, "allocate_group", allocate_group)
+    return lambda: monkeypatch.setattr(store, "allocate_group", original)
+
+
+@pytest.mark.parametrize("where,k", [("root", 1), ("arrays", 12), ("listing", -3), ("consolidation", -1)])
+def test_capture_killed_while_allocating_resumes_to_the_uninterrupted_store(where, k, tmp_path, fail_at, monkeypatch,
+                                                                            capture_reference, capsys):
+    from test_sharding import assert_same_store
+
+    from trajlab.cli import main
+
+    keys = capture_reference.keys
+    k = k if k > 0 else len(keys) + 1 + k
+    if where == "listing":
+        assert keys[k - 1:] == ["zarr.json"] * 3 and keys[k - 2] != "zarr.json"  # listing, then consolidation
+    out = tmp_path / "s.zarr"
+    restore = _arm_on_allocation(monkeypatch, fail_at, k, how="enospc" if where == "arrays" else "raise")
+    with pytest.raises(RuntimeError, match="writer failed"):
+        main([*TINY, "--out", str(out)])
+    restore()
+    fail_at.reset()
+    capsys.readouterr()
+    assert main(["info", str(out)]) in (0, 2)  # a clean line either way, never a traceback
+    capsys.readouterr()
+    assert main([*TINY, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "captured 4 samples (0 already complete)" in captured.out or where == "consolidation", captured
+    notes = [line for line in captured.err.splitlines() if line.startswith("trajlab: note:")]
+    assert len(notes) == 1, captured.err
+    assert_same_store(capture_reference.path, out)
+
+
+def test_capture_of_a_later_group_killed_before_listing_is_rebuilt(tmp_path, fail_at, monkeypatch, capture_reference,
+                                                                   capsys):
+    from test_sharding import assert_same_store
+
+    from trajlab.cli import main
+
+    out = tmp_path / "s.zarr"
+    assert main([*TINY[:-2], "--group", "first", "--out", str(out)]) == 0
+    n = len(capture_reference.keys) - 1  # a later group: no root creation
+    restore = _arm_on_allocation(monkeypatch, fail_at, n - 2)  # the group is written, not yet listed
+    with pytest.raises(RuntimeError, match="writer failed"):
+        main([*TINY, "--out", str(out)])
+    restore()
+    fail_at.reset()
+    assert store.group_names(out) == ["first"] and store.unlisted_groups(out) == ["g"]
+    capsys.readouterr()
+    assert main([*TINY, "--out", str(out)]) == 0
+    assert "group 'g' was half-allocated (an interrupted allocation; never listed): rebuilding it" in capsys.readouterr().err
+    assert store.group_names(out) == ["first", "g"]
+    assert_same_store(capture_reference.path, out)
+
+
+def test_bad_group_name_is_refused_before_any_work(tmp_path, capsys):
+    from trajlab.cli import main
+
+    for name in ("../escape", "a/b", "", ".."):
+        out = tmp_path / "s.zarr"
+        assert main([*TINY[:-2], "--group", name, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "group name" in err, err
+        assert not out.exists() and not (tmp_path / "escape").exists()

@@ -110,6 +110,13 @@ def cmd_capture(args) -> int:
         out = args.out
     if not out:
         raise CliError("capture needs --out STORE")
+    if args.group is not None:
+        from trajlab.store import StoreError, check_group_name
+
+        try:
+            check_group_name(args.group)
+        except StoreError as exc:
+            raise CliError(f"--group: {exc}") from None
     shard = _shard_arg(args.shard)
     P.preflight(plans, out)
     _quiet_libraries()
@@ -395,13 +402,14 @@ def _quiet_libraries() -> None:
 
 def main(argv=None) -> int:
     from trajlab.experiments.plans import InputError
+    from trajlab.store import StoreError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parse(argv)
     try:
         set_threads(getattr(args, "threads", None))
         return args.func(args)
-    except (CliError, InputError) as exc:
+    except (CliError, InputError, StoreError) as exc:
         print(f"trajlab: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -102,7 +102,7 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
     :mod:`trajlab.capture.shard`). Either way the store ends bitwise identical to a one-process capture.
     """
     plan.validate()
-    group = group or plan.group_name()
+    group = store.check_group_name(group or plan.group_name())
     coord = _shard.coordinator(path, shard)
     config = json.loads(json.dumps(plan.config(), default=str))
     images = plan.images and getattr(pipe, "vae", None) is not None

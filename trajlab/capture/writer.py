@@ -80,6 +80,8 @@ class StoreWriter:
     def _raise(self) -> None:
         if self.error is not None:
             err, self.error = self.error, None
+            if isinstance(err, store.StoreError):  # a refused group (config, name): the user's one line
+                raise err
             raise RuntimeError(f"trajlab capture writer failed: {err!r}") from err
 
     # -- consumer side -------------------------------------------------------------------------

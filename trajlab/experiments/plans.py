@@ -165,16 +165,36 @@ def plans_from_config(path) -> tuple[list, dict]:
 
 # -- checks before any load -----------------------------------------------------------------------
 def check_writable(out: str) -> None:
-    p = Path(out)
-    parent = p if p.exists() else p.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    """Refuse an output that cannot be written, before any work: a file, a path under a file, a folder
+    where a test file cannot be created (permissions, a read-only filesystem). Remote URLs are left to
+    the store layer; ``file://`` URLs are checked as paths."""
+    from trajlab import store
+
+    if not isinstance(out, (str, os.PathLike)) or not str(out).strip():
+        raise InputError(f"--out {out!r}: expected a path")
+    if not store.is_local(out):
+        return
+    p = Path(store.local_path(out))
     if p.exists() and not p.is_dir():
         raise InputError(f"--out {out}: exists and is not a store directory")
+    parent = p
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     if not parent.is_dir():
         raise InputError(f"--out {out}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK):
+    if not os.access(parent, os.W_OK | os.X_OK) or not _can_create_in(parent):
         raise InputError(f"--out {out}: {parent} is not writable")
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (permission bits do not bind root; a read-only mount does)."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".trajlab-write-test-"):
+            return True
+    except OSError:
+        return False
 
 
 def plan_group(plan) -> str:
@@ -191,9 +211,9 @@ def preflight(plans, out: str) -> None:
 
     check_writable(out)
     existing = []
-    if Path(out).exists():
-        try:
-            store.validate(out)
+    if store.is_local(out) and Path(store.local_path(out)).exists():
+        try:  # what an interrupted allocation left is fine: the capture completes or rebuilds it
+            store.validate(out, resumable=True)
         except store.StoreError as exc:
             raise InputError(f"--out {out}: not a valid trajlab store ({exc})") from None
         existing = store.group_names(out)
@@ -208,6 +228,10 @@ def preflight(plans, out: str) -> None:
         except (PlanError, ModelNotAvailable) as exc:
             raise InputError(str(exc)) from None
         group = plan_group(plan)
+        try:
+            store.check_group_name(group)
+        except store.StoreError as exc:
+            raise InputError(f"--group: {exc}") from None
         if group in seen:
             raise InputError(f"two runs of the config map to the same group {group!r}")
         seen.add(group)
