@@ -529,20 +529,44 @@ def group_attrs(path: str | os.PathLike, name: str) -> dict:
     return dict(_group(path, name, mode="r").attrs)
 
 
+CONFIG_KEYS_ADDED_LATER = ("batch_size",)
+"""Keys of a group's ``config`` that older trajlab versions did not store: not compared when absent."""
+
+
+def _flat_config(config: dict) -> dict:
+    """A config as compared: ``extra`` spread into ``extra.KEY`` entries, without ``extra.group`` (the
+    group's own name is no part of what it holds)."""
+    out = {k: v for k, v in config.items() if k != "extra"}
+    extra = config.get("extra") or {}
+    if isinstance(extra, dict):
+        out.update({f"extra.{k}": v for k, v in extra.items() if k != "group"})
+    else:
+        out["extra"] = extra
+    return out
+
+
+def config_differences(stored: dict, config: dict) -> list[str]:
+    """``"KEY: store has A, asked B"`` for every key where two group configs differ (see :func:`check_config`)."""
+    stored = _flat_config(json.loads(json.dumps(stored, sort_keys=True, default=str)))
+    config = _flat_config(json.loads(json.dumps(config, sort_keys=True, default=str)))
+    return [f"{k}: store has {stored.get(k)!r}, asked {config.get(k)!r}"
+            for k in sorted(set(stored) | set(config))
+            if stored.get(k) != config.get(k) and not (k in CONFIG_KEYS_ADDED_LATER and k not in stored)]
+
+
 def check_config(path: str | os.PathLike, name: str, config: dict) -> None:
     """Refuse to reuse group ``name`` if its stored run config differs from ``config``.
 
-    The message names every field that differs with both values.
+    One line naming every field that differs with both values (``extra`` entries as ``extra.KEY``;
+    ``extra.group`` never counts; a key in :data:`CONFIG_KEYS_ADDED_LATER` counts only if stored).
     """
     stored = group_attrs(path, name).get("config")
     if stored is None:
         raise ConfigMismatch(f"group {name!r} in {path} has no stored config; it was not written by trajlab capture")
-    stored = json.loads(stored)
-    config = json.loads(json.dumps(config, sort_keys=True, default=str))
-    diffs = [f"{k}: store has {stored.get(k)!r}, asked {config.get(k)!r}"
-             for k in sorted(set(stored) | set(config)) if stored.get(k) != config.get(k)]
+    diffs = config_differences(json.loads(stored), config)
     if diffs:
-        raise ConfigMismatch(f"group {name!r} in {path} was captured with a different config (" + "; ".join(diffs) + ")")
+        raise ConfigMismatch(f"group {name!r} in {path} was captured with a different config (" + "; ".join(diffs)
+                             + "): run with the same settings, or write another group (--group NAME)")
 
 
 def validate(path: str | os.PathLike, *, resumable: bool = False) -> None:

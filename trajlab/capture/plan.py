@@ -84,11 +84,18 @@ class CapturePlan:
         return len(self.prompts) * len(self.seeds)
 
     def config(self) -> dict:
-        """The fields that define the group's content (resume refuses a group whose config differs)."""
+        """The fields that define the group's content (and name: see :meth:`group_name`)."""
         d = asdict(self)
         for k in ("device", "batch_size"):
             d.pop(k)
         return d
+
+    def group_config(self) -> dict:
+        """What a group is checked against before a run resumes or joins it (stored as its ``config``
+        attr): :meth:`config` and ``batch_size``, which fixes the blocks that shards and resumes split the
+        samples into (and, through batched reductions, the bits of each sample). Not the device: shards
+        may run anywhere. The group name is not part of it (``extra["group"]`` is ignored in the check)."""
+        return {**self.config(), "batch_size": self.batch_size}
 
     def group_name(self) -> str:
         """Readable group name: model, scheduler, steps, guidance, negative prompt (+ hash of the rest)."""

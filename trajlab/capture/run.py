@@ -35,6 +35,19 @@ class CaptureResult:
     store_bytes: int
     shard: str | None = None
     """``"I/N"`` for a sharded capture (samples_written / samples_skipped then count this shard's only)."""
+    n_samples: int = 0
+    n_complete: int = 0
+    """Samples of the whole group, and how many are complete once this process is done (all shards')."""
+    missing_shards: tuple[str, ...] = ()
+    """For a sharded capture: the shards (``"I/N"``) that own a block still incomplete."""
+
+    def completeness(self) -> str:
+        """One line: whether the group is complete, and if not which shards still have blocks to do."""
+        if self.n_complete >= self.n_samples:
+            return f"group {self.group}: complete ({self.n_complete}/{self.n_samples} samples)"
+        todo = f"; incomplete blocks belong to shard(s) {', '.join(self.missing_shards)} (still running, or to run)" \
+            if self.missing_shards else ""
+        return f"group {self.group}: INCOMPLETE, {self.n_complete}/{self.n_samples} samples complete{todo}"
 
 
 def _versions() -> dict:
@@ -104,7 +117,7 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
     plan.validate()
     group = store.check_group_name(group or plan.group_name())
     coord = _shard.coordinator(path, shard)
-    config = json.loads(json.dumps(plan.config(), default=str))
+    config = json.loads(json.dumps(plan.group_config(), default=str))
     images = plan.images and getattr(pipe, "vae", None) is not None
     if images != plan.images:
         plan.images = images
@@ -155,7 +168,8 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_todo, unit="sample", desc=group[:40] + coord.label, dynamic_ncols=True)
-    writer = StoreWriter(path, group, allocate, on_batch_written=bar.update if bar else None)
+    writer = StoreWriter(path, group, allocate, on_batch_written=bar.update if bar else None,
+                         check=None if exists else lambda: store.check_config(path, group, config))
     first_put = True
     try:
         for start in todo:
@@ -184,8 +198,13 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
             bar.close()
     coord.end_group(new_group=not exists, any_put=not first_put)
     size = store.store_bytes(path, group)
+    now = store.completed(path, group) if group in store.group_names(path) else np.zeros(plan.n_samples, dtype=bool)
+    count = coord.shard.count
+    missing = sorted({b % count for b, s in enumerate(range(0, plan.n_samples, plan.batch_size))
+                      if not now[s: s + plan.batch_size].all()}) if count > 1 else []
     return CaptureResult(group, n_todo, n_mine - n_todo, time.perf_counter() - t0, size,
-                         shard=str(coord.shard) if coord.shard.count > 1 else None)
+                         shard=str(coord.shard) if count > 1 else None, n_samples=plan.n_samples,
+                         n_complete=int(now.sum()), missing_shards=tuple(f"{i}/{count}" for i in missing))
 
 
 def capture_dataset(pipe, plan: CapturePlan):

@@ -52,12 +52,13 @@ class StoreWriter:
     not exist yet (its shapes and step grid come from the first batch); it may also obtain the group
     from another process (sharded captures). ``allocated`` is set once the group exists for this writer
     (or the writer failed). ``on_batch_written(size)`` is called after each batch is committed (for
-    progress bars).
+    progress bars). ``check()`` is called instead of ``allocate`` when the group turns out to exist at the
+    first write (another process allocated it meanwhile): it refuses a group of another configuration.
     """
 
     def __init__(self, path, group: str, allocate: Callable | None, maxsize: int = 256,
-                 on_batch_written: Callable[[int], None] | None = None):
-        self.path, self.group, self.allocate = path, group, allocate
+                 on_batch_written: Callable[[int], None] | None = None, check: Callable | None = None):
+        self.path, self.group, self.allocate, self.check = path, group, allocate, check
         self.on_batch_written = on_batch_written
         self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self.error: BaseException | None = None
@@ -116,6 +117,8 @@ class StoreWriter:
                 if self.allocate is None:
                     raise RuntimeError(f"group {self.group!r} does not exist and no allocator was given")
                 self.allocate(records, end)
+            elif self.check is not None:  # another process allocated it since the run began: same config or refuse
+                self.check()
             self.allocated.set()
             stored = store.step_grid(self.path, self.group)  # also when another process allocated it
             if len(stored) != len(grid) or not np.allclose(stored, grid):

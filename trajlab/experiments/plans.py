@@ -237,7 +237,7 @@ def preflight(plans, out: str) -> None:
         seen.add(group)
         if group in existing:
             try:
-                store.check_config(out, group, plan.config())
+                store.check_config(out, group, plan.group_config())
             except store.ConfigMismatch as exc:
                 raise InputError(str(exc)) from None
 
@@ -306,9 +306,12 @@ def run_plans(plans, out: str, progress: bool = True, cache: PipelineCache | Non
         results.append(capture(pipe, plan, out, group=plan.extra.get("group"), progress=progress, shard=shard))
     written = sum(r.samples_written for r in results)
     skipped = sum(r.samples_skipped for r in results)
-    size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+    size = store.store_bytes(out)
     print(f"captured {written} samples ({skipped} already complete) in {len(plans)} group(s) into {out}: "
           f"{size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
+    for r in results:  # a shard says whether its group is complete (the others may still be running)
+        if r.shard is not None and (shard is not None or r.shard.startswith("0/")):
+            print(r.completeness())
     store.validate(out)
     return results
 
