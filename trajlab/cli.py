@@ -75,8 +75,16 @@ def _shard_arg(text):
 
 
 def set_threads(n: int | None) -> int:
-    """Intra-op threads for torch (and BLAS/OpenMP through the environment, read when torch loads)."""
-    n = int(n or os.environ.get("TRAJLAB_THREADS") or DEFAULT_THREADS)
+    """Intra-op threads for torch (and BLAS/OpenMP through the environment, read when torch loads).
+    ``--threads 0`` (or a bad ``TRAJLAB_THREADS``) is refused, never silently the default."""
+    if n is None:
+        env = os.environ.get("TRAJLAB_THREADS", "").strip()
+        try:
+            n = int(env) if env else DEFAULT_THREADS
+        except ValueError:
+            raise CliError(f"TRAJLAB_THREADS={env!r}: expected an integer >= 1") from None
+        if n < 1:
+            raise CliError(f"TRAJLAB_THREADS={env!r}: expected an integer >= 1")
     if n < 1:
         raise CliError(f"--threads {n}: must be >= 1")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -90,11 +98,13 @@ def set_threads(n: int | None) -> int:
 def cmd_capture(args) -> int:
     from trajlab.experiments import plans as P
 
+    if args.batch_size is not None and args.batch_size < 1:  # never silently the default
+        raise CliError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.config:
         plans, opts = P.plans_from_config(args.config)
         out = args.out or opts.get("out")
         for plan in plans:
-            plan.batch_size = args.batch_size or plan.batch_size
+            plan.batch_size = plan.batch_size if args.batch_size is None else args.batch_size
             plan.device = args.device or plan.device
     else:
         if not args.model:
@@ -197,12 +207,21 @@ def cmd_report(args) -> int:
         address = check_address(args.scheduler) if args.scheduler is not None else None
     except ClusterError as exc:
         raise CliError(f"--scheduler: {exc}") from None
+    if args.n_boot < 1:
+        raise CliError(f"--n-boot {args.n_boot}: expected >= 1 bootstrap replicates")
     try:
         store.validate(args.store)
+        rows = store.summary(args.store)
     except store.StoreError as exc:
         raise CliError(f"{args.store}: {exc}") from None
+    if not any(r["complete"] for r in rows):
+        raise CliError(f"{args.store}: no complete samples in {len(rows)} group(s): nothing to report "
+                       "(capture first, or resume the capture)")
     if args.analyses and not Path(args.analyses).is_dir():
         raise CliError(f"--analyses {args.analyses}: no such directory")
+    from trajlab.experiments.plans import check_writable
+
+    check_writable(args.out)  # a file, or a read-only place: refused before any analysis
     _quiet_libraries()
     from trajlab.experiments.reporting import report_store
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -12,6 +14,11 @@ import numpy as np
 
 class PlanError(ValueError):
     """A capture plan is invalid; raised before any model loads."""
+
+
+SEED_LIMIT = 2**63
+"""Seeds are stored as int64 and seed torch generators: 0 <= seed < 2**63."""
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?|mps")
 
 
 @dataclass
@@ -39,29 +46,54 @@ class CapturePlan:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Every field typed and in range (one line each, no torch import): what a TOML file, a flag or a
+        caller may get wrong is refused here, before any model loads."""
         from trajlab.models.loading import DTYPES
         from trajlab.models.schedulers import check_scheduler_name
 
+        def is_int(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise PlanError(f"model={self.model!r}: expected a model name")
+        if not isinstance(self.prompts, (list, tuple)):
+            raise PlanError(f"prompts={self.prompts!r}: expected a list of strings, got {type(self.prompts).__name__}")
         if not self.prompts:
             raise PlanError("prompts is empty: give at least one --prompt or a --prompts file with lines")
         if any(not isinstance(p, str) for p in self.prompts):
             raise PlanError(f"prompts must be strings; got {[type(p).__name__ for p in self.prompts]}")
+        if not isinstance(self.seeds, (list, tuple)) or not all(is_int(s) for s in self.seeds):
+            raise PlanError(f"seeds={self.seeds!r}: expected a list of integers")
         if not self.seeds:
             raise PlanError("seeds is empty: give e.g. --seeds 0:32")
+        bad = [s for s in self.seeds if not 0 <= s < SEED_LIMIT]
+        if bad:
+            raise PlanError(f"seed {bad[0]} is out of range: seeds must be in [0, 2**63)")
         if len(set(self.seeds)) != len(self.seeds):
             raise PlanError(f"seeds contain duplicates: {self.seeds}")
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if not is_int(self.steps) or self.steps < 1:
             raise PlanError(f"steps={self.steps!r}: must be an integer >= 1")
-        if self.guidance is None or self.guidance < 0:
-            raise PlanError(f"guidance={self.guidance!r}: must be >= 0")
-        if self.batch_size < 1:
-            raise PlanError(f"batch_size={self.batch_size}: must be >= 1")
+        if (not isinstance(self.guidance, numbers.Real) or isinstance(self.guidance, bool)
+                or not math.isfinite(self.guidance) or self.guidance < 0):
+            raise PlanError(f"guidance={self.guidance!r}: must be a finite number >= 0")
+        if not is_int(self.batch_size) or self.batch_size < 1:
+            raise PlanError(f"batch_size={self.batch_size!r}: must be an integer >= 1")
         if self.dtype not in DTYPES:
             raise PlanError(f"dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
         for side in ("height", "width"):
             v = getattr(self, side)
-            if v is not None and (v < 8 or v % 8):
-                raise PlanError(f"{side}={v}: must be a positive multiple of 8")
+            if v is not None and (not is_int(v) or v < 8 or v % 8):
+                raise PlanError(f"{side}={v!r}: must be a positive multiple of 8")
+        if not isinstance(self.images, bool):
+            raise PlanError(f"images={self.images!r}: expected true or false")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise PlanError(f"negative_prompt={self.negative_prompt!r}: expected a string")
+        if not isinstance(self.loras, (list, tuple)) or not all(isinstance(x, str) and x for x in self.loras):
+            raise PlanError(f"loras={self.loras!r}: expected a list of LoRA ids or paths")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise PlanError(f"device={self.device!r}: expected cpu, cuda, cuda:N or mps")
+        if not isinstance(self.scheduler, str):
+            raise PlanError(f"scheduler={self.scheduler!r}: expected a scheduler name")
         try:
             check_scheduler_name(self.scheduler)
         except ValueError as exc:
@@ -74,6 +106,10 @@ class CapturePlan:
         from trajlab.models.registry import get
 
         spec = get(self.model)
+        if spec is not None and spec.pipeline == "LatentConsistencyModelPipeline" and self.negative_prompt:
+            raise PlanError(f"model {self.model!r} is a LatentConsistencyModelPipeline, which takes no negative prompt "
+                            "(LCM pipelines guide through a w-embedding and ignore negative prompts by construction); "
+                            "drop --negative-prompt")
         if spec is not None and spec.pipeline == "LatentConsistencyModelPipeline" and self.scheduler.startswith("tcd"):
             raise PlanError(f"scheduler={self.scheduler!r} with model {self.model!r} (a LatentConsistencyModelPipeline): "
                             "that pipeline passes eta=None, which TCDScheduler rejects; use scheduler 'lcm', or a "

@@ -30,11 +30,30 @@ class InputError(ValueError):
 
 
 # -- seeds and prompts --------------------------------------------------------------------------
+SEED_LIMIT = 2**63
+"""Seeds are stored as int64 and seed torch generators: 0 <= seed < 2**63."""
+MAX_SEEDS = 10_000_000
+"""More seeds than this in one selection is a typo (``0:10000000000``), refused before any memory is used."""
+
+
+def _check_seed(seed: int, text) -> int:
+    if not 0 <= seed < SEED_LIMIT:
+        raise InputError(f"--seeds {text!r}: seed {seed} is out of range; seeds must be in [0, 2**63)")
+    return seed
+
+
 def parse_seeds(text) -> list[int]:
-    """``"0:32"`` (half-open range), ``"0,3,7"``, ``"5"``, or a list of ints -> list of seeds."""
+    """``"0:32"`` (half-open range), ``"0,3,7"``, ``"5"``, or a list of ints -> list of seeds.
+
+    Each seed must be in [0, 2**63) (int64, a torch generator seed); at most :data:`MAX_SEEDS`."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, list)):
+        raise InputError(f"--seeds {text!r}: expected START:STOP, a comma list, an integer or a list of them, "
+                         f"got {type_name(text)}")
     if isinstance(text, int):
-        return [text]
+        return [_check_seed(text, text)]
     if isinstance(text, list):
+        if not text:
+            raise InputError("--seeds []: selects no seeds")
         return [s for part in text for s in parse_seeds(part)]
     seeds: list[int] = []
     for part in str(text).split(","):
@@ -42,14 +61,34 @@ def parse_seeds(text) -> list[int]:
         try:
             if ":" in part:
                 a, b = part.split(":")
-                seeds.extend(range(int(a), int(b)))
+                a, b = int(a), int(b)
+                _check_seed(a, text), _check_seed(max(b - 1, a), text)
+                if b - a > MAX_SEEDS:
+                    raise InputError(f"--seeds {text!r}: {b - a} seeds; at most {MAX_SEEDS} in one selection")
+                seeds.extend(range(a, b))
             elif part:
-                seeds.append(int(part))
-        except ValueError:
+                seeds.append(_check_seed(int(part), text))
+        except ValueError as exc:
+            if isinstance(exc, InputError):
+                raise
             raise InputError(f"--seeds {text!r}: expected START:STOP, a comma list or an integer") from None
     if not seeds:
         raise InputError(f"--seeds {text!r} selects no seeds")
     return seeds
+
+
+def read_text(path, flag: str) -> str:
+    """A file's text as UTF-8; one clear line when it is not (or cannot be read)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InputError(f"{flag} {path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InputError(f"{flag} {path}: not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}); save it as "
+                         "UTF-8") from None
 
 
 def read_prompts(path) -> list[str]:
@@ -59,15 +98,17 @@ def read_prompts(path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"--prompts {path}: no such file")
+    text = read_text(p, "--prompts")
     if p.suffix == ".toml":
         try:
-            entries = tomllib.loads(p.read_text()).get("prompt", [])
+            entries = tomllib.loads(text).get("prompt", [])
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"--prompts {path}: malformed TOML: {exc}") from None
-        if not all(isinstance(e, dict) and isinstance(e.get("text"), str) for e in entries):
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("text"), str)
+                                                    for e in entries):
             raise InputError(f"--prompts {path}: every [[prompt]] needs a text string")
         return [e["text"] for e in entries]
-    return [line.strip() for line in p.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
 def listify(v) -> list:
@@ -93,6 +134,102 @@ def resolve_plan(**kw):
     return CapturePlan(**kw)
 
 
+# -- typed values ------------------------------------------------------------------------------------
+def type_name(v) -> str:
+    """How a value's type reads in a message ("a string", "a list", ...)."""
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a table"}.get(type(v), type(v).__name__)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_int(v) -> bool:
+    return _is_int(v) and v >= 1
+
+
+def _guidance(v) -> bool:
+    import math
+
+    return _is_number(v) and math.isfinite(v) and v >= 0
+
+
+def _text(v) -> bool:
+    return isinstance(v, str)
+
+
+def _name(v) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _seeds(v) -> bool:
+    return isinstance(v, str) or _is_int(v) or (isinstance(v, list) and all(isinstance(x, str) or _is_int(x) for x in v))
+
+
+def _str_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+CELL_TYPES: dict[str, tuple[Callable[[object], bool], str, tuple[type, ...]]] = {
+    "model": (_name, "a model name", (str,)),
+    "scheduler": (_name, "a scheduler name", (str,)),
+    "steps": (_positive_int, "an integer >= 1", (int,)),
+    "guidance": (_guidance, "a finite number >= 0", (int, float)),
+    "negative_prompt": (_text, "a string", (str,)),
+    "prompts": (_str_list, 'a list of strings (prompts = ["a cat", "a dog"])', (list,)),
+    "prompts_file": (_name, "a file path", (str,)),
+    "seeds": (_seeds, 'START:STOP, a comma list, an integer or a list of integers (seeds = "0:8")', (str, int, list)),
+    "loras": (lambda v: _name(v) or _str_list(v), "a LoRA id or path, or a list of them", (str, list)),
+    "height": (_positive_int, "a positive integer (pixels, a multiple of 8)", (int,)),
+    "width": (_positive_int, "a positive integer (pixels, a multiple of 8)", (int,)),
+    "dtype": (_name, "one of fp32, fp16, bf16, fp64", (str,)),
+    "device": (_name, "cpu, cuda, cuda:N or mps", (str,)),
+    "images": (lambda v: isinstance(v, bool), "true or false", (bool,)),
+    "batch_size": (_positive_int, "an integer >= 1", (int,)),
+    "group": (_text, "a group name", (str,)),
+    "out": (_name, "a store path", (str,)),
+}
+"""What each grid-cell key takes: (check, what to say, the types it may have). None (unset) is always
+fine; GRID_KEYS may also take a non-empty list of such values (one plan each)."""
+
+
+def _what_is_wrong(key: str, value) -> str:
+    _, what, types = CELL_TYPES[key]
+    wrong_type = isinstance(value, bool) and bool not in types or not isinstance(value, types)
+    return f"expected {what}" + (f", got {type_name(value)}" if wrong_type else "")
+
+
+def check_cell_types(cell: dict, where: str = "") -> None:
+    """Refuse a cell value of the wrong type or range in one line naming key, value and what is expected
+    (e.g. ``guidance = "4"``, ``prompts = "a cat"``, ``images = "no"``, ``batch_size = 0``, ``guidance = nan``)."""
+    prefix = f"{where}: " if where else ""
+    for key, (ok, what, _) in CELL_TYPES.items():
+        value = cell.get(key)
+        if value is None:
+            continue
+        if key in GRID_KEYS and isinstance(value, list):
+            if not value:
+                raise InputError(f"{prefix}{key}=[]: expected {what} or a non-empty list of them")
+            bad = [v for v in value if not ok(v)]
+            if bad:
+                raise InputError(f"{prefix}{key}={value!r}: {bad[0]!r}: {_what_is_wrong(key, bad[0])}")
+            continue
+        if not ok(value):
+            raise InputError(f"{prefix}{key}={value!r}: {_what_is_wrong(key, value)}")
+    if cell.get("group") is not None:
+        from trajlab import store
+
+        try:
+            store.check_group_name(cell["group"])
+        except store.StoreError as exc:
+            raise InputError(f"{prefix}{exc}") from None
+
+
 def check_cell_keys(cell: dict, where: str) -> None:
     unknown = set(cell) - set(GRID_KEYS) - set(SCALAR_KEYS)
     if unknown:
@@ -101,13 +238,15 @@ def check_cell_keys(cell: dict, where: str) -> None:
 
 def expand_cell(cell: dict, *, prompts: list[str], seeds: list[int], mapped: Callable[[str], str] = str,
                 device: str | None = None, skip: Callable[[str, str | None], str | None] | None = None,
-                notes: list[str] | None = None) -> list:
+                notes: list[str] | None = None, where: str = "") -> list:
     """The one grid expander: every combination of the cell's GRID_KEYS values -> a CapturePlan.
 
     prompts/seeds: already resolved (see :func:`cell_prompts`); mapped: model-name substitution;
     device: overrides the cell's; skip(model, negative_prompt) -> a note (appended to ``notes``)
-    when that combination cannot run, None to keep it.
+    when that combination cannot run, None to keep it. Every value is type-checked first
+    (:func:`check_cell_types`; ``where`` prefixes its messages).
     """
+    check_cell_types(cell, where)
     plans = []
     for model, sched, steps, guidance, neg in itertools.product(*[listify(cell.get(k)) for k in GRID_KEYS]):
         model = mapped(model)
@@ -122,11 +261,16 @@ def expand_cell(cell: dict, *, prompts: list[str], seeds: list[int], mapped: Cal
                             dtype=cell.get("dtype", PLAN_DEFAULTS["dtype"]),
                             device=device or cell.get("device") or PLAN_DEFAULTS["device"],
                             images=cell.get("images", PLAN_DEFAULTS["images"]),
-                            batch_size=cell.get("batch_size") or PLAN_DEFAULTS["batch_size"])
+                            batch_size=_default(cell.get("batch_size"), PLAN_DEFAULTS["batch_size"]))
         if cell.get("group") and cell["group"] != plan.group_name():  # its own derived name is no change
             plan.extra["group"] = cell["group"]
         plans.append(plan)
     return plans
+
+
+def _default(value, default):
+    """``value`` unless unset (None): a given 0 is refused by the plan, never silently the default."""
+    return default if value is None else value
 
 
 def cell_prompts(cell: dict, base: Path | None = None, read=read_prompts) -> list[str]:
@@ -149,17 +293,25 @@ def plans_from_config(path) -> tuple[list, dict]:
     if not p.is_file():
         raise InputError(f"--config {path}: no such file")
     try:
-        doc = tomllib.loads(p.read_text())
+        doc = tomllib.loads(read_text(p, "--config"))
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"--config {path}: malformed TOML: {exc}") from None
     runs = doc.pop("run", None) or [{}]
+    if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+        raise InputError(f"--config {path}: run = {runs!r}: expected [[run]] tables")
     plans = []
+    where = f"--config {path}"
     for r in runs:
         cell = {**doc, **r}
-        check_cell_keys(cell, f"--config {path}")
+        check_cell_keys(cell, where)
         if "model" not in cell:
-            raise InputError(f"--config {path}: every run needs a 'model'")
-        plans += expand_cell(cell, prompts=cell_prompts(cell), seeds=parse_seeds(cell.get("seeds", "0:4")))
+            raise InputError(f"{where}: every run needs a 'model'")
+        check_cell_types(cell, where)
+        try:
+            seeds = parse_seeds(cell.get("seeds", PLAN_DEFAULTS["seeds"]))
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        plans += expand_cell(cell, prompts=cell_prompts(cell), seeds=seeds, where=where)
     return plans, {"out": doc.get("out")}
 
 
@@ -176,7 +328,7 @@ def check_writable(out: str) -> None:
         return
     p = Path(store.local_path(out))
     if p.exists() and not p.is_dir():
-        raise InputError(f"--out {out}: exists and is not a store directory")
+        raise InputError(f"--out {out}: is a file, not a directory")
     parent = p
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -195,6 +347,30 @@ def _can_create_in(folder: Path) -> bool:
             return True
     except OSError:
         return False
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine cannot run, before any model loads: an unknown name, ``cuda`` without
+    CUDA (or ``cuda:N`` past the last GPU), ``mps`` without MPS. ``cpu`` costs nothing; the others import
+    torch (a second), never a model."""
+    from trajlab.capture.plan import DEVICE_PATTERN
+
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        raise InputError(f"device {device!r}: expected cpu, cuda, cuda:N or mps")
+    if device == "cpu":
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InputError(f"--device {device}: CUDA is not available here ({why}); use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise InputError("--device mps: MPS is not available here; use --device cpu")
 
 
 def plan_group(plan) -> str:
@@ -218,6 +394,8 @@ def preflight(plans, out: str) -> None:
             raise InputError(f"--out {out}: not a valid trajlab store ({exc})") from None
         existing = store.group_names(out)
     seen = set()
+    for device in sorted({plan.device for plan in plans}, key=str):
+        check_device(device)
     for plan in plans:
         try:
             plan.validate()
