@@ -247,6 +247,12 @@ def test_unknown_attribute_is_one_clear_line():
         J.leftout_histograms("a shape", _exact_readings()[:5], attributes=["weight"])
 
 
+def test_missing_judge_is_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        J.load_judge(tmp_path)
+    assert "\n" not in str(e.value) and "python -m trajlab.worlds.shapes.judge" in str(e.value)
+
+
 judge_weights = J.DEFAULT_DIR / J.WEIGHTS_FILE
 
 
@@ -270,5 +276,14 @@ def test_shipped_judge_meets_095_on_fresh_heldout_scenes():
                 hits[a].append(k < len(r["objects"]) and r["objects"][k][a] == o[a])
     acc = {k: float(np.mean(v)) for k, v in hits.items()}
     assert min(acc.values()) >= 0.95, acc
+    # the whole pipeline: one-object scenes from the prior, read back, are "a shape" within sampling noise
+    single = [r for s, r in zip(scenes, reads) if len(s["objects"]) == 1]
+    for attr, row in J.leftout_histograms("a shape", single)[0].items():
+        assert row["tv"] <= 3 * row["noise_floor"], (attr, row)
+    x = J.to_input(S.render_batch(scenes[:8]))  # float input in [-1, 1] reads the same
+    def key(rs):
+        return [(r["count"], r["axis"], r["objects"]) for r in rs]
+
+    assert key(judge.read(x)) == key(reads[:8])
     with pytest.raises(ValueError, match="no attribute 'material'"):
         judge.read_attribute(S.render_batch(scenes[:2]), "material")
