@@ -117,6 +117,8 @@ CASES = [
     ("report-out-file", ("report", ["--out", "{afile}"]), ["afile: is a file, not a directory"]),
     ("report-out-unwritable", ("report", ["--out", "/proc/trajlab-report"]), ["not writable"]),
     ("report-no-complete", ("report", ["STORE:{empty_store}"]), ["no complete samples"]),
+    ("info-a-group", ("info", ["{empty_store}/g"]), ["is one group of a trajlab store", "empty.zarr"]),
+    ("report-a-group", ("report", ["STORE:{empty_store}/g"]), ["is one group of a trajlab store"]),
 ]
 
 
@@ -158,6 +160,8 @@ def _argv(case, files, tmp_path, monkeypatch):
         cfg = tmp_path / "grid.toml"
         cfg.write_text(body)
         return ["capture", "--config", str(cfg), "--out", out, "--quiet"], out
+    if kind == "info":
+        return ["info", *[a.format(**files) for a in body]], None
     if kind == "report":
         args = [a.format(**files) for a in body]
         target = files["empty_store"]

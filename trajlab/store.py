@@ -595,6 +595,10 @@ def validate(path: str | os.PathLike, *, resumable: bool = False) -> None:
     except Exception as exc:
         raise StoreError(f"{path} is not a Zarr v3 group: {exc}") from None
     version = root.attrs.get("trajlab_schema")
+    if version is not None and "groups" not in root.attrs and "latent" in root:
+        parent = os.fspath(path).rstrip("/").rsplit("/", 1)
+        raise StoreError(f"{path} is one group of a trajlab store, not a store: give the store "
+                         f"({parent[0] if len(parent) == 2 else '..'}) and pick the group there")
     if version is None:
         half = (not dict(root.attrs) and not list(root.array_keys())
                 and all(_trajlab_shaped(g) for _, g in _child_groups(root)))
