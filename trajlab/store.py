@@ -32,6 +32,16 @@ list, consolidation) are serialised by :func:`metadata_lock`, an ``flock`` that 
 filesystem. On an object store there is no lock: there, exactly one process allocates groups (the
 capture layer lets only shard 0 / rank 0 allocate; the others :func:`wait_for_group`), and two
 independent commands must not allocate groups in one object store at the same time.
+
+What is guaranteed when a process dies (a kill, a full disk, a lost connection) anywhere in an
+allocation: a group exists once the root lists it; until then the store reads as if the allocation had
+not begun (``validate``, ``open``, ``group_names``), and the next allocation (a re-run of the capture)
+removes what was left and rebuilds it, with one ``trajlab: note:`` line on stderr, into the store an
+uninterrupted run writes (file for file; see "interrupted allocations" below and
+tests/test_interrupted_allocation.py). Group names are one path component (:func:`check_group_name`).
+A group's ``config`` attr (``CapturePlan.group_config``: everything that decides which samples exist and
+what they hold, batch size included) is checked by every run that resumes or joins it
+(:func:`check_config`).
 """
 
 from __future__ import annotations

@@ -19,6 +19,12 @@ group is allocated lazily, by the writer, before its first write:
   allocates it and every rank meets at a barrier before its first write; every rank writes its own
   blocks; a barrier ends the group, so the group is complete when any rank moves on.
 
+**One configuration.** Every shard checks its configuration (``CapturePlan.group_config``, batch size
+included) against the group's before any model loads when the group exists, and at its first write when
+another shard allocated it meanwhile; a shard that disagrees is refused in one line naming the differing
+parameters. Each ``--shard`` run (and torchrun's rank 0) ends with a line saying whether the group is
+complete and, if not, which shards still own incomplete blocks.
+
 Neither: one process, unchanged behaviour. ``--shard`` together with torchrun is refused.
 Resume: every process skips its complete blocks and redoes its incomplete ones, so re-running a
 killed shard (or rank set) redoes only that shard's incomplete samples.
