@@ -331,3 +331,48 @@ def test_bad_group_name_is_refused_before_any_work(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "group name" in err, err
         assert not out.exists() and not (tmp_path / "escape").exists()
+
+
+# -- a real death: the allocating process exits at a write, with no unwinding (kill -9) -----------------------
+KILL_SCRIPT = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from zarr.storage import LocalStore
+from test_store import _allocate
+k, n, counting = {k}, [0], [False]
+original = LocalStore._set
+async def _set(self, key, value, exclusive=False):
+    n[0] += counting[0]
+    if n[0] == k:  # half a temp file on disk, then gone: no finally, no cleanup (the lock goes with the process)
+        target = Path(str(self.root)) / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = value.to_bytes()
+        target.with_suffix(".cafe.partial").write_bytes(data[: len(data) // 2])
+        os._exit(137)
+    return await original(self, key, value, exclusive=exclusive)
+LocalStore._set = _set
+if {later}:
+    _allocate({path!r})
+counting[0] = True
+_allocate({path!r}, name="h")
+"""
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-group", "later-group"])
+def test_a_process_killed_inside_an_allocation_is_completed_by_the_rerun(first, tmp_path, fail_at, references):
+    """kill -9 stand-in: the process exits at the k-th write of allocating h (root creation, mid-arrays,
+    the listing, the last consolidation write); the re-run ends file for file as the uninterrupted store."""
+    import subprocess
+
+    keys = _writes_of_one_allocation(tmp_path, fail_at, first)
+    fail_at.reset()
+    n = len(keys)
+    for k in (1, n // 2, n - 2, n):
+        path = tmp_path / f"kill{k}.zarr"
+        code = KILL_SCRIPT.format(tests=str(Path(__file__).parent), k=k, later=not first, path=str(path))
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 137, r.stderr[-2000:]
+        assert "h" not in store.group_names(path) or k >= n - 2
+        _rerun(path, "h")
+        assert_same(references[0 if first else 1], path)
