@@ -56,7 +56,7 @@ def _hybrid(k):
 
 def test_students_collapse_and_hybrids_restore_from_a_planted_k():
     groups = {"teacher": _group(_images(0.0, salt=1), "micro-sd", "DDIMScheduler", 30, 4.0),
-              "student": _group(_images(0.6, wrong=0.3, salt=2), "micro-lcm", "LCMScheduler", 4, 4.0)}
+              "student": _group(_images(0.6, wrong=0.5, salt=2), "micro-lcm", "LCMScheduler", 4, 4.0)}
     shrink = {0: 0.6, 1: 0.6, 3: 0.4, 5: 0.0, 10: 0.0}  # diversity back from k = 5
     for k, s in shrink.items():
         groups[f"hyb{k}"] = _group(_images(s, salt=10 + k), "micro-sd", "DDIMScheduler", k + 4, 4.0, _hybrid(k))
@@ -68,13 +68,13 @@ def test_students_collapse_and_hybrids_restore_from_a_planted_k():
     st = rows["student"]
     assert ds["div_decision"].values[st] == "supported"
     assert abs(float(ds["div_estimate"].values[st]) - np.log(0.4)) < 0.15  # planted: seed spread x 0.4
-    assert ds["acc_decision"].values[st] == "supported"                  # planted accuracy loss 0.3
-    assert -0.4 < float(ds["acc_estimate"].values[st]) < -0.2
+    assert ds["acc_decision"].values[st] == "supported"                  # planted accuracy loss 0.5
+    assert -0.62 < float(ds["acc_estimate"].values[st]) < -0.38
     for k in (0, 1):
         assert ds["div_decision"].values[rows[f"hyb{k}"]] == "supported"
     for k in (5, 10):
         assert ds["div_decision"].values[rows[f"hyb{k}"]] == "refuted"
-    assert float(ds["restored_from_k"].values[0]) in (3.0, 5.0) and float(ds["equivalent_from_k"].values[0]) == 5.0
+    assert float(ds["collapse_unsupported_from_k"].values[0]) in (3.0, 5.0) and float(ds["equivalent_from_k"].values[0]) == 5.0
     # compute: the teacher part with CFG costs 2 per step, micro-lcm (LCM pipeline, w-embedding) 1 per step
     assert float(ds["nfe"].values[rows["hyb5"]]) == 5 * 2 + 4 * 1
     assert float(ds["nfe"].values[st]) == 4

@@ -2,14 +2,14 @@
 asked of a store with the verdict engine: pre-declared, matched comparisons against the reference teacher.
 
 1. Does each distilled student lose diversity? ``diversity_collapse`` per student: mean pairwise distance
-   within a prompt (micro-LPIPS on micro stores, else the pixel substitute; :func:`failure_modes.diversity_distance`),
-   log ratio student / teacher, seeds paired within prompts.
+   within a prompt (micro-LPIPS on micro stores, else the pixel substitute; :func:`trajlab.verdicts.reference.diversity_distance`),
+   log ratio student / teacher, seeds crossed with prompts and paired (the diversity_collapse mode's statistic).
 2. Does the hybrid (teacher for the first k steps, student after) restore it, and from which k? The same
    comparison for every hybrid group, plus the accuracy cost (prompted-digit accuracy, difference), both
    against the hand-off k and against compute (UNet evaluations per sample: a CFG step costs 2).
-   ``restored_from_k`` per (teacher, student) pair: the smallest k from which no larger k has diversity
-   collapse supported, and the smallest k from which every larger k is refuted within the margin
-   (equivalent to the teacher).
+   ``collapse_unsupported_from_k`` per (teacher, student) pair: the smallest k from which no larger k has
+   diversity collapse supported (an absence of evidence, not a restoration), beside ``equivalent_from_k``: the
+   smallest k from which every larger k is refuted within the margin (shown equivalent to the teacher).
 3. When does each model commit? The taxonomy's ``early_commitment`` rows (shared sigma levels) and the
    report's x0 filmstrips answer it; this module does not duplicate them.
 
@@ -19,15 +19,16 @@ apart from the store taxonomy's).
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import xarray as xr
 
-from trajlab.analysis import failure_modes as F
 from trajlab.analysis import sweeps as S
 from trajlab.analysis.mechanistic import experiment_of
-from trajlab.analysis.verdicts import Comparison, PromptStat, decide, evaluate
+from trajlab.verdicts.engine import Comparison, PromptStat, decide, evaluate
+from trajlab.verdicts.matching import matched, pair_infos
+from trajlab.verdicts.mode import Context
+from trajlab.verdicts.modes import diversity_collapse
+from trajlab.verdicts.reference import diversity_distance
 
 ACCURACY = ("prompted-digit accuracy (labeller)", "decrease", "difference", 0.05)
 """metric, direction, effect, margin of the accuracy cost of a student or hybrid."""
@@ -63,16 +64,16 @@ def _correct(ds: xr.Dataset, idx: np.ndarray, text: str, labeller) -> np.ndarray
     return (np.asarray(labels) == digit).astype(float)
 
 
-def _candidate_rows(groups, teacher, cand, diversity, labeller, seed):
+def _candidate_rows(groups, teacher, cand, diversity, labeller):
     """(diversity row, accuracy row or None, accuracies) of one candidate against the teacher; ``diversity``:
-    (pairwise distance, metric name) as :func:`failure_modes.diversity_distance` gives them."""
-    pairwise, metric = diversity
-    pairs = F.matched(groups[teacher], groups[cand])
-    seeds = pairs[0][3] if pairs else []
-    ref_info, cand_info = F._info(teacher, groups[teacher], pairs, seeds), F._info(cand, groups[cand], pairs, seeds)
-    comp = dataclasses.replace(F.comparison("diversity_collapse", teacher, cand), metric=metric)
-    ref, cnd = F._pair_stats("diversity_collapse", groups[teacher], groups[cand], pairs, pairwise=pairwise)
-    div = evaluate(comp, ref, cnd, ref_info=ref_info, cand_info=cand_info, seed=seed)
+    (pairwise distance, metric name, features) as :func:`trajlab.verdicts.reference.diversity_distance` gives
+    them; the statistic is the diversity_collapse mode's own (:mod:`trajlab.verdicts.modes.diversity_collapse`)."""
+    pairs = matched(groups[teacher], groups[cand])
+    ref_info, cand_info = pair_infos(teacher, cand, groups, pairs)
+    comp = diversity_collapse.MODE.comparison(teacher, cand, metric=diversity[1])
+    ctx = Context(groups, {}, teacher, [cand], diversity=diversity)
+    ref, cnd = diversity_collapse.statistic(ctx, groups[teacher], groups[cand], pairs) if pairs else (None, None)
+    div = evaluate(comp, ref, cnd, ref_info=ref_info, cand_info=cand_info)
     if labeller is None:
         return div, None, (np.nan, np.nan)
     a_ref, a_cnd = [], []
@@ -83,7 +84,7 @@ def _candidate_rows(groups, teacher, cand, diversity, labeller, seed):
             a_cnd.append(PromptStat("mean", cb))
     metric, direction, effect, margin = ACCURACY
     comp = Comparison("accuracy_loss", metric, teacher, cand, direction, margin, effect=effect)
-    acc = evaluate(comp, a_ref or None, a_cnd or None, ref_info=ref_info, cand_info=cand_info, seed=seed + 1)
+    acc = evaluate(comp, a_ref or None, a_cnd or None, ref_info=ref_info, cand_info=cand_info)
     means = (float(np.mean([s() for s in a_ref])) if a_ref else np.nan,
              float(np.mean([s() for s in a_cnd])) if a_cnd else np.nan)
     return div, acc, means
@@ -117,8 +118,8 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
     data: as for :func:`failure_modes.store_verdicts` (optional ``diversity`` distance).
     experiment: when some group carries this experiment tag, only those groups are candidates (the teacher is
     the store's reference teacher either way); None: every student and hybrid group.
-    Estimates: diversity log ratio candidate / teacher; accuracy difference candidate - teacher; 95% paired
-    bootstrap CIs; decisions Holm-corrected over the study's family.
+    Estimates: diversity log ratio candidate / teacher; accuracy difference candidate - teacher; 95% CIs of the
+    verdict engine (crossed prompt x seed jackknife); decisions Holm-corrected over the study's family.
     """
     groups = {n: g for n, g in groups.items() if "image" in g}
     desc = S.describe_all(groups)
@@ -132,10 +133,11 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
         students, hybrids = [n for n in students if n in tagged], [n for n in hybrids if n in tagged]
     if teacher is None or not (students or hybrids):
         return xr.Dataset(attrs={"note": "needs a teacher group and a student or hybrid group with images"})
-    pairwise, metric, features = F.diversity_distance(desc, data)
+    diversity = diversity_distance(desc, data)
+    features = diversity[2]
     rows, families = [], []
-    for i, n in enumerate(students + hybrids):
-        div, acc, (ta, ca) = _candidate_rows(groups, teacher, n, (pairwise, metric), labeller, seed=1000 + 7 * i)
+    for n in students + hybrids:
+        div, acc, (ta, ca) = _candidate_rows(groups, teacher, n, diversity, labeller)
         h = desc[n]["hybrid"] or {}
         label = f"hybrid {h['teacher']} -> {h['student']}, k = {h['handoff_step']}" if h else desc[n]["label"]
         rows.append({"candidate": n, "label": label, "kind": "hybrid" if h else "student",
@@ -155,16 +157,17 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
     pairs = sorted({r["hybrid_pair"] for r in rows if r["kind"] == "hybrid"})
     restored = [restored_from([r["handoff_step"] for r in rows if r["hybrid_pair"] == p],
                               [r["div_decision"] for r in rows if r["hybrid_pair"] == p]) for p in pairs]
-    ds = ds.assign({"restored_from_k": ("pair", [r[0] for r in restored]),
+    ds = ds.assign({"collapse_unsupported_from_k": ("pair", [r[0] for r in restored]),
                     "equivalent_from_k": ("pair", [r[1] for r in restored])}).assign_coords(pair=pairs)
     for v in ("div_estimate", "div_ci_low", "div_ci_high"):
         ds[v].attrs["units"] = "log ratio (candidate / teacher) of mean pairwise distance within prompt"
     for v in ("acc_estimate", "acc_ci_low", "acc_ci_high"):
         ds[v].attrs["units"] = "difference (candidate - teacher) of prompted-digit accuracy"
     ds["nfe"].attrs["units"] = "UNet evaluations per sample (a CFG step counts 2)"
-    ds["restored_from_k"].attrs["meaning"] = "smallest k from which no larger k has diversity collapse supported"
+    ds["collapse_unsupported_from_k"].attrs["meaning"] = ("smallest k from which no larger k has diversity collapse "
+                                                          "supported (absence of evidence, not restoration)")
     ds["equivalent_from_k"].attrs["meaning"] = "smallest k from which every larger k is refuted within the margin"
-    ds.attrs.update(teacher=teacher, features=features, alpha=alpha, margin_diversity=F.SPECS["diversity_collapse"][3],
+    ds.attrs.update(teacher=teacher, features=features, alpha=alpha, margin_diversity=diversity_collapse.MODE.margin,
                     margin_accuracy=ACCURACY[3], multiplicity="Holm over the study's comparisons (its own family)",
                     question_3="commitment: the taxonomy's early_commitment rows and the x0 filmstrips")
     return ds

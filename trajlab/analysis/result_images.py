@@ -37,13 +37,10 @@ def vae_decoder(desc: dict, model: str | None):
         if vae is None:
             continue
 
-        @torch.no_grad()
         def decode(lat, vae=vae):
-            x = torch.as_tensor(np.asarray(lat), dtype=vae.dtype)
-            out = []
-            for i in range(0, len(x), 64):
-                out.append(vae.decode(x[i:i + 64] / vae.config.scaling_factor, return_dict=False)[0])
-            img = (torch.cat(out) / 2 + 0.5).clamp(0, 1)
+            from trajlab.models.vae import decode_latents
+
+            img = (decode_latents(vae, torch.as_tensor(np.asarray(lat), dtype=vae.dtype)) / 2 + 0.5).clamp(0, 1)
             return img.permute(0, 2, 3, 1).float().numpy()
 
         decode.model = name

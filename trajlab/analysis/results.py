@@ -16,7 +16,6 @@ Files under ``<out_dir>/results`` (:data:`RESULTS_DIR`):
 - ``commitment.nc``: per-group median commit sigma / step (group) and commitment curves
   ``fraction_committed_<i>`` over ``sigma_level_<i>`` for the i-th group.
 - ``coverage.nc`` (group): precision / recall / density / coverage / NDB / JSD vs the teacher.
-- ``taxonomy.nc`` (row): the failure taxonomy (:mod:`trajlab.analysis.taxonomy`).
 - ``contraction/NN_<group>.nc``, ``covariance/NN_<group>.nc``: Jacobian results from ``analyses_dir``;
   ``analyses_files.nc`` (file): a one-line summary of any other result file there.
 - ``image_grid/NN_<group>.nc``, ``filmstrip/NN_<group>.nc``: uint8 images (see :mod:`.result_images`).
@@ -37,7 +36,6 @@ from trajlab.analysis import sweeps as S
 from trajlab.analysis.distilling import distilling_diversity
 from trajlab.analysis.labellers import CENTROID_COMPONENTS
 from trajlab.analysis.result_images import filmstrips, image_grids, vae_decoder
-from trajlab.analysis.taxonomy import taxonomy, taxonomy_dataset
 
 RESULTS_DIR = "results"
 N_BOOT = 200                 # bootstrap resamples of the metric CIs
@@ -216,18 +214,19 @@ def metric_results(groups, desc, *, lpips: bool = True, n_boot: int = N_BOOT, sc
 
 
 def engine_verdicts(groups, desc, decode=None, margins: dict | None = None) -> xr.Dataset:
-    """The failure taxonomy from the verdict engine (:func:`failure_modes.store_verdicts`): real-data modes,
+    """The failure taxonomy from the verdict engine (:func:`trajlab.verdicts.store.store_verdicts`): real-data modes,
     ink and spectrum for micro-world stores; x0 decoded with ``decode`` for commitment."""
-    from trajlab.analysis import failure_modes as F
+    from trajlab.verdicts.reference import micro_data_reference
+    from trajlab.verdicts.store import store_verdicts
 
-    data = F.micro_data_reference() if S.is_micro(desc) else None
+    data = micro_data_reference() if S.is_micro(desc) else None
 
     def decode_x0(ds, idx, step):
         img = decode(np.asarray(ds["x0_pred"].isel(sample=idx, step=step).values))
         return (np.asarray(img) * 255).round().astype(np.uint8)
 
     image_groups = {n: g for n, g in groups.items() if "image" in g}
-    return F.store_verdicts(image_groups, data=data, decode=decode_x0 if decode is not None else None,
+    return store_verdicts(image_groups, data=data, decode=decode_x0 if decode is not None else None,
                             margins=margins)
 
 
@@ -269,16 +268,14 @@ def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: 
     commit, commit_note = commitment_results(groups, desc, decode, labeller)
     say("mode coverage")
     coverage = coverage_results(groups, desc)
-    tax = taxonomy(desc, table.assign_attrs(per_prompt_clip=per_prompt), stepc, neg, cfg, commit, coverage, teacher,
-                   tags or {})
-    say("verdicts (matched comparisons, bootstrap)")
+    say("verdicts (matched comparisons, crossed prompt x seed intervals)")
     verdicts = engine_verdicts(groups, desc, decode, margins=margins)
     say("Distilling-Diversity study (matched comparisons, bootstrap)")
     distilling = distilling_diversity(groups, labeller=labeller)
     say("image grids and filmstrips")
     return {"groups": groups_dataset(desc, store, teacher, notes), "metrics": table, "step_consistency": stepc,
             "negative_prompt": neg, "cfg": cfg, "hybrid": hyb, "commitment": commitment_dataset(commit, desc, commit_note),
-            "coverage": coverage_dataset(coverage, teacher), "taxonomy": taxonomy_dataset(tax), "verdicts": verdicts,
+            "coverage": coverage_dataset(coverage, teacher), "verdicts": verdicts,
             "distilling": distilling, "image_grid": image_grids(groups, desc, max_grid),
             "filmstrip": filmstrips(groups, desc, decode)}
 

@@ -28,8 +28,8 @@ TEACHER_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler"
 def describe(name: str, ds: xr.Dataset) -> dict:
     """One group's configuration: model, loras, scheduler, steps, guidance, negative, role, hybrid.
 
-    role: "hybrid" (extra.hybrid set), "student" (LCM/TCD scheduler or a registry student), else
-    "teacher".
+    role: "hybrid" (extra.hybrid set), extra.role when declared, "student" (LCM/TCD scheduler or a registry
+    student), else "teacher".
     """
     a = ds.attrs
     extra = decode_attr(a.get("extra", {})) or {}
@@ -39,6 +39,8 @@ def describe(name: str, ds: xr.Dataset) -> dict:
     sched = str(a.get("scheduler_class", ""))
     if extra.get("hybrid"):
         role = "hybrid"
+    elif extra.get("role") in ("teacher", "student"):  # declared (e.g. a null: the teacher's own block as "student")
+        role = extra["role"]
     else:
         try:
             from trajlab.models.registry import get

@@ -1,49 +1,91 @@
-"""``python -m trajlab calibrate --out DIR``: the verdict engine's FPR and power on planted failures."""
+"""``python -m trajlab calibrate --out DIR``: the verdicts' false-positive rate and power, through the store-verdict
+code (:mod:`trajlab.verdicts.calibration`), plus the real-network nulls on the micro-world teacher."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+SHIPPED = Path(__file__).resolve().parents[2] / "data" / "calibration" / "magnitudes.json"
+"""Knob magnitudes solved by the last full run (reused by --quick; a full run solves them anew)."""
+
 
 def calibration_table(ds) -> str:
-    """Markdown table: per mode, the metric, margin, FPR and P(supported) at each planted magnitude."""
-    lines = ["| failure mode | metric | margin | FPR (m = 0) | P(supported) at m | power >= 0.9 from m | ok |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown table: per mode, metric, margin, the largest FPR over the null region, power at 1.5x / 2x, ok."""
+    lines = ["| failure mode | margin | P(supported) at true effect 0 / 0.5 / 1 x margin | max FPR | power 1.5x | "
+             "power 2x | ok |", "|---|---|---|---|---|---|---|"]
     for mode in ds["mode"].values:
         d = ds.sel(mode=mode)
-        mags = [(float(m), float(r)) for m, r in zip(d["magnitude"].values, d["supported_rate"].values)
-                if m == m and m > 0]
-        power = ", ".join(f"{r:.2f} @ {m:g}" for m, r in mags)
-        m90 = float(d["min_magnitude_power90"])
-        lines.append(f"| {mode} | {d['metric'].item()} | {float(d['margin']):g} | {float(d['fpr']):.2f} | {power} | "
-                     f"{'-' if m90 != m90 else f'{m90:g}'} | {'yes' if bool(d['ok']) else 'no'} |")
+        null = " / ".join("n/a" if r != r else f"{r:.2f}" for r in d["supported_rate"].sel(factor=[0, 0.5, 1]).values)
+
+        def f(v):
+            v = float(v)
+            return "n/a" if v != v else f"{v:.2f}"
+
+        lines.append(f"| {mode} | {float(d['margin']):g} | {null} | {f(d['fpr_max'])} | {f(d['power_1_5x'])} | "
+                     f"{f(d['power_2x'])} | {'yes' if bool(d['ok']) else 'no'} |")
     return "\n".join(lines)
 
 
-def run_calibrate(out, *, quick: bool = False, replicates: int | None = None, progress: bool = True):
-    """Run the calibration, write DIR/calibration.{nc,csv,md} and DIR/power_curves.png, print the table."""
-    from trajlab.analysis.calibration import run_calibration, summary_line
+def null_table(ds) -> str:
+    lines = ["| null comparison | failure mode | effect [95% CI] | decision |", "|---|---|---|---|"]
+    for i in range(ds.sizes.get("comparison", 0)):
+        r = {k: ds[k].values[i] for k in ("candidate", "mode", "estimate", "ci_low", "ci_high", "decision")}
+        eff = "" if r["estimate"] != r["estimate"] else f"{r['estimate']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+        lines.append(f"| {r['candidate']} | {r['mode']} | {eff} | {r['decision']} |")
+    return "\n".join(lines)
+
+
+def run_calibrate(out, *, quick: bool = False, replicates: int | None = None, progress: bool = True,
+                  real_nulls: bool | None = None):
+    """Run the calibration, write DIR/calibration.{nc,csv,md}, DIR/magnitudes.json, DIR/power_curves.png and (with
+    the micro-world) DIR/real_nulls.nc; print the tables; the last line is the summary."""
     from trajlab.analysis.io import save_dataset, save_figure
     from trajlab.plots.calibration import plot_power_curves
+    from trajlab.verdicts.calibration import run_calibration, solve_magnitudes, summary_line
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n = replicates or (20 if quick else 100)
 
-    def tick(i, total, elapsed):
+    def say(msg):
         if progress:
-            print(f"calibrate: replicate {i}/{total}, {elapsed:.0f} s, about {elapsed / i * (total - i):.0f} s left",
-                  file=sys.stderr, flush=True)
+            print(msg, file=sys.stderr, flush=True)
 
-    ds = run_calibration(n_replicates=n, n_boot=500 if quick else 1000, progress=tick)
+    if quick and SHIPPED.is_file():
+        mags = json.loads(SHIPPED.read_text())
+        say(f"calibrate: knob magnitudes from {SHIPPED}")
+    else:
+        mags = solve_magnitudes(progress=say)
+    (out / "magnitudes.json").write_text(json.dumps(mags, indent=1) + "\n")
+
+    def tick(i, total, elapsed):
+        say(f"calibrate: replicate {i}/{total}, {elapsed:.0f} s, about {elapsed / i * (total - i):.0f} s left")
+
+    ds = run_calibration(n_replicates=n, magnitudes=mags, progress=tick)
+    nulls = None
+    if real_nulls if real_nulls is not None else not quick:
+        from trajlab.experiments.demo import micro_available
+        from trajlab.verdicts.nulls import capture_real_nulls
+
+        if micro_available():
+            say("calibrate: real-network nulls (micro-sd: disjoint seed blocks; DDIM vs TCD gamma 0)")
+            nulls = capture_real_nulls(out / "real_nulls.zarr")
+            save_dataset(nulls, out / "real_nulls.nc")
+            n_sup = int((nulls["decision"] == "supported").sum())
+            ds.attrs["real_nulls_supported"] = f"{n_sup}/{nulls.sizes['comparison']}"
     save_dataset(ds, out / "calibration.nc")
-    ds[["fpr", "power_max", "min_magnitude_power90", "margin"]].to_dataframe().to_csv(out / "calibration.csv")
+    ds[["fpr_max", "power_1_5x", "power_2x", "ok", "margin"]].to_dataframe().to_csv(out / "calibration.csv")
     table = calibration_table(ds)
-    (out / "calibration.md").write_text(table + "\n")
+    (out / "calibration.md").write_text(table + "\n" + (("\n" + null_table(nulls) + "\n") if nulls is not None else ""))
     save_figure(plot_power_curves(ds), out / "power_curves.png")
     print(table)
-    print(f"({n} replicates x {ds.attrs['n_prompts']} prompts x {ds.attrs['n_seeds']} seeds, "
+    if nulls is not None:
+        print(null_table(nulls))
+    print(f"({n} replicates x {ds.attrs['n_prompts']} prompts x {ds.attrs['n_seeds']} seeds "
+          f"({ds.attrs['n_seeds_control']} for control modes), Holm family {ds.attrs['holm_family']}, "
           f"{ds.attrs['wall_s']} s; files in {out})")
-    print(summary_line(ds))
+    print(summary_line(ds) + (f"; real-network nulls supported: {ds.attrs['real_nulls_supported']}"
+                              if nulls is not None else ""))
     return ds

@@ -123,11 +123,11 @@ class Experiment:
     hybrid: dict | None = None
     verdicts: dict = field(default_factory=dict)
     """Pre-declared verdict settings: ``[experiment.verdicts.<failure mode>] margin = ...`` (the
-    comparisons themselves are the rules of :mod:`trajlab.analysis.failure_modes`)."""
+    comparisons themselves are declared in :mod:`trajlab.verdicts.modes`, one file per mode)."""
 
 
 def _check_verdicts(table, path) -> dict:
-    from trajlab.analysis.failure_modes import SPECS
+    from trajlab.verdicts.catalogue import CATALOGUE as SPECS
 
     if not isinstance(table, dict):
         raise ExperimentError(f"experiment {path}: [experiment.verdicts] must be a table of failure modes")

@@ -201,17 +201,10 @@ def _lora(pipe, enabled: bool):
 
 def _decode(pipe, latents, generator, output_type):
     """Latents -> images as ``pipe``'s own decoder step (SD; SDXL's latents_mean/std when its VAE has them)."""
+    from trajlab.models.vae import unscale_latents
+
     vae = pipe.vae
-    z = latents.to(vae.dtype)
-    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        shape = (1, len(mean), 1, 1)
-        mean = torch.tensor(mean).view(shape).to(z.device, z.dtype)
-        std = torch.tensor(std).view(shape).to(z.device, z.dtype)
-        z = z * std / vae.config.scaling_factor + mean
-    else:
-        z = z / vae.config.scaling_factor
-    image = vae.decode(z, return_dict=False, generator=generator)[0]
+    image = vae.decode(unscale_latents(vae, latents), return_dict=False, generator=generator)[0]
     return pipe.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * image.shape[0])
 
 

@@ -3,6 +3,6 @@
 Compute and render in one call: ``trajlab.experiments.reporting.report_store`` (``python -m trajlab
 report STORE --out DIR``).
 """
-from trajlab.report.html import SECTIONS, THRESHOLDS, load_results, render_report, tables
+from trajlab.report.html import SECTIONS, load_results, render_report, tables
 
-__all__ = ["SECTIONS", "THRESHOLDS", "load_results", "render_report", "tables"]
+__all__ = ["SECTIONS", "load_results", "render_report", "tables"]

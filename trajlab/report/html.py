@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from trajlab.analysis.taxonomy import THRESHOLDS, taxonomy_rows
 
 SECTIONS = ("Groups", "Failure taxonomy", "Calibration", "Diversity vs steps", "Diversity-alignment trade-off", "CFG curves",
             "Step consistency", "Negative-prompt sensitivity", "Hybrid sweep", "Distilling diversity", "Commitment",
@@ -144,8 +143,8 @@ def verdict_rows(v: xr.Dataset, labels: dict | None = None) -> list[dict]:
         applicable = x["decision"] != "not applicable"
         effect = (f"{x['estimate']:+.3f} [{x['ci_low']:+.3f}, {x['ci_high']:+.3f}]" if applicable else "-")
         evidence = (f"{x['metric']}; {kind} candidate vs reference, {x['n_prompts']} prompts x {x['n_per_prompt']} "
-                    f"paired seeds; margin {x['margin']:g}; Holm p(no failure) = {x['p_failure_holm']:.3g}, "
-                    f"p(failure >= margin) = {x['p_within_margin_holm']:.3g}; {x['method']}"
+                    f"seeds (crossed, paired); margin {x['margin']:g}; Holm p(failure <= margin) = "
+                    f"{x['p_supported_holm']:.3g}, p(failure >= margin) = {x['p_refuted_holm']:.3g}; {x['method']}"
                     + (f"; {x['description']}" if x["description"] else "") if applicable else str(x["why"]))
         rows.append({"mode": x["mode"], "reference": labels.get(x["reference"], x["reference"]),
                      "candidate": labels.get(x["candidate"], x["candidate"]), "reference_group": x["reference"],
@@ -165,20 +164,16 @@ def _taxonomy_section(r, fig) -> list:
     out = []
     v = r.get("verdicts")
     if v is not None and v.sizes.get("comparison", 0):
-        out += [_p("Each failure mode is a pre-declared, matched comparison (trajlab.analysis.failure_modes): the "
-                   "candidate against the reference teacher on the same prompts and paired seeds; effect with a 95% "
-                   f"bootstrap CI; decisions Holm-corrected over all {v.sizes['comparison']} comparisons "
-                   f"(alpha {v.attrs.get('alpha', 0.05)}). Features: {v.attrs.get('features', '')}. "
+        out += [_p("Each failure mode is a pre-declared, matched comparison (trajlab.verdicts.modes, one file per "
+                   "mode): the candidate against its declared reference on the same prompts and the same seeds; "
+                   f"effect with a 95% CI for the crossed prompt x seed design ({v.attrs.get('interval', '')}); "
+                   f"decisions Holm-corrected over all {v.sizes['comparison']} comparisons: {v.attrs.get('rule', '')}. "
+                   f"Features: {v.attrs.get('features', '')}. "
                    f"Reference data: {v.attrs.get('data', '')}."),
                 {"kind": "verdicts", "head": ["failure mode", "reference", "candidate", "effect [95% CI]",
                                               "decision", "evidence"], "rows": verdict_rows(v, _labels(r))}]
     else:
         out.append(_none("the verdict engine found no teacher group with images"))
-    head = ["category", "failure mode", "hypothesis", "metric and threshold", "measured evidence (group names)",
-            "verdict"]
-    out.append({"kind": "details", "summary": "legacy threshold verdicts (fixed thresholds, no CIs: kept for "
-                                               "comparison, not trusted)",
-                "block": {"kind": "taxonomy", "head": head, "rows": taxonomy_rows(r["taxonomy"])}})
     return out
 
 
@@ -188,12 +183,16 @@ def _calibration_section(r, fig) -> list:
         return [_none("no calibration result (run `trajlab calibrate --out data/calibration`)")]
     from trajlab.plots.calibration import plot_power_curves
 
+    if "fpr_max" not in c:
+        return [_none("the calibration file predates the store-verdict calibration: rerun `trajlab calibrate`")]
     ok = int(c["ok"].sum())
-    return [_p(f"The engine on planted failures in exact GMM worlds ({c.attrs.get('n_replicates')} replicate seed "
-               f"sets x {c.attrs.get('n_prompts')} prompts x {c.attrs.get('n_seeds')} seeds; "
-               f"{c.attrs.get('source', '')}): {ok}/{c.sizes['mode']} failure modes with FPR <= 0.05 and power >= 0.9."),
-            _table(c, ["metric", "margin", "fpr", "power_max", "min_magnitude_power90"], dim="mode"),
-            fig(plot_power_curves(c), "calibration", "P(supported) and P(refuted) against the planted magnitude")]
+    return [_p(f"The store-verdict code on planted failures in an exact pixel world whose seeds share noise across "
+               f"prompts as capture does ({c.attrs.get('n_replicates')} replicate seed blocks x {c.attrs.get('n_prompts')} "
+               f"prompts x {c.attrs.get('n_seeds')} seeds, {c.attrs.get('n_seeds_control')} for control modes; Holm "
+               f"family {c.attrs.get('holm_family')}): {ok}/{c.sizes['mode']} failure modes pass "
+               f"({c.attrs.get('rule', '')}). Real-network nulls supported: {c.attrs.get('real_nulls_supported', 'not run')}."),
+            _table(c, ["margin", "fpr_max", "power_1_5x", "power_2x", "ok"], dim="mode"),
+            fig(plot_power_curves(c), "calibration", "P(supported) and P(refuted) against the true effect / margin")]
 
 
 DIVERSITY_VARS = ("lpips_diversity", "micro_lpips_diversity", "pixel_diversity")
@@ -309,7 +308,7 @@ def _distilling_section(r, fig) -> list:
     if "hybrid" in kinds:
         out += [fig(plot_hybrid_restoration(d), "distilling_k", "hybrids vs hand-off step k (bars: 95% CI)"),
                 fig(plot_hybrid_restoration(d, "nfe"), "distilling_nfe", "hybrids vs UNet evaluations per sample"),
-                _table(d, ["restored_from_k", "equivalent_from_k"], dim="pair")]
+                _table(d, ["collapse_unsupported_from_k", "equivalent_from_k"], dim="pair")]
     out.append(_table(d.assign_coords(row=d["candidate"].values), list(_DISTILLING_COLS), dim="row",
                       labels=fig.labels))
     v = r.get("verdicts")
@@ -432,8 +431,8 @@ def _jsonable(ds: xr.Dataset) -> dict:
 
 
 def tables(r: dict) -> dict:
-    """The numeric artifact (``tables.json``): taxonomy rows and the metric / sweep tables."""
-    return {"taxonomy": taxonomy_rows(r["taxonomy"]), "metrics": _jsonable(r["metrics"]),
+    """The numeric artifact (``tables.json``): verdict rows and the metric / sweep tables."""
+    return {"metrics": _jsonable(r["metrics"]),
             "verdicts": verdict_rows(r["verdicts"], _labels(r)) if "verdicts" in r else [],
             "calibration": _jsonable(r["calibration"]) if "calibration" in r else {},
             "step_consistency": _jsonable(r["step_consistency"]), "negative_prompt": _jsonable(r["negative_prompt"]),
@@ -443,15 +442,14 @@ def tables(r: dict) -> dict:
 
 _VERDICT_CSV = ("mode", "reference", "candidate", "reference_group", "candidate_group", "estimate", "ci_low", "ci_high",
                 "decision", "evidence")
-_TAXONOMY_CSV = ("category", "mode", "hypothesis", "metric", "evidence", "verdict")
 
 
 def _csv_table(b: dict):
     """(head, rows) of a table-like block for its CSV, or None."""
     if b["kind"] == "table":
         return b["csv_head"], b["csv_rows"]
-    if b["kind"] in ("verdicts", "taxonomy"):
-        cols = _VERDICT_CSV if b["kind"] == "verdicts" else _TAXONOMY_CSV
+    if b["kind"] == "verdicts":
+        cols = _VERDICT_CSV
         return list(cols), [[_raw(row.get(c)) for c in cols] for row in b["rows"]]
     return None
 
@@ -495,4 +493,4 @@ def render_report(results_dir, out_dir) -> Path:
     return path
 
 
-__all__ = ["SECTIONS", "THRESHOLDS", "load_results", "render_report", "tables"]
+__all__ = ["SECTIONS", "load_results", "render_report", "tables"]

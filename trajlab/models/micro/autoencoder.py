@@ -69,6 +69,7 @@ def set_scaling_factor(vae, x: torch.Tensor) -> float:
 
 @torch.no_grad()
 def decode(vae, z_scaled: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Images (N, 3, 32, 32) in [-1, 1] from scaled latents (SD's path: divide by scaling_factor)."""
-    sf = vae.config.scaling_factor
-    return torch.cat([vae.decode(z_scaled[i : i + batch].to(vae.device) / sf).sample.float().cpu() for i in range(0, len(z_scaled), batch)]).clamp(-1, 1)
+    """Images (N, 3, 32, 32) in [-1, 1] from scaled latents (:func:`trajlab.models.vae.decode_latents`)."""
+    from trajlab.models.vae import decode_latents
+
+    return decode_latents(vae, z_scaled, batch=batch).float().cpu().clamp(-1, 1)

@@ -1,0 +1,36 @@
+"""The catalogue of failure modes: one entry per mode, each defined in its own file under ``modes/``.
+
+=============================  ============  ================================================  =========  ==========  ======
+failure mode                   family        per-sample metric (per prompt)                    direction  effect      margin
+=============================  ============  ================================================  =========  ==========  ======
+diversity_collapse             distribution  pairwise distance (micro-LPIPS / pixel RMS)       decrease   log ratio   0.05
+canonical_bias                 distribution  in the prompt's most populous mode (0/1)          increase   difference  0.05
+mode_dropping                  distribution  in the prompt's rarest mode (0/1)                 decrease   difference  0.03
+fine_detail                    structure     power fraction in the data's upper band           decrease   log ratio   0.1
+early_commitment               dynamics      log sigma of commitment (x0-mode stability)       increase   difference  0.1
+step_inconsistency             dynamics      RMS between consecutive step counts               increase   log ratio   0.1
+step_inconsistency_reinjection dynamics      the same, LCM / TCD gamma 0 (mechanism row)       increase   log ratio   0.1
+cfg_over_amplification         control       |ink - data ink| / data ink, matched guidance     increase   log ratio   0.1
+weak_negative_prompt           control       RMS(with negative - without), matched guidance    decrease   log ratio   0.1
+=============================  ============  ================================================  =========  ==========  ======
+"""
+from __future__ import annotations
+
+from trajlab.verdicts.mode import FailureMode
+from trajlab.verdicts.modes import (canonical_bias, cfg_over_amplification, diversity_collapse, early_commitment,
+                                    fine_detail, mode_dropping, step_inconsistency, step_inconsistency_reinjection,
+                                    weak_negative_prompt)
+
+CATALOGUE: dict[str, FailureMode] = {m.MODE.name: m.MODE for m in (
+    diversity_collapse, canonical_bias, mode_dropping, fine_detail, early_commitment, step_inconsistency,
+    step_inconsistency_reinjection, cfg_over_amplification, weak_negative_prompt)}
+
+
+def get(name: str) -> FailureMode:
+    """The failure mode called ``name``; an unknown name is refused with the known ones."""
+    if name not in CATALOGUE:
+        raise KeyError(f"unknown failure mode {name!r}; expected one of {sorted(CATALOGUE)}")
+    return CATALOGUE[name]
+
+
+__all__ = ["CATALOGUE", "get"]

@@ -1,0 +1,1 @@
+"""One file per failure mode; the catalogue (:mod:`trajlab.verdicts.catalogue`) lists them in report order."""

@@ -1,0 +1,21 @@
+"""Rows of a mode that compares the reference teacher with each student on their matched samples."""
+from __future__ import annotations
+
+from trajlab.verdicts.engine import evaluate, not_applicable
+from trajlab.verdicts.matching import matched, pair_infos
+
+
+def teacher_vs_students(ctx, mode, statistic, *, metric: str | None = None, missing: str | None = None) -> list:
+    """One row per student: ``statistic(ctx, ref_ds, cand_ds, pairs) -> (ref stats, cand stats)`` on the samples
+    matched on (prompt, seed); ``missing``: a reason that makes every row not applicable."""
+    rows = []
+    for s in ctx.students:
+        comp = mode.comparison(ctx.teacher, s, metric=metric)
+        if missing:
+            rows.append(not_applicable(comp, missing))
+            continue
+        pairs = matched(ctx.groups[ctx.teacher], ctx.groups[s])
+        ref_info, cand_info = pair_infos(ctx.teacher, s, ctx.groups, pairs)
+        ref, cand = statistic(ctx, ctx.groups[ctx.teacher], ctx.groups[s], pairs) if pairs else (None, None)
+        rows.append(evaluate(comp, ref, cand, ref_info=ref_info, cand_info=cand_info))
+    return rows
