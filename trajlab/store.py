@@ -24,7 +24,8 @@ steps, so writers never share a chunk. Nothing here knows about capture or model
 
 Where a store lives: ``path`` is a local path, a ``file://`` URL or any fsspec URL zarr can write
 (``s3://bucket/study.zarr`` through s3fs; endpoint and credentials from the usual environment, e.g.
-``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, or ``FSSPEC_S3_*``).
+``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, or ``FSSPEC_S3_*``); telling these apart, the lock and
+the schema-free zarr calls live in :mod:`trajlab.store_fs`, re-exported here).
 
 Several processes may write one store: sample writes need no coordination (disjoint chunks, and the
 ``complete`` flag of a sample is its own chunk). Metadata changes (group allocation, the root's group
@@ -46,16 +47,21 @@ what they hold, batch size included) is checked by every run that resumes or joi
 
 from __future__ import annotations
 
-import builtins
-import contextlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+# where a store lives, its metadata lock and schema-free zarr calls: re-exported (trajlab.store is the API)
+from trajlab.store_fs import LOCK_FILE, StoreError, exists, is_local, local_path, metadata_lock, note, store_bytes  # noqa: F401
+from trajlab.store_fs import child_groups as _child_groups
+from trajlab.store_fs import consolidate as _consolidate
+from trajlab.store_fs import target as _target
+from trajlab.store_fs import url_fs as _fs
+from trajlab.store_fs import zarr as _zarr
 
 SCHEMA_VERSION = 1
 STEP_VARIABLES = ("latent", "x0_pred", "model_output", "model_output_uncond", "model_output_cond", "denoised")
@@ -64,21 +70,12 @@ STEP_COORDS = ("timestep", "alpha_bar", "sigma")
 SAMPLE_COORDS = ("seed", "prompt_index")
 
 
-class StoreError(ValueError):
-    """A store is missing, malformed, or does not match what is asked of it."""
-
-
 class GroupExists(StoreError):
     """allocate_group: the group is already in the store (perhaps allocated by another process)."""
 
 
 class ConfigMismatch(StoreError):
     """An existing group was written with a different run configuration."""
-
-
-def note(message: str) -> None:
-    """One line on stderr about something the store layer repaired (an interrupted allocation)."""
-    print(f"trajlab: note: {message}", file=sys.stderr, flush=True)
 
 
 def check_group_name(name) -> str:
@@ -133,12 +130,6 @@ class GroupLayout:
             raise StoreError(f"latent_shape={self.latent_shape}: expected (channel, y, x)")
 
 
-def _zarr():
-    import zarr
-
-    return zarr
-
-
 def _compressors():
     from zarr.codecs import ZstdCodec
 
@@ -167,87 +158,6 @@ def decode_attr(value):
 def decode_attrs(attrs) -> dict:
     """A group's attrs with every JSON-encoded value (extra, loras, config, ...) decoded."""
     return {k: decode_attr(v) for k, v in dict(attrs).items()}
-
-
-# -- where a store lives ----------------------------------------------------------------------------
-def is_local(path: str | os.PathLike) -> bool:
-    """True for a local path or a ``file://`` URL (the ``flock`` metadata lock works there)."""
-    text = os.fspath(path)
-    return "://" not in text or text.startswith("file://")
-
-
-def local_path(path: str | os.PathLike) -> str:
-    """The filesystem path of a local store (``file://`` stripped); :class:`StoreError` for a remote URL."""
-    text = os.fspath(path)
-    if not is_local(text):
-        raise StoreError(f"{text} is not a local store")
-    return text.removeprefix("file://")
-
-
-def _target(path) -> str:
-    """What zarr / xarray are given: a local path, or the URL itself (fsspec resolves it)."""
-    return local_path(path) if is_local(path) else os.fspath(path)
-
-
-def _fs(path):
-    """(fsspec filesystem, path inside it) of a remote store, with its listing cache dropped, so a store,
-    group or object another process wrote a moment ago is seen."""
-    import fsspec
-
-    fs, inner = fsspec.core.url_to_fs(os.fspath(path))
-    fs.invalidate_cache()
-    return fs, inner.rstrip("/")
-
-
-def exists(path: str | os.PathLike) -> bool:
-    """Whether a store (its root ``zarr.json``) exists at ``path`` (local path or URL). A directory without
-    ``zarr.json`` (nothing yet, or an allocation killed before its first write) is no store."""
-    if is_local(path):
-        return (Path(local_path(path)) / "zarr.json").is_file()
-    fs, inner = _fs(path)
-    return fs.exists(f"{inner}/zarr.json")
-
-
-def store_bytes(path: str | os.PathLike, group: str | None = None) -> int:
-    """Stored bytes of a store (or of one of its groups); 0 when absent."""
-    if is_local(path):
-        root = Path(local_path(path))
-        root = root / group if group else root
-        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.exists() else 0
-    fs, inner = _fs(path)
-    target = f"{inner}/{group}" if group else inner
-    try:
-        return int(fs.du(target, total=True))
-    except FileNotFoundError:
-        return 0
-
-
-LOCK_FILE = ".trajlab-lock"
-
-
-@contextlib.contextmanager
-def metadata_lock(path: str | os.PathLike):
-    """Exclusive advisory lock (``fcntl.flock`` on ``PATH/.trajlab-lock``) held while a process changes
-    store metadata (group allocation, the root's group list, consolidation), so several processes
-    can allocate groups in one store. Sample writes need no lock: they touch disjoint chunks.
-    Not re-entrant. A no-op where ``fcntl`` is missing (Windows) and for a remote URL (``s3://``...):
-    object stores have no lock here, so there only one process may allocate (see the module doc)."""
-    if not is_local(path):
-        yield
-        return
-    path = local_path(path)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    os.makedirs(path, exist_ok=True)
-    with builtins.open(os.path.join(path, LOCK_FILE), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, timesteps, alpha_bar,
@@ -386,15 +296,6 @@ def unlisted_groups(path) -> list[str]:
     return sorted(k for k, g in _child_groups(root) if k not in listed and _trajlab_shaped(g))
 
 
-def _child_groups(root) -> list:
-    """(name, group) of a group's child groups; a folder without zarr.json (a write cut short) is none."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return list(root.groups())
-
-
 def _drop_unlisted(path, root, listed: list[str], name: str) -> None:
     """Remove groups an interrupted allocation left unlisted (they hold no sample: writers write only to
     listed groups). Call under :func:`metadata_lock`, with ``root`` opened unconsolidated."""
@@ -413,19 +314,6 @@ def _drop_unlisted(path, root, listed: list[str], name: str) -> None:
             fs, inner = _fs(path)
             if fs.exists(f"{inner}/{name}"):
                 fs.rm(f"{inner}/{name}", recursive=True)
-
-
-def _consolidate(path) -> None:
-    """Consolidate metadata so plain ``xr.open_zarr`` / ``open_datatree`` open fast and without warnings.
-
-    Metadata never changes after allocation (sample writes touch chunks only), so this stays valid
-    however many processes then write samples.
-    """
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _zarr().consolidate_metadata(_target(path))
 
 
 def consolidated_is_stale(path: str | os.PathLike) -> bool:
