@@ -42,15 +42,30 @@ def pipes():
     return load_pipeline("tiny-sd", scheduler="default"), load_pipeline("tiny-lcm", scheduler="default")
 
 
-def test_handoff_grid_nearest_student_timestep(pipes):
+def test_handoff_grid_tells_the_student_the_true_timestep(pipes):
     t, s = pipes
     from trajlab.models.schedulers import make_scheduler
 
     sw = SwitchScheduler(make_scheduler("ddim", t.scheduler.config), make_scheduler("lcm", s.scheduler.config))
     tt, st, info = handoff_grid(sw.teacher, sw.student, HybridSpec("a", "b", 2, T, S))
     assert len(tt) == 2 and tt[0] > tt[1] > info["handoff_timestep"]
-    assert abs(info["student_start_timestep"] - info["handoff_timestep"]) <= 10  # nearest of a 20-spaced grid
-    assert st[0] == info["student_start_timestep"] and all(a > b for a, b in zip(st, st[1:]))
+    assert st[0] == info["student_start_timestep"] == info["handoff_timestep"]  # the state's own timestep
+    assert abs(info["nearest_distillation_timestep"] - info["handoff_timestep"]) <= 10  # nearest of a 20-spaced grid
+    assert all(a > b for a, b in zip(st, st[1:])) and list(sw.student.timesteps.numpy()) == st
+
+
+def test_paper_handoff_runs_the_first_k_of_the_students_own_steps(pipes):
+    """Gandikota & Bau's hand-off: teacher grid = the student's grid (its scheduler and step count); after k
+    steps the student continues on exactly the rest of its own grid."""
+    t, s = pipes
+    from trajlab.models.schedulers import make_scheduler
+
+    sw = SwitchScheduler(make_scheduler("lcm", t.scheduler.config), make_scheduler("lcm", s.scheduler.config))
+    ref = make_scheduler("lcm", s.scheduler.config)
+    ref.set_timesteps(4)
+    own = [int(x) for x in ref.timesteps]
+    tt, st, info = handoff_grid(sw.teacher, sw.student, HybridSpec("a", "b", 1, 4, 4, teacher_scheduler="lcm"))
+    assert tt == own[:1] and st == own[1:] and info["student_start_timestep"] == own[1]
 
 
 def test_pipelines_mechanism_endpoints_and_record(pipes, tmp_path):

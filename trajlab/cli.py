@@ -365,13 +365,15 @@ def add_study(sub) -> None:
 
 
 def add_calibrate(sub) -> None:
-    c = _sub(sub, "calibrate", "false-positive rate and power of the verdict engine on planted failures "
-                               "(exact GMM worlds)", """examples:
-  trajlab calibrate --out runs/calibration            # full: 100 replicate seed sets
-  trajlab calibrate --out runs/calibration --quick    # CI-sized: 20 replicates
-last line: `calibration: N/M failure modes with FPR <= 0.05 and power >= 0.9`.""", cmd_calibrate)
+    c = _sub(sub, "calibrate", "false-positive rate and power of the store verdicts on planted failures "
+                               "(an exact pixel world whose seeds share noise across prompts) and real-network "
+                               "nulls", """examples:
+  trajlab calibrate --out runs/calibration            # full: solve magnitudes, 100 replicates, micro-sd nulls
+  trajlab calibrate --out runs/calibration --quick    # CI-sized: shipped magnitudes, 20 replicates, no nulls
+last line: `calibration: N/M failure modes with FPR <= 0.05 over the whole null region ... and power >= 0.8 at
+2x the margin`.""", cmd_calibrate)
     c.add_argument("--out", required=True, help="directory for calibration.nc, calibration.csv, power_curves.png")
-    c.add_argument("--quick", action="store_true", help="20 replicates, 500 bootstrap draws")
+    c.add_argument("--quick", action="store_true", help="20 replicates, the shipped knob magnitudes, no real-network nulls")
     c.add_argument("--replicates", type=int, default=None, help="replicate seed sets (default 100; quick 20)")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
 

@@ -63,7 +63,7 @@ def run_calibrate(out, *, quick: bool = False, replicates: int | None = None, pr
     def tick(i, total, elapsed):
         say(f"calibrate: replicate {i}/{total}, {elapsed:.0f} s, about {elapsed / i * (total - i):.0f} s left")
 
-    ds = run_calibration(n_replicates=n, magnitudes=mags, progress=tick)
+    ds = run_calibration(n_replicates=n, magnitudes=mags, truth=not quick, progress=tick)
     nulls = None
     if real_nulls if real_nulls is not None else not quick:
         from trajlab.experiments.demo import micro_available

@@ -49,7 +49,7 @@ CATEGORIES = {
 """The proposal's failure taxonomy: category -> failure modes."""
 EXPERIMENT_KEYS = {"name", "kind", "description", "offline", "quick", "hybrid", "verdicts"}
 HYBRID_KEYS = {"teacher", "student", "handoff", "teacher_steps", "student_steps", "teacher_guidance",
-               "student_guidance", "mechanism", "teacher_scheduler", "student_scheduler"}
+               "student_guidance", "mechanism", "teacher_scheduler", "student_scheduler", "grid"}
 
 
 class ExperimentError(InputError):
@@ -376,16 +376,22 @@ def _hybrid_plans_of(exp, h, doc, teacher, student, seeds, n_prompts, device, sc
     prompts = _prompts_of(doc, exp.path.parent)[: n_prompts or None]
     sd = parse_seeds(seeds if seeds is not None else doc.get("seeds", "0:4"))
     mech = resolve_mechanism(teacher, student, h.get("mechanism", "auto"))
-    t_steps = int(h.get("teacher_steps", ts.steps if ts else 30))
+    s_steps = int(h.get("student_steps", ss.steps if ss else 4))
+    s_sched = h.get("student_scheduler", ss.scheduler if ss else "lcm")
+    if h.get("grid", "teacher") not in ("teacher", "student"):
+        raise ExperimentError(f"experiment {exp.path}: [experiment.hybrid] grid = {h['grid']!r}; expected 'teacher' "
+                              "(the teacher's first k of its own steps) or 'student' (the first k of the student's)")
+    paper = h.get("grid") == "student"  # Gandikota & Bau: the teacher runs the first k of the student's own steps
+    t_steps = s_steps if paper else int(h.get("teacher_steps", ts.steps if ts else 30))
     out = []
     for k in sorted({min(int(k), t_steps) for k in h["handoff"]}):
         spec = HybridSpec(teacher=teacher, student=student, handoff_step=k, teacher_steps=t_steps,
-                          student_steps=int(h.get("student_steps", ss.steps if ss else 4)),
+                          student_steps=s_steps,
                           teacher_guidance=float(h.get("teacher_guidance", ts.guidance if ts else 7.5)),
                           student_guidance=float(h.get("student_guidance", ss.guidance if ss else 1.0)),
-                          teacher_scheduler=h.get("teacher_scheduler", ts.scheduler if ts else "ddim"),
-                          student_scheduler=h.get("student_scheduler", ss.scheduler if ss else "lcm"),
-                          mechanism=mech)
+                          teacher_scheduler=s_sched if paper else h.get("teacher_scheduler",
+                                                                         ts.scheduler if ts else "ddim"),
+                          student_scheduler=s_sched, mechanism=mech)
         try:
             spec.validate()
         except ValueError as exc:

@@ -1,11 +1,12 @@
 """``python -m trajlab demo --out DIR``: the micro-world study end to end on the CPU.
 
-Teacher micro-sd (30 DDIM steps; 10 and 20 steps as its own step-count family) vs micro-lcm at 1/2/4/8
-steps and the hybrid hand-off sweep, 10 digit prompts x 16 seeds (``quick``: 4 x 8); the control
+Teacher micro-sd (30 DDIM steps; its own weights at 1/2/4/8 DDIM steps: the step-inconsistency reference at the
+students' step counts) vs micro-lcm at 1/2/4/8 steps and the hybrid hand-off sweep, 10 digit prompts x 16 seeds
+(``quick``: 4 x 8); the control
 experiments (guidance sweep of the teacher and micro-lcm-lora, with / without a negative prompt, and the
 noise re-injection control: micro-lcm-lora under LCM and TCD gamma 0) on the first 8 seeds (quick: 2); the
-Distilling-Diversity study (every micro student at its recommendation, teacher-first-k hybrids for Turbo,
-DMD and LCM-LoRA) on the first 8 seeds (quick: 4); captured into DIR/study.zarr; then every analysis that
+Distilling-Diversity study (every micro student at its recommendation, the paper's hand-off for Turbo, DMD and
+LCM-LoRA: the teacher runs the first k of the student's own steps) on the 16 seeds (quick: 4); captured into DIR/study.zarr; then every analysis that
 applies (metrics with micro-clip / labeller / micro-LPIPS, commitment, mode coverage, the verdict engine's
 taxonomy, step consistency, CFG curves, negative-prompt sensitivity, hybrids, the study, Jacobian
 contraction and covariance propagation) in the report at DIR/report/index.html. Falls back to the random
@@ -35,9 +36,10 @@ def micro_available() -> bool:
 
 
 def demo_plans(teacher: str, student: str, prompts, seeds, *, teacher_steps: int = 30, student_steps=(1, 2, 4, 8),
-               handoff=(0, 3, 6, 10, 15, 30), hybrid: bool = True, batch_size: int = 32, teacher_family=(10, 20)):
+               handoff=(0, 3, 6, 10, 15, 30), hybrid: bool = True, batch_size: int = 32, teacher_family=(1, 2, 4, 8)):
     """(grid plans, hybrid plans) of the demo study. ``teacher_family``: extra teacher step counts (tag
-    experiment "demo-family"), the baseline that step inconsistency is measured against."""
+    experiment "demo-family"): the teacher's own weights at the students' step counts, the reference that
+    step inconsistency is measured against (the step range matched)."""
     from trajlab.experiments.configs import resolve_mechanism
     from trajlab.experiments.plans import resolve_plan
     from trajlab.experiments.hybrid_plans import hybrid_plan
@@ -197,7 +199,7 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
             print(f"note: {n}")
     splans, shplans = [], []
     if control and teacher == "micro-sd":
-        splans, shplans, notes = distilling_plans(prompts, seeds[: 4 if quick else 8], exclude=plans, quick=quick)
+        splans, shplans, notes = distilling_plans(prompts, seeds[: 4 if quick else 16], exclude=plans, quick=quick)
         for n in notes:
             print(f"note: {n}")
     hplans += shplans
@@ -209,7 +211,7 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
           + (f"; + {len(cplans) - len(splans)} guidance-sweep / negative-prompt / noise re-injection groups on "
              f"{min(len(seeds), 2 if quick else 8)} seeds" if cplans else "")
           + (f"; + Distilling-Diversity study: {len(splans)} student and {len(shplans)} hybrid groups on "
-             f"{min(len(seeds), 4 if quick else 8)} seeds" if splans or shplans else ""))
+             f"{min(len(seeds), 4 if quick else 16)} seeds" if splans or shplans else ""))
     stages = ["capture"] + (["Jacobian contraction", "covariance propagation"] if mechanistic else []) + \
         ["analyses and report"]
     stage = _stages(stages, t0)

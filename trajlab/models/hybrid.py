@@ -9,9 +9,12 @@ Two mechanisms, one sampling loop:
   state x_{t_k} is handed to the student's UNet, text encoder and scheduler.
 
 Hand-off: after k teacher steps (of a ``teacher_steps`` grid tau_0 > tau_1 > ...) the state sits at
-timestep tau_k. The student starts at the timestep of its distillation grid nearest to tau_k and
-continues on its own ``student_steps`` grid below it. k = 0 is exactly the pure student (its own
-grid), k = teacher_steps exactly the pure teacher.
+timestep tau_k. The student is told that true timestep (its first step is at tau_k, on or off its
+distillation grid) and continues on its own ``student_steps`` grid below it. k = 0 is exactly the pure
+student (its own grid), k = teacher_steps exactly the pure teacher. Gandikota & Bau's hand-off is the case
+teacher grid = the student's grid: the teacher runs the first k of the student's own steps under the
+student's scheduler (an experiment's ``[experiment.hybrid] grid = "student"``); then tau_k is the student's
+own k-th timestep.
 
 Pipeline: :class:`HybridPipeline` is a diffusers pipeline (SD or SDXL parts) whose ``scheduler`` is a
 :class:`SwitchScheduler` (one scheduler object that delegates to the teacher's scheduler and then to
@@ -123,8 +126,9 @@ def handoff_grid(teacher_sched, student_sched, spec: HybridSpec) -> tuple[list[i
     """(teacher timesteps run, student timesteps run, info) for hand-off step k = ``spec.handoff_step``.
 
     Sets the teacher's grid (``teacher_steps``) and the student's grid on the given schedulers.
-    info: ``handoff_timestep`` tau_k (the teacher's next timestep; -1 when k = teacher_steps) and
-    ``student_start_timestep`` (nearest distillation timestep; -1 when the student does not run).
+    info: ``handoff_timestep`` tau_k (the teacher's next timestep; -1 when k = teacher_steps),
+    ``student_start_timestep`` (the timestep the student is told: tau_k itself; -1 when it does not run) and
+    ``nearest_distillation_timestep`` (the student's training grid point nearest tau_k, for reference).
     """
     spec.validate()
     teacher_sched.set_timesteps(spec.teacher_steps)
@@ -132,16 +136,16 @@ def handoff_grid(teacher_sched, student_sched, spec: HybridSpec) -> tuple[list[i
     k = spec.handoff_step
     student_sched.set_timesteps(spec.student_steps)
     own = [int(t) for t in student_sched.timesteps]
-    info = {"handoff_timestep": -1, "student_start_timestep": -1}
+    info = {"handoff_timestep": -1, "student_start_timestep": -1, "nearest_distillation_timestep": -1}
     if k == 0:
-        info.update(handoff_timestep=own[0], student_start_timestep=own[0])
+        info.update(handoff_timestep=own[0], student_start_timestep=own[0], nearest_distillation_timestep=own[0])
         return [], own, info
     if k >= len(tt):
         return tt, [], info
     tau = tt[k]
     origin = origin_timesteps(student_sched)
-    start = int(origin[np.argmin(np.abs(origin - tau))])
-    st = [start] + [t for t in own if t < start]
+    nearest = int(origin[np.argmin(np.abs(origin - tau))])
+    st = [tau] + [t for t in own if t < tau]  # the student is told the state's true timestep
     logger = logging.getLogger("diffusers.schedulers.scheduling_lcm")
     level = logger.level
     logger.setLevel(logging.ERROR)  # custom grids warn that they do not start at T-1 (by design here)
@@ -152,7 +156,7 @@ def handoff_grid(teacher_sched, student_sched, spec: HybridSpec) -> tuple[list[i
                          "a hybrid hand-off needs one (LCMScheduler does)") from None
     finally:
         logger.setLevel(level)
-    info.update(handoff_timestep=tau, student_start_timestep=start)
+    info.update(handoff_timestep=tau, student_start_timestep=tau, nearest_distillation_timestep=nearest)
     return tt[:k], st, info
 
 

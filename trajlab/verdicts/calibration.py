@@ -344,10 +344,11 @@ def solve_magnitudes(modes=None, factors=FACTORS, progress=None) -> dict:
 
 
 def run_calibration(*, n_replicates: int = 100, modes=None, factors=FACTORS, family: int = DEMO_FAMILY,
-                    magnitudes: dict | None = None, progress=None) -> xr.Dataset:
+                    magnitudes: dict | None = None, truth: bool = True, progress=None) -> xr.Dataset:
     """P(supported) and P(refuted) per (mode, true effect / margin) over replicate seed blocks.
 
-    magnitudes: {mode: knob magnitude per factor} (default: :func:`solve_magnitudes`). Dataset vars on
+    magnitudes: {mode: knob magnitude per factor} (default: :func:`solve_magnitudes`). truth: measure each
+    planted magnitude's true effect again (False: NaN; the magnitudes were solved for it). Dataset vars on
     (mode, factor): supported_rate, refuted_rate, magnitude (the knob), true_effect (on 20x the seeds); per
     mode: fpr_max (the largest P(supported) at factors <= 1), power_1_5x, power_2x, ok (the pass rule),
     margin, metric. A factor whose effect the planted knob cannot reach has NaN rates (and fails the rule).
@@ -359,8 +360,8 @@ def run_calibration(*, n_replicates: int = 100, modes=None, factors=FACTORS, fam
     magnitudes = magnitudes or solve_magnitudes(modes, factors)
     mags = np.array([[float(v) for v in magnitudes[m]] for m in modes])
     tcache: dict = {}
-    truth = np.array([[true_effect(world, data, m, Knobs(**CATALOGUE[m].plant(k)), cache=tcache) if np.isfinite(k)
-                       else np.nan for k in row] for m, row in zip(modes, mags)])
+    truth = np.array([[true_effect(world, data, m, Knobs(**CATALOGUE[m].plant(k)), cache=tcache)
+                       if truth and np.isfinite(k) else np.nan for k in row] for m, row in zip(modes, mags)])
     del tcache
     sup = np.zeros(mags.shape)
     ref = np.zeros(mags.shape)
