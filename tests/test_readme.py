@@ -18,6 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+README_WORD_LIMIT = 1500
 
 RUN = "run"                # executed as written (in order, in a scratch dir with the repo's data/examples/analyses)
 FAILS_FAST = "fails-fast"  # executed as written; must exit 2 within seconds with the given message
@@ -37,7 +39,7 @@ RULES = [
     (RUN, r"-m trajlab experiment hybrid --offline --quick --out runs/hybrid\.zarr$", None),
     (RUN, r"-m trajlab report runs/hybrid\.zarr --out runs/hybrid-report$", None),
     ("test", r"-m trajlab calibrate --out runs/calibration --quick$",
-     "tests/test_verdicts.py::test_calibrate_command_end_to_end"),
+     "tests/test_calibration.py::test_calibrate_command_end_to_end"),
     ("test", r"-m trajlab demo --out runs/demo$", "tests/test_report.py::test_demo_writes_store_and_report"),
     (FAILS_FAST, r"^python -m trajlab capture --model (sd15|lcm-lora-sd15) ", "hf download stable-diffusion-v1-5"),
     (FAILS_FAST, r"^python -m trajlab experiment seed_table ", "hf download stable-diffusion-v1-5"),
@@ -70,14 +72,21 @@ def shell_commands(body: str) -> list[str]:
 
 
 def readme_commands() -> tuple[list[str], list[str]]:
-    """(shell commands, python blocks) of the README."""
+    """(shell commands, python blocks) of the README, then of docs/*.md (in file order)."""
     shells, pythons = [], []
-    for lang, body in readme_blocks(README.read_text()):
-        if lang == "python":
-            pythons.append(body)
-        elif lang in ("bash", "sh", ""):
-            shells.extend(shell_commands(body))
+    for f in [README, *DOCS]:  # in docs/, only blocks marked bash/sh are commands (others are layouts, TOML, ...)
+        for lang, body in readme_blocks(f.read_text()):
+            if lang == "python" and f == README:
+                pythons.append(body)
+            elif lang in ("bash", "sh") or (lang == "" and f == README):
+                shells.extend(shell_commands(body))
     return shells, pythons
+
+
+def test_readme_is_short():
+    """The README is read in five minutes: at most README_WORD_LIMIT words (code blocks included)."""
+    words = len(README.read_text().split())
+    assert words <= README_WORD_LIMIT, f"README.md has {words} words; move detail to docs/"
 
 
 def rule_for(cmd: str):

@@ -35,11 +35,12 @@ from trajlab.verdicts.store import store_verdicts
 RHO = 0.5
 """Correlation of the null student's initial noise with the teacher's (same seed)."""
 SIDE = 8
-FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0)
-"""True effect / margin at which P(supported) is measured: <= 1 is the null region."""
+FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+"""True effect / margin at which P(supported) is measured: <= 1 is the null region; 2 is the pass rule's power
+point; 3 and 4 show how large an effect the demo's design detects."""
 PASS_RULE = "FPR <= 0.05 over the whole null region (true effect 0 to the margin) and power >= 0.8 at 2x the margin"
-DEMO_FAMILY = 93
-"""Comparisons in the demo's Holm family (make demo, 2026-12-02)."""
+DEMO_FAMILY = 88
+"""Applicable comparisons in the demo's Holm family (make demo, 2026-12-02: 96 rows, 8 not applicable)."""
 DEMO_SIZES = {"pairs": (10, 16), "control": (10, 8)}
 """(prompts, seeds) of the demo: teacher vs student groups, and the control (guidance, negative, steps) groups."""
 GUIDANCE = 2.0
@@ -358,6 +359,9 @@ def run_calibration(*, n_replicates: int = 100, modes=None, factors=FACTORS, fam
     modes = list(modes or CATALOGUE)
     t0 = time.perf_counter()
     magnitudes = magnitudes or solve_magnitudes(modes, factors)
+    bad = {m: len(magnitudes.get(m, ())) for m in modes if len(magnitudes.get(m, ())) != len(factors)}
+    if bad:
+        raise ValueError(f"magnitudes: {bad} values per mode; expected {len(factors)} (one per factor {factors})")
     mags = np.array([[float(v) for v in magnitudes[m]] for m in modes])
     tcache: dict = {}
     truth = np.array([[true_effect(world, data, m, Knobs(**CATALOGUE[m].plant(k)), cache=tcache)
@@ -390,6 +394,10 @@ def run_calibration(*, n_replicates: int = 100, modes=None, factors=FACTORS, fam
     ds["power_1_5x"] = ds["supported_rate"].sel(factor=1.5)
     ds["power_2x"] = ds["supported_rate"].sel(factor=2.0)
     ds["ok"] = (ds["fpr_max"] <= 0.05) & (ds["power_2x"] >= 0.8)
+    detect = ds["factor"].where(ds["supported_rate"] >= 0.8).min("factor")
+    ds["detectable_factor"] = detect
+    ds["detectable_factor"].attrs["meaning"] = ("smallest true effect / margin (of the grid) with P(supported) >= 0.8 "
+                                                "at the demo's design; NaN: none up to the largest")
     ds["margin"] = ("mode", [CATALOGUE[m].margin for m in modes])
     ds["metric"] = ("mode", [CATALOGUE[m].metric for m in modes])
     ds.attrs.update(n_replicates=n_replicates, n_prompts=DEMO_SIZES["pairs"][0], n_seeds=n_seeds,
