@@ -21,6 +21,12 @@ real noise sample, where a few-step map can be far more expansive; kept for comp
 r_k = prod cos^2(dphi) beside the measured ones (`variance_ratio_theory`).
 Stochastic samplers (LCM multi-step, ancestral) inject noise that is not part of J Cov[x_T] J^T;
 their maps hold that noise fixed (a seeded generator), so the prediction covers x_T only.
+
+With the injected noise (docs/theory.md §14): `injected_covariance_propagation(ds, model, scheduler)` /
+`group_injected_covariance(ds, pipe)` linearise the sampler in its initial latent AND in every noise draw
+of its steps, replaying the captured noise (`jacobian.record_injections`):
+Cov[x_out] ~ input_var J_T J_T^T + sum_k J_{z_k} J_{z_k}^T (the draws are unit-variance), and report the
+share of the predicted output variance that comes from the initial noise and from the injections.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ DEFAULT_POINTS = 4
 dense teacher Jacobian costs one sampler VJP per latent entry per point."""
 
 __all__ = ["DEFAULT_POINTS", "empirical_covariance", "empirical_pcs", "predicted_covariance", "covariance_propagation",
-           "group_sampler_maps", "variance_ratio_theory", "group_covariance_propagation"]
+           "group_sampler_maps", "variance_ratio_theory", "group_covariance_propagation",
+           "injected_covariance_propagation", "group_injected_covariance", "injected_variance_theory"]
 
 
 def _group_samples(ds: xr.Dataset, by: str):
@@ -273,4 +280,216 @@ def group_covariance_propagation(ds: xr.Dataset, pipe, scheduler=None, *, n_comp
     if theory is not None:
         res = res.merge(theory)
     res.attrs.update({"model": str(ds.attrs.get("model", "")), "steps": steps, "seed": int(seed)})
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# with the noise that stochastic samplers inject (docs/theory.md §14)
+
+
+def _sources(inj, x: torch.Tensor, input_var: float):
+    """(name, map, linearisation point, variance of the point's entries) for the initial latent and each draw."""
+    out = [("initial", inj.initial_map(), x, float(input_var))]
+    return out + [(k, inj.map(k), z.to(x.dtype), 1.0) for k, z in enumerate(inj.noise)]
+
+
+def _source_terms(srcs, E: torch.Tensor, dense: bool, n_probes: int, generator, method: str, jacobian_mode: str):
+    """Per source: predicted variance along the empirical PCs E (c, p) (var * mean_b ||J_b^T e||^2), trace
+    (var * mean_b ||J_b||_F^2), its SE (0 when dense) and, when dense, var * mean_b J_b J_b^T."""
+    rows = []
+    for _, f, pt, var in srcs:
+        B = pt.shape[0]
+        c, p_out = E.shape
+        U = E[:, None, :].expand(c, B, p_out).reshape(c, B, *pt.shape[1:]).contiguous().to(pt.dtype)
+        on_pc = var * jac.vjp_probes(f, pt, U).reshape(c, B, -1).double().pow(2).sum(-1).mean(1)
+        if dense:
+            J = jac.exact_jacobian(f, pt, method=method, mode=jacobian_mode, chunk=32).double()
+            C = predicted_covariance(J, var)
+            rows.append((on_pc, float(torch.trace(C)), 0.0, C))
+        else:
+            h = jac.hutchinson_frobenius(f, pt, n_probes, generator=generator, method=method)
+            se = var * float(np.sqrt((h["fro2_se"].values ** 2).sum()) / B)
+            rows.append((on_pc, var * float(h["fro2"].mean()), se, None))
+    return rows
+
+
+def _noise_rows(idx, X, inj, x, input_var, dense, n_components, n_probes, generator, method, jacobian_mode):
+    """One prompt's row of `injected_covariance_propagation`."""
+    v_emp, E, mu = empirical_pcs(X, n_components)
+    c = len(v_emp)
+    srcs = _sources(inj, x, input_var)
+    terms = _source_terms(srcs, torch.from_numpy(E).to(x.dtype), dense, n_probes, generator, method, jacobian_mode)
+    Xc = X - mu
+    pv, eop = np.full(c, np.nan), np.full(c, np.nan)
+    if dense:
+        ev, evec = torch.linalg.eigh(sum(t[3] for t in terms))
+        order = torch.argsort(ev, descending=True)[:c]
+        pv[:] = ev[order].numpy()
+        eop[:] = ((Xc @ evec[:, order].numpy()) ** 2).sum(0) / (len(idx) - 1)
+    return dict(emp_variance=v_emp, pred_on_emp_pc=sum(t[0] for t in terms).numpy(),
+                pred_on_emp_pc_initial=terms[0][0].numpy(), pred_variance=pv, emp_on_pred_pc=eop,
+                emp_trace=float((Xc**2).sum() / (len(idx) - 1)), pred_trace_initial=terms[0][1],
+                pred_trace_initial_se=terms[0][2], injected=np.array([t[1] for t in terms[1:]]),
+                injected_se=np.array([t[2] for t in terms[1:]]), steps=np.asarray(inj.step, np.int64),
+                n_samples=len(idx))
+
+
+def _pad(a, n):
+    out = np.full(n, np.nan)
+    out[: len(a)] = a
+    return out
+
+
+def injected_covariance_propagation(
+    ds: xr.Dataset,
+    model: Callable | dict,
+    scheduler=None,
+    *,
+    steps: int | None = None,
+    input_var: float | None = None,
+    by: str = "prompt_index",
+    max_points: int = DEFAULT_POINTS,
+    n_components: int | None = None,
+    dense_max: int = 256,
+    n_probes: int = 32,
+    dtype=torch.float64,
+    generator: torch.Generator | None = None,
+    method: str = "auto",
+    jacobian_mode: str = "reverse",
+    noise: Callable | None = None,
+    step_kw: dict | None = None,
+) -> xr.Dataset:
+    """Empirical output covariance vs the propagation of the initial noise AND of the noise a stochastic
+    sampler injects at its steps (docs/theory.md §14), per prompt (dims prompt, component, injection).
+
+    model: model(x, t) for the prompt's first ``max_points`` samples (batched), or {prompt_index: model}
+    (`jacobian.group_model_fn`).  scheduler: default from ds.attrs; steps: default attrs["steps"].
+    noise(sample indices) -> generator(s) of those samples' step noise; default: per-sample
+    `jacobian.replay_generators` of the `seed` coord (the capture's), so the linearisation points are
+    the captured trajectories (replay_rel_error ~ 0 says so).  step_kw: extra step keywords (TCD
+    {"eta": gamma}).  input_var: variance of each latent_0 entry (default: init_noise_sigma^2).
+    Dense Jacobians (J_T and every J_{z_k}) when the latent has <= dense_max entries, else Hutchinson.
+    Returns Dataset: over (prompt, component) emp_variance, pred_on_emp_pc (initial + injections),
+    pred_on_emp_pc_initial (the initial noise only), ratio_emp_pc, ratio_emp_pc_initial_only,
+    pred_variance / emp_on_pred_pc / ratio_pred_pc (eigen-directions of the predicted covariance; dense
+    only, else NaN); over (prompt, injection; coord injection_step) pred_trace_injected (+ _se); over prompt
+    emp_trace, pred_trace_initial (+ _se), pred_trace (+ _se), share_initial, share_injected (fractions of
+    pred_trace), trace_ratio (emp / pred), trace_ratio_initial_only (emp / the x_T-only prediction, the
+    old formula), replay_rel_error, n_samples.  Units latent^2 (injection draws: unit variance)."""
+    scheduler = scheduler if scheduler is not None else scheduler_from_attrs(ds.attrs)
+    steps = int(steps if steps is not None else ds.attrs.get("steps", ds.sizes["step"]))
+    if input_var is None:
+        input_var = jac.unit_noise_scale(scheduler, steps) ** 2
+    groups = _group_samples(ds, by)
+    lat0 = np.asarray(ds["latent"].isel(step=0).values, np.float64)
+    p = int(np.prod(lat0.shape[1:]))
+    if noise is None:
+        seeds = np.asarray(ds["seed"].values)
+        noise = lambda pts: jac.replay_generators(seeds[pts], lat0.shape[1:])  # noqa: E731
+    rows, rel = [], []
+    for key, idx in groups.items():
+        pts = idx[:max_points]
+        x = torch.from_numpy(lat0[pts]).to(dtype)
+        inj = jac.record_injections(scheduler, model[key] if isinstance(model, dict) else model, steps, x,
+                                    generator=noise(pts), step_kw=step_kw)
+        ref = np.asarray(ds["final_latent"].isel(sample=pts).values, np.float64).reshape(len(pts), -1)
+        y = inj.final.double().reshape(len(pts), -1).cpu().numpy()
+        rel.append(float((np.linalg.norm(y - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-300)).max()))
+        X = np.asarray(ds["final_latent"].isel(sample=idx).values, np.float64).reshape(len(idx), -1)
+        rows.append(_noise_rows(idx, X, inj, x, input_var, p <= dense_max, n_components, n_probes, generator,
+                                method, jacobian_mode))
+    return _injected_dataset(rows, list(groups), rel, input_var, p <= dense_max, scheduler, steps, len(pts))
+
+
+def _injected_dataset(rows, prompts, rel, input_var, dense, scheduler, steps, n_points) -> xr.Dataset:
+    cmax = max(len(r["emp_variance"]) for r in rows)
+    nk = max(len(r["injected"]) for r in rows)
+    st = next((r["steps"] for r in rows if len(r["steps"]) == nk), np.zeros(0, np.int64))
+    pc = {k: (("prompt", "component"), np.stack([_pad(r[k], cmax) for r in rows]))
+          for k in ("emp_variance", "pred_on_emp_pc", "pred_on_emp_pc_initial", "pred_variance", "emp_on_pred_pc")}
+    inj = np.stack([_pad(r["injected"], nk) for r in rows])
+    inj_se = np.stack([_pad(r["injected_se"], nk) for r in rows])
+    init = np.array([r["pred_trace_initial"] for r in rows])
+    init_se = np.array([r["pred_trace_initial_se"] for r in rows])
+    total = init + np.nansum(inj, 1)
+    emp = np.array([r["emp_trace"] for r in rows])
+    out = xr.Dataset(
+        {**pc,
+         "pred_trace_injected": (("prompt", "injection"), inj),
+         "pred_trace_injected_se": (("prompt", "injection"), inj_se),
+         "emp_trace": ("prompt", emp), "pred_trace_initial": ("prompt", init),
+         "pred_trace_initial_se": ("prompt", init_se), "pred_trace": ("prompt", total),
+         "pred_trace_se": ("prompt", np.sqrt(init_se**2 + np.nansum(inj_se**2, 1))),
+         "share_initial": ("prompt", init / total), "share_injected": ("prompt", 1 - init / total),
+         "trace_ratio": ("prompt", emp / total), "trace_ratio_initial_only": ("prompt", emp / init),
+         "replay_rel_error": ("prompt", np.asarray(rel)),
+         "n_samples": ("prompt", np.array([r["n_samples"] for r in rows]))},
+        coords={"prompt": prompts, "component": np.arange(cmax), "injection": np.arange(nk),
+                "injection_step": ("injection", st)},
+        attrs={"input_var": float(input_var), "n_points": int(n_points), "units": "latent^2",
+               "method": "dense" if dense else "Hutchinson (traces) + VJPs (empirical PCs)",
+               "scheduler_class": type(scheduler).__name__, "steps": int(steps),
+               "what": "Cov[x_out] ~ input_var J_T J_T^T + sum_k J_{z_k} J_{z_k}^T (docs/theory.md §14)"},
+    )
+    out["ratio_emp_pc"] = out["emp_variance"] / out["pred_on_emp_pc"]
+    out["ratio_emp_pc_initial_only"] = out["emp_variance"] / out["pred_on_emp_pc_initial"]
+    out["ratio_pred_pc"] = out["emp_on_pred_pc"] / out["pred_variance"]
+    for v in ("share_initial", "share_injected", "trace_ratio", "trace_ratio_initial_only", "replay_rel_error"):
+        out[v].attrs["units"] = "1"
+    return out
+
+
+def injected_variance_theory(world, scheduler, steps: int, *, eta: float = 0.0) -> xr.Dataset | None:
+    """Closed-form output variance of a single-Gaussian exact world's sampler by source, summed over
+    directions, in the scheduler's latent coordinates (`theory.output_variance_sources` on the actual
+    grid; latent_0 = init_noise_sigma N(0, I)): theory_trace_initial, theory_trace_injected (step),
+    theory_trace, theory_share_initial.  None unless `world` is a single Gaussian and the scheduler has a
+    known step rule (`theory.scheduler_grid`)."""
+    from trajlab.analysis import theory as th
+
+    if world is None or int(world.means.shape[0]) != 1:
+        return None
+    lam, _, _ = th.gaussian_eigensystem(world)
+    try:
+        grid = th.scheduler_grid(scheduler, steps, eta=eta)
+    except ValueError:  # a scheduler without a known step rule: no closed form
+        return None
+    ins = jac.unit_noise_scale(scheduler, steps)
+    src = th.output_variance_sources(lam, grid, input_var=(ins / float(grid["latent_scale"][0])) ** 2)
+    out2 = float(grid["latent_scale_next"][-1]) ** 2
+    init = float(src["initial"].sum()) * out2
+    injected = src["injected"].sum("direction").values * out2
+    total = init + injected.sum()
+    return xr.Dataset({"theory_trace_initial": ((), init), "theory_trace_injected": ("step", injected),
+                       "theory_trace": ((), total), "theory_share_initial": ((), init / total)},
+                      coords={"step": np.arange(len(injected))}, attrs={"units": "latent^2"})
+
+
+def group_injected_covariance(ds: xr.Dataset, pipe, scheduler=None, *, n_components: int | None = 16,
+                              n_probes: int = 16, seed: int = 0, max_points: int | None = None,
+                              step_kw: dict | None = None, **kw) -> xr.Dataset:
+    """`injected_covariance_propagation` of a store group with the pipeline that made it: per-prompt
+    models for the prompt's first ``max_points`` samples (default `DEFAULT_POINTS`) with the group's
+    prompts and guidance, the captured step noise replayed from the `seed` coord, input_var =
+    init_noise_sigma^2, float64 for exact worlds (else float32), probes seeded with `seed`; in
+    single-Gaussian exact worlds the closed forms of `injected_variance_theory` are added (their `step`
+    dim is the grid's step).  kw: passed on (dense_max, method, jacobian_mode, noise)."""
+    scheduler = scheduler if scheduler is not None else scheduler_from_attrs(ds.attrs)
+    steps = int(ds.attrs.get("steps", ds.sizes["step"]))
+    dtype = jac.jvp_dtype(pipe)
+    pi = np.asarray(ds["prompt_index"].values) if "prompt_index" in ds.coords else np.zeros(ds.sizes["sample"], int)
+    points = min(int(max_points or DEFAULT_POINTS), int(np.bincount(pi).max()))
+    if hasattr(pipe, "encode_prompt"):
+        model = {int(k): jac.group_model_fn(pipe, ds, np.flatnonzero(pi == k)[:points].tolist(), dtype=dtype)
+                 for k in np.unique(pi)}
+    else:
+        model = jac.pipeline_model_fn(pipe)
+    res = injected_covariance_propagation(ds, model, scheduler, steps=steps, max_points=points,
+                                          n_components=n_components, n_probes=n_probes, dtype=dtype,
+                                          generator=torch.Generator().manual_seed(seed), step_kw=step_kw, **kw)
+    theory = injected_variance_theory(getattr(pipe, "world", None), scheduler, steps,
+                                      eta=float((step_kw or {}).get("eta", 0.0)))
+    if theory is not None:
+        res = res.merge(theory)
+    res.attrs.update({"model": str(ds.attrs.get("model", "")), "seed": int(seed)})
     return res

@@ -10,6 +10,12 @@ saved state per call so the noise is held fixed):
 Analyses here: `step_contraction_profile` (along a stored trajectory), `contraction_profile`,
 `contraction_theory`, `contraction_law`.  Estimators and maps are re-exported under their names.
 
+Noise injected by stochastic samplers (docs/theory.md §14): `record_injections` runs a sampler once and
+returns its draws (`NoiseInjections`), with maps z_k -> final latent for each draw k (the Jacobian of the
+output w.r.t. the noise injected at a step: the later step maps times the injection scale), by routing
+the scheduler's `randn_tensor` calls through `drawn_noise`.  Whole-map norms are also reported per unit
+of initial-noise standard deviation (`unit_noise_scale`), so samplers with init_noise_sigma != 1 compare.
+
 Attention: forward mode fails on fused SDPA kernels (FACTS.md); `unet_model_fn` /
 `pipeline_model_fn` run the network under `trajlab.autodiff.attention.attention_context`, the
 one switch (math backend fallback, ~4.5x).
@@ -17,8 +23,12 @@ one switch (math backend fallback, ~4.5x).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -60,6 +70,10 @@ __all__ = [
     "contraction_theory",
     "contraction_law",
     "Map",
+    "drawn_noise",
+    "NoiseInjections",
+    "record_injections",
+    "unit_noise_scale",
 ]
 
 
@@ -151,6 +165,121 @@ def step_contraction_profile(ds: xr.Dataset, model_fn, scheduler=None, *, sample
 
 
 # ----------------------------------------------------------------------------------------------
+# noise injected by stochastic samplers (docs/theory.md §14)
+
+
+def _noise_modules(scheduler) -> list:
+    """The modules whose global `randn_tensor` (diffusers' noise function, imported by name) the
+    scheduler's step calls: those of its class and its base classes."""
+    mods = []
+    for cls in type(scheduler).__mro__:
+        m = sys.modules.get(cls.__module__)
+        if m is not None and callable(getattr(m, "randn_tensor", None)) and m not in mods:
+            mods.append(m)
+    return mods
+
+
+@contextlib.contextmanager
+def drawn_noise(scheduler, hook: Callable[[torch.Tensor], torch.Tensor]):
+    """Inside, every noise draw of `scheduler.step` (diffusers' `randn_tensor`, as DDPM, DDIM eta > 0, Euler
+    ancestral, Euler s_churn, LCM, TCD and SDE DPM-Solver draw it) is passed through hook(draw) -> tensor,
+    which may record it or return another tensor (e.g. one carrying a tangent) in its place.  The draw
+    itself is still made, so the generator advances as in an unobserved run.  Schedulers that draw noise
+    otherwise (torchsde Brownian trees) are not seen."""
+    mods = _noise_modules(scheduler)
+    saved = [m.randn_tensor for m in mods]
+
+    def wrap(orig):
+        def randn_tensor(*args, **kwargs):
+            return hook(orig(*args, **kwargs))
+        return randn_tensor
+
+    for m, orig in zip(mods, saved):
+        m.randn_tensor = wrap(orig)
+    try:
+        yield
+    finally:
+        for m, orig in zip(mods, saved):
+            m.randn_tensor = orig
+
+
+@dataclass
+class NoiseInjections:
+    """The noise one run of a stochastic sampler drew from `latent` (latent_0, (B, ...)).
+
+    noise[k]: draw k (unit-variance N(0, I) entries, as `randn_tensor` returned it), drawn in step call
+    step[k]; final: the sampler's output; run(latent, {k: z}) -> final latent with draw k replaced by z
+    (every other draw held fixed, the generator re-created from its snapshot per call).
+    `map(k)`: z -> final latent (latent_0 and the other draws fixed), whose Jacobian is J_{z_k}: the
+    product of the step maps after step[k] times the injection scale (docs/theory.md §14.1);
+    `initial_map()`: latent_0 -> final latent with every draw fixed (J_T, = `sampler_map`)."""
+
+    latent: torch.Tensor
+    final: torch.Tensor
+    noise: list = field(default_factory=list)
+    step: list = field(default_factory=list)
+    run: Callable | None = None
+
+    def map(self, k: int) -> Map:
+        latent, run = self.latent, self.run
+        return lambda z: run(latent, {int(k): z})
+
+    def initial_map(self) -> Map:
+        run = self.run
+        return lambda x: run(x, None)
+
+
+def record_injections(scheduler, model, num_inference_steps: int, latent: torch.Tensor, *, generator=None,
+                      step_kw: dict | None = None, device="cpu") -> NoiseInjections:
+    """Run the sampler (`scheduler` fresh copy, set_timesteps(num_inference_steps), the pipeline loop of
+    `trajlab.models.denoiser.sample`) once from `latent` with `generator` (a torch.Generator or a
+    per-sample list, e.g. `replay_generators` of a store group's seeds, so the run replays the captured
+    one) and record every noise draw of its steps.  step_kw: extra `scheduler.step` keywords (e.g.
+    {"eta": gamma} for TCD; those the step does not take are dropped).  Deterministic samplers give no
+    draws (Euler without s_churn draws none; zero-scale draws, such as Euler ancestral's last step, are kept)."""
+    gstate = dn.snapshot_generator(generator)
+    base = copy.deepcopy(scheduler)
+    base.set_timesteps(num_inference_steps, device=device)
+    promote_tables(base, latent.dtype)
+
+    def run(x, replace=None, record=None):
+        s = promote_tables(copy.deepcopy(base), x.dtype)
+        state = {"step": 0, "k": 0}
+
+        def hook(z):
+            k = state["k"]
+            state["k"] += 1
+            if record is not None:
+                record.append((state["step"], z))
+            if replace and k in replace:
+                return replace[k].to(device=z.device, dtype=z.dtype)
+            return z
+
+        def after(i, t, lat):
+            state["step"] = i + 1
+            return lat
+
+        with drawn_noise(s, hook):
+            return dn.sample(s, model, x, callback=after,
+                             extra_step_kwargs=step_kwargs(s, dn.restore_generator(gstate), extra=step_kw))
+
+    rec = []
+    with torch.no_grad():
+        final = run(latent, None, rec)
+    return NoiseInjections(latent=latent, final=final, noise=[z for _, z in rec], step=[i for i, _ in rec], run=run)
+
+
+def unit_noise_scale(scheduler, steps: int) -> float:
+    """init_noise_sigma of `scheduler` after set_timesteps(steps) (on a copy): latent_0 = init_noise_sigma n
+    with n ~ N(0, I), so J_unit = J * init_noise_sigma is the map from unit noise n, and
+    ||J_unit||_F^2 = init_noise_sigma^2 ||J||_F^2 compares across samplers (DDIM: 1; Euler: ~14.6 on SD's
+    schedule)."""
+    s = copy.deepcopy(scheduler)
+    s.set_timesteps(steps)
+    return float(s.init_noise_sigma)
+
+
+# ----------------------------------------------------------------------------------------------
 # a store group with the pipeline that made it
 
 
@@ -236,7 +365,9 @@ def contraction_profile(ds: xr.Dataset, pipe, *, samples=4, n_probes: int = 8, n
     samples: index array or count (the first n). Per step (`step_contraction_profile` at the stored
     latents): fro2, fro2_se, fro2_per_dim, singular_value, spectral_norm. Whole map latent_0 -> final
     (`sampler_map` with the group's prompts and guidance, captured noise replayed by
-    `replay_generators`): whole_fro2, whole_fro2_se (Hutchinson, sample) and replay_rel_error (sample) =
+    `replay_generators`): whole_fro2, whole_fro2_se (Hutchinson, sample; per unit latent_0 variance),
+    whole_fro2_unit_noise, whole_fro2_unit_noise_se (times init_noise_sigma^2: the map from unit-variance
+    noise, comparable across samplers; attr init_noise_sigma) and replay_rel_error (sample) =
     ||f(latent_0) - final_latent|| / ||final_latent||, which is ~0 when the differentiated map is the
     captured sampler.  Single-Gaussian exact worlds add `contraction_theory`'s variables.
     JVPs in float64 for exact worlds, else float32; probes drawn from a generator seeded with `seed`.
@@ -263,10 +394,17 @@ def contraction_profile(ds: xr.Dataset, pipe, *, samples=4, n_probes: int = 8, n
     prof["replay_rel_error"] = ("sample", np.linalg.norm(y - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1),
                                                                                          1e-300))
     prof["whole_fro2"].attrs["units"] = "output^2 / input^2 (latent_0 -> final latent)"
+    ins = unit_noise_scale(scheduler, steps)
+    prof["whole_fro2_unit_noise"] = ("sample", whole["fro2"].values * ins**2)
+    prof["whole_fro2_unit_noise_se"] = ("sample", whole["fro2_se"].values * ins**2)
+    prof["whole_fro2_unit_noise"].attrs.update(
+        units="latent^2 per unit initial-noise variance (n -> final latent, latent_0 = init_noise_sigma n)",
+        what="init_noise_sigma^2 ||J||_F^2: comparable across samplers (docs/theory.md §14.3)")
     th_ = contraction_theory(getattr(pipe, "world", None), scheduler, steps)
     if th_ is not None:
         prof = prof.assign(theory_step_factor=(("step", "direction"), th_["theory_step_factor"].values),
                            theory_whole_fro2=th_["theory_whole_fro2"]).assign_coords(lam=th_["lam"])
     prof.attrs.update({"model": str(ds.attrs.get("model", "")), "steps": steps, "seed": int(seed),
+                       "init_noise_sigma": ins,
                        "noise": "captured (replayed)" if noise is not None else "none (deterministic step)"})
     return prof

@@ -24,6 +24,7 @@ __all__ = [
     "group_grid",
     "step_factor",
     "sampler_output_variance",
+    "output_variance_sources",
     "alpha_bar_nodes",
     "ou_time_from_sigma",
     "sigma_from_ou_time",
@@ -214,6 +215,27 @@ def sampler_output_variance(lam, grid: xr.Dataset, input_var: float = 1.0) -> xr
     for i in range(f.shape[0]):
         v = f[i] ** 2 * v + float(grid["noise_var"].values[i])
     return xr.DataArray(v, dims="direction", coords=_lam(lam).coords, attrs={"units": "VP latent units^2"})
+
+
+def output_variance_sources(lam, grid: xr.Dataset, input_var: float = 1.0) -> xr.Dataset:
+    """:func:`sampler_output_variance` split by source (docs/theory.md §14.2), VP coordinates, centred
+    Gaussian world, x_T ~ N(0, input_var) per direction: initial (direction) = input_var prod_i f_i^2
+    (what J Cov[x_T] J^T predicts); injected (step, direction) = noise_var_i prod_{j > i} f_j^2 (the
+    fresh noise of step i carried through the later steps); total = initial + sum over steps;
+    share_initial = initial / total.  f from :func:`step_factor` (coords "vp")."""
+    f = step_factor(lam, grid, "vp").values
+    nv = np.asarray(grid["noise_var"].values, dtype=np.float64)
+    K = f.shape[0]
+    later = np.ones_like(f)  # later[i] = prod_{j > i} f_j^2
+    for i in range(K - 2, -1, -1):
+        later[i] = later[i + 1] * f[i + 1] ** 2
+    initial = float(input_var) * later[0] * f[0] ** 2 if K else np.full(f.shape[1], float(input_var))
+    injected = nv[:, None] * later
+    total = initial + injected.sum(0)
+    coords = _lam(lam).coords
+    return xr.Dataset({"initial": ("direction", initial), "injected": (("step", "direction"), injected),
+                       "total": ("direction", total), "share_initial": ("direction", initial / total)},
+                      coords={**coords, "step": np.arange(K)}, attrs={"units": "VP latent units^2"})
 
 
 def alpha_bar_nodes(ds: xr.Dataset, final: float | None = None) -> np.ndarray:
