@@ -117,7 +117,7 @@ CASES = [
     ("report-out-file", ("report", ["--out", "{afile}"]), ["afile: is a file, not a directory"]),
     ("report-out-unwritable", ("report", ["--out", "/proc/trajlab-report"]), ["not writable"]),
     ("report-no-complete", ("report", ["STORE:{empty_store}"]), ["no complete samples"]),
-    ("info-a-group", ("info", ["{empty_store}/g"]), ["is one group of a trajlab store", "empty.zarr"]),
+    ("info-unknown-group", ("info", ["{empty_store}/nope"]), ["no group named or labelled 'nope'", "empty.zarr"]),
     ("report-a-group", ("report", ["STORE:{empty_store}/g"]), ["is one group of a trajlab store"]),
 ]
 

@@ -134,17 +134,32 @@ def cmd_capture(args) -> int:
     return 0
 
 
+def _quoted(items, limit: int = 4) -> str:
+    shown = ", ".join(repr(x) for x in items[:limit])
+    return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
 def cmd_info(args) -> int:
     from trajlab import store
+    from trajlab.store_groups import describe, seed_ranges, split_group_path
 
     try:
-        rows = store.summary(args.store)
+        path, only = split_group_path(args.store)  # STORE/NAME or STORE/LABEL: that group only
+        rows = [r for r in describe(path) if only is None or r["group"] == only]
     except store.StoreError as exc:
         raise CliError(str(exc)) from None
-    print(f"{args.store}: {len(rows)} group(s)")
+    print(f"{path}: {len(rows)} group(s)" if only is None else f"{path}: group {only}")
     for r in rows:
-        state = "complete" if r["complete"] == r["samples"] else f"{r['complete']}/{r['samples']} complete"
-        print(f"  {r['group']}\n    samples={r['samples']} steps={r['steps']} latent={'x'.join(map(str, r['latent']))} "
+        state = "complete" if r["complete"] == r["samples"] else f"INCOMPLETE, {r['complete']}/{r['samples']} complete"
+        per = r["seeds_per_prompt"]
+        per_text = f"{per[0]} per prompt" if len(per) == 1 else f"{min(per)}-{max(per)} per prompt"
+        guidance = r["guidance"] if r["guidance"] is not None else "?"
+        neg = f" negative={r['negative_prompt']!r}" if r["negative_prompt"] else ""
+        print(f"  {r['label']}" + (f"  (group {r['group']})" if r["label"] != r["group"] else ""))
+        print(f"    model={r['model'] or '?'} scheduler={r['scheduler']} steps={r['steps']} guidance={guidance}{neg}")
+        print(f"    prompts ({len(r['prompts'])}): {_quoted(r['prompts'])}")
+        print(f"    seeds {seed_ranges(r['seeds'])} ({per_text})")
+        print(f"    samples={r['samples']} steps={r['steps']} latent={'x'.join(map(str, r['latent']))} "
               f"images={'yes' if r['images'] else 'no'} size={r['bytes'] / 1e6:.2f} MB  {state}")
     return 0
 
@@ -309,7 +324,8 @@ re-running the same command resumes (complete samples are skipped).""", cmd_capt
     c.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default cpu)")
     c.add_argument("--batch-size", type=int, default=None, help="samples per pipeline call (default 8)")
     c.add_argument("--out", help="store path (a directory, e.g. runs/study.zarr)")
-    c.add_argument("--group", help="group name (default: derived from the configuration)")
+    c.add_argument("--group", help="group name, or the label of a group in the store (default: derived from the "
+                                   "configuration; re-running with more --seeds grows that group)")
     c.add_argument("--no-images", action="store_true", help="do not decode and store final images")
     c.add_argument("--config", metavar="FILE", help="TOML grid of runs (one group per cell)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -387,9 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"trajlab {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_capture(sub)
-    i = _sub(sub, "info", "groups, dims, sizes and completeness of a store",
-             "example:\n  trajlab info runs/q.zarr", cmd_info)
-    i.add_argument("store")
+    i = _sub(sub, "info", "each group of a store: label, model, scheduler, steps, guidance, prompts, seeds, "
+                          "dims, size and completeness",
+             "examples:\n  trajlab info runs/q.zarr\n  trajlab info runs/q.zarr/LABEL     # one group, by label or name",
+             cmd_info)
+    i.add_argument("store", help="a store, or STORE/GROUP for one group (its name or its label)")
     _sub(sub, "models", "list the model registry (name, role, scheduler, steps, guidance, availability)",
          "example:\n  trajlab models", cmd_models)
     add_study(sub)

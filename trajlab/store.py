@@ -20,12 +20,14 @@ variable                    dims                                 meaning
 
 Coordinates: ``step`` with ``timestep``, ``alpha_bar``, ``sigma`` on it; ``sample`` with ``seed`` and
 ``prompt_index``. Writes go to pre-allocated, disjoint sample regions; chunks are one sample x all
-steps, so writers never share a chunk. Nothing here knows about capture or models.
+steps, so writers never share a chunk. Nothing here knows about capture or models. A group grows along
+``sample`` when a capture asks it for more seeds (its stored samples are kept, the new ones appended: the
+``segments`` attr) and can be named by its label, its name without the hash (:mod:`trajlab.store_groups`).
 
 Where a store lives: ``path`` is a local path, a ``file://`` URL or any fsspec URL zarr can write
 (``s3://bucket/study.zarr`` through s3fs; endpoint and credentials from the usual environment, e.g.
-``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, or ``FSSPEC_S3_*``); telling these apart, the lock and
-the schema-free zarr calls live in :mod:`trajlab.store_fs`, re-exported here).
+``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, or ``FSSPEC_S3_*``). Telling these
+apart, the lock and the schema-free zarr calls live in :mod:`trajlab.store_fs` (re-exported here).
 
 Several processes may write one store: sample writes need no coordination (disjoint chunks, and the
 ``complete`` flag of a sample is its own chunk). Metadata changes (group allocation, the root's group
@@ -68,6 +70,12 @@ STEP_VARIABLES = ("latent", "x0_pred", "model_output", "model_output_uncond", "m
 REQUIRED_VARIABLES = ("latent", "x0_pred", "model_output", "final_latent", "complete", "prompt_text")
 STEP_COORDS = ("timestep", "alpha_bar", "sigma")
 SAMPLE_COORDS = ("seed", "prompt_index")
+SEGMENTS_ATTR = "segments"
+"""Group attr: the first sample of every capture that added samples ([0] when absent): a group grown by
+seeds (``trajlab.store_groups.extend_group``) appends the new samples as a segment of their own, and
+capture blocks (``batch_size`` samples) start afresh at each segment, so stored samples are never redone."""
+GROWING_ATTR = "growing"
+"""Group attr present only while a growth runs (``{"from": n_old, "to": n_new}``): a growth cut short."""
 
 
 class GroupExists(StoreError):
@@ -412,6 +420,13 @@ def step_grid(path: str | os.PathLike, name: str) -> np.ndarray:
     return np.asarray(_group(path, name, mode="r")["timestep"][:])
 
 
+def sample_table(path: str | os.PathLike, name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(prompt_index, seed) per sample of group ``name`` and its prompts, as writers see the group."""
+    g = _group(path, name, mode="r")
+    return (np.asarray(g["prompt_index"][:], dtype=np.int64), np.asarray(g["seed"][:], dtype=np.int64),
+            [str(p) for p in np.asarray(g["prompt_text"][:]).tolist()])
+
+
 def group_names(path: str | os.PathLike) -> list[str]:
     """Groups listed in the root attrs (empty when the store does not exist)."""
     if not exists(path):
@@ -452,16 +467,19 @@ def config_differences(stored: dict, config: dict) -> list[str]:
             if stored.get(k) != config.get(k) and not (k in CONFIG_KEYS_ADDED_LATER and k not in stored)]
 
 
-def check_config(path: str | os.PathLike, name: str, config: dict) -> None:
+def check_config(path: str | os.PathLike, name: str, config: dict, *, seeds_may_differ: bool = False) -> None:
     """Refuse to reuse group ``name`` if its stored run config differs from ``config``.
 
     One line naming every field that differs with both values (``extra`` entries as ``extra.KEY``;
     ``extra.group`` never counts; a key in :data:`CONFIG_KEYS_ADDED_LATER` counts only if stored).
+    ``seeds_may_differ``: a run that grows the group by seeds (or captures part of its seeds) resumes it.
     """
     stored = group_attrs(path, name).get("config")
     if stored is None:
         raise ConfigMismatch(f"group {name!r} in {path} has no stored config; it was not written by trajlab capture")
     diffs = config_differences(json.loads(stored), config)
+    if seeds_may_differ:
+        diffs = [d for d in diffs if not d.startswith("seeds:")]
     if diffs:
         raise ConfigMismatch(f"group {name!r} in {path} was captured with a different config (" + "; ".join(diffs)
                              + "): run with the same settings, or write another group (--group NAME)")
@@ -518,6 +536,8 @@ def validate(path: str | os.PathLike, *, resumable: bool = False) -> None:
         missing = [v for v in REQUIRED_VARIABLES + STEP_COORDS + SAMPLE_COORDS if v not in g]
         if missing:
             raise StoreError(f"{path}/{name} lacks {missing}")
+        if resumable and GROWING_ATTR in g.attrs:  # a growth cut short: readers still see the group before it
+            continue
         n_samples, n_steps = g["latent"].shape[:2]
         for v in json.loads(g.attrs.get("step_variables", "[]")):
             if v not in g or g[v].shape[:2] != (n_samples, n_steps):
@@ -545,14 +565,15 @@ def open(path: str | os.PathLike, *, validate_store: bool = True, chunks: dict |
     return xr.open_datatree(_target(path), engine="zarr", chunks={} if chunks is None else dict(chunks))
 
 
-def open_group(path: str | os.PathLike, name: str):
-    """One group as a lazy ``xarray.Dataset``."""
+def open_group(path: str | os.PathLike, name: str, *, chunks: dict | None = None):
+    """One group as a lazy ``xarray.Dataset`` (``chunks`` as in :func:`open`; by label:
+    ``trajlab.store_groups.open_group``)."""
     import xarray as xr
 
     validate(path)
     if name not in group_names(path):
         raise StoreError(f"group {name!r} not in store {path}; groups: {group_names(path)}")
-    return xr.open_zarr(_target(path), group=name)
+    return xr.open_zarr(_target(path), group=name, **({} if chunks is None else {"chunks": dict(chunks)}))
 
 
 def summary(path: str | os.PathLike) -> list[dict]:

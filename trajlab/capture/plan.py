@@ -134,10 +134,12 @@ class CapturePlan:
         return {**self.config(), "batch_size": self.batch_size}
 
     def group_name(self) -> str:
-        """Readable group name: model, scheduler, steps, guidance, negative prompt (+ hash of the rest)."""
+        """Readable group name: model, scheduler, steps, guidance, negative prompt (its label, see
+        :mod:`trajlab.store_groups`) + a hash of the rest but the seeds: a capture with more seeds grows the
+        same group."""
         neg = "none" if not self.negative_prompt else "neg-" + hashlib.sha1(self.negative_prompt.encode()).hexdigest()[:6]
         rest = {k: v for k, v in self.config().items()
-                if k not in ("model", "scheduler", "steps", "guidance", "negative_prompt")}
+                if k not in ("model", "scheduler", "steps", "guidance", "negative_prompt", "seeds")}
         tag = hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:6]
         model = re.sub(r"[^A-Za-z0-9_.+-]+", "-", self.model).strip("-")
         if self.loras:

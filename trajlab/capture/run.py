@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trajlab import store
+from trajlab import store, store_groups
 from trajlab.capture import shard as _shard
 from trajlab.capture.plan import CapturePlan, PlanError
 from trajlab.capture.records import BatchRecorder, to_host
@@ -109,25 +109,35 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
     (:class:`trajlab.models.hybrid.HybridPipeline`). ``path``: a local path or an fsspec URL
     (``file://``, ``s3://``).
     Resumes: complete blocks are skipped, incomplete blocks redone. A group with a different config is
-    refused (:class:`trajlab.store.ConfigMismatch`).
+    refused (:class:`trajlab.store.ConfigMismatch`); one that differs only in lacking some of the plan's
+    seeds is grown (:func:`trajlab.store_groups.extend_group`: stored samples kept, new ones appended),
+    and a plan with fewer seeds than the group captures only its own. ``group`` may be a label, and a
+    group an older trajlab named with the seeds in its hash is found by its config
+    (:func:`trajlab.store_groups.resolve_group`).
     ``shard``: ``"I/N"`` (or a :class:`~trajlab.capture.shard.Shard`) captures only blocks ``b`` with
     ``b % N == I``; under torchrun the ranks split the blocks the same way (see
     :mod:`trajlab.capture.shard`). Either way the store ends bitwise identical to a one-process capture.
     """
     plan.validate()
-    group = store.check_group_name(group or plan.group_name())
     coord = _shard.coordinator(path, shard)
     config = json.loads(json.dumps(plan.group_config(), default=str))
     images = plan.images and getattr(pipe, "vae", None) is not None
     if images != plan.images:
         plan.images = images
         config["images"] = images
+    group = store.check_group_name(store_groups.resolve_group(path, group or plan.group_name(), config))
     exists, done = coord.group_state(group, plan.n_samples)
+    prompt_index, seeds = plan.sample_table()
+    segments = [0]
     if exists:
-        store.check_config(path, group, config)
+        store.check_config(path, group, config, seeds_may_differ=True)
         if coord.may_allocate() and store.consolidated_is_stale(path):
             store.repair_consolidated(path)
-    prompt_index, seeds = plan.sample_table()
+        coord.grow(group, lambda: store_groups.extend_group(path, group, plan.seeds), plan.seeds)
+        prompt_index, seeds, _ = store.sample_table(path, group)  # the group's samples, grown or not
+        done, segments = store.completed(path, group), store_groups.segments(path, group)
+    n_samples = len(seeds)
+    wanted = np.isin(seeds, plan.seeds)
     t0 = time.perf_counter()
 
     def allocate(records, end: BatchEnd):
@@ -135,7 +145,7 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
         ab = [lv.alpha_bar for lv in levels]
         first = records[0].sample
         image_shape = None if end.images is None else tuple(end.images.shape[1:])
-        layout = store.GroupLayout(n_samples=plan.n_samples, n_steps=len(records), latent_shape=tuple(first.shape[1:]),
+        layout = store.GroupLayout(n_samples=n_samples, n_steps=len(records), latent_shape=tuple(first.shape[1:]),
                                    dtype=str(numpy_dtype(first.dtype)), step_variables=_step_variables(records),
                                    image_shape=image_shape)
         sched = pipe.scheduler
@@ -160,10 +170,11 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
         coord.obtain(group, allocate_here, lambda: store.check_config(path, group, config))
 
     bar = None
-    mine = coord.shard.block_starts(plan.n_samples, plan.batch_size)
-    todo = [s for s in mine if not done[s: s + plan.batch_size].all()]
-    n_todo = sum(min(plan.batch_size, plan.n_samples - s) for s in todo)
-    n_mine = sum(min(plan.batch_size, plan.n_samples - s) for s in mine)
+    blocks = _shard.blocks(n_samples, plan.batch_size, segments)
+    mine = coord.shard.mine(blocks)
+    todo = [(a, b) for a, b in mine if (wanted[a:b] & ~done[a:b]).any()]
+    n_todo = sum(b - a for a, b in todo)
+    n_skipped = sum(int(wanted[a:b].sum()) for a, b in mine if (a, b) not in todo)
     if progress and todo:
         from tqdm.auto import tqdm
 
@@ -172,8 +183,7 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
                          check=None if exists else lambda: store.check_config(path, group, config))
     first_put = True
     try:
-        for start in todo:
-            stop = min(start + plan.batch_size, plan.n_samples)
+        for start, stop in todo:
             prompts = [plan.prompts[i] for i in prompt_index[start:stop]]
             gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:stop]]
             kwargs = pipeline_kwargs(pipe, plan, prompts, gens)
@@ -198,12 +208,11 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
             bar.close()
     coord.end_group(new_group=not exists, any_put=not first_put)
     size = store.store_bytes(path, group)
-    now = store.completed(path, group) if group in store.group_names(path) else np.zeros(plan.n_samples, dtype=bool)
+    now = store.completed(path, group) if group in store.group_names(path) else np.zeros(n_samples, dtype=bool)
     count = coord.shard.count
-    missing = sorted({b % count for b, s in enumerate(range(0, plan.n_samples, plan.batch_size))
-                      if not now[s: s + plan.batch_size].all()}) if count > 1 else []
-    return CaptureResult(group, n_todo, n_mine - n_todo, time.perf_counter() - t0, size,
-                         shard=str(coord.shard) if count > 1 else None, n_samples=plan.n_samples,
+    missing = sorted({b % count for b, (s, e) in enumerate(blocks) if not now[s:e].all()}) if count > 1 else []
+    return CaptureResult(group, n_todo, n_skipped, time.perf_counter() - t0, size,
+                         shard=str(coord.shard) if count > 1 else None, n_samples=len(now),
                          n_complete=int(now.sum()), missing_shards=tuple(f"{i}/{count}" for i in missing))
 
 

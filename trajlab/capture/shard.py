@@ -25,6 +25,11 @@ another shard allocated it meanwhile; a shard that disagrees is refused in one l
 parameters. Each ``--shard`` run (and torchrun's rank 0) ends with a line saying whether the group is
 complete and, if not, which shards still own incomplete blocks.
 
+**A group grown by seeds** (a capture asking for seeds the group lacks, see :mod:`trajlab.store_groups`)
+is grown before any block runs, by whoever may allocate (the others wait for it; torchrun ranks meet
+rank 0 at a barrier); its new samples form a segment whose blocks start afresh, numbered after the
+stored ones (:func:`blocks`).
+
 Neither: one process, unchanged behaviour. ``--shard`` together with torchrun is refused.
 Resume: every process skips its complete blocks and redoes its incomplete ones, so re-running a
 killed shard (or rank set) redoes only that shard's incomplete samples.
@@ -65,6 +70,18 @@ class Shard:
     def block_starts(self, n_samples: int, batch_size: int) -> list[int]:
         """First sample of every block of this shard (block b -> shard b % count)."""
         return [s for b, s in enumerate(range(0, n_samples, batch_size)) if self.owns(b)]
+
+    def mine(self, all_blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """This shard's blocks of :func:`blocks` (block b -> shard b % count)."""
+        return [blk for b, blk in enumerate(all_blocks) if self.owns(b)]
+
+
+def blocks(n_samples: int, batch_size: int, segments=(0,)) -> list[tuple[int, int]]:
+    """(start, stop) of every block of a group: ``batch_size`` samples at a time from the first sample of
+    each segment (a group grown by seeds has one segment per capture that added samples, see
+    :mod:`trajlab.store_groups`), so a block never mixes stored and new samples. Numbered across segments."""
+    bounds = sorted({int(s) for s in segments if 0 <= int(s) < n_samples} | {0}) + [n_samples]
+    return [(a, min(a + batch_size, e)) for s, e in zip(bounds, bounds[1:]) for a in range(s, e, batch_size)]
 
 
 def parse_shard(text) -> Shard | None:
@@ -121,6 +138,17 @@ class Coordinator:
     def may_allocate(self) -> bool:
         return True
 
+    def grow(self, group: str, grow, seeds) -> None:
+        """Main thread, before any block of an existing group: ``grow()`` it (idempotent: adds the seeds it
+        lacks, completes a growth cut short) when this process may allocate; otherwise wait until the
+        allocating process has grown it to ``seeds``."""
+        if self.may_allocate():
+            grow()
+        else:
+            from trajlab.store_groups import wait_for_seeds
+
+            wait_for_seeds(self.path, group, seeds, timeout=float(os.environ.get(WAIT_ENV, "3600")))
+
     def obtain(self, group: str, allocate, check_config) -> None:
         """Called by the writer thread before its first write to a group that is not there yet."""
         if self.may_allocate():
@@ -174,6 +202,12 @@ class TorchrunCoordinator(Coordinator):
 
     def may_allocate(self) -> bool:
         return self.shard.index == 0
+
+    def grow(self, group: str, grow, seeds) -> None:
+        """Rank 0 grows the group; every rank meets it at a barrier."""
+        if self.shard.index == 0:
+            grow()
+        self._barrier()
 
     def after_first_put(self, allocated: threading.Event) -> None:
         if self.shard.index == 0:
@@ -230,5 +264,5 @@ def coordinator(path, shard=None) -> Coordinator:
     return ShardCoordinator(path, eff)
 
 
-__all__ = ["Coordinator", "Shard", "ShardError", "check", "coordinator", "init_distributed", "parse_shard", "setup",
+__all__ = ["Coordinator", "Shard", "ShardError", "blocks", "check", "coordinator", "init_distributed", "parse_shard", "setup",
            "torchrun_shard"]

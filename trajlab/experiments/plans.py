@@ -384,6 +384,7 @@ def preflight(plans, out: str) -> None:
     from trajlab.capture.plan import PlanError
     from trajlab.models.loading import ModelNotAvailable, check_available
     from trajlab.models.registry import parse_lora
+    from trajlab.store_groups import resolve_group
 
     check_writable(out)
     existing = []
@@ -408,6 +409,8 @@ def preflight(plans, out: str) -> None:
         group = plan_group(plan)
         try:
             store.check_group_name(group)
+            if existing:  # a label, or a group an older trajlab named with its seeds in the hash
+                group = resolve_group(out, group, plan.group_config())
         except store.StoreError as exc:
             raise InputError(f"--group: {exc}") from None
         if group in seen:
@@ -415,7 +418,7 @@ def preflight(plans, out: str) -> None:
         seen.add(group)
         if group in existing:
             try:
-                store.check_config(out, group, plan.group_config())
+                store.check_config(out, group, plan.group_config(), seeds_may_differ=True)  # more seeds: it grows
             except store.ConfigMismatch as exc:
                 raise InputError(str(exc)) from None
 
