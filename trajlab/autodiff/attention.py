@@ -319,7 +319,7 @@ def attention_context(model=None) -> contextlib.AbstractContextManager:
     fused kernels, whose backward exists), when the model has no attention module, or when a JVP
     through the default SDPA kernel works on the model's device/dtype (`fused_sdpa_supports_jvp`,
     cached).  Otherwise it warns (once per device/dtype) and returns `sdpa_kernel(SDPBackend.MATH)`
-    (~4.5x a fused forward; README, 'Performance').
+    (~4.5x a fused forward; docs/performance.md).
     """
     if not forward_mode_active():
         return contextlib.nullcontext()
@@ -330,7 +330,7 @@ def attention_context(model=None) -> contextlib.AbstractContextManager:
         _WARNED_MATH.add((device, dtype))
         warnings.warn(
             f"forward-mode AD through fused SDPA fails on {device}/{dtype}: using the MATH attention backend "
-            "for JVPs (~4.5x slower than the fused kernel; README, 'Performance')",
+            "for JVPs (~4.5x slower than the fused kernel; docs/performance.md)",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -188,7 +188,7 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
     n_prompts = n_prompts or (4 if quick else 10)
     n_seeds = n_seeds or (8 if quick else 16)
     prompts, seeds = list(PROMPTS[:n_prompts]), list(range(n_seeds))
-    handoff = (0, teacher_steps // 3, teacher_steps) if quick else (0, 3, 10, 20, teacher_steps)
+    handoff = (0, teacher_steps // 3) if quick else (0, 3, 10)  # k = teacher_steps is the teacher group itself
     plans, hplans = demo_plans(teacher, student, prompts, seeds, teacher_steps=teacher_steps, handoff=handoff,
                                hybrid=hybrid)
     cplans = []
