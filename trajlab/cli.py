@@ -129,6 +129,7 @@ def cmd_capture(args) -> int:
             raise CliError(f"--group: {exc}") from None
     shard = _shard_arg(args.shard)
     P.preflight(plans, out)
+    args.store_path = out  # what a Ctrl-C message speaks of
     _quiet_libraries()
     P.run_plans(plans, out, progress=not args.quiet, shard=shard)
     return 0
@@ -186,6 +187,35 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _experiment_models(exp, model_map: dict) -> list[str]:
+    """The models an experiment names when run online: every run's, the hybrid's teacher and student."""
+    names = []
+    for run in exp.grid.get("run") or [{}]:
+        model = run.get("model", exp.grid.get("model"))
+        names += model if isinstance(model, list) else [model]
+    if exp.hybrid:
+        names += [exp.hybrid.get("teacher"), exp.hybrid.get("student")]
+    return list(dict.fromkeys(model_map.get(n, n) for n in names if isinstance(n, str)))
+
+
+def _check_online_models(exp, model_map: dict, out) -> None:
+    """A checkpoint missing here, for an experiment that has micro-world substitutes: one line suggesting
+    ``--offline``, before any heavy import (other problems are left to the preflight)."""
+    from trajlab.models.loading import ModelNotAvailable, check_available
+
+    if not exp.offline:
+        return
+    for name in _experiment_models(exp, model_map):
+        try:
+            check_available(name)
+        except ModelNotAvailable as exc:
+            raise CliError(f"experiment {exp.name} needs checkpoints that are not here: add --offline to run it on "
+                           f"its micro-world substitutes (trajlab experiment {exp.name} --offline --out {out}), or "
+                           f"fetch them: {exc}") from None
+        except Exception:  # noqa: BLE001 - an unknown name: the preflight says it
+            continue
+
+
 def cmd_experiment(args) -> int:
     from trajlab.experiments.configs import build_plans, list_experiments, load_experiment, run_experiment
     from trajlab.experiments.plans import preflight
@@ -199,10 +229,13 @@ def cmd_experiment(args) -> int:
         raise CliError("experiment needs --out STORE")
     exp = load_experiment(args.name)
     model_map = _map_arg(args.map)
+    if not args.offline:
+        _check_online_models(exp, model_map, args.out)  # before the plans import torch and diffusers
     plans, hplans, _ = build_plans(exp, offline=args.offline, quick=args.quick, seeds=args.seeds,
                                    model_map=model_map, device=args.device)
     shard = _shard_arg(args.shard)
     preflight(plans + hplans, args.out)
+    args.store_path = args.out
     _quiet_libraries()
     res = run_experiment(exp, args.out, offline=args.offline, quick=args.quick, seeds=args.seeds,
                          model_map=model_map, device=args.device, progress=not args.quiet, shard=shard)
@@ -279,8 +312,16 @@ def cmd_calibrate(args) -> int:
 
 
 # -- the parser -------------------------------------------------------------------------------------
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Examples kept as written; one default per flag: the help's own "(default ...)" where it says one,
+    else "(default: X)" for a flag whose default is a value (not None or False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or not action.option_strings
+                or action.default is None or action.default is False or action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _sub(sub, name, help_, epilog, func):
@@ -452,9 +493,36 @@ def main(argv=None) -> int:
         print(f"trajlab: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("\ninterrupted: the store keeps every complete sample; re-run the same command to resume",
-              file=sys.stderr)
+        print(f"\n{_interrupted(args)}", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _interrupted(args) -> str:
+    """The Ctrl-C line, saying only what exists: a store's complete samples (kept: a re-run resumes), or
+    that nothing was written yet (e.g. during a model load into a new store)."""
+    path = getattr(args, "store_path", None)
+    if path is None and args.command == "demo":
+        path = os.path.join(args.out, "study.zarr")
+    if path is not None:
+        from trajlab import store
+
+        try:
+            if not store.exists(path):
+                return f"interrupted before anything was written (no store at {path}); re-run the same command to start"
+            names = store.group_names(path)
+            n = sum(int(store.completed(path, g).sum()) for g in names)
+        except Exception:  # noqa: BLE001 - an unreadable store: say no more than that
+            return f"interrupted; {path} may hold complete samples: re-run the same command to resume"
+        if n == 0:
+            return f"interrupted: {path} holds no complete sample yet; re-run the same command to resume"
+        return (f"interrupted: {path} keeps its {n} complete sample(s) in {len(names)} group(s); re-run the same "
+                "command to resume")
+    out = getattr(args, "out", None)
+    if out and args.command in ("report", "calibrate"):
+        if Path(out).exists():
+            return f"interrupted: {out} may be incomplete; re-run the same command to write it"
+        return f"interrupted before anything was written to {out}"
+    return "interrupted"
 
 
 if __name__ == "__main__":
