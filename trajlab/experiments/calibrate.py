@@ -41,9 +41,11 @@ def null_table(ds) -> str:
 
 
 def run_calibrate(out, *, quick: bool = False, replicates: int | None = None, progress: bool = True,
-                  real_nulls: bool | None = None):
+                  real_nulls: bool | None = None, reuse_magnitudes: bool | None = None, truth: bool | None = None):
     """Run the calibration, write DIR/calibration.{nc,csv,md}, DIR/magnitudes.json, DIR/power_curves.png and (with
-    the micro-world) DIR/real_nulls.nc; print the tables; the last line is the summary."""
+    the micro-world) DIR/real_nulls.nc; print the tables; the last line is the summary. reuse_magnitudes: take
+    the shipped knob magnitudes (default: only when quick); truth: re-measure each planted magnitude's true
+    effect (default: not quick)."""
     from trajlab.analysis.io import save_dataset, save_figure
     from trajlab.plots.calibration import plot_power_curves
     from trajlab.verdicts.calibration import run_calibration, solve_magnitudes, summary_line
@@ -59,7 +61,8 @@ def run_calibrate(out, *, quick: bool = False, replicates: int | None = None, pr
     from trajlab.verdicts.calibration import FACTORS
 
     shipped = json.loads(SHIPPED.read_text()) if SHIPPED.is_file() else {}
-    if quick and shipped and all(len(v) == len(FACTORS) for v in shipped.values()):
+    reuse = quick if reuse_magnitudes is None else reuse_magnitudes
+    if reuse and shipped and all(len(v) == len(FACTORS) for v in shipped.values()):
         mags = shipped
         say(f"calibrate: knob magnitudes from {SHIPPED}")
     else:
@@ -69,7 +72,7 @@ def run_calibrate(out, *, quick: bool = False, replicates: int | None = None, pr
     def tick(i, total, elapsed):
         say(f"calibrate: replicate {i}/{total}, {elapsed:.0f} s, about {elapsed / i * (total - i):.0f} s left")
 
-    ds = run_calibration(n_replicates=n, magnitudes=mags, truth=not quick, progress=tick)
+    ds = run_calibration(n_replicates=n, magnitudes=mags, truth=(not quick) if truth is None else truth, progress=tick)
     nulls = None
     if real_nulls if real_nulls is not None else not quick:
         from trajlab.experiments.demo import micro_available

@@ -395,8 +395,6 @@ def preflight(plans, out: str) -> None:
             raise InputError(f"--out {out}: not a valid trajlab store ({exc})") from None
         existing = store.group_names(out)
     seen = set()
-    for device in sorted({plan.device for plan in plans}, key=str):
-        check_device(device)
     for plan in plans:
         try:
             plan.validate()
@@ -421,6 +419,8 @@ def preflight(plans, out: str) -> None:
                 store.check_config(out, group, plan.group_config(), seeds_may_differ=True)  # more seeds: it grows
             except store.ConfigMismatch as exc:
                 raise InputError(str(exc)) from None
+    for device in sorted({plan.device for plan in plans}, key=str):  # after the checkpoints: a missing
+        check_device(device)                                         # checkpoint is named first
 
 
 # -- running ----------------------------------------------------------------------------------------
