@@ -292,3 +292,23 @@ def test_unit_noise_jacobian_norms_compare_across_samplers():
     assert ins_d == 1.0 and ins_e > 8
     assert abs(cl_e / cl_d - 1) < 0.01 and abs(unit_e / unit_d - 1) < 0.02
     assert raw_d / raw_e > 0.9 * ins_e**2  # the raw norms differ by init_noise_sigma^2
+
+
+def test_covariance_results_writes_the_noise_injection_propagation(tmp_path):
+    """mechanistic.covariance_results(injections=True) on a stored exact-world LCM group: the plain result
+    keeps its name and numbers, and <group>_noise_injections.nc holds the propagation with injections
+    (not picked up as a covariance result by the report's suffix match)."""
+    from trajlab.analysis.mechanistic import covariance_results
+    from trajlab.capture import CapturePlan, capture
+
+    pipe, K, _ = _case("lcm")
+    plan = CapturePlan(model="exact:gauss-8d", prompts=["p0"], seeds=list(range(12)), scheduler="lcm", steps=K,
+                       guidance=1.0, images=False, batch_size=12)
+    res = capture(pipe, plan, tmp_path / "s.zarr", progress=False)
+    written = covariance_results(str(tmp_path / "s.zarr"), tmp_path / "out", n_components=4, injections=True)
+    assert sorted(p.name for p in written) == [f"{res.group}_covariance.nc", f"{res.group}_noise_injections.nc"]
+    inj = xr.open_dataset(tmp_path / "out" / f"{res.group}_noise_injections.nc").load()
+    C, _, _ = _closed_form(*_steps(pipe.scheduler, K, _S(pipe)), 8)
+    np.testing.assert_allclose(inj.pred_trace.values, np.trace(C), rtol=1e-6)
+    assert float(inj.replay_rel_error.max()) < 1e-12 and inj.attrs["group"] == res.group
+    assert not f"{res.group}_noise_injections.nc".endswith("_covariance.nc")

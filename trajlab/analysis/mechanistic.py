@@ -4,6 +4,9 @@ The one place these analyses are wired (and their defaults set): ``analyses/jaco
 ``analyses/covariance_propagation.py`` and the demo call :func:`jacobian_results` /
 :func:`covariance_results`; the report reads what they write (``<group>_contraction.nc``,
 ``<group>_covariance.nc``) through :func:`trajlab.analysis.results.analyses_results`.
+``covariance_results(..., injections=True)`` also writes ``<group>_noise_injections.nc``: the
+covariance propagated with the noise stochastic samplers inject at their steps
+(``covariance.group_injected_covariance``, docs/theory.md §14).
 """
 
 from __future__ import annotations
@@ -85,7 +88,9 @@ def jacobian_results(store, out_dir, *, groups=None, model: str | None = None, m
                                        seed=seed)
         written.append(io.save_dataset(prof, Path(out_dir) / f"{name}_contraction.nc", attrs={"group": name}))
         done(f"{name}: whole-map ||J||_F^2 = {float(prof['whole_fro2'].mean()):.4g} "
-             f"(+- {float(prof['whole_fro2_se'].mean()):.2g}); replay rel. error "
+             f"(+- {float(prof['whole_fro2_se'].mean()):.2g}) per unit latent_0 variance, "
+             f"{float(prof['whole_fro2_unit_noise'].mean()):.4g} per unit noise variance "
+             f"(init_noise_sigma {prof.attrs['init_noise_sigma']:.4g}); replay rel. error "
              f"{float(prof['replay_rel_error'].max()):.2g}; {time.perf_counter() - t:.0f} s")
         if callback is not None:
             callback(name, ds, prof, pipe)
@@ -97,7 +102,7 @@ def covariance_results(store, out_dir, *, groups=None, model: str | None = None,
                        n_components: int = COVARIANCE_DEFAULTS["n_components"],
                        n_probes: int = COVARIANCE_DEFAULTS["n_probes"], dense_max: int = COVARIANCE_DEFAULTS["dense_max"],
                        seed: int = COVARIANCE_DEFAULTS["seed"], max_points: int | None = None,
-                       callback=None) -> list[Path]:
+                       injections: bool = False, callback=None) -> list[Path]:
     """Covariance propagation (empirical Cov[final latent] vs J Cov[latent_0] J^T;
     ``covariance.group_covariance_propagation``) over each group's first ``n_prompts`` prompts (None:
     all), dense Jacobians up to ``dense_max`` latent entries, else randomized SVD + ``n_probes``
@@ -106,6 +111,11 @@ def covariance_results(store, out_dir, *, groups=None, model: str | None = None,
     configs: keep groups whose (model, steps) is in these; experiments: keep groups whose
     ``experiment`` tag is in these; hybrid groups are skipped. max_points: linearisation points per
     prompt (its first noise samples; default ``covariance.DEFAULT_POINTS``). callback(name, result) per group.
+    injections: also propagate the noise each group's sampler injects at its steps, replayed from the
+    captured seeds (``covariance.group_injected_covariance``: share of the output variance from the initial
+    noise vs the injections, trace ratios with and without them), written as
+    ``out_dir/<group>_noise_injections.nc``; about (1 + number of noise draws) x the cost of the plain
+    propagation per group, and a deterministic sampler gets share_initial = 1.
     """
     from trajlab.analysis import covariance as cov
 
@@ -126,8 +136,15 @@ def covariance_results(store, out_dir, *, groups=None, model: str | None = None,
         res = cov.group_covariance_propagation(ds.load(), pipe, n_components=n_components, dense_max=dense_max,
                                                n_probes=n_probes, seed=seed, max_points=max_points)
         written.append(io.save_dataset(res, Path(out_dir) / f"{name}_covariance.nc", attrs={"group": name}))
-        done(f"{name}: trace ratio emp/pred = {np.round(res['trace_ratio'].values, 3)}, "
-             f"{time.perf_counter() - t:.0f} s")
+        text = f"{name}: trace ratio emp/pred = {np.round(res['trace_ratio'].values, 3)}"
+        if injections:
+            inj = cov.group_injected_covariance(ds, pipe, n_components=n_components, dense_max=dense_max,
+                                                n_probes=n_probes, seed=seed, max_points=max_points)
+            written.append(io.save_dataset(inj, Path(out_dir) / f"{name}_noise_injections.nc", attrs={"group": name}))
+            text += (f"; with {inj.sizes['injection']} noise injections: emp/pred = "
+                     f"{np.round(inj['trace_ratio'].values, 3)}, share of the initial noise "
+                     f"{np.round(inj['share_initial'].values, 3)}")
+        done(f"{text}, {time.perf_counter() - t:.0f} s")
         if callback is not None:
             callback(name, res)
     return written
