@@ -16,7 +16,7 @@ output w.r.t. the noise injected at a step: the later step maps times the inject
 the scheduler's `randn_tensor` calls through `drawn_noise`.  Whole-map norms are also reported per unit
 of initial-noise standard deviation (`unit_noise_scale`), so samplers with init_noise_sigma != 1 compare.
 
-Attention: forward mode fails on fused SDPA kernels (FACTS.md); `unet_model_fn` /
+Attention: forward mode fails on fused SDPA kernels (docs/performance.md, "JVP cost"); `unet_model_fn` /
 `pipeline_model_fn` run the network under `trajlab.autodiff.attention.attention_context`, the
 one switch (math backend fallback, ~4.5x).
 """
