@@ -7,7 +7,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SCANNED = ("trajlab", "tests", "examples", "analyses", "benchmarks", "docs")
 # spelled in pieces so that this file does not match itself
-FORBIDDEN = ("THEORY" + ".md", ".." + "/shared", "/work" + "/shared")
+FORBIDDEN = ("THEORY" + ".md", "FACTS" + ".md", ".." + "/shared", "/work" + "/shared")
 SKIP_DIRS = {"__pycache__", ".ipynb_checkpoints"}
 SKIP_SUFFIXES = {".pyc", ".pyo", ".so", ".png", ".jpg", ".jpeg", ".gif", ".pt", ".safetensors", ".npz", ".npy",
                  ".nc", ".zarr", ".pdf"}
