@@ -384,6 +384,9 @@ def injected_covariance_propagation(
     lat0 = np.asarray(ds["latent"].isel(step=0).values, np.float64)
     p = int(np.prod(lat0.shape[1:]))
     if noise is None:
+        if "seed" not in ds.coords and "seed" not in ds:
+            raise ValueError("injected_covariance_propagation: no `seed` coord to replay the captured step noise "
+                             "from; pass noise=callable(sample indices) -> generator(s)")
         seeds = np.asarray(ds["seed"].values)
         noise = lambda pts: jac.replay_generators(seeds[pts], lat0.shape[1:])  # noqa: E731
     rows, rel = [], []
