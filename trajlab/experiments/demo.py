@@ -221,7 +221,9 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
     if mechanistic:
         analyses = out / "analyses"
         stage()
-        jacobian_results(store, analyses, models=(teacher, student), experiments=("demo",), **DEMO_JACOBIAN)
+        collapsing = ("micro-turbo", "micro-dmd") if teacher == "micro-sd" else ()  # the students that collapse
+        jacobian_results(store, analyses, models=(teacher, student, *collapsing),
+                         experiments=("demo", "distilling_diversity"), **DEMO_JACOBIAN)
         stage()
         covariance_results(store, analyses, configs=((teacher, teacher_steps), (student, 1), (student, 4)),
                            experiments=("demo", ""), n_prompts=1 if quick else 2, n_probes=4 if quick else 16,
@@ -245,21 +247,40 @@ def _stages(names, t0):
 
 
 def print_summary(report_dir, elapsed: float) -> None:
-    """The terminal summary: each failure mode's decision, effect and CI, and where the report is."""
+    """The terminal summary: the report's headline (per student, its supported failures largest first, each
+    with effect, 95% CI and n, in aligned columns; then the counts of the other decisions) and the report's
+    file:// link, last."""
     import json
+    import textwrap
 
+    path = (Path(report_dir) / "index.html").resolve()
     tables = json.loads((Path(report_dir) / "tables.json").read_text())
-    print(f"\ndemo done in {elapsed:.0f} s. Failure taxonomy (verdict engine; effect [95% CI], Holm-corrected):")
-    for r in tables.get("verdicts", []):
-        print(f"  {r['mode']:24} {r['candidate'][:38]:38} {r['effect']:28} {r['decision']}")
-    study = (tables.get("distilling") or {}).get("data_vars")
-    if study:
-        print("Distilling-Diversity study (diversity log ratio vs teacher [95% CI], decision; accuracy difference):")
-        col = {k: v["data"] for k, v in study.items()}
-        for i, label in enumerate(col["label"]):
-            print(f"  {label[:44]:44} {col['div_estimate'][i]:+.3f} [{col['div_ci_low'][i]:+.3f}, "
-                  f"{col['div_ci_high'][i]:+.3f}] {col['div_decision'][i]:13} acc {col['acc_estimate'][i]:+.3f}")
-    print(f"report: {Path(report_dir) / 'index.html'}")
+    hl = tables.get("headline") or {}
+    n = hl.get("n_comparisons", len(tables.get("verdicts", [])))
+    print(f"\ndemo done in {elapsed:.0f} s. {n} pre-declared comparisons against the teacher {hl.get('teacher', '')} "
+          "(matched prompts and seeds; effect, 95% CI, n matched pairs; Holm-corrected).")
+    rows = [(s["student"], f["candidate"], f["claim"], f["ci"], f["n"].split(" (")[0])
+            for s in hl.get("students", []) for f in s["findings"]]
+    if rows:
+        print("Supported failures, per student, largest first:")
+        w = [max(len(r[i]) for r in rows) for i in range(4)]
+        w[2] = min(w[2], 56)  # longer claims wrap within their column
+        last = None
+        for r in rows:
+            head = r[0] if r[0] != last else ""
+            last = r[0]
+            claim = textwrap.wrap(r[2], w[2]) or [""]
+            print(f"  {head:{w[0]}}  {r[1]:{w[1]}}  {claim[0]:{w[2]}}  {r[3]:{w[3]}}  {r[4]}")
+            for more in claim[1:]:
+                print(f"  {'':{w[0]}}  {'':{w[1]}}  {more}")
+    else:
+        print("No supported failure.")
+    quiet = [s["student"] for s in hl.get("students", []) if not s["findings"]]
+    if quiet and rows:
+        print("No supported failure: " + ", ".join(quiet) + ".")
+    if hl.get("counts_text"):
+        print(f"All {n} comparisons: {hl['counts_text']} (the report's verdict table sorts and filters them).")
+    print(f"report: {path.as_uri()}")
 
 
 __all__ = ["control_plans", "demo_plans", "distilling_plans", "micro_available", "reinjection_plans", "run_demo"]
