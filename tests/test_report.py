@@ -43,7 +43,8 @@ def test_demo_writes_store_and_report(demo):
 def test_report_has_every_section_and_names_groups(demo):
     out, path = demo
     text = path.read_text()
-    for s in SECTIONS:
+    assert f"data-section='{SECTIONS[0]}'>Answer" in text
+    for s in SECTIONS[1:]:
         assert f">{s}</h2>" in text, s
     # sections this store cannot support say so; those it can are filled
     neg = text.split(">Negative-prompt sensitivity</h2>")[1].split("<h2")[0]
@@ -85,8 +86,6 @@ def test_results_are_datasets_and_the_report_only_renders(demo, tmp_path):
     import subprocess
     import sys
 
-    import xarray as xr
-
     out, _ = demo
     res = out / "report" / "results"
     for name in ("groups", "metrics", "step_consistency", "negative_prompt", "cfg", "hybrid", "commitment",
@@ -103,3 +102,114 @@ def test_results_are_datasets_and_the_report_only_renders(demo, tmp_path):
     code = ("import sys, trajlab.report; bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers') "
             "or m.startswith('trajlab.models')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- answer first, labels, figures ----------------------------------------------------------------
+def _row(mode, est, lo, hi, *, kind="log_ratio", direction="decrease", margin=0.05, decision="supported",
+         cand="micro-turbo, 2 steps", group="micro-turbo__g", ref_group="teacher__g", n=(10, 16)):
+    return {"mode": mode, "estimate": est, "ci_low": lo, "ci_high": hi, "effect_kind": kind, "direction": direction,
+            "margin": margin, "decision": decision, "candidate": cand, "candidate_group": group,
+            "reference": "micro-sd, 30 steps", "reference_group": ref_group, "metric": "m", "n_prompts": n[0],
+            "n_per_prompt": n[1]}
+
+
+def test_headline_sentences_rank_supported_failures_with_effect_ci_and_n():
+    """A log ratio reads as a percentage via exp(), a difference of fractions in percentage points; findings
+    rank by effect in margin units, students by their largest finding; the other decisions are counted."""
+    import math
+
+    from trajlab.report.headline import counts_text, headline
+
+    rows = [_row("diversity_collapse", math.log(0.37), math.log(0.34), math.log(0.40)),
+            _row("canonical_bias", 0.041, 0.020, 0.063, kind="difference", direction="increase"),
+            _row("fine_detail", -0.01, -0.02, 0.0, decision="refuted", margin=0.1),
+            _row("mode_dropping", -0.02, -0.1, 0.05, kind="difference", decision="inconclusive", margin=0.03,
+                 cand="micro-lcm, 4 steps", group="micro-lcm__g"),
+            _row("early_commitment", 0.0, 0.0, 0.0, decision="not applicable", cand="micro-lcm, 1 step",
+                 group="micro-lcm__g1")]
+    hl = headline(rows, {"micro-turbo__g": "micro-turbo", "micro-lcm__g": "micro-lcm", "micro-lcm__g1": "micro-lcm"},
+                  teacher="teacher__g")
+    turbo, lcm = hl["students"]
+    assert turbo["student"] == "micro-turbo" and [f["mode"] for f in turbo["findings"]] == \
+        ["diversity_collapse", "canonical_bias"]
+    assert turbo["findings"][0]["sentence"] == ("micro-turbo, 2 steps: 63% less diverse than the teacher "
+                                                "(95% CI 60-66%), 160 matched pairs.")
+    assert turbo["findings"][1]["sentence"] == ("micro-turbo, 2 steps: 4.1 percentage points more samples in a "
+                                                "prompt's most common mode than the teacher (95% CI 2-6.3 pp), "
+                                                "160 matched pairs.")
+    assert turbo["counts"]["refuted"] == 1 and not lcm["findings"]
+    assert lcm["counts"] == {"supported": 0, "refuted": 0, "inconclusive": 1, "not applicable": 1}
+    assert counts_text(hl["counts"]) == "2 supported, 1 refuted, 1 inconclusive, 1 not applicable"
+
+
+def test_labels_are_human_unique_and_name_hybrids():
+    import xarray as xr
+
+    from trajlab.report.labels import group_info, label_of
+
+    names = ["micro-sd__ddim__30steps__cfg4__none__aa", "micro-turbo__euler__2steps__cfg0__none__bb",
+             "micro-lcm-lora__lcm__4steps__cfg1__none__cc", "micro-lcm-lora__lcm__4steps__cfg1__none__dd",
+             "micro-lcm-lora__tcd__4steps__cfg1__none__cc", "micro-lcm-lora__lcm__2steps__cfg1__none__cc",
+             "hybrid__micro-sd__to__micro-turbo__k01of2__s2__cfg4-0"]
+    col = {"model": ["micro-sd", "micro-turbo", "micro-lcm-lora", "micro-lcm-lora", "micro-lcm-lora", "micro-lcm-lora",
+                     "micro-sd"],
+           "scheduler": ["DDIMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler", "LCMScheduler",
+                         "TCDScheduler", "LCMScheduler", "Switch"],
+           "steps": ["30", "2", "4", "4", "4", "2", "2"], "guidance": ["4.0", "0.0", "1.0", "1.0", "1.0", "1.0", "4.0"],
+           "negative_prompt": [""] * 7, "role": ["teacher", "student", "student", "student", "student", "student", "hybrid"],
+           "label": ["x"] * 7}
+    info = group_info(xr.Dataset({k: ("group", v) for k, v in col.items()}, coords={"group": names}))
+    labels = [info[n]["label"] for n in names]
+    assert labels[:3] == ["micro-sd, 30 steps", "micro-turbo, 2 steps", "micro-lcm-lora LCM, 4 steps (cc)"]
+    assert labels[4] == "micro-lcm-lora TCD, 4 steps" and len(set(labels)) == len(labels)
+    assert labels[6] == "micro-sd → micro-turbo, k = 1 of 2" and info[names[6]]["family"] == "micro-turbo"
+    assert info[names[1]]["sampler"] == "Euler-A"
+    assert label_of(f"{names[5]} / {names[2]}", info) == "micro-lcm-lora LCM, 2/4 steps"
+
+
+def test_report_answers_first_and_names_both_commitment_estimators(demo, capsys):
+    """The page opens with the answer (before any other section), the verdict table is the next section, the
+    technical notes close it; the commitment section names both estimators, the early-commitment verdict's
+    as x0-mode stability; the terminal summary ends with the same headline and the report's file:// link."""
+    from trajlab.experiments.demo import print_summary
+    from trajlab.verdicts.modes.early_commitment import ESTIMATOR
+
+    out, path = demo
+    text = path.read_text()
+    body = text.split("<body>", 1)[1].lstrip()
+    assert body.startswith("<section id='Answer'>") and "<h1 data-section='Answer'>Answer" in body[:200]
+    assert body.index("id='Answer'") < body.index("<h2") == body.index("<h2 id='Verdicts'")
+    assert text.rindex("<h2") == text.index("<h2 id='Technical-notes'")
+    tables = json.loads((out / "report" / "tables.json").read_text())
+    hl = tables["headline"]
+    assert hl["n_comparisons"] == len(tables["verdicts"]) and hl["students"] and hl["counts_text"]
+    assert all(r["student"] and r["change"] for r in tables["verdicts"])
+    commit = text.split(">Commitment</h2>")[1].split("<h2")[0]
+    assert "labeller stability" in commit and "x0-mode stability" in commit
+    assert ESTIMATOR.startswith("x0-mode stability")
+    print_summary(out / "report", 1.0)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"report: {(out / 'report' / 'index.html').resolve().as_uri()}"
+    assert any(line.startswith(f"All {hl['n_comparisons']} comparisons: ") for line in lines)
+
+
+def test_no_figure_text_is_cut(demo, tmp_path, monkeypatch):
+    """Every figure of the report keeps its titles, labels, tick labels and legends inside its own area
+    (checked on the matplotlib figure before it is saved; the PNG is also saved with a tight box)."""
+    from trajlab.plots._style import text_outside
+    from trajlab.report import blocks, render_report
+
+    out, _ = demo
+    cut, seen = {}, []
+    save = blocks.Figures.__call__
+
+    def check(self, fig, name, caption="", groups=()):
+        seen.append(name)
+        bad = text_outside(fig)
+        if bad:
+            cut[name] = bad
+        return save(self, fig, name, caption, groups)
+
+    monkeypatch.setattr(blocks.Figures, "__call__", check)
+    render_report(out / "report" / "results", tmp_path)
+    assert len(seen) >= 5 and not cut, cut

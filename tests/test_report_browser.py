@@ -1,8 +1,11 @@
 """The report in a real browser: Debian's headless Chromium, driven over the DevTools protocol.
 
 Every <img> loads (naturalWidth > 0), every table's CSV link resolves, and the page logs no console
-error, uncaught exception or failed resource. One screenshot per section (scrolled to its <h2>) is kept
-in ``$TRAJLAB_ARTIFACTS/report_browser`` (default: a pytest tmp directory; the path is printed).
+error, uncaught exception or failed resource. The answer is the first thing on the page; the verdict table
+sorts (each column, both ways) and filters (decision, mode, words); the step slider moves every group's x0
+prediction; every image has a caption naming its groups and none runs past the page. One screenshot per
+section (scrolled to its heading) is kept in ``$TRAJLAB_ARTIFACTS/report_browser`` (default: a pytest tmp
+directory; the path is printed).
 
 The browser is driven through ``--remote-debugging-pipe`` (JSON messages, NUL-terminated, on fds 3/4):
 no websocket client and no extra Python dependency. Skipped when /usr/bin/chromium is absent.
@@ -183,14 +186,24 @@ def _problems(events) -> list[str]:
     return out
 
 
-def test_report_in_chromium(report, artifacts, tmp_path):
-    from trajlab.report import SECTIONS
+def _eval(b, s, expression: str, timeout: float = 30):
+    """The value of a JavaScript expression in the page (promises awaited)."""
+    r = b.send("Runtime.evaluate", {"expression": expression, "awaitPromise": True, "returnByValue": True},
+               session=s, timeout=timeout)
+    if "exceptionDetails" in r:
+        raise AssertionError(f"{expression[:80]}...: {r['exceptionDetails']}")
+    return r["result"].get("value")
 
+
+@pytest.fixture(scope="module")
+def page(report, artifacts, tmp_path_factory):
+    """(browser, page session, report root, url, {what the first load saw}) of the report loaded once at
+    1280 x 900; one screenshot per section (scrolled to its heading) is taken on the way."""
     root, url = report
     t0 = time.monotonic()
-    b = Browser(tmp_path / "chromium-profile")
+    b = Browser(tmp_path_factory.mktemp("chromium") / "profile")
     try:
-        version = b.send("Browser.getVersion")["product"]
+        seen = {"version": b.send("Browser.getVersion")["product"]}
         target = b.send("Target.createTarget", {"url": "about:blank"})["targetId"]
         s = b.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
@@ -200,38 +213,172 @@ def test_report_in_chromium(report, artifacts, tmp_path):
         nav = b.send("Page.navigate", {"url": url + "index.html"}, session=s)
         assert not nav.get("errorText"), nav
         b.wait_event("Page.loadEventFired", timeout=60)
-        imgs = json.loads(b.send("Runtime.evaluate", {"expression": _IMAGES, "awaitPromise": True,
-                                                      "returnByValue": True}, session=s, timeout=60)["result"]["value"])
-        title = b.send("Runtime.evaluate", {"expression": "document.title", "returnByValue": True},
-                       session=s)["result"]["value"]
-        heads = b.send("Runtime.evaluate", {"expression": "Array.from(document.querySelectorAll('h2'))"
-                                            ".map(h => h.textContent)", "returnByValue": True},
-                       session=s)["result"]["value"]
-        csvs = b.send("Runtime.evaluate", {"expression": "Array.from(document.querySelectorAll('a[href$=\".csv\"]'))"
-                                           ".map(a => a.getAttribute('href'))", "returnByValue": True},
-                      session=s)["result"]["value"]
+        seen["imgs"] = json.loads(_eval(b, s, _IMAGES, timeout=60))
+        seen["title"] = _eval(b, s, "document.title")
+        seen["heads"] = _eval(b, s, "Array.from(document.querySelectorAll('[data-section]')).map(h => h.dataset.section)")
+        seen["csvs"] = _eval(b, s, "Array.from(document.querySelectorAll('a[href$=\".csv\"]')).map(a => a.getAttribute('href'))")
         shots = []
-        for i, h in enumerate(heads):
-            b.send("Runtime.evaluate", {"expression": f"document.querySelectorAll('h2')[{i}].scrollIntoView()"},
-                   session=s)
+        for i, h in enumerate(seen["heads"]):
+            _eval(b, s, f"document.querySelectorAll('[data-section]')[{i}].scrollIntoView()")
             png = b.send("Page.captureScreenshot", {"format": "png"}, session=s)["data"]
-            p = artifacts / f"{i:02d}_{h.replace(' ', '-').replace('/', '-')}.png"
-            p.write_bytes(base64.b64decode(png))
-            shots.append(p)
-        problems = _problems(b.events)
+            path = artifacts / f"{i:02d}_{h.replace(' ', '-').replace('/', '-')}.png"
+            path.write_bytes(base64.b64decode(png))
+            shots.append(path)
+        _eval(b, s, "window.scrollTo(0, 0)")
+        seen["shots"] = shots
+        seen["problems"] = _problems(b.events)
+        print(f"{seen['version']}: {len(seen['imgs'])} images, {len(seen['csvs'])} CSV links, {len(shots)} section "
+              f"screenshots in {artifacts} ({time.monotonic() - t0:.1f} s)")
+        yield b, s, root, url, seen
     finally:
         b.close()
-    print(f"{version}: {len(imgs)} images, {len(csvs)} CSV links, {len(shots)} section screenshots in {artifacts} "
-          f"({time.monotonic() - t0:.1f} s)")
-    assert title.startswith("trajlab report")
-    assert heads == list(SECTIONS)
+
+
+def test_report_in_chromium(page):
+    from trajlab.report import SECTIONS
+
+    b, s, root, url, seen = page
+    imgs, csvs, shots = seen["imgs"], seen["csvs"], seen["shots"]
+    assert seen["title"].startswith("trajlab report")
+    assert seen["heads"] == list(SECTIONS)
     assert imgs, "no <img> on the page"
     bad = [i for i in imgs if not (i[1] and i[2] > 0)]
     assert not bad, f"images that did not load: {bad}"
     assert {Path(i[0]).name for i in imgs} == {p.name for p in root.glob("*.png")}
-    assert not problems, problems
+    assert not seen["problems"], seen["problems"]
     assert csvs and len(csvs) == len(set(csvs))
     for c in csvs:  # each table's CSV is served beside the page, with a header and one line per row
         with urllib.request.urlopen(url + c, timeout=10) as resp:
             assert resp.status == 200 and len(resp.read().decode().splitlines()) >= 2, c
     assert len(shots) == len(SECTIONS) and all(p.stat().st_size > 1000 for p in shots)
+
+
+_FIRST = """(() => {
+  const a = document.getElementById('Answer'), r = a.getBoundingClientRect();
+  const text = document.body.innerText.trim();
+  return {first: document.body.firstElementChild.id, top: r.top, bottom: r.bottom,
+          starts: text.startsWith(a.innerText.trim().slice(0, 60)), h1: a.querySelector('h1').textContent,
+          counts: a.innerText.includes('comparisons:'), findings: a.querySelectorAll('li').length,
+          sentences: Array.from(a.querySelectorAll('li')).map(li => li.textContent)};
+})()"""
+
+
+def test_headline_is_the_first_thing_on_the_page(page):
+    """The answer opens the page, in the first screen: per student its supported failures (each one sentence
+    with effect, 95% CI and n) and the counts of the other decisions."""
+    b, s, root, url, seen = page
+    a = _eval(b, s, _FIRST)
+    assert a["first"] == "Answer" and a["starts"] and a["top"] < 40 and a["h1"].startswith("Answer"), a
+    assert a["counts"], a
+    headline = json.loads((root / "tables.json").read_text())["headline"]
+    assert a["findings"] == sum(len(st["findings"]) for st in headline["students"])
+    for sentence in a["sentences"]:  # effect, CI and n in every sentence
+        assert "95% CI" in sentence and "matched pairs" in sentence, sentence
+    verdicts = _eval(b, s, "document.getElementById('Verdicts').getBoundingClientRect().top")
+    assert a["bottom"] < verdicts
+
+
+_TABLE = """(() => {
+  const t = document.getElementById('verdict-table'), heads = Array.from(t.tHead.rows[0].cells);
+  const vis = () => Array.from(t.tBodies[0].rows).filter(r => !r.hidden);
+  const key = (r, i) => { const c = r.cells[i], v = c.dataset.sort !== undefined ? c.dataset.sort : c.textContent.trim();
+                          const f = parseFloat(v); return v === '' || isNaN(f) ? v.toLowerCase() : f; };
+  const ordered = (i, dir) => { const k = vis().map(r => key(r, i));
+    for (let j = 1; j < k.length; j++) { const x = k[j - 1], y = k[j];
+      if (typeof x !== typeof y) { if (typeof x !== 'number') return false; continue; }
+      if (dir * (x < y ? -1 : x > y ? 1 : 0) > 0) return false; }
+    return true; };
+  const out = {n: vis().length, sorted: []};
+  for (const name of ['candidate', 'margin units', 'n', 'decision']) {
+    const i = heads.findIndex(h => h.textContent.trim() === name);
+    heads[i].click(); const asc = ordered(i, 1) && heads[i].dataset.dir === 'asc';
+    heads[i].click(); const desc = ordered(i, -1) && heads[i].dataset.dir === 'desc';
+    out.sorted.push([name, asc, desc]);
+  }
+  const fire = e => e.dispatchEvent(new Event('input'));
+  const d = document.getElementById('vd'), q = document.getElementById('vq'), m = document.getElementById('vm');
+  d.value = d.options[1].value; fire(d);
+  out.decision = [d.value, vis().length, vis().every(r => r.dataset.decision === d.value)];
+  d.value = ''; fire(d);
+  m.value = m.options[1].value; fire(m);
+  out.mode = [m.value, vis().length, vis().every(r => r.dataset.mode === m.value)];
+  m.value = ''; fire(m);
+  const word = t.tBodies[0].rows[0].cells[0].textContent.trim().split(/[ ,]+/)[0];
+  q.value = word + ' ' + t.tBodies[0].rows[0].cells[1].textContent.trim(); fire(q);
+  out.words = [q.value, vis().length, vis().every(r => r.textContent.toLowerCase().includes(word.toLowerCase()))];
+  out.shown = document.getElementById('vn').textContent;
+  q.value = 'no-such-word-anywhere'; fire(q); out.none = vis().length;
+  q.value = ''; fire(q); out.back = vis().length;
+  return out;
+})()"""
+
+
+def test_verdict_table_sorts_and_filters(page):
+    b, s, root, url, seen = page
+    t = _eval(b, s, _TABLE)
+    n = len(json.loads((root / "tables.json").read_text())["verdicts"])
+    assert t["n"] == n and n > 0
+    assert all(asc and desc for _, asc, desc in t["sorted"]), t["sorted"]
+    dec, k, ok = t["decision"]
+    assert ok and 0 < k <= n, t["decision"]
+    mode, k, ok = t["mode"]
+    assert ok and 0 < k <= n, t["mode"]
+    assert t["words"][2] and 0 < t["words"][1] <= n and t["shown"].startswith(f"{t['words'][1]} of {n}"), t
+    assert t["none"] == 0 and t["back"] == n
+
+
+_SLIDER = """(() => {
+  const f = document.querySelector('figure.slider'); if (!f) return null;
+  const s = f.querySelector('input.step-slider'), imgs = Array.from(f.querySelectorAll('img'));
+  const state = () => ({pos: f.querySelector('.slider-pos').textContent, left: imgs.map(i => i.style.marginLeft),
+                        sig: Array.from(f.querySelectorAll('.sig')).map(x => x.textContent)});
+  const before = state();
+  s.value = s.max; s.dispatchEvent(new Event('input'));
+  const after = state();
+  const vp = imgs.map(i => { const a = i.parentElement.getBoundingClientRect(), r = i.getBoundingClientRect();
+                             return [r.left - a.left, r.width / a.width]; });
+  s.value = 0; s.dispatchEvent(new Event('input'));
+  return {before, after, back: state(), max: s.max, vp, n: imgs.length};
+})()"""
+
+
+def test_step_slider_moves(page):
+    """Moving the slider to the teacher's last frame shifts every group's x0 strip to its frame nearest in
+    sigma and updates the sigma shown under it; back at 0, everything is as it was."""
+    b, s, root, url, seen = page
+    t = _eval(b, s, _SLIDER)
+    assert t is not None, "no step slider on the page"
+    assert int(t["max"]) >= 1 and t["n"] >= 1
+    assert t["before"]["pos"] != t["after"]["pos"]
+    assert t["after"]["left"][0] != t["before"]["left"][0] and t["after"]["left"][0].startswith("-")
+    assert all(left.startswith("-") for left in t["after"]["left"])  # every group's last frame is past its first
+    assert t["after"]["sig"] != t["before"]["sig"] and t["back"] == t["before"]
+    assert all(x <= 0 for x, _ in t["vp"])  # the strip shifted left inside its window
+
+
+_CAPTIONS = """(() => Array.from(document.images).map(img => {
+  const f = img.closest('figure'), cap = f ? f.querySelector('figcaption') : null;
+  const r = img.getBoundingClientRect();
+  return {src: img.getAttribute('src'), caption: cap ? cap.textContent : null,
+          groups: f && f.dataset.groups ? JSON.parse(f.dataset.groups) : null, slider: !!img.closest('.slider'),
+          right: r.right, width: r.width, natural: img.naturalWidth};
+}))()"""
+
+
+def test_every_image_has_a_caption_naming_its_groups(page):
+    """Each image sits in a figure whose caption names every group it shows (by label); grids, filmstrips and
+    the slider show the teacher and at least one other group; no figure runs past the page."""
+    b, s, root, url, seen = page
+    caps = _eval(b, s, _CAPTIONS)
+    width = _eval(b, s, "document.documentElement.clientWidth")
+    assert caps
+    for c in caps:
+        assert c["caption"] and c["groups"] is not None, c
+        missing = [g for g in c["groups"] if g not in c["caption"]]
+        assert not missing, (c["src"], missing)
+        assert c["groups"] or "no store group" in c["caption"], c
+        if any(k in c["src"] for k in ("_grid", "_filmstrip", "_x0_slider")):
+            assert len(c["groups"]) >= 2 and "teacher" in c["caption"], c
+        if not c["slider"]:  # a figure is scaled to the page, never cut at its edge
+            assert c["right"] <= width + 1, c
+    assert _eval(b, s, "document.documentElement.scrollWidth") <= width

@@ -14,9 +14,12 @@ SIGMA_LABEL = "EDM sigma (log scale, decreasing left to right: sampling directio
 
 def sigma_axis(ax, label: str = SIGMA_LABEL) -> None:
     """The one sigma-axis convention: log scale, sigma decreasing left to right, said in the label."""
+    from matplotlib.ticker import NullFormatter
+
     ax.set_xscale("log")
     lo, hi = sorted(ax.get_xlim())
     ax.set_xlim(hi, lo)
+    ax.xaxis.set_minor_formatter(NullFormatter())  # a short range would label minor ticks on top of each other
     ax.set_xlabel(label)
 
 
@@ -52,3 +55,72 @@ def ci_err(ds, var: str, values=None):
     if not np.isfinite(err).any():
         return None
     return np.where(np.isfinite(err), np.clip(err, 0, None), 0.0)
+
+
+# -- one colour per model family, one line style per sampler ------------------------------------
+FAMILY_COLOURS = {"micro-sd": "#222222", "tiny-sd": "#222222", "micro-lcm": "#1f77b4", "tiny-lcm": "#1f77b4",
+                  "micro-lcm-lora": "#ff7f0e", "micro-turbo": "#d62728", "micro-dmd": "#2ca02c",
+                  "micro-pcm": "#9467bd", "micro-tlcm": "#8c564b"}
+"""Fixed colours of the known model families (teachers dark grey); others get :data:`EXTRA_COLOURS` in order."""
+EXTRA_COLOURS = ("#17becf", "#e377c2", "#bcbd22", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a", "#c5b0d5")
+SAMPLER_STYLES = {"DDIM": "-", "LCM": "--", "TCD": ":", "Euler-A": "-.", "Euler": (0, (5, 1, 1, 1, 1, 1)),
+                  "DPM++": (0, (3, 1)), "hybrid": (0, (1, 1))}
+"""Line style per sampler (short names of :func:`sampler_name`); others solid."""
+SAMPLER_MARKERS = {"DDIM": "s", "LCM": "o", "TCD": "^", "Euler-A": "D", "Euler": "v", "DPM++": "P", "hybrid": "X"}
+_SAMPLERS = (("EulerAncestral", "Euler-A"), ("Euler", "Euler"), ("DPMSolver", "DPM++"), ("DDIM", "DDIM"),
+             ("LCM", "LCM"), ("TCD", "TCD"), ("Switch", "hybrid"), ("Hybrid", "hybrid"))
+_extra: dict = {}
+
+
+def family_colour(model: str) -> str:
+    """The model family's colour (stable within a process: unknown families in order of first use)."""
+    model = str(model)
+    if model in FAMILY_COLOURS:
+        return FAMILY_COLOURS[model]
+    if model not in _extra:
+        _extra[model] = EXTRA_COLOURS[len(_extra) % len(EXTRA_COLOURS)]
+    return _extra[model]
+
+
+def sampler_name(scheduler: str) -> str:
+    """Short sampler name of a scheduler class ("EulerAncestralDiscreteScheduler" -> "Euler-A")."""
+    s = str(scheduler)
+    if s in SAMPLER_STYLES:
+        return s
+    return next((short for key, short in _SAMPLERS if key.lower() in s.lower()), s.replace("Scheduler", "") or "?")
+
+
+def sampler_style(scheduler: str):
+    return SAMPLER_STYLES.get(sampler_name(scheduler), "-")
+
+
+def sampler_marker(scheduler: str) -> str:
+    return SAMPLER_MARKERS.get(sampler_name(scheduler), "o")
+
+
+def text_outside(fig, pad: float = 1.0) -> list[str]:
+    """What a figure draws outside its own area (cut when saved without ``bbox_inches='tight'``): each axes
+    whose drawn extent (title, labels, tick labels in view, legend) leaves the figure, and each figure-level
+    text or legend that does; ``"<what> [x0 y0 x1 y1] outside [w h]"`` in pixels. Empty: nothing is cut."""
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    w, h = fig.bbox.width, fig.bbox.height
+    parts = [(f"axes {a.get_title(loc='left') or a.get_title() or a.get_ylabel() or i!r}", a) for i, a in enumerate(fig.axes)
+             if a.get_visible() and a.axison]
+    figs = [fig] + list(getattr(fig, "subfigs", []))
+    for f in figs:
+        parts += [(f"text {t.get_text()!r}", t) for t in f.texts if t.get_visible() and t.get_text()]
+        parts += [("legend", lg) for lg in f.legends]
+        for name in ("_suptitle", "_supxlabel", "_supylabel"):
+            t = getattr(f, name, None)
+            if t is not None and t.get_visible() and t.get_text():
+                parts.append((f"{name[1:]} {t.get_text()!r}", t))
+    out, seen = [], set()
+    for what, a in parts:
+        if id(a) in seen:
+            continue
+        seen.add(id(a))
+        b = a.get_tightbbox(r) if hasattr(a, "get_tightbbox") else a.get_window_extent(r)
+        if b is not None and (b.x0 < -pad or b.y0 < -pad or b.x1 > w + pad or b.y1 > h + pad):
+            out.append(f"{what} [{b.x0:.0f} {b.y0:.0f} {b.x1:.0f} {b.y1:.0f}] outside [{w:.0f} {h:.0f}]")
+    return out

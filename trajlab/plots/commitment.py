@@ -15,7 +15,7 @@ import xarray as xr  # noqa: E402
 
 from trajlab.plots._style import legend_below, sigma_axis  # noqa: E402
 
-__all__ = ["plot_commitment_curves", "plot_commitment_by_step", "plot_direction_commitment",
+__all__ = ["plot_commitment_curves", "plot_commitment_panels", "plot_commitment_by_step", "plot_direction_commitment",
            "plot_clone_curve", "plot_p_same"]
 
 
@@ -47,6 +47,35 @@ def plot_commitment_curves(curves: dict, sigma_s: float | None = None, title: st
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title or "commitment curve")
     legend_below(fig)
+    return fig
+
+
+def plot_commitment_panels(curves: dict, estimator: str, ncols: int = 3) -> plt.Figure:
+    """Fraction of samples committed vs EDM sigma, one panel per model family (small multiples).
+
+    curves: {label: (family, colour, DataArray (sigma_level,))}; estimator: its name, in the title."""
+    fams = list(dict.fromkeys(f for f, _, _ in curves.values()))
+    nc = min(ncols, len(fams))
+    nr = -(-len(fams) // nc)
+    fig, axes = plt.subplots(nr, nc, figsize=(3.8 * nc, 2.8 * nr + 0.8), squeeze=False, layout="constrained",
+                             sharey=True)
+    floor = _floor(*[c["sigma_level"].values for _, _, c in curves.values()])
+    styles = ("-", "--", ":", "-.")
+    for ax, fam in zip(axes.ravel(), fams):
+        mine = [(lab, col, c) for lab, (f, col, c) in curves.items() if f == fam]
+        for i, (lab, col, c) in enumerate(mine):
+            ax.step(_positive(c["sigma_level"].values, floor), c.values, where="post", color=col,
+                    ls=styles[i % len(styles)], label=str(lab))
+        sigma_axis(ax, "EDM sigma (log, decreasing: sampling order)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(str(fam), fontsize=8, loc="left")
+        ax.tick_params(labelsize=7)
+        ax.xaxis.label.set_size(7)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    for ax in axes.ravel()[len(fams):]:
+        ax.axis("off")
+    fig.supylabel("fraction of samples committed", fontsize=8)
+    fig.suptitle(f"commitment curves, estimator: {estimator}", fontsize=9)
     return fig
 
 

@@ -58,15 +58,22 @@ def plot_variance_ratio_theory(lam, measured_r, theory_r, title: str = ""):
     return fig
 
 
-def plot_trace_scatter(results: dict, labels: dict | None = None):
+def plot_trace_scatter(results: dict, labels: dict | None = None, families: dict | None = None):
     """Empirical vs propagated trace (total output variance) per prompt, one marker series per group:
-    results {group: covariance_propagation Dataset}, labels {group: human label}; log-log with the identity line."""
+    results {group: covariance_propagation Dataset}, labels {group: human label}, families {group: model family}
+    (one colour per family, one marker per group within it); log-log with the identity line."""
+    from trajlab.plots._style import family_colour
+
     fig, ax = plt.subplots(figsize=(6, 5.1), layout="constrained")
     lo, hi = np.inf, -np.inf
+    seen: dict = {}
     for i, (g, d) in enumerate(results.items()):
         x, y = np.asarray(d["pred_trace"].values), np.asarray(d["emp_trace"].values)
         name = (labels or {}).get(g, g)
-        ax.loglog(x, y, "o", color=f"C{i % 10}", label=f"{name} ({int(d.attrs.get('steps', 0))} steps)")
+        fam = (families or {}).get(g)
+        k = seen[fam] = seen.get(fam, -1) + 1
+        ax.loglog(x, y, "osD^v"[k % 5] if fam else "o", color=family_colour(fam) if fam else f"C{i % 10}",
+                  mfc="none" if k % 2 else None, label=f"{name} ({int(d.attrs.get('steps', 0))} steps)")
         vals = np.concatenate([x, y])
         vals = vals[np.isfinite(vals) & (vals > 0)]
         if vals.size:
