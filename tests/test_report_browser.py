@@ -216,7 +216,9 @@ def page(report, artifacts, tmp_path_factory):
         seen["imgs"] = json.loads(_eval(b, s, _IMAGES, timeout=60))
         seen["title"] = _eval(b, s, "document.title")
         seen["heads"] = _eval(b, s, "Array.from(document.querySelectorAll('[data-section]')).map(h => h.dataset.section)")
-        seen["csvs"] = _eval(b, s, "Array.from(document.querySelectorAll('a[href$=\".csv\"]')).map(a => a.getAttribute('href'))")
+        seen["csvs"] = _eval(b, s, "Array.from(document.querySelectorAll('a[href$=\".csv\"]'))"
+                                   ".map(a => a.getAttribute('href'))")
+        seen["height"] = _eval(b, s, "document.documentElement.scrollHeight")
         shots = []
         for i, h in enumerate(seen["heads"]):
             _eval(b, s, f"document.querySelectorAll('[data-section]')[{i}].scrollIntoView()")
@@ -228,7 +230,7 @@ def page(report, artifacts, tmp_path_factory):
         seen["shots"] = shots
         seen["problems"] = _problems(b.events)
         print(f"{seen['version']}: {len(seen['imgs'])} images, {len(seen['csvs'])} CSV links, {len(shots)} section "
-              f"screenshots in {artifacts} ({time.monotonic() - t0:.1f} s)")
+              f"screenshots in {artifacts}; page {seen['height']} px tall ({time.monotonic() - t0:.1f} s)")
         yield b, s, root, url, seen
     finally:
         b.close()

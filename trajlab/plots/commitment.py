@@ -57,8 +57,9 @@ def plot_commitment_panels(curves: dict, estimator: str, ncols: int = 3) -> plt.
     fams = list(dict.fromkeys(f for f, _, _ in curves.values()))
     nc = min(ncols, len(fams))
     nr = -(-len(fams) // nc)
-    fig, axes = plt.subplots(nr, nc, figsize=(3.8 * nc, 2.8 * nr + 0.8), squeeze=False, layout="constrained",
-                             sharey=True)
+    single = len(fams) == 1
+    fig, axes = plt.subplots(nr, nc, figsize=(6.0, 4.2) if single else (3.8 * nc, 2.8 * nr + 0.8), squeeze=False,
+                             layout="constrained", sharey=True)
     floor = _floor(*[c["sigma_level"].values for _, _, c in curves.values()])
     styles = ("-", "--", ":", "-.")
     for ax, fam in zip(axes.ravel(), fams):
@@ -71,9 +72,12 @@ def plot_commitment_panels(curves: dict, estimator: str, ncols: int = 3) -> plt.
         ax.set_title(str(fam), fontsize=8, loc="left")
         ax.tick_params(labelsize=7)
         ax.xaxis.label.set_size(7)
-        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        if not single:
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     for ax in axes.ravel()[len(fams):]:
         ax.axis("off")
+    if single:
+        legend_below(fig, fontsize=7)
     fig.supylabel("fraction of samples committed", fontsize=8)
     fig.suptitle(f"commitment curves, estimator: {estimator}", fontsize=9)
     return fig
