@@ -57,7 +57,7 @@ def _labeller_blocks(r, fig) -> list:
                      "flat at the top. The labeller reads the class from the first x0 prediction because every prompt "
                      "names its class, so under this estimator commitment is immediate and cannot separate samplers "
                      + (f"(every group but the {len(moving)} drawn below; " if moving and len(flat) > 6 else "(")
-                     + ("the table lists each)" if len(flat) > 6 else ", ".join(fig.labels.get(g, g) for g in flat) + ")")
+                     + ("the table lists each)" if len(flat) > 6 else "; ".join(fig.labels.get(g, g) for g in flat) + ")")
                      + ". Estimator 2 below looks within the class."))
     if moving:
         from trajlab.plots.commitment import plot_commitment_panels

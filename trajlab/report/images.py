@@ -139,9 +139,14 @@ def filmstrips(r, fig) -> list:
     tlab = fig.labels.get(teacher, teacher)
     others = _order([g for g in data if g != teacher], fig)
     out = [p(f"x0 predictions (the denoiser's estimate of the final image at each step; {t.attrs.get('how', '')}) of "
-             f"every group the results hold a filmstrip for ({len(data)}: {', '.join(fig.labels.get(g, g) for g in data)}), "
+             f"every group the results hold a filmstrip for ({len(data)}: {'; '.join(fig.labels.get(g, g) for g in data)}), "
              f"each beside the teacher {tlab}: a frame sits under the teacher's frame nearest in sigma, so columns line "
              "up in noise level. Rows: the same seeds in both.")]
+    missing = [g for g, d in fig.info.items() if g not in data and d["role"] == "student" and d["steps"] >= 2]
+    if missing:
+        out.append(p(f"No filmstrip in the results for {len(missing)} student group(s) with >= 2 steps (the analysis "
+                     "keeps the first groups it meets; trajlab.analysis.result_images.FILMSTRIP_GROUPS): "
+                     + "; ".join(fig.labels.get(g, g) for g in missing) + "."))
     out += slider(data, teacher, others, fig)
     for g in others:
         d = data[g]
@@ -187,7 +192,7 @@ def slider(data: dict, teacher: str, others: list, fig) -> list:
                        (f" (top), {_seed_text(d, 1)}" if n > 1 else "")})
     return [{"kind": "slider", "panels": panels, "n": len(tsig), "teacher_sigmas": [round(float(s), 4) for s in tsig],
              "caption": f"step slider: x0 predictions of the teacher {fig.labels.get(teacher, teacher)} and of "
-                        + ", ".join(fig.labels.get(g, g) for g in others)
+                        + "; ".join(fig.labels.get(g, g) for g in others)
                         + "; the slider walks the teacher's frames, every other group shows its frame nearest in log "
                           "sigma (its sigma under it)", "groups": [fig.labels.get(g, g) for g in [teacher] + others]}]
 
