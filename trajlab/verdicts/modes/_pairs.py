@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from trajlab.verdicts.engine import evaluate, not_applicable
-from trajlab.verdicts.matching import matched, pair_infos
+from trajlab.verdicts.matching import consecutive_rms, matched, pair_infos, paired_values
 
 
 def teacher_vs_students(ctx, mode, statistic, *, metric: str | None = None, missing: str | None = None) -> list:
@@ -19,3 +19,10 @@ def teacher_vs_students(ctx, mode, statistic, *, metric: str | None = None, miss
         ref, cand = statistic(ctx, ctx.groups[ctx.teacher], ctx.groups[s], pairs) if pairs else (None, None)
         rows.append(evaluate(comp, ref, cand, ref_info=ref_info, cand_info=cand_info))
     return rows
+
+
+def step_family_row(ctx, comp, ref_names, cand_names) -> dict:
+    """The row of a step-count family comparison: per seed, mean RMS between consecutive step counts of the
+    candidate family against the reference family's, on the prompts and seeds both have."""
+    r, c = consecutive_rms(ctx.groups, ref_names), consecutive_rms(ctx.groups, cand_names)
+    return evaluate(comp, *paired_values(r or {}, c or {}))

@@ -10,9 +10,9 @@ Planted (calibration): fresh noise of scale m added to the student's output at e
 from __future__ import annotations
 
 from trajlab.analysis import sweeps as S
-from trajlab.verdicts.engine import evaluate, not_applicable
-from trajlab.verdicts.matching import consecutive_rms, paired_values
+from trajlab.verdicts.engine import not_applicable
 from trajlab.verdicts.mode import FailureMode
+from trajlab.verdicts.modes._pairs import step_family_row
 from trajlab.verdicts.modes.cfg_over_amplification import find
 
 
@@ -31,8 +31,7 @@ def rows(ctx):
             out.append(not_applicable(comp, f"the teacher's own weights were not captured at the student's step "
                                             f"counts {missing} (same scheduler and guidance as the reference)"))
             continue
-        r, c = consecutive_rms(ctx.groups, ref), consecutive_rms(ctx.groups, names)
-        out.append(evaluate(comp, *paired_values(r or {}, c or {})))
+        out.append(step_family_row(ctx, comp, ref, names))
     return out
 
 

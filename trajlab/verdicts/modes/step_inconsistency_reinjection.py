@@ -9,9 +9,9 @@ Planted (calibration): as step_inconsistency.
 from __future__ import annotations
 
 from trajlab.analysis import sweeps as S
-from trajlab.verdicts.engine import evaluate, not_applicable
-from trajlab.verdicts.matching import consecutive_rms, paired_values
+from trajlab.verdicts.engine import not_applicable
 from trajlab.verdicts.mode import FailureMode
+from trajlab.verdicts.modes._pairs import step_family_row
 
 
 def rows(ctx):
@@ -32,8 +32,7 @@ def rows(ctx):
             out.append(not_applicable(comp, f"the LCM and TCD families share {len(common)} step count(s); "
                                             "consecutive step counts need >= 2"))
             continue
-        r, c = consecutive_rms(ctx.groups, tcd), consecutive_rms(ctx.groups, lcm)
-        out.append(evaluate(comp, *paired_values(r or {}, c or {})))
+        out.append(step_family_row(ctx, comp, tcd, lcm))
     return out
 
 
