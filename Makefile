@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.trajlab-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test bench train-micro quality clean
+.PHONY: setup demo test bench train-micro train-world quality clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ bench: $(STAMP)
 
 train-micro: $(STAMP)
 	$(PY) -m trajlab.models.micro.train --out data/micro
+
+# the shapes world (trajlab/worlds/shapes): judge, then VAE, CLIP and the shapes-sd teacher, 1 CPU thread, fixed seeds
+train-world: $(STAMP)
+	$(PY) -m trajlab.worlds.shapes.judge --out data/worlds/shapes
+	$(PY) -m trajlab.worlds.shapes.train --out data/worlds/shapes
 
 quality: $(STAMP)
 	$(PY) -m trajlab.models.micro.quality

@@ -65,10 +65,26 @@ def _micro_folder(name: str) -> str:
     return str(path)
 
 
+def _world_folder(ref: str) -> str:
+    from trajlab.worlds import world_path
+
+    try:
+        path = world_path(ref)
+    except ValueError as exc:
+        raise ModelNotAvailable(str(exc)) from None
+    if not path.exists():
+        world = ref.split("/")[0]
+        raise ModelNotAvailable(f"world weights {ref!r} not found at {path}; run `make train-world` "
+                                f"(python -m trajlab.worlds.{world}.train) to build them")
+    return str(path)
+
+
 def resolve_source(source: str, what: str = "model") -> str:
-    """A local path for ``source``: local folder/file, ``micro:NAME`` or a cached hub id."""
+    """A local path for ``source``: local folder/file, ``micro:NAME``, ``world:WORLD/NAME`` or a cached hub id."""
     if source.startswith("micro:"):
         return _micro_folder(source.split(":", 1)[1])
+    if source.startswith("world:"):
+        return _world_folder(source.split(":", 1)[1])
     if _is_local(source):
         return os.path.expanduser(source)
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):

@@ -113,6 +113,8 @@ BUILTIN_MODELS = [
                     "samples are still blurred after the CPU-sized run)"),
     ModelSpec("micro-dmd", "micro:micro-sd", "StableDiffusionPipeline", "lcm", 4, 1.0, unet="micro:micro-dmd", role="student",
               notes="micro-world DMD2 generator (UNet swapped into micro-sd, LCM scheduler): 1-4 steps"),
+    ModelSpec("shapes-sd", "world:shapes/shapes-sd", "StableDiffusionPipeline", "ddim", 30, 4.0,
+              notes="shapes-world teacher (compositional scenes, attribute judge; data/worlds/shapes)"),
 ]
 
 

@@ -158,18 +158,19 @@ def text_encoder_from_file(directory: str | Path):
     return text_encoder_from_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
 
 
-def text_encoder_from_state_dict(src: dict):
+def text_encoder_from_state_dict(src: dict, text_cfg: dict | None = None, embed_dim: int | None = None):
     """open_clip CLIP state dict -> ``transformers.CLIPTextModel`` with the text tower's weights (fp32).
 
     open_clip's fused ``in_proj`` is split into q/k/v; GELU (exact) and LayerNorm eps 1e-5 match.
+    ``text_cfg`` / ``embed_dim``: another open_clip text config (default micro-clip's).
     """
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tc = CONFIG["text_cfg"]
+    tc = CONFIG["text_cfg"] if text_cfg is None else text_cfg
     cfg = CLIPTextConfig(
         vocab_size=tc["vocab_size"], hidden_size=tc["width"], intermediate_size=4 * tc["width"],
         num_hidden_layers=tc["layers"], num_attention_heads=tc["heads"], max_position_embeddings=tc["context_length"],
-        hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=CONFIG["embed_dim"],
+        hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=CONFIG["embed_dim"] if embed_dim is None else embed_dim,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     )
     te = CLIPTextModel(cfg)
