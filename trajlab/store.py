@@ -59,6 +59,10 @@ import numpy as np
 
 # where a store lives, its metadata lock and schema-free zarr calls: re-exported (trajlab.store is the API)
 from trajlab.store_fs import LOCK_FILE, StoreError, exists, is_local, local_path, metadata_lock, note, store_bytes  # noqa: F401
+from trajlab.store_fs import CLAIMS_FILE, Damage, check_group_name, decode_attr, decode_attrs, group_damage  # noqa: F401
+from trajlab.store_fs import index_ranges, lost_metadata, read_samples, restore_metadata, sample_crc  # noqa: F401
+from trajlab.store_fs import encode_attr as _encode_attr
+from trajlab.store_fs import write_metadata as _write_metadata
 from trajlab.store_fs import child_groups as _child_groups
 from trajlab.store_fs import consolidate as _consolidate
 from trajlab.store_fs import target as _target
@@ -76,6 +80,11 @@ seeds (``trajlab.store_groups.extend_group``) appends the new samples as a segme
 capture blocks (``batch_size`` samples) start afresh at each segment, so stored samples are never redone."""
 GROWING_ATTR = "growing"
 """Group attr present only while a growth runs (``{"from": n_old, "to": n_new}``): a growth cut short."""
+CHECKSUM = "checksum"
+"""(sample, checksummed) int64: 2**32 + the crc32 of each sample's stored bytes of each variable its ``variables``
+attr names (the sample variables), recorded by :func:`write_samples` before the sample is marked complete; 0: none
+recorded. :func:`damage` checks the stored data against it."""
+
 
 
 class GroupExists(StoreError):
@@ -84,33 +93,6 @@ class GroupExists(StoreError):
 
 class ConfigMismatch(StoreError):
     """An existing group was written with a different run configuration."""
-
-
-def check_group_name(name) -> str:
-    """``name`` if it can name a group: one path component (no ``/``, ``\\``, ``..``), not empty, no
-    leading ``.`` or ``__`` (the lock file, zarr's reserved names), no control characters or surrounding
-    spaces. :class:`StoreError` (one line) otherwise."""
-    if not isinstance(name, str):
-        raise StoreError(f"group name {name!r}: expected a string, got {type(name).__name__}")
-    why = None
-    if not name.strip():
-        why = "is empty"
-    elif "/" in name or "\\" in name:
-        why = "contains a path separator"
-    elif ".." in name:
-        why = "contains '..'"
-    elif name.startswith((".", "__")):
-        why = "starts with '.' or '__'"
-    elif name != name.strip():
-        why = "has leading or trailing spaces"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
-        why = "contains control characters"
-    elif name == "zarr.json":
-        why = "is zarr's metadata file name"
-    if why:
-        raise StoreError(f"group name {name!r} {why}: a group name is one path component (letters, digits, "
-                         "'_', '-', '.', '+', ...)")
-    return name
 
 
 @dataclass(frozen=True)
@@ -142,30 +124,6 @@ def _compressors():
     from zarr.codecs import ZstdCodec
 
     return (ZstdCodec(level=3),)
-
-
-def _encode_attr(value):
-    """Attrs are JSON; dicts and lists of non-scalars are stored as JSON strings."""
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value, sort_keys=True, default=str)
-    if value is None:
-        return ""
-    return value
-
-
-def decode_attr(value):
-    """Inverse of the attr encoding: a JSON string of a dict/list is parsed back; anything else as is."""
-    if isinstance(value, str) and value[:1] in "{[":
-        try:
-            return json.loads(value)
-        except ValueError:
-            return value
-    return value
-
-
-def decode_attrs(attrs) -> dict:
-    """A group's attrs with every JSON-encoded value (extra, loras, config, ...) decoded."""
-    return {k: decode_attr(v) for k, v in dict(attrs).items()}
 
 
 def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, timesteps, alpha_bar,
@@ -211,6 +169,10 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
         ih, iw, ic = layout.image_shape
         data_vars["image"] = (("sample", "height", "width", "rgb"), da.zeros((S, ih, iw, ic), dtype=np.uint8, chunks=(1, ih, iw, ic)))
         encoding["image"] = {"chunks": (1, ih, iw, ic), "compressors": _compressors(), "_FillValue": None}
+    summed = [*layout.step_variables, "final_latent"] + (["image"] if layout.image_shape is not None else [])
+    data_vars[CHECKSUM] = (("sample", "checksummed"), da.zeros((S, len(summed)), dtype=np.int64,
+                                                               chunks=(1, len(summed))), {"variables": summed})
+    encoding[CHECKSUM] = {"chunks": (1, len(summed)), "_FillValue": None}
     data_vars["complete"] = (("sample",), da.zeros((S,), dtype=bool, chunks=(1,)))
     encoding["complete"] = {"chunks": (1,), "_FillValue": None}
     data_vars["prompt_text"] = (("prompt",), np.array(list(prompts), dtype=object))
@@ -257,7 +219,8 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
 # (under the metadata lock, or as the store's only allocator) removes and rebuilds. Killed after listing,
 # the root's consolidated metadata is stale until re-consolidated (``repair_consolidated``, or the next
 # allocation). Every state in between therefore ends, after a re-run, as if nothing had been interrupted.
-_TRAJLAB_NAMES = frozenset(STEP_VARIABLES + REQUIRED_VARIABLES + STEP_COORDS + SAMPLE_COORDS + ("image", "step", "sample"))
+_TRAJLAB_NAMES = frozenset(STEP_VARIABLES + REQUIRED_VARIABLES + STEP_COORDS + SAMPLE_COORDS
+                           + ("image", "step", "sample", CHECKSUM))
 
 
 def _trajlab_shaped(group) -> bool:
@@ -382,12 +345,11 @@ def wait_for_group(path: str | os.PathLike, name: str, *, timeout: float = 3600.
 
 
 def write_samples(path: str | os.PathLike, name: str, start: int, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays[var][k]`` to sample ``start + k`` of group ``name``; does not mark completeness.
-
-    Each array's leading dim is the number of samples written; the rest must match the group.
-    """
+    """Write ``arrays[var][k]`` to sample ``start + k`` of group ``name``, then their checksums (:data:`CHECKSUM`);
+    does not mark completeness. Each array's leading dim is the number of samples written; the rest must match
+    the group. Every chunk is written, one equal to the fill value too, so a missing chunk is always damage."""
     g = _group(path, name)
-    n = None
+    n, checked = None, {}
     for var, data in arrays.items():
         if var not in g:
             raise StoreError(f"variable {var!r} is not allocated in group {name!r}; has {sorted(g.array_keys())}")
@@ -401,7 +363,17 @@ def write_samples(path: str | os.PathLike, name: str, start: int, arrays: dict[s
             raise StoreError(f"{var} has {data.shape[0]} samples; other arrays have {n}")
         if start < 0 or start + n > arr.shape[0]:
             raise StoreError(f"samples [{start}, {start + n}) out of range for {arr.shape[0]} samples")
-        arr[start : start + n] = data.astype(arr.dtype, copy=False)
+        checked[var] = data.astype(arr.dtype, copy=False)
+    for var, data in checked.items():
+        g[var].with_config({"write_empty_chunks": True})[start : start + n] = data
+    if checked and CHECKSUM in g:
+        ck = g[CHECKSUM]
+        cols = list(ck.attrs.get("variables", []))
+        rows = np.asarray(ck[start : start + n])
+        for var, data in checked.items():
+            if var in cols:
+                rows[:, cols.index(var)] = sample_crc(data)
+        ck.with_config({"write_empty_chunks": True})[start : start + n] = rows
 
 
 def mark_complete(path: str | os.PathLike, name: str, start: int, stop: int) -> None:
@@ -410,9 +382,18 @@ def mark_complete(path: str | os.PathLike, name: str, start: int, stop: int) -> 
     g["complete"][start:stop] = True
 
 
+def mark_incomplete(path: str | os.PathLike, name: str, samples) -> None:
+    """Clear the complete flag of ``samples`` (damaged ones, before a re-run re-writes them)."""
+    g = _group(path, name)
+    for s in samples:
+        g["complete"][int(s)] = False
+
+
 def completed(path: str | os.PathLike, name: str) -> np.ndarray:
-    """Boolean (sample,) array: which samples of group ``name`` are complete."""
-    return np.asarray(_group(path, name, mode="r")["complete"][:], dtype=bool)
+    """Boolean (sample,) array: which samples of group ``name`` are complete (an unreadable flag: not)."""
+    flags = _group(path, name, mode="r")["complete"]
+    return np.array([not isinstance(v, Exception) and bool(v) for _, v in read_samples(flags, range(flags.shape[0]))],
+                    dtype=bool)
 
 
 def step_grid(path: str | os.PathLike, name: str) -> np.ndarray:
@@ -494,12 +475,16 @@ def validate(path: str | os.PathLike, *, resumable: bool = False) -> None:
     """
     zarr = _zarr()
     if not exists(path):
+        folder = Path(local_path(path)) if is_local(path) else None
+        orphans = [g.parent.name for g in folder.glob("*/zarr.json")] if folder and folder.is_dir() else []
+        if orphans:  # groups there, the root lost: nothing an allocation ever leaves
+            raise StoreError(f"{path}: its root zarr.json is missing (lost or deleted) but it holds groups "
+                             f"{', '.join(sorted(orphans))}: not repairable by a re-run; restore it from a backup")
         if resumable:
             if is_local(path):
-                folder = Path(local_path(path))
                 if folder.exists() and not folder.is_dir():
                     raise StoreError(f"{path} is a file, not a store directory")
-                other = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE
+                other = sorted(p.name for p in folder.iterdir() if p.name not in (LOCK_FILE, CLAIMS_FILE)
                                and not p.name.endswith(".partial")) if folder.is_dir() else []
                 if other:
                     raise StoreError(f"{path} exists but holds no trajlab store (no zarr.json; it contains "
@@ -574,6 +559,26 @@ def open_group(path: str | os.PathLike, name: str, *, chunks: dict | None = None
     if name not in group_names(path):
         raise StoreError(f"group {name!r} not in store {path}; groups: {group_names(path)}")
     return xr.open_zarr(_target(path), group=name, **({} if chunks is None else {"chunks": dict(chunks)}))
+
+
+# -- damage: lost metadata, missing or unreadable chunks, checksum mismatches (tests/test_damage.py) ---------
+def damage(path: str | os.PathLike, name: str, *, samples=None, data: bool = True) -> list[Damage]:
+    """What is wrong with group ``name``'s stored data, each a :class:`Damage` naming variable and samples: a lost
+    ``zarr.json``, a missing coordinate chunk, a missing chunk of a variable written for a complete sample (of
+    ``samples`` when given); with ``data`` (every such chunk read) also an unreadable chunk, a :data:`CHECKSUM`
+    mismatch, a complete sample with none recorded. Empty: intact. A re-run of the capture re-writes damaged samples."""
+    g = _group(path, name, mode="r")
+    done = np.flatnonzero(completed(path, name))
+    done = done if samples is None else np.intersect1d(done, np.asarray(list(samples), dtype=np.int64))
+    return group_damage(path, name, g, done, coords=STEP_COORDS + SAMPLE_COORDS + ("step", "sample", "prompt_text"),
+                        arrays=[*json.loads(g.attrs.get("step_variables", "[]")), "final_latent", "image"],
+                        checksum=CHECKSUM, data=data)
+
+
+def verify(path: str | os.PathLike, groups=None, *, data: bool = True) -> list[Damage]:
+    """:func:`damage` of every group of a store (or of ``groups``), after :func:`validate`."""
+    validate(path)
+    return [d for name in (group_names(path) if groups is None else groups) for d in damage(path, name, data=data)]
 
 
 def summary(path: str | os.PathLike) -> list[dict]:

@@ -1,18 +1,23 @@
 """Where a store lives and how its metadata changes are serialised: the layer below :mod:`trajlab.store`.
 
 Local paths, ``file://`` URLs and fsspec URLs (``s3://...``) are told apart here, the ``flock`` metadata
-lock lives here, and so do the few zarr calls that do not depend on the store's schema (consolidation,
-listing child groups). The schema itself (what a store and its groups hold) is :mod:`trajlab.store`'s,
-which re-exports every public name of this module; import them from there.
+lock lives here, and so do the zarr calls that do not depend on the store's schema (consolidation, listing
+child groups, listing an array's chunks, per-sample checksums and reads, restoring a metadata document). The
+schema itself (what a store and its groups hold) is :mod:`trajlab.store`'s, which re-exports every public
+name of this module; import them from there.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 
 class StoreError(ValueError):
@@ -22,6 +27,57 @@ class StoreError(ValueError):
 def note(message: str) -> None:
     """One line on stderr about something the store layer repaired (an interrupted allocation)."""
     print(f"trajlab: note: {message}", file=sys.stderr, flush=True)
+
+
+def check_group_name(name) -> str:
+    """``name`` if it can name a group: one path component (no ``/``, ``\\``, ``..``), not empty, no
+    leading ``.`` or ``__`` (the lock file, zarr's reserved names), no control characters or surrounding
+    spaces. :class:`StoreError` (one line) otherwise."""
+    if not isinstance(name, str):
+        raise StoreError(f"group name {name!r}: expected a string, got {type(name).__name__}")
+    why = None
+    if not name.strip():
+        why = "is empty"
+    elif "/" in name or "\\" in name:
+        why = "contains a path separator"
+    elif ".." in name:
+        why = "contains '..'"
+    elif name.startswith((".", "__")):
+        why = "starts with '.' or '__'"
+    elif name != name.strip():
+        why = "has leading or trailing spaces"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        why = "contains control characters"
+    elif name == "zarr.json":
+        why = "is zarr's metadata file name"
+    if why:
+        raise StoreError(f"group name {name!r} {why}: a group name is one path component (letters, digits, "
+                         "'_', '-', '.', '+', ...)")
+    return name
+
+
+def encode_attr(value):
+    """Attrs are JSON; dicts and lists of non-scalars are stored as JSON strings."""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True, default=str)
+    if value is None:
+        return ""
+    return value
+
+
+def decode_attr(value):
+    """Inverse of the attr encoding: a JSON string of a dict/list is parsed back; anything else as is."""
+    if isinstance(value, str) and value[:1] in "{[":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def decode_attrs(attrs) -> dict:
+    """A group's attrs with every JSON-encoded value (extra, loras, config, ...) decoded."""
+    return {k: decode_attr(v) for k, v in dict(attrs).items()}
 
 
 def zarr():
@@ -129,3 +185,215 @@ def consolidate(path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         zarr().consolidate_metadata(target(path))
+
+
+# -- chunks and checksums: schema-free (any array chunked one sample a chunk along its first dimension) -----
+CLAIMS_FILE = ".trajlab-claims"
+"""Root file whose byte ranges writers lock (``fcntl.lockf``) to claim sample blocks (trajlab.capture.claims)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Damage:
+    """Something wrong with a group's stored data: its ``variable`` (an array, or ``(group)``), the samples
+    it concerns (empty: the whole array) and what is wrong."""
+
+    group: str
+    variable: str
+    samples: tuple[int, ...]
+    what: str
+
+    def __str__(self) -> str:
+        where = f" (samples {index_ranges(self.samples)})" if self.samples else ""
+        return f"group {self.group}, {self.variable}: {self.what}{where}"
+
+
+def index_ranges(indices, limit: int = 12) -> str:
+    """``0, 3-5, 9`` (runs as ranges, at most ``limit`` parts, then how many in all)."""
+    ix = sorted(int(i) for i in indices)
+    parts, i = [], 0
+    while i < len(ix):
+        j = i
+        while j + 1 < len(ix) and ix[j + 1] == ix[j] + 1:
+            j += 1
+        parts.append(f"{ix[i]}-{ix[j]}" if j > i else str(ix[i]))
+        i = j + 1
+    return ", ".join(parts[:limit]) + (f", ... ({len(ix)} in all)" if len(parts) > limit else "")
+
+
+def sample_crc(data) -> np.ndarray:
+    """2**32 + the crc32 of each sample's bytes (C order, as stored) of ``(n, ...)`` data: ``(n,)`` int64 (never 0,
+    which stands for none recorded)."""
+    import zlib
+
+    data = np.ascontiguousarray(data)
+    return np.array([2**32 + zlib.crc32(data[i]) for i in range(data.shape[0])], dtype=np.int64)
+
+
+def stored_chunks(array) -> set[int]:
+    """First-dimension chunk indices of ``array`` whose chunk exists in the store (one listing, no data read;
+    zarr's default chunk keys ``c/I/...``)."""
+    from zarr.core.sync import sync
+
+    prefix = f"{array.store_path.path}/c/".lstrip("/")
+    sep = getattr(array.metadata.chunk_key_encoding, "separator", "/")
+
+    async def keys():
+        return [k async for k in array.store_path.store.list_prefix(prefix)]
+
+    out = set()
+    for key in sync(keys()):
+        first = key[len(prefix):].split(sep, 1)[0]
+        if first.isdigit():
+            out.add(int(first))
+    return out
+
+
+def read_samples(array, samples, budget: int = 64 * 2**20):
+    """Yield ``(sample, data or the exception reading it)`` for each sample index (one chunk per sample):
+    consecutive samples read together (``budget`` bytes at a time), a failing read retried sample by sample
+    so that exactly the unreadable chunks are named."""
+    samples = sorted(int(s) for s in samples)
+    per = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize)
+    step = max(1, budget // per)
+    runs, i = [], 0
+    while i < len(samples):
+        j = i
+        while j + 1 < len(samples) and samples[j + 1] == samples[j] + 1 and j + 1 - i < step:
+            j += 1
+        runs.append((samples[i], samples[j] + 1))
+        i = j + 1
+    for a, b in runs:
+        try:
+            block = np.asarray(array[a:b])
+        except Exception:  # noqa: BLE001 - a truncated or corrupt chunk: find which
+            for s in range(a, b):
+                try:
+                    yield s, np.asarray(array[s:s + 1])[0]
+                except Exception as exc:  # noqa: BLE001
+                    yield s, exc
+            continue
+        for k in range(b - a):
+            yield a + k, block[k]
+
+
+def check_samples(group: str, arrays: dict, samples, *, sums=None, columns=(), required=None,
+                  data: bool = True) -> list[Damage]:
+    """What is wrong with ``samples`` (indices along the first dimension) of ``arrays`` ({name: zarr array, one
+    sample a chunk}): a chunk missing where one is expected (``required[name]``: the samples expected to have
+    one, default ``samples``; one listing per array, no data read); with ``data`` also a chunk that cannot be
+    read (truncated, corrupt) or whose checksum differs from the recorded one (``sums[s, columns.index(name)]``
+    when recorded: > 0)."""
+    out = []
+    for var, arr in arrays.items():
+        want = set(int(s) for s in (samples if required is None else required.get(var, samples)))
+        missing = want - stored_chunks(arr)
+        if missing:
+            out.append(Damage(group, var, tuple(sorted(missing)), "chunk missing (it would read as fill values)"))
+        if not data:
+            continue
+        col = columns.index(var) if sums is not None and var in columns else None
+        unreadable, wrong = {}, []
+        for s, v in read_samples(arr, want - missing):
+            if isinstance(v, Exception):
+                unreadable[s] = v
+            elif col is not None and sums[s, col] > 0 and sample_crc(v[None])[0] != sums[s, col]:
+                wrong.append(s)
+        if unreadable:
+            exc = next(iter(unreadable.values()))
+            out.append(Damage(group, var, tuple(sorted(unreadable)), "chunk unreadable, truncated or corrupt "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})"))
+        if wrong:
+            out.append(Damage(group, var, tuple(wrong), "checksum mismatch (the stored data differ from what was written)"))
+    return out
+
+
+def group_damage(path, name: str, group, done, *, coords, arrays, checksum: str | None, data: bool = True) -> list[Damage]:
+    """:func:`trajlab.store.damage`'s work, told the schema: ``group`` (zarr, consolidated view) ``name`` of the
+    store at ``path``, its complete samples ``done``; ``coords``: arrays every chunk of which must be there;
+    ``arrays``: the sample arrays of a group written before checksums (then every float one has a chunk per
+    complete sample); ``checksum``: the array of recorded crc32s, whose ``variables`` attr names its columns."""
+    out = [Damage(name, "(group)" if key.count("/") == 1 else key.split("/")[-2], (), "metadata (zarr.json) lost or "
+                  "unreadable; the consolidated copy still reads it") for key, _ in lost_metadata(path, name)]
+    for v in coords if data else ():  # (a coordinate chunk equal to its fill value is never stored)
+        try:
+            if v in group:
+                group[v][...]
+        except Exception as exc:  # noqa: BLE001
+            out.append(Damage(name, v, (), f"coordinate unreadable ({type(exc).__name__}): not repairable by a re-run"))
+    ck = group[checksum] if checksum in group else None
+    cols = list(ck.attrs.get("variables", [])) if ck is not None else []
+    found = {v: group[v] for v in (cols or arrays) if v in group}
+    if ck is None:
+        return out + check_samples(name, found, done, data=data,
+                                   required={v: done if a.dtype.kind == "f" else [] for v, a in found.items()})
+    sums, lost = np.zeros(ck.shape, dtype=np.int64), []
+    for s, row in read_samples(ck, done):
+        if isinstance(row, Exception):
+            lost.append(s)
+        else:
+            sums[s] = row
+    if lost:
+        out.append(Damage(name, checksum, tuple(lost), "checksum record unreadable"))
+    required = {v: [s for s in done if sums[s, cols.index(v)] > 0] for v in found}
+    out += check_samples(name, found, done, sums=sums, columns=cols, required=required, data=data)
+    for v in found if data else ():
+        unsummed = [int(s) for s in done if sums[s, cols.index(v)] == 0 and s not in lost]
+        if unsummed:
+            out.append(Damage(name, v, tuple(unsummed), "no checksum recorded (its record was lost, or the sample "
+                              "was written around trajlab.store.write_samples)"))
+    return out
+
+
+def _get(path, key: str):
+    """The bytes stored at ``key`` of the store at ``path`` (None when absent)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    store = zarr().open_group(target(path), mode="r", zarr_format=3, use_consolidated=False).store_path.store
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def lost_metadata(path, name: str) -> list[tuple[str, object]]:
+    """``(key, metadata)`` of every metadata document of group ``name`` (its own ``zarr.json``, its arrays')
+    that the root's consolidated metadata holds but the store lacks or cannot parse (deleted, truncated):
+    readers that use the consolidated copy do not notice, but the next consolidation would drop the array."""
+    root = zarr().open_group(target(path), mode="r", zarr_format=3)
+    cm = root.metadata.consolidated_metadata
+    if cm is None or name not in cm.metadata:
+        return []
+    gmeta = cm.metadata[name]
+    docs = [(f"{name}/zarr.json", dataclasses.replace(gmeta, consolidated_metadata=None))]
+    docs += [(f"{name}/{k}/zarr.json", m) for k, m in (gmeta.consolidated_metadata.metadata.items()
+                                                       if gmeta.consolidated_metadata else [])]
+    out = []
+    for key, meta in docs:
+        raw = _get(path, key)
+        try:
+            json.loads(raw)
+        except (TypeError, ValueError):
+            out.append((key, meta))
+    return out
+
+
+def write_metadata(path, key: str, metadata) -> None:
+    """Write one metadata document (a zarr ``ArrayMetadata`` / ``GroupMetadata``) at ``key`` (e.g.
+    ``g/latent/zarr.json``) of the store at ``path``: restoring a lost ``zarr.json`` from the consolidated copy."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    z = zarr().open_group(target(path), mode="r+", zarr_format=3, use_consolidated=False)
+    buffers = metadata.to_buffer_dict(default_buffer_prototype())
+    sync(z.store_path.store.set(key, buffers["zarr.json"]))
+
+
+def restore_metadata(path, name: str) -> list[str]:
+    """Re-write every ``zarr.json`` of group ``name`` that :func:`lost_metadata` finds, from the root's consolidated
+    copy, under :func:`metadata_lock` (call only from a process allowed to allocate); one note each. The keys."""
+    with metadata_lock(path):
+        lost = lost_metadata(path, name)
+        for key, meta in lost:
+            write_metadata(path, key, meta)
+    for key, _ in lost:
+        note(f"{path}: {key} was lost or unreadable: restored from the consolidated metadata")
+    return [key for key, _ in lost]

@@ -1,0 +1,160 @@
+"""Damage detected and named (issue 20 item 3): every sample write records a checksum per variable
+(``trajlab.store.CHECKSUM``), and :func:`trajlab.store.damage` / :func:`~trajlab.store.verify` name the group,
+variable and samples of a truncated, deleted or altered chunk, a lost ``zarr.json`` and a lost checksum record.
+Store-level fault injection here; the CLI (``info --verify``, ``report``, the capture re-run that re-writes
+damaged samples) in tests/test_damage_cli.py."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+
+from trajlab import store
+
+VARS = ("latent", "x0_pred", "model_output")
+
+
+def _chunk(path, var, sample):
+    """The file of one sample's chunk of ``var`` in group g."""
+    root = path / "g" / var / "c" / str(sample)
+    files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else [root]
+    assert len(files) == 1 and files[0].is_file(), files
+    return files[0]
+
+
+@pytest.fixture
+def written(tmp_path):
+    """A group of 4 complete samples, every variable written through write_samples; an all-NaN final latent and
+    an all-zero image (their fill values) in sample 3."""
+    path = tmp_path / "s.zarr"
+    layout = store.GroupLayout(4, 3, (2, 4, 4), "float32", VARS, image_shape=(8, 8, 3))
+    store.allocate_group(path, "g", layout, timesteps=[3, 2, 1], alpha_bar=[0.1, 0.5, 0.9], seeds=[0, 1, 0, 1],
+                         prompt_index=[0, 0, 1, 1], prompts=["a", "b"], attrs={"config": {}})
+    rng = np.random.default_rng(0)
+    arrays = {v: rng.standard_normal((4, 3, 2, 4, 4)).astype(np.float32) for v in VARS}
+    arrays["final_latent"] = rng.standard_normal((4, 2, 4, 4)).astype(np.float32)
+    arrays["final_latent"][3] = np.nan
+    arrays["image"] = rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
+    arrays["image"][3] = 0
+    store.write_samples(path, "g", 0, arrays)
+    store.mark_complete(path, "g", 0, 4)
+    return path
+
+
+def _named(damage, variable):
+    return [d for d in damage if d.variable == variable]
+
+
+def test_checksums_are_recorded_and_an_intact_store_verifies(written):
+    assert store.verify(written) == [] and store.verify(written, data=False) == []
+    ds = store.open_group(written, "g").load()
+    cols = ds[store.CHECKSUM].attrs["variables"]
+    assert cols == [*VARS, "final_latent", "image"]
+    expected = store.sample_crc(ds["latent"].values)
+    np.testing.assert_array_equal(ds[store.CHECKSUM].values[:, cols.index("latent")], expected)
+    assert (ds[store.CHECKSUM].values > 0).all(), "every variable of every written sample has a checksum"
+    # a chunk equal to its fill value is stored all the same (so a missing chunk is always damage)
+    assert _chunk(written, "final_latent", 3).exists() and _chunk(written, "image", 3).exists()
+
+
+def test_a_truncated_chunk_is_named_by_group_variable_and_sample(written):
+    f = _chunk(written, "latent", 1)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    damage = store.verify(written)
+    assert [(d.group, d.variable, d.samples) for d in damage] == [("g", "latent", (1,))]
+    assert "unreadable, truncated or corrupt" in damage[0].what
+    assert str(damage[0]).startswith("group g, latent: chunk unreadable") and "(samples 1)" in str(damage[0])
+    assert store.verify(written, data=False) == [], "the cheap check lists chunks and reads none"
+
+
+def test_a_deleted_chunk_is_missing_never_nan(written):
+    _chunk(written, "x0_pred", 2).unlink()
+    _chunk(written, "image", 0).unlink()
+    for data in (True, False):
+        damage = store.verify(written, data=data)
+        assert {(d.variable, d.samples) for d in damage} == {("x0_pred", (2,)), ("image", (0,))}
+        assert all("chunk missing" in d.what for d in damage)
+
+
+def test_an_altered_chunk_is_a_checksum_mismatch(written):
+    g = zarr.open_group(str(written / "g"), mode="r+")
+    data = np.asarray(g["model_output"][0:2])
+    data[1, 0, 0, 0, 0] += 1.0  # a valid chunk holding other values (a bit flip the codec does not catch)
+    g["model_output"][0:2] = data
+    damage = store.verify(written)
+    assert [(d.variable, d.samples) for d in damage] == [("model_output", (1,))]
+    assert "checksum mismatch" in damage[0].what
+    assert store.verify(written, data=False) == []
+
+
+def test_a_lost_checksum_record_and_an_unwritten_variable_are_named(written):
+    _chunk(written, store.CHECKSUM, 2).unlink()
+    damage = store.verify(written)
+    assert {d.samples for d in damage} == {(2,)} and all("no checksum recorded" in d.what for d in damage)
+    assert {d.variable for d in damage} == {*VARS, "final_latent", "image"}
+    assert store.verify(written, data=False) == [], "a sample with no record requires no chunk in the cheap check"
+
+
+def test_only_the_variables_written_for_a_sample_are_required(tmp_path):
+    path = tmp_path / "p.zarr"
+    store.allocate_group(path, "g", store.GroupLayout(2, 3, (2, 4, 4), "float32", VARS), timesteps=[3, 2, 1],
+                         alpha_bar=[0.1, 0.5, 0.9], seeds=[0, 1], prompt_index=[0, 0], prompts=["a"], attrs={})
+    store.write_samples(path, "g", 0, {"final_latent": np.ones((2, 2, 4, 4), np.float32)})
+    store.mark_complete(path, "g", 0, 2)
+    assert store.verify(path, data=False) == []
+    assert {d.variable for d in store.verify(path)} == set(VARS)  # never written: no checksum recorded
+
+
+@pytest.mark.parametrize("what", ["array", "group"])
+def test_a_lost_zarr_json_is_named_and_restored_byte_for_byte(written, what, capsys):
+    doc = written / "g" / ("latent" if what == "array" else "") / "zarr.json"
+    original = doc.read_bytes()
+    doc.unlink()
+    store.validate(written)  # the consolidated copy still reads: nothing else notices
+    damage = store.verify(written)
+    assert [(d.variable, d.samples) for d in damage] == [("latent" if what == "array" else "(group)", ())]
+    assert "zarr.json" in damage[0].what
+    assert store.restore_metadata(written, "g") == [str(doc.relative_to(written))]
+    assert "restored from the consolidated metadata" in capsys.readouterr().err
+    assert doc.read_bytes() == original
+    assert store.verify(written) == []
+
+
+def test_a_truncated_zarr_json_is_named(written):
+    doc = written / "g" / "final_latent" / "zarr.json"
+    doc.write_bytes(doc.read_bytes()[:40])
+    assert [d.variable for d in store.verify(written)] == ["final_latent"]
+
+
+def test_a_lost_root_zarr_json_names_the_groups_it_held(written):
+    (written / "zarr.json").unlink()
+    for resumable in (False, True):
+        with pytest.raises(store.StoreError, match=r"root zarr.json is missing .* holds groups g: not repairable"):
+            store.validate(written, resumable=resumable)
+
+
+def test_an_unreadable_complete_flag_reads_as_incomplete(written):
+    f = _chunk(written, "complete", 1)
+    f.write_bytes(b"\x00")
+    np.testing.assert_array_equal(store.completed(written, "g"), [True, False, True, True])
+
+
+def test_a_group_from_before_checksums_needs_every_float_chunk(written):
+    """Older stores have no checksum array: every float array holds a chunk per complete sample."""
+    shutil.rmtree(written / "g" / store.CHECKSUM)
+    from trajlab.store_fs import consolidate
+
+    consolidate(written)
+    assert store.verify(written) == []
+    _chunk(written, "latent", 0).unlink()
+    os.remove(_chunk(written, "image", 3))  # uint8: a chunk of zeros may legitimately be absent there
+    assert [(d.variable, d.samples) for d in store.verify(written)] == [("latent", (0,))]
+
+
+def test_damage_restricted_to_samples(written):
+    _chunk(written, "latent", 1).unlink()
+    _chunk(written, "latent", 3).unlink()
+    assert [d.samples for d in store.damage(written, "g", samples=[0, 1])] == [(1,)]
+    assert store.index_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
