@@ -4,7 +4,7 @@ failed preconditions are not applicable, Holm matches a hand-computed example.""
 
 import numpy as np
 import pytest
-from crossed_design import mean_world, pairwise_world
+from crossed_design import fixed_prompt_truth, mean_world, pairwise_world, prompt_texts
 
 from trajlab.verdicts import engine as V
 
@@ -50,6 +50,51 @@ def test_interval_covers_on_the_crossed_design(world, kind, effect):
     n = reps * len(CELLS)
     assert 1 - (low_miss + high_miss) / n >= 0.93, (low_miss / n, high_miss / n)
     assert low_miss / n <= 0.05 and high_miss / n <= 0.05
+
+
+@pytest.mark.parametrize("world,kind,effect", [("mean", "difference", 0.2), ("mean", "log_ratio", -0.2),
+                                               ("pairwise", "log_ratio", -0.2)])
+def test_interval_covers_when_the_prompts_are_the_whole_population(world, kind, effect):
+    """A world's whole prompt set (the same P prompts in every replicate, only the seeds redrawn; seed effects
+    correlated 0.9 across prompts, effects varying by prompt): the interval without the prompt component
+    (finite-population correction) covers the effect over exactly those prompts, computed in closed form by
+    tests/crossed_design.py. Coverage >= 0.93 pooled, each one-sided miss <= 0.05, >= 0.90 per (P, S) cell."""
+    reps, low_miss, high_miss, n = 60, 0, 0, 0
+    for P, S in CELLS:
+        cell = 0
+        for world_seed in range(3):
+            fixed = 1000 * P + 10 * S + world_seed
+            truth = fixed_prompt_truth(world, P, effect=effect, kind=kind, fixed_prompts=fixed)
+            rng = np.random.default_rng(fixed + 7)
+            for _ in range(reps):
+                if world == "mean":
+                    ref, cand = mean_world(rng, P, S, effect=effect, kind=kind, fixed_prompts=fixed)
+                else:
+                    ref, cand = pairwise_world(rng, P, S, effect=effect, fixed_prompts=fixed)
+                b = V.crossed_interval(ref, cand, effect=kind, population=prompt_texts(P))
+                assert b["prompts_as"].startswith("population") and b["df"] == S - 1
+                lo, hi = b["ci_low"] > truth, b["ci_high"] < truth
+                low_miss, high_miss, cell = low_miss + lo, high_miss + hi, cell + (lo or hi)
+            n += reps
+        assert cell / (3 * reps) <= 0.1, (P, S, cell / (3 * reps))
+    assert 1 - (low_miss + high_miss) / n >= 0.93, (low_miss / n, high_miss / n)
+    assert low_miss / n <= 0.05 and high_miss / n <= 0.05
+
+
+def test_a_prompt_subset_is_a_sample_not_the_population():
+    """Only the exact prompt set drops the prompt component: a subset of it, or unlabelled prompts, keep the
+    two-way variance (V_P + V_S, df <= P - 1), which is never smaller."""
+    rng = np.random.default_rng(9)
+    ref, cand = mean_world(rng, 6, 12, effect=0.2)
+    whole = V.crossed_interval(ref, cand, effect="difference", population=prompt_texts(6))
+    part = V.crossed_interval(ref, cand, effect="difference", population=prompt_texts(7))
+    none = V.crossed_interval(ref, cand, effect="difference")
+    assert whole["prompts_as"].startswith("population") and part["prompts_as"] == none["prompts_as"] == "sample of prompts"
+    assert part["se"] == none["se"] >= whole["se"] and whole["se"] ** 2 == pytest.approx(whole["v_seed"])
+    assert none["df"] <= 5 and whole["df"] == 11
+    for st in ref:
+        st.prompt = None
+    assert V.crossed_interval(ref, cand, effect="difference", population=prompt_texts(6))["prompts_as"] == "sample of prompts"
 
 
 def test_the_design_blind_interval_fails_the_same_simulation():
@@ -99,6 +144,23 @@ def test_holm_family_padding_makes_a_row_harder_to_support():
     alone = V.decide([dict(row)])[0]
     padded = V.decide([dict(row)], family=93)[0]
     assert padded["p_supported_holm"] == pytest.approx(min(1.0, 93 * alone["p_supported_holm"]))
+
+
+def test_each_failure_mode_is_its_own_holm_family():
+    """Rows of different modes do not share a Holm family (the calibration's per-mode error rate is the family's);
+    ``families=None`` makes them one; a {mode: size} padding applies to that mode only."""
+    rng = np.random.default_rng(4)
+    ref, cand = mean_world(rng, 6, 8, effect=0.16, kind="difference", prompt_sd=0.05, sample_sd=0.1)
+    row = V.evaluate(INC, ref, cand)
+    other = {**row, "mode": "mode_dropping", "estimate": row["estimate"] * 0.5}
+    alone = V.decide([dict(row)])[0]["p_supported_holm"]
+    per_mode = V.decide([dict(row), dict(other)])
+    one = V.decide([dict(row), dict(other)], families=None)
+    assert per_mode[0]["p_supported_holm"] == pytest.approx(alone)
+    assert one[0]["p_supported_holm"] == pytest.approx(min(1.0, 2 * alone))
+    padded = V.decide([dict(row), dict(other)], family={"canonical_bias": 5})
+    assert padded[0]["p_supported_holm"] == pytest.approx(min(1.0, 5 * alone))
+    assert padded[1]["p_supported_holm"] == pytest.approx(V.decide([dict(other)])[0]["p_supported_holm"])
 
 
 def test_crossed_seeds_are_required():

@@ -13,8 +13,9 @@ Each failure mode's planted failure is declared in its own file (``FailureMode.p
 magnitude m). Groups are built as xarray Datasets in the store schema (image uint8, x0_pred, sigma, prompt and
 seed indices, the attrs ``sweeps.describe`` reads) and judged by :func:`trajlab.verdicts.store.store_verdicts`,
 the function the demo's report calls, with the same metrics, margins, preconditions and sample sizes as the
-demo (10 prompts x 16 seeds for teacher-vs-student modes, 8 seeds for the control groups) and the demo's
-Holm family size (the other comparisons at their nulls, p = 1).
+demo (10 prompts x 16 seeds for teacher-vs-student modes, 8 seeds for the control groups) and the size of
+the demo's Holm family of that mode (the other comparisons at their nulls, p = 1). The world's 10 prompts are
+its whole prompt set (``world_data``'s "prompts"), as the digit world's 10 canonical prompts are in the demo.
 
 Each magnitude is set so that the *true* effect (the statistic on 20x the seeds, per mode) is a fixed
 multiple of the margin: 0, 0.5 and 1 (the null region: P(supported) must stay <= 0.05) and 1.5 and 2 (power;
@@ -39,8 +40,11 @@ FACTORS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 """True effect / margin at which P(supported) is measured: <= 1 is the null region; 2 is the pass rule's power
 point; 3 and 4 show how large an effect the demo's design detects."""
 PASS_RULE = "FPR <= 0.05 over the whole null region (true effect 0 to the margin) and power >= 0.8 at 2x the margin"
-DEMO_FAMILY = 88
-"""Applicable comparisons in the demo's Holm family (make demo, 2026-12-02: 96 rows, 8 not applicable)."""
+DEMO_FAMILY = {"diversity_collapse": 17, "canonical_bias": 17, "mode_dropping": 17, "fine_detail": 17,
+               "early_commitment": 14, "step_inconsistency": 3, "step_inconsistency_reinjection": 1,
+               "cfg_over_amplification": 1, "weak_negative_prompt": 1}
+"""Applicable comparisons per failure mode in the demo (each mode is its own Holm family; make demo,
+2026-12-02: 96 rows, 88 applicable). tests/test_calibration.py checks these against a demo-shaped store."""
 DEMO_SIZES = {"pairs": (10, 16), "control": (10, 8)}
 """(prompts, seeds) of the demo: teacher vs student groups, and the control (guidance, negative, steps) groups."""
 GUIDANCE = 2.0
@@ -244,7 +248,7 @@ def world_data(world: PixelWorld, n_per_prompt: int = 400) -> dict:
         labels.append(np.full(n_per_prompt, p))
     texts = world.prompts()
     return data_reference(np.concatenate(imgs), np.concatenate(labels), lambda lab: [texts[int(lab)]],
-                          "calibration world: exact draws")
+                          "calibration world: exact draws", prompts=texts)
 
 
 # -- the groups each mode needs -----------------------------------------------------------------------
@@ -281,8 +285,9 @@ def mode_groups(world, mode: str, seeds, knobs: Knobs, *, n_control: int | None 
     return {"teacher": g(TEACHER_STEPS, **T), "student": g(TEACHER_STEPS, knobs=knobs, **S)}
 
 
-def judge(world, data, mode: str, seeds, knobs: Knobs, family: int = DEMO_FAMILY, cache: dict | None = None) -> dict:
-    """The store verdict of ``mode`` on groups planted with ``knobs`` (Holm family padded to ``family``)."""
+def judge(world, data, mode: str, seeds, knobs: Knobs, family: int | dict = DEMO_FAMILY, cache: dict | None = None) -> dict:
+    """The store verdict of ``mode`` on groups planted with ``knobs`` (Holm family padded to ``family``: an int, or
+    {mode: size})."""
     ds = store_verdicts(mode_groups(world, mode, seeds, knobs, cache=cache), data=data, decode=decode, modes={mode},
                         holm_family=family)
     rows = [i for i in range(ds.sizes["comparison"]) if ds["mode"].values[i] == mode]
@@ -344,7 +349,7 @@ def solve_magnitudes(modes=None, factors=FACTORS, progress=None) -> dict:
     return out
 
 
-def run_calibration(*, n_replicates: int = 100, modes=None, factors=FACTORS, family: int = DEMO_FAMILY,
+def run_calibration(*, n_replicates: int = 100, modes=None, factors=FACTORS, family: int | dict = DEMO_FAMILY,
                     magnitudes: dict | None = None, truth: bool = True, progress=None) -> xr.Dataset:
     """P(supported) and P(refuted) per (mode, true effect / margin) over replicate seed blocks.
 
@@ -401,7 +406,8 @@ def run_calibration(*, n_replicates: int = 100, modes=None, factors=FACTORS, fam
     ds["margin"] = ("mode", [CATALOGUE[m].margin for m in modes])
     ds["metric"] = ("mode", [CATALOGUE[m].metric for m in modes])
     ds.attrs.update(n_replicates=n_replicates, n_prompts=DEMO_SIZES["pairs"][0], n_seeds=n_seeds,
-                    n_seeds_control=DEMO_SIZES["control"][1], holm_family=family, rho=RHO, rule=PASS_RULE,
+                    n_seeds_control=DEMO_SIZES["control"][1], rho=RHO, rule=PASS_RULE,
+                    holm_family=str(family if isinstance(family, int) else {m: family.get(m) for m in modes}),
                     wall_s=round(time.perf_counter() - t0, 1),
                     planted="each mode's FailureMode.plant (trajlab/verdicts/modes/<mode>.py)",
                     source="trajlab.verdicts.calibration: store_verdicts on exact pixel-world groups with shared seeds")

@@ -20,7 +20,14 @@ The interval is estimate +/- t_df sqrt(V), df = min(Satterthwaite's V^2 / (V_P^2
 no random numbers and works for any P >= 2 and S >= 3; the coverage simulation (tests/test_verdicts.py)
 checks it at P 4-10, S 8-16 with seed effects correlated 0.9 across prompts and prompt-varying effects.
 
-Decision (TOST-style, Holm over the family; ``alpha`` two-sided, so each one-sided test is at alpha / 2 and
+Which prompts the effect is about (the estimand). By default the prompts are a sample of a larger population
+(an open vocabulary), and V_P is in the variance. When the comparison's prompts are a world's *whole* declared
+prompt set (``population``: the digit world's 10 canonical prompts, the calibration world's 10 prompts), the
+effect is the mean over exactly those prompts; the prompt component is then zero by the finite-population
+correction (1 - P/N = 0): V = V_S, df = S - 1 (the seeds are the only random units). Every row says which
+(``prompts_as``); the coverage simulation checks both estimands.
+
+Decision (TOST-style, Holm within each failure mode's family of rows; ``alpha`` two-sided, so each one-sided test is at alpha / 2 and
 a decision never says more than the reported (1 - alpha) interval of a family of one):
 - ``supported``: H0 "signed effect <= margin" rejected (the failure is at least margin-sized);
 - ``refuted``: H0 "signed effect >= margin" rejected (any failure is smaller than the margin);
@@ -46,6 +53,8 @@ MIN_SEEDS = 8
 MIN_PROMPTS = 4
 """Fewest prompts at which the interval's coverage was validated."""
 METHOD = "two-way jackknife over prompts and seeds (crossed, paired), t interval, df = min(Satterthwaite, P - 1)"
+METHOD_POPULATION = ("jackknife over seeds (crossed, paired; the prompts are the world's whole prompt set: no prompt "
+                     "sampling variance), t interval, df = S - 1")
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,8 @@ class PromptStat:
     kind: str
     data: np.ndarray | None = None
     fn: Callable[[np.ndarray], float] | None = None
+    prompt: str | None = None
+    """The prompt text (optional; needed to recognise a comparison over a whole prompt population)."""
     n: int = field(init=False)
 
     def __post_init__(self):
@@ -193,16 +204,24 @@ def _theta(ref, cand, prompts, idx, kind):
     return float(effect_of(c, r, kind))
 
 
+def is_population(ref: list[PromptStat], population) -> bool:
+    """True when the PromptStats' prompts are exactly ``population`` (a world's whole prompt set), each once."""
+    if not population:
+        return False
+    texts = [s.prompt for s in ref]
+    return None not in texts and len(set(texts)) == len(texts) and set(texts) == set(population)
+
+
 def crossed_interval(ref: list[PromptStat], cand: list[PromptStat], *, effect: str = "log_ratio",
-                     level: float = 0.95) -> dict:
+                     level: float = 0.95, population=None) -> dict:
     """Effect of candidate vs reference with a two-way (prompt, seed) jackknife interval.
 
-    ref, cand: one PromptStat per prompt, position i = the same seed everywhere. Returns {estimate, se,
-    df, ci_low, ci_high, v_prompt, v_seed, method, n_prompts, n_per_prompt}; se is NaN (and the interval
-    NaN) when a jackknife value is undefined.
+    ref, cand: one PromptStat per prompt, position i = the same seed everywhere. population: the world's whole
+    prompt set (texts), or None (the prompts are a sample); when the prompts are exactly it, the prompt
+    component is dropped (finite-population correction; see the module docstring). Returns {estimate, se,
+    df, ci_low, ci_high, v_prompt, v_seed, method, prompts_as, n_prompts, n_per_prompt}; se is NaN (and the
+    interval NaN) when a jackknife value is undefined.
     """
-    from scipy.stats import t as student_t
-
     if not 0 < level < 1:
         raise ValueError(f"level={level}; expected in (0, 1)")
     n = _check_crossed(ref, cand)
@@ -218,11 +237,27 @@ def crossed_interval(ref: list[PromptStat], cand: list[PromptStat], *, effect: s
         vs = (n - 1) / n * np.float64(((ts - ts.mean()) ** 2).sum())
     else:
         vs = np.float64(np.nan)
-    v = vp + vs
-    with np.errstate(divide="ignore", invalid="ignore"):
-        df = v ** 2 / ((vp ** 2 / (P - 1) if P >= 2 else 0.0) + vs ** 2 / (n - 1))
-    if P >= 2:  # Satterthwaite's df is itself estimated from P prompt units; never claim more than P - 1
-        df = min(df, P - 1)
+    whole = is_population(ref, population)
+    return {"estimate": est, **interval(est, vp, vs, P, n, level=level, whole_population=whole),
+            "v_prompt": float(vp), "v_seed": float(vs), "method": METHOD_POPULATION if whole else METHOD,
+            "prompts_as": f"population: the world's {P} prompts" if whole else "sample of prompts",
+            "n_prompts": P, "n_per_prompt": n}
+
+
+def interval(est: float, vp: float, vs: float, P: int, S: int, *, level: float = 0.95,
+             whole_population: bool = False) -> dict:
+    """{se, df, ci_low, ci_high} of ``est`` from the jackknife's prompt and seed components over P prompts x S
+    seeds: V = V_P + V_S with df = min(Satterthwaite, P - 1), or (whole_population) V = V_S with df = S - 1."""
+    from scipy.stats import t as student_t
+
+    if whole_population:
+        v, df = vs, np.float64(S - 1)
+    else:
+        v = vp + vs
+        with np.errstate(divide="ignore", invalid="ignore"):
+            df = v ** 2 / ((vp ** 2 / (P - 1) if P >= 2 else 0.0) + vs ** 2 / (S - 1))
+        if P >= 2:  # Satterthwaite's df is itself estimated from P prompt units; never claim more than P - 1
+            df = min(df, P - 1)
     se = float(np.sqrt(v)) if np.isfinite(v) else np.nan
     if np.isfinite(se) and se > 0 and np.isfinite(df):
         q = float(student_t.ppf(0.5 + level / 2, df))
@@ -231,9 +266,7 @@ def crossed_interval(ref: list[PromptStat], cand: list[PromptStat], *, effect: s
         lo = hi = est
     else:
         lo = hi = np.nan
-    return {"estimate": est, "se": se, "df": float(df) if np.isfinite(df) else np.nan, "ci_low": float(lo),
-            "ci_high": float(hi), "v_prompt": float(vp), "v_seed": float(vs), "method": METHOD, "n_prompts": P,
-            "n_per_prompt": n}
+    return {"se": se, "df": float(df) if np.isfinite(df) else np.nan, "ci_low": float(lo), "ci_high": float(hi)}
 
 
 def one_sided_p(signed_estimate: float, se: float, df: float, threshold: float, side: str) -> float:
@@ -262,7 +295,8 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
 
 # -- one comparison, and a family -----------------------------------------------------------------
 _EMPTY = {"estimate": np.nan, "se": np.nan, "df": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p_failure": np.nan,
-          "p_supported": np.nan, "p_refuted": np.nan, "method": "", "n_prompts": 0, "n_per_prompt": 0}
+          "p_supported": np.nan, "p_refuted": np.nan, "method": "", "prompts_as": "", "n_prompts": 0,
+          "n_per_prompt": 0, "v_prompt": np.nan, "v_seed": np.nan}
 
 
 def not_applicable(comp: Comparison, why: str) -> dict:
@@ -278,9 +312,10 @@ def _row(comp: Comparison) -> dict:
 
 def evaluate(comp: Comparison, ref: list[PromptStat] | None, cand: list[PromptStat] | None, *,
              ref_info: GroupInfo | None = None, cand_info: GroupInfo | None = None, level: float = 0.95,
-             min_seeds: int = MIN_SEEDS, min_prompts: int = MIN_PROMPTS) -> dict:
+             min_seeds: int = MIN_SEEDS, min_prompts: int = MIN_PROMPTS, population=None) -> dict:
     """One comparison's row (before the family's multiplicity correction): effect, CI, one-sided p-values,
-    or ``not applicable`` with the reason."""
+    or ``not applicable`` with the reason. population: the world's whole prompt set (see
+    :func:`crossed_interval`), or None."""
     why = None
     if ref_info is not None or cand_info is not None:
         why = precondition_failure(comp, ref_info, cand_info)
@@ -293,7 +328,7 @@ def evaluate(comp: Comparison, ref: list[PromptStat] | None, cand: list[PromptSt
                    f">= {min_seeds} seeds)")
     if why is not None:
         return not_applicable(comp, why)
-    b = crossed_interval(ref, cand, effect=comp.effect, level=level)
+    b = crossed_interval(ref, cand, effect=comp.effect, level=level, population=population)
     sign = 1.0 if comp.direction == "increase" else -1.0
     signed = sign * b["estimate"]
     values = [r() for r in ref] + [c() for c in cand]
@@ -312,13 +347,29 @@ def margin_pvalues(row: dict) -> dict:
             "p_refuted": one_sided_p(s, row["se"], row["df"], row["margin"], "below")}
 
 
-def decide(rows: list[dict], alpha: float = 0.05, family: int | None = None) -> list[dict]:
-    """Holm-adjust the family's one-sided p-values (each at alpha / 2) and set every applicable row's decision.
+def decide(rows: list[dict], alpha: float = 0.05, family: int | dict | None = None,
+           families: str | None = "mode") -> list[dict]:
+    """Holm-adjust each family's one-sided p-values (each at alpha / 2) and set every applicable row's decision.
 
-    The margin may have been set after evaluation (an experiment's declared margin): the p-values are
-    recomputed from the row's estimate, se and df here. family: the Holm family's size when ``rows`` are only
-    part of it (the calibration judges one mode as if inside the demo's family; the others count with p = 1).
+    families: the row key that defines a Holm family (default "mode": one family per failure mode, the
+    question "which candidates show failure X?", whose family-wise error the calibration measures per mode);
+    None: all rows are one family. The margin may have been set after evaluation (an experiment's declared
+    margin): the p-values are recomputed from the row's estimate, se and df here. family: a family's size when
+    ``rows`` are only part of it (an int for every family, or {family key: size}; the calibration judges one
+    row as if inside the demo's family of that mode; the others count with p = 1).
     """
+    keys = sorted({r.get(families) if families else None for r in rows}, key=str)
+    for key in keys:
+        part = [r for r in rows if (r.get(families) if families else None) == key]
+        size = family.get(key) if isinstance(family, dict) else family
+        _decide_family(part, alpha, size)
+    for r in rows:
+        r.setdefault("p_supported_holm", np.nan)
+        r.setdefault("p_refuted_holm", np.nan)
+    return rows
+
+
+def _decide_family(rows: list[dict], alpha: float, family: int | None) -> None:
     live = [r for r in rows if r.get("decision") != "not applicable"]
     for r in live:
         r.update(margin_pvalues(r))
@@ -332,18 +383,15 @@ def decide(rows: list[dict], alpha: float = 0.05, family: int | None = None) -> 
             if r.get("degenerate"):
                 r["decision"] = "inconclusive"
                 r["why"] = "no variation at all in either group's statistic: the data cannot bound the effect"
-    for r in rows:
-        r.setdefault("p_supported_holm", np.nan)
-        r.setdefault("p_refuted_holm", np.nan)
-    return rows
 
 
-RULE = ("supported: Holm-adjusted p of H0 'failure <= margin' < alpha/2 (the failure is at least the margin); "
+RULE = ("supported: Holm-adjusted p (within the failure mode's rows) of H0 'failure <= margin' < alpha/2 (the "
+        "failure is at least the margin); "
         "refuted: Holm-adjusted p of H0 'failure >= margin' < alpha/2; otherwise inconclusive; not applicable "
         f"below {MIN_PROMPTS} prompts x {MIN_SEEDS} seeds or when a precondition fails")
 COLUMNS = ("mode", "metric", "reference", "candidate", "direction", "effect_kind", "margin", "estimate", "ci_low",
            "ci_high", "se", "df", "p_failure", "p_supported", "p_refuted", "p_supported_holm", "p_refuted_holm",
-           "decision", "why", "method", "n_prompts", "n_per_prompt", "description")
+           "decision", "why", "method", "prompts_as", "v_prompt", "v_seed", "n_prompts", "n_per_prompt", "description")
 
 
 def verdict_dataset(rows: list[dict], *, alpha: float = 0.05, level: float = 0.95) -> xr.Dataset:
@@ -352,7 +400,9 @@ def verdict_dataset(rows: list[dict], *, alpha: float = 0.05, level: float = 0.9
                     coords={"comparison": np.arange(len(rows))})
     for c in ("estimate", "ci_low", "ci_high", "margin", "se"):
         ds[c].attrs["units"] = "log ratio (candidate/reference) or difference, per effect_kind"
-    ds.attrs.update(alpha=alpha, ci_level=level, multiplicity="Holm-Bonferroni over the family's comparisons",
+    for c in ("v_prompt", "v_seed"):
+        ds[c].attrs["units"] = "squared effect units (the jackknife's prompt and seed variance components)"
+    ds.attrs.update(alpha=alpha, ci_level=level, multiplicity="Holm-Bonferroni within each failure mode's comparisons",
                     rule=RULE, interval=METHOD, min_seeds=MIN_SEEDS, min_prompts=MIN_PROMPTS)
     return ds
 
@@ -364,6 +414,7 @@ def run_family(tests: list[tuple[Comparison, list | None, list | None, GroupInfo
     return verdict_dataset(decide(rows, alpha), alpha=alpha, level=level)
 
 
-__all__ = ["CHECKS", "COLUMNS", "Comparison", "DECISIONS", "GroupInfo", "METHOD", "MIN_PROMPTS", "MIN_SEEDS",
-           "PromptStat", "RULE", "crossed_interval", "decide", "effect_of", "evaluate", "holm", "margin_pvalues",
+__all__ = ["CHECKS", "COLUMNS", "Comparison", "DECISIONS", "GroupInfo", "METHOD", "METHOD_POPULATION", "MIN_PROMPTS",
+           "MIN_SEEDS", "PromptStat", "RULE", "crossed_interval", "decide", "effect_of", "evaluate", "holm",
+           "interval", "is_population", "margin_pvalues",
            "not_applicable", "one_sided_p", "precondition_failure", "run_family", "verdict_dataset"]

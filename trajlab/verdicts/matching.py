@@ -91,8 +91,8 @@ def pair_infos(ref: str, cand: str, groups, pairs) -> tuple[GroupInfo, GroupInfo
 
 def per_sample_stats(pairs, ref_ds, cand_ds, values_of) -> tuple[list, list]:
     """PromptStat("mean") per prompt of values_of(ds, sample indices, prompt text) -> (n,) for both groups."""
-    return ([PromptStat("mean", values_of(ref_ds, p[1], p[0])) for p in pairs],
-            [PromptStat("mean", values_of(cand_ds, p[2], p[0])) for p in pairs])
+    return ([PromptStat("mean", values_of(ref_ds, p[1], p[0]), prompt=p[0]) for p in pairs],
+            [PromptStat("mean", values_of(cand_ds, p[2], p[0]), prompt=p[0]) for p in pairs])
 
 
 def per_seed_values(groups, a: str, b: str, skip=()) -> dict:
@@ -128,8 +128,8 @@ def paired_values(a: dict, b: dict) -> tuple[list, list]:
     ref, cand = [], []
     for t in texts:
         av, bv = dict(zip(a[t][0].tolist(), a[t][1])), dict(zip(b[t][0].tolist(), b[t][1]))
-        ref.append(PromptStat("mean", [av[s] for s in common]))
-        cand.append(PromptStat("mean", [bv[s] for s in common]))
+        ref.append(PromptStat("mean", [av[s] for s in common], prompt=t))
+        cand.append(PromptStat("mean", [bv[s] for s in common], prompt=t))
     return ref, cand
 
 

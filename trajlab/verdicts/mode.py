@@ -59,7 +59,9 @@ class Context:
     """A store as the modes see it: groups {name: Dataset}, their descriptions (sweeps.describe), the
     reference teacher group, the student groups compared with it, the real-data reference (``data``:
     modes, ink, band, diversity; see :mod:`trajlab.verdicts.reference`) and the x0 decoder for commitment
-    (decode(ds, sample_idx, step) -> uint8 images, or None)."""
+    (decode(ds, sample_idx, step) -> uint8 images, or None). ``data["prompts"]``: the world's whole declared
+    prompt set; a comparison over exactly those prompts is about them, not a sample of prompts
+    (:func:`trajlab.verdicts.engine.crossed_interval`)."""
 
     groups: dict[str, xr.Dataset]
     desc: dict[str, dict]
@@ -70,6 +72,11 @@ class Context:
     modes: dict = field(default_factory=dict)
     diversity: tuple = ()
     cache: dict = field(default_factory=dict)
+
+    @property
+    def population(self):
+        """The world's whole prompt set (``data["prompts"]``), or None when the prompts are a sample."""
+        return self.data.get("prompts")
 
 
 def with_metric(mode: FailureMode, metric: str) -> FailureMode:

@@ -66,9 +66,10 @@ def data_band(real_images: np.ndarray) -> tuple[float, float]:
     return float(r[order][np.searchsorted(c, 0.5)]), float(r[order][np.searchsorted(c, 0.95)] + 1e-9)
 
 
-def data_reference(images: np.ndarray, labels: np.ndarray, texts_of, note: str) -> dict:
-    """{"ink": text -> mean grey level of its class, "band", "modes", "note"} from real uint8 images (n, H, W, 3)
-    with class labels (n,); texts_of(label) -> the prompt texts asking for that class."""
+def data_reference(images: np.ndarray, labels: np.ndarray, texts_of, note: str, prompts=None) -> dict:
+    """{"ink": text -> mean grey level of its class, "band", "modes", "note", "prompts"} from real uint8 images
+    (n, H, W, 3) with class labels (n,); texts_of(label) -> the prompt texts asking for that class; prompts: the
+    world's whole declared prompt set (a study over exactly it is about those prompts, not a sample), or None."""
     labels = np.asarray(labels)
     ink = {}
     for lab in np.unique(labels):
@@ -77,16 +78,19 @@ def data_reference(images: np.ndarray, labels: np.ndarray, texts_of, note: str) 
             ink[text] = m
     overall = float(grey(images).mean())
     return {"ink": lambda text: ink.get(text, overall), "band": data_band(images),
-            "modes": reference_modes_from(images, labels, texts_of), "note": note}
+            "modes": reference_modes_from(images, labels, texts_of), "note": note,
+            "prompts": None if prompts is None else tuple(prompts)}
 
 
 def micro_data_reference() -> dict:
-    """The real digits as the micro-world stores them (32 px RGB uint8)."""
-    from trajlab.models.micro.data import load_digits_rgb, prompt_variants, to_uint8_hwc
+    """The real digits as the micro-world stores them (32 px RGB uint8); the world's prompt set: its 10
+    canonical digit prompts."""
+    from trajlab.models.micro.data import PROMPTS, load_digits_rgb, prompt_variants, to_uint8_hwc
 
     x, y = load_digits_rgb()
     return data_reference(to_uint8_hwc(x), np.asarray(y), lambda lab: prompt_variants(int(lab)),
-                          "modes, ink mass and spectral band from the real digits (sklearn, 1,797 images)")
+                          "modes, ink mass and spectral band from the real digits (sklearn, 1,797 images)",
+                          prompts=PROMPTS)
 
 
 def diversity_distance(desc: dict, data: dict | None) -> tuple:

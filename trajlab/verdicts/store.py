@@ -1,4 +1,4 @@
-"""Verdicts of a store: every catalogued failure mode's comparisons, one Holm family, one decision rule."""
+"""Verdicts of a store: every catalogued failure mode's comparisons, a Holm family per mode, one decision rule."""
 from __future__ import annotations
 
 import xarray as xr
@@ -26,16 +26,18 @@ def store_context(groups: dict[str, xr.Dataset], *, data: dict | None = None, de
 
 
 def store_verdicts(groups: dict[str, xr.Dataset], *, data: dict | None = None, decode=None, alpha: float = 0.05,
-                   margins: dict | None = None, modes=None, holm_family: int | None = None) -> xr.Dataset:
-    """Every failure mode's comparisons over a store's groups, Holm-corrected as one family.
+                   margins: dict | None = None, modes=None, holm_family: int | dict | None = None) -> xr.Dataset:
+    """Every failure mode's comparisons over a store's groups, Holm-corrected within each mode's rows.
 
     data: the real-data reference ({"modes", "ink", "band", "note"}, e.g.
     :func:`trajlab.verdicts.reference.micro_data_reference`; optional "diversity": (pairwise fn, metric name,
     features name)); without it, modes are clusters of the teacher's samples and the ink/band comparisons
     are not applicable. decode(ds, sample_idx, step) -> uint8 images of x0_pred at that step (commitment).
     margins: {mode: {"margin": m}} declared by an experiment (default: the catalogue's).
-    modes: names of the catalogue's modes to run (default all). holm_family: the Holm family's size when it
-    is larger than the rows judged here (calibration: one mode inside the demo's family).
+    modes: names of the catalogue's modes to run (default all). holm_family: a mode's Holm family size when it
+    is larger than the rows judged here (an int, or {mode: size}; calibration: one row inside the demo's family
+    of that mode). ``data["prompts"]``: the world's whole prompt set (rows over exactly it drop the prompt
+    sampling variance; :func:`trajlab.verdicts.engine.crossed_interval`).
     Returns :func:`trajlab.verdicts.engine.verdict_dataset` with attrs ``teacher``, ``features``.
     """
     ctx = store_context(groups, data=data, decode=decode)

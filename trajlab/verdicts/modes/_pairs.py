@@ -17,7 +17,7 @@ def teacher_vs_students(ctx, mode, statistic, *, metric: str | None = None, miss
         pairs = matched(ctx.groups[ctx.teacher], ctx.groups[s])
         ref_info, cand_info = pair_infos(ctx.teacher, s, ctx.groups, pairs)
         ref, cand = statistic(ctx, ctx.groups[ctx.teacher], ctx.groups[s], pairs) if pairs else (None, None)
-        rows.append(evaluate(comp, ref, cand, ref_info=ref_info, cand_info=cand_info))
+        rows.append(evaluate(comp, ref, cand, ref_info=ref_info, cand_info=cand_info, population=ctx.population))
     return rows
 
 
@@ -25,4 +25,4 @@ def step_family_row(ctx, comp, ref_names, cand_names) -> dict:
     """The row of a step-count family comparison: per seed, mean RMS between consecutive step counts of the
     candidate family against the reference family's, on the prompts and seeds both have."""
     r, c = consecutive_rms(ctx.groups, ref_names), consecutive_rms(ctx.groups, cand_names)
-    return evaluate(comp, *paired_values(r or {}, c or {}))
+    return evaluate(comp, *paired_values(r or {}, c or {}), population=ctx.population)

@@ -55,7 +55,7 @@ def rows(ctx):
             pairs = matched(ctx.groups[ref], ctx.groups[cand])
             r, c = statistic(ctx, ctx.groups[ref], ctx.groups[cand], pairs) if pairs else (None, None)
             ri, ci = pair_infos(ref, cand, ctx.groups, pairs)
-            out.append(evaluate(comp, r, c, ref_info=ri, cand_info=ci))
+            out.append(evaluate(comp, r, c, ref_info=ri, cand_info=ci, population=ctx.population))
     return out
 
 

@@ -15,8 +15,8 @@ from trajlab.verdicts.modes._pairs import teacher_vs_students
 
 def statistic(ctx, ref_ds, cand_ds, pairs):
     pairwise = ctx.diversity[0]
-    return ([PromptStat("pairwise", pairwise(ref_ds["image"].isel(sample=p[1]).values)) for p in pairs],
-            [PromptStat("pairwise", pairwise(cand_ds["image"].isel(sample=p[2]).values)) for p in pairs])
+    return ([PromptStat("pairwise", pairwise(ref_ds["image"].isel(sample=p[1]).values), prompt=p[0]) for p in pairs],
+            [PromptStat("pairwise", pairwise(cand_ds["image"].isel(sample=p[2]).values), prompt=p[0]) for p in pairs])
 
 
 def rows(ctx):

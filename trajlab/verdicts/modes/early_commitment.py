@@ -67,9 +67,9 @@ def rows(ctx):
                 lab = [labels_at(name, t, idx, int(k)) for k in steps]
                 lab.append(nearest(features(ctx.groups[name], idx), ctx.modes[t]))
                 vals.append(commit_log_sigma(np.stack(lab), ls_c))
-            ref.append(PromptStat("mean", vals[0]))
-            cand.append(PromptStat("mean", vals[1]))
-        out.append(evaluate(comp, ref, cand))
+            ref.append(PromptStat("mean", vals[0], prompt=t))
+            cand.append(PromptStat("mean", vals[1], prompt=t))
+        out.append(evaluate(comp, ref, cand, population=ctx.population))
     return out
 
 

@@ -51,7 +51,8 @@ def rows(ctx):
         ref, cand = paired_values(ref_vals, cand_vals)
         texts = [x for x in ref_vals if x in cand_vals]
         row = evaluate(comp, ref, cand, ref_info=group_info(tneg, ctx.groups[tneg], texts, []),
-                       cand_info=group_info(neg, ctx.groups[neg], texts, []))
+                       cand_info=group_info(neg, ctx.groups[neg], texts, []),
+                       population=None if ctx.population is None else [x for x in ctx.population if x not in skip])
         row["description"] = f"left out prompts the negative names: {sorted(skip)}" if skip else ""
         out.append(row)
     return out
