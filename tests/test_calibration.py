@@ -89,3 +89,17 @@ def test_calibrate_command_end_to_end(tmp_path):
     assert last.startswith("calibration: ") and "FPR <= 0.05" in last and "power >= 0.8 at 2x the margin" in last
     for f in ("calibration.nc", "calibration.csv", "calibration.md", "power_curves.png", "magnitudes.json"):
         assert (tmp_path / f).is_file(), f
+
+
+def test_the_calibration_world_is_judged_over_its_whole_prompt_set(world):
+    """The calibration world declares its prompts (as the digit world declares its 10 canonical ones), so its
+    rows are about exactly those prompts (no prompt sampling variance); without the declaration they are a
+    sample and the interval is wider."""
+    w, data = world
+    groups = C.mode_groups(w, "fine_detail", list(range(16)), C.Knobs())
+    whole = store_mod.store_verdicts(groups, data=data, decode=C.decode, modes={"fine_detail"})
+    sample = store_mod.store_verdicts(groups, data={**data, "prompts": None}, decode=C.decode, modes={"fine_detail"})
+    assert whole["prompts_as"].values[0] == f"population: the world's {w.n_prompts} prompts"
+    assert sample["prompts_as"].values[0] == "sample of prompts"
+    assert whole["estimate"].values[0] == sample["estimate"].values[0]
+    assert whole["se"].values[0] <= sample["se"].values[0] and whole["df"].values[0] == 15

@@ -68,7 +68,8 @@ def load_results(results_dir) -> dict:
 def _answer(r, fig) -> tuple[dict, dict]:
     """(headline block, headline dict for tables.json)."""
     v = r.get("verdicts")
-    rows = verdict_rows(v, fig.info, fig.teacher) if v is not None and v.sizes.get("comparison", 0) else []
+    live = v is not None and v.sizes.get("comparison", 0)
+    rows = verdict_rows(v, fig.info, fig.teacher, r.get("calibration")) if live else []
     hl = headline(rows, {x["candidate_group"]: x["student"] for x in rows}, fig.teacher)
     hl["teacher"] = fig.labels.get(fig.teacher, fig.teacher)
     hl["n_comparisons"] = len(rows)
@@ -78,24 +79,47 @@ def _answer(r, fig) -> tuple[dict, dict]:
     return {"kind": "headline", **hl}, hl
 
 
+def _family_check(rows: list[dict], calibration) -> str:
+    """Whether the calibration judged each mode inside a Holm family of this store's size for that mode."""
+    import ast
+
+    if calibration is None or "holm_family" not in calibration.attrs:
+        return ""
+    try:
+        cal = ast.literal_eval(str(calibration.attrs["holm_family"]))
+    except (ValueError, SyntaxError):
+        return ""
+    have: dict = {}
+    for x in rows:
+        if x["decision"] != "not applicable":
+            have[x["mode"]] = have.get(x["mode"], 0) + 1
+    if not isinstance(cal, dict):
+        return f"The calibration used one Holm family of {cal} comparisons (this store: a family per mode)."
+    off = [f"{m}: {n} here, {cal.get(m)} calibrated" for m, n in sorted(have.items()) if cal.get(m) != n]
+    return ("The calibration judged every mode inside a Holm family of this store's size for that mode."
+            if not off else "Holm family sizes differ from the calibration's (its power figures are for its sizes): "
+            + "; ".join(off) + ".")
+
+
 def _verdicts_section(r, fig) -> list:
     v = r.get("verdicts")
     if v is None or not v.sizes.get("comparison", 0):
         return [none("the verdict engine found no teacher group with images")]
     from trajlab.plots.verdicts import plot_forest
 
-    rows = verdict_rows(v, fig.info, fig.teacher)
+    rows = verdict_rows(v, fig.info, fig.teacher, r.get("calibration"))
     order = {d: i for i, d in enumerate(("supported", "inconclusive", "refuted", "not applicable"))}
     rows = sorted(rows, key=lambda x: (order.get(x["decision"], 9), -(x["score"] if x["score"] is not None else -1e9)))
     out = [p(f"Each failure mode is a pre-declared, matched comparison (trajlab.verdicts.modes, one file per mode): "
              f"the candidate against its declared reference on the same prompts and the same seeds; effect with a "
-             f"95% CI for the crossed prompt x seed design; decisions Holm-corrected over all {len(rows)} comparisons. "
+             f"95% CI for the crossed prompt x seed design; decisions Holm-corrected within each failure mode's rows. "
+             "Rows of a mode the calibration found underpowered at this design say so in their evidence. "
              "Rows: supported first, then inconclusive, refuted, not applicable, each by effect in margin units. "
              "Click a column to sort, type to filter (every word must match), or pick a decision or mode. "
              "'change' is the candidate against the reference in readable units (log ratios as 100 (e^r - 1) %, "
              "differences of fractions in percentage points); 'margin units' is the effect over its margin, "
              "positive in the failure direction (>= 1 and supported: a failure at least margin-sized). "
-             "Method details: Technical notes."),
+             "Method details: Technical notes. " + _family_check(rows, r.get("calibration"))),
            {"kind": "verdicts", "rows": rows, "modes": sorted({x["mode"] for x in rows}),
             "decisions": [d for d in ("supported", "refuted", "inconclusive", "not applicable")
                           if any(x["decision"] == d for x in rows)]}]
@@ -150,7 +174,7 @@ def tables(r: dict, hl: dict | None = None) -> dict:
     teacher = str(r["groups"].attrs.get("teacher", ""))
     return {"headline": hl if hl is not None else {},
             "metrics": _jsonable(r["metrics"]),
-            "verdicts": verdict_rows(r["verdicts"], info, teacher) if "verdicts" in r else [],
+            "verdicts": verdict_rows(r["verdicts"], info, teacher, r.get("calibration")) if "verdicts" in r else [],
             "calibration": _jsonable(r["calibration"]) if "calibration" in r else {},
             "step_consistency": _jsonable(r["step_consistency"]), "negative_prompt": _jsonable(r["negative_prompt"]),
             "cfg": _jsonable(r["cfg"]), "hybrid": _jsonable(r["hybrid"]),

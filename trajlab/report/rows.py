@@ -26,10 +26,20 @@ def _signed_effect(x: dict) -> str:
     return f"{f(est):+.1f}{unit}{what} [{f(lo):+.1f}, {f(hi):+.1f}]"
 
 
-def verdict_rows(v: xr.Dataset, info: dict | None = None, teacher: str = "") -> list[dict]:
+def design_power(calibration: xr.Dataset | None) -> dict:
+    """{mode: P(supported) at a true effect of 2x the margin} at the demo's design, from a calibration result."""
+    if calibration is None or "power_2x" not in calibration:
+        return {}
+    return {str(m): float(calibration["power_2x"].sel(mode=m)) for m in calibration["mode"].values}
+
+
+def verdict_rows(v: xr.Dataset, info: dict | None = None, teacher: str = "", calibration=None) -> list[dict]:
     """The engine's rows for the page and tables.json: every engine column, the groups' labels, the effect
-    as a readable change with CI, the sentence parts of the headline, the student, evidence."""
+    as a readable change with CI, the sentence parts of the headline, the student, evidence. calibration: a
+    ``trajlab calibrate`` result; an inconclusive row of a mode whose calibrated power at 2x the margin is below
+    0.8 says so (inconclusive there is no evidence that the failure is absent)."""
     info = info or {}
+    power = design_power(calibration)
     rows = []
     for i in range(v.sizes.get("comparison", 0)):
         x = {k: v[k].values[i].item() if hasattr(v[k].values[i], "item") else v[k].values[i] for k in v.data_vars}
@@ -41,7 +51,12 @@ def verdict_rows(v: xr.Dataset, info: dict | None = None, teacher: str = "") -> 
         evidence = (f"{x['metric']}; {kind} candidate vs reference, {x['n_prompts']} prompts x {x['n_per_prompt']} "
                     f"seeds (crossed, paired); margin {x['margin']:g}; Holm p(failure <= margin) = "
                     f"{x['p_supported_holm']:.3g}, p(failure >= margin) = {x['p_refuted_holm']:.3g}; {x['method']}"
+                    + (f"; prompts as {x['prompts_as']}" if x.get("prompts_as") else "")
                     + (f"; {x['description']}" if x["description"] else "") if applicable else str(x["why"]))
+        pw = power.get(x["mode"], float("nan"))
+        if x["decision"] == "inconclusive" and pw < 0.8:
+            evidence = (f"underpowered: this design supports a failure of 2x the margin with probability {pw:.2f} "
+                        f"(calibration), so inconclusive is no evidence that the failure is absent; " + evidence)
         g = group_of(x["candidate"], info)
         d = info.get(g, {})
         h = d.get("hybrid")
@@ -52,7 +67,7 @@ def verdict_rows(v: xr.Dataset, info: dict | None = None, teacher: str = "") -> 
                "estimate": x["estimate"], "ci_low": x["ci_low"], "ci_high": x["ci_high"], "metric": x["metric"],
                "direction": x["direction"], "effect_kind": x["effect_kind"], "margin": x["margin"],
                "n_prompts": int(x["n_prompts"] or 0), "n_per_prompt": int(x["n_per_prompt"] or 0),
-               "student": student, "family": d.get("family", ""),
+               "student": student, "family": d.get("family", ""), "power_2x": pw if math.isfinite(pw) else None,
                "change": _signed_effect(x) if applicable else "-"}
         score = (x["estimate"] / x["margin"] * (-1 if x["direction"] == "decrease" else 1)) if applicable else float("nan")
         row["score"] = score if math.isfinite(score) else None
@@ -62,4 +77,4 @@ def verdict_rows(v: xr.Dataset, info: dict | None = None, teacher: str = "") -> 
     return rows
 
 
-__all__ = ["verdict_rows"]
+__all__ = ["design_power", "verdict_rows"]

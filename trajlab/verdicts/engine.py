@@ -9,7 +9,7 @@ across prompts and across the two groups (crossed random effects), and the effec
 Effect: ``log_ratio`` = log(mean_p cand_p / mean_p ref_p) or ``difference`` = mean_p cand_p - mean_p ref_p
 (means over prompts of each group's per-prompt statistic). ``signed``: the failure direction positive.
 
-Interval (docs/theory.md, "Verdict statistics"): a two-way delete-one jackknife. Deleting one prompt
+Interval (docs/verdicts.md, section 2): a two-way delete-one jackknife. Deleting one prompt
 (all its seeds, both groups) gives the prompt component V_P = (P-1)/P sum_p (theta_(p) - mean)^2; deleting
 one seed (from every prompt and both groups, which keeps the pairing and the crossing) gives the seed
 component V_S likewise; V = V_P + V_S. For a mean of cell values this is exactly (MS_prompt + MS_seed) /
@@ -182,8 +182,11 @@ def precondition_failure(comp: Comparison, ref: GroupInfo | None, cand: GroupInf
 
 # -- effect and its crossed-design interval -------------------------------------------------------
 def effect_of(cand_mean, ref_mean, kind: str):
-    """log(cand / ref) or cand - ref (NaN / inf where the log is undefined)."""
+    """log(cand / ref), cand - ref, or (kind "ratio") cand / ref (NaN / inf where undefined). "ratio" is for
+    descriptive statistics such as a restored fraction (trajlab.analysis.patching), not for Comparisons."""
     with np.errstate(divide="ignore", invalid="ignore"):
+        if kind == "ratio":
+            return cand_mean / ref_mean
         return np.log(cand_mean / ref_mean) if kind == "log_ratio" else cand_mean - ref_mean
 
 
