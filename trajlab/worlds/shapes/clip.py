@@ -29,7 +29,7 @@ WEIGHTS_FILE = "open_clip_model.safetensors"
 CONTEXT = 32
 CONFIG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 3, "width": 96, "head_width": 32, "patch_size": 4},
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 4},
     "text_cfg": {"context_length": CONTEXT, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
 
@@ -66,7 +66,7 @@ def build_clip(seed: int = 0):
     torch.manual_seed(seed)
     model = open_clip.create_model(MODEL_NAME, pretrained=None)
     keep = torch.zeros(CONFIG["text_cfg"]["vocab_size"], dtype=torch.bool)
-    keep[tokenize([" ".join(grammar_words()), ""]).unique()] = True
+    keep[tokenize(grammar_words() + [""]).unique()] = True
     with torch.no_grad():
         model.token_embedding.weight[~keep] = 0
     return model
