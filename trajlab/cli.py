@@ -100,12 +100,15 @@ def cmd_capture(args) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:  # never silently the default
         raise CliError(f"--batch-size {args.batch_size}: must be >= 1")
+    taps = _tap_args(args)
     if args.config:
         plans, opts = P.plans_from_config(args.config)
         out = args.out or opts.get("out")
         for plan in plans:
             plan.batch_size = plan.batch_size if args.batch_size is None else args.batch_size
             plan.device = args.device or plan.device
+            plan.taps += [t for t in taps if t["name"] not in {x["name"] for x in plan.taps}]
+            plan.attention_maps = plan.attention_maps or args.attention_maps
     else:
         if not args.model:
             raise CliError("capture needs --model (or --config FILE.toml)")
@@ -114,7 +117,7 @@ def cmd_capture(args) -> int:
         cell = {"model": args.model, "scheduler": args.scheduler, "steps": args.steps, "guidance": args.guidance,
                 "negative_prompt": args.negative_prompt, "loras": list(args.lora or []), "height": args.height,
                 "width": args.width, "dtype": args.dtype, "device": args.device, "images": not args.no_images,
-                "batch_size": args.batch_size, "group": args.group}
+                "batch_size": args.batch_size, "group": args.group, "taps": taps, "attention_maps": args.attention_maps}
         prompts = list(args.prompt or []) + (P.read_prompts(args.prompts) if args.prompts else [])
         plans = P.expand_cell(cell, prompts=prompts, seeds=P.parse_seeds(args.seeds))
         out = args.out
@@ -135,6 +138,28 @@ def cmd_capture(args) -> int:
     return 0
 
 
+def _tap_args(args) -> list[dict]:
+    from trajlab.capture.module_taps import TapError, taps_from_flags
+
+    try:
+        return taps_from_flags(args.tap, reduce=args.tap_reduce, channels=args.tap_channels, dtype=args.tap_dtype,
+                               branch=args.tap_branch)
+    except TapError as exc:
+        raise CliError(f"--tap: {exc}") from None
+
+
+def cmd_taps(args) -> int:
+    from trajlab.capture.module_taps import TapError, module_listing
+    from trajlab.models.loading import ModelNotAvailable
+
+    _check_model_name(args.model)
+    try:
+        print("\n".join(module_listing(args.model, args.lora or [], depth=args.depth, grep=args.grep)))
+    except (ModelNotAvailable, TapError) as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
 def _quoted(items, limit: int = 4) -> str:
     shown = ", ".join(repr(x) for x in items[:limit])
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
@@ -142,7 +167,7 @@ def _quoted(items, limit: int = 4) -> str:
 
 def cmd_info(args) -> int:
     from trajlab import store
-    from trajlab.store_groups import describe, seed_ranges, split_group_path
+    from trajlab.store_groups import describe, seed_ranges, split_group_path, step_array_line
 
     try:
         path, only = split_group_path(args.store)  # STORE/NAME or STORE/LABEL: that group only
@@ -162,6 +187,8 @@ def cmd_info(args) -> int:
         print(f"    seeds {seed_ranges(r['seeds'])} ({per_text})")
         print(f"    samples={r['samples']} steps={r['steps']} latent={'x'.join(map(str, r['latent']))} "
               f"images={'yes' if r['images'] else 'no'} size={r['bytes'] / 1e6:.2f} MB  {state}")
+        for a in r.get("step_arrays", []):  # named module taps, attention maps: bytes per sample
+            print(f"    {step_array_line(a)}")
     return 0
 
 
@@ -371,6 +398,13 @@ re-running the same command resumes (complete samples are skipped).""", cmd_capt
     c.add_argument("--config", metavar="FILE", help="TOML grid of runs (one group per cell)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.add_argument("--shard", metavar="I/N", default=None, help=SHARD_HELP)
+    c.add_argument("--tap", action="append", metavar="MODULE", help="store this denoiser module's output per sample "
+                   "and step (repeatable; the names: `trajlab taps MODEL`)")
+    c.add_argument("--tap-reduce", choices=("none", "spatial_mean"), help="reduce --tap outputs (default none)")
+    c.add_argument("--tap-channels", metavar="A:B|I,J", help="store only these channels of --tap outputs (default all)")
+    c.add_argument("--tap-dtype", choices=("native", "float16", "float32"), help="--tap storage (default native)")
+    c.add_argument("--tap-branch", choices=("cond", "uncond", "both"), help="CFG half of --tap outputs (default cond)")
+    c.add_argument("--attention-maps", action="store_true", help="store cross-attention maps per token and step")
 
 
 def add_study(sub) -> None:
@@ -451,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("store", help="a store, or STORE/GROUP for one group (its name or its label)")
     _sub(sub, "models", "list the model registry (name, role, scheduler, steps, guidance, availability)",
          "example:\n  trajlab models", cmd_models)
+    t = _sub(sub, "taps", "list the denoiser modules --tap can name (no weights read)",
+             "examples:\n  trajlab taps micro-sd --depth 4\n  trajlab taps sd15 --grep attn2", cmd_taps)
+    t.add_argument("model", help="registry name, hub id or local diffusers folder")
+    t.add_argument("--lora", action="append", metavar="PATH_OR_ID[:SCALE]", help="with this LoRA (repeatable)")
+    t.add_argument("--depth", type=int, help="only names of at most N dotted parts (default all)")
+    t.add_argument("--grep", help="only names or classes containing this text")
     add_study(sub)
     add_calibrate(sub)
     return ap

@@ -80,6 +80,10 @@ seeds (``trajlab.store_groups.extend_group``) appends the new samples as a segme
 capture blocks (``batch_size`` samples) start afresh at each segment, so stored samples are never redone."""
 GROWING_ATTR = "growing"
 """Group attr present only while a growth runs (``{"from": n_old, "to": n_new}``): a growth cut short."""
+STEP_ARRAYS_ATTR = "step_arrays"
+"""Group attr (JSON list of ``{"name", "dims", **attrs}``; absent when none): arrays stored per (sample, step) beside the
+trajectory, chunked like it: named module taps ``tap.<module>``, cross-attention maps ``attention`` (capture.module_taps)."""
+STEP_ARRAY_PREFIXES = ("tap.", "attention", "token_text")
 CHECKSUM = "checksum"
 """(sample, checksummed) int64: 2**32 + the crc32 of each sample's stored bytes of each variable its ``variables``
 attr names (the sample variables), recorded by :func:`write_samples` before the sample is marked complete; 0: none
@@ -109,6 +113,7 @@ class GroupLayout:
     dtype: str
     step_variables: tuple[str, ...]
     image_shape: tuple[int, int, int] | None = None
+    step_arrays: tuple[dict, ...] = ()  # {name, dims, shape (after sample, step), dtype, coords {k: (dims, v)}, attrs}
 
     def __post_init__(self):
         unknown = set(self.step_variables) - set(STEP_VARIABLES)
@@ -173,6 +178,10 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
     data_vars[CHECKSUM] = (("sample", "checksummed"), da.zeros((S, len(summed)), dtype=np.int64,
                                                                chunks=(1, len(summed))), {"variables": summed})
     encoding[CHECKSUM] = {"chunks": (1, len(summed)), "_FillValue": None}
+    for a in layout.step_arrays:  # named module taps, attention maps (see STEP_ARRAYS_ATTR)
+        shape = (S, T, *a["shape"])
+        data_vars[a["name"]] = (("sample", "step", *a["dims"]), da.zeros(shape, dtype=a["dtype"], chunks=(1, *shape[1:])), a["attrs"])
+        encoding[a["name"]] = {"chunks": (1, *shape[1:]), "compressors": _compressors(), "_FillValue": np.nan}
     data_vars["complete"] = (("sample",), da.zeros((S,), dtype=bool, chunks=(1,)))
     encoding["complete"] = {"chunks": (1,), "_FillValue": None}
     data_vars["prompt_text"] = (("prompt",), np.array(list(prompts), dtype=object))
@@ -194,6 +203,9 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
     )
     ds.attrs["trajlab_schema"] = SCHEMA_VERSION
     ds.attrs["step_variables"] = json.dumps(list(layout.step_variables))
+    if layout.step_arrays:
+        ds = ds.assign_coords({k: c for a in layout.step_arrays for k, c in a["coords"].items()})
+        ds.attrs[STEP_ARRAYS_ATTR] = json.dumps([{"name": a["name"], "dims": list(a["dims"]), **a["attrs"]} for a in layout.step_arrays])
     leftover_root = is_local(path) and (Path(local_path(path)) / LOCK_FILE).exists() and not exists(path)
     with metadata_lock(path):
         root = _root_for_allocation(path, leftover_root)
@@ -229,7 +241,7 @@ def _trajlab_shaped(group) -> bool:
     attrs = dict(group.attrs)
     if "trajlab_schema" in attrs:
         return True
-    return not attrs and set(group.keys()) <= _TRAJLAB_NAMES
+    return not attrs and all(k in _TRAJLAB_NAMES or k.startswith(STEP_ARRAY_PREFIXES) for k in group.keys())
 
 
 def _root_for_allocation(path, leftover: bool = False):
@@ -528,6 +540,10 @@ def validate(path: str | os.PathLike, *, resumable: bool = False) -> None:
             if v not in g or g[v].shape[:2] != (n_samples, n_steps):
                 raise StoreError(f"{path}/{name}: {v} missing or shape {g[v].shape if v in g else None}, "
                                  f"expected ({n_samples}, {n_steps}, ...)")
+        for a in json.loads(g.attrs.get(STEP_ARRAYS_ATTR) or "[]"):  # named taps, attention maps
+            arr, want = (g[a["name"]] if a["name"] in g else None), ["sample", "step", *a["dims"]]
+            if arr is None or arr.shape[:2] != (n_samples, n_steps) or list(arr.metadata.dimension_names or ()) != want:
+                raise StoreError(f"{path}/{name}: {a['name']} missing or not ({n_samples}, {n_steps}, ...) with dims {want}")
         for v in SAMPLE_COORDS + ("complete", "final_latent"):
             if g[v].shape[0] != n_samples:
                 raise StoreError(f"{path}/{name}: {v} has shape {g[v].shape}; expected ({n_samples}, ...)")

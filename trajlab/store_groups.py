@@ -205,9 +205,41 @@ def describe(path: str | os.PathLike) -> list[dict]:
                  scheduler=(f"{sched} ({cls})" if sched and sched != "default" and cls else cls or sched or "?"),
                  guidance=attrs.get("guidance"), negative_prompt=attrs.get("negative_prompt") or "",
                  prompts=prompts, seeds=list(dict.fromkeys(sd.tolist())),
-                 seeds_per_prompt=sorted(set(per_prompt.values())), segments=segments(path, name))
+                 seeds_per_prompt=sorted(set(per_prompt.values())), segments=segments(path, name),
+                 step_arrays=step_array_sizes(path, name, attrs, r["complete"]))
     return rows
 
 
+def step_array_sizes(path: str | os.PathLike, name: str, attrs: dict | None = None, n_complete: int | None = None) -> list:
+    """Per step array of group ``name`` (named module taps, attention maps; :data:`trajlab.store.STEP_ARRAYS_ATTR`):
+    its entry, ``shape`` per sample (all steps), ``dtype``, ``raw_bytes_per_sample`` (uncompressed) and
+    ``stored_bytes_per_sample`` (its chunks on disk over the complete samples; None when none is complete)."""
+    attrs = store.decode_attrs(store.group_attrs(path, name)) if attrs is None else attrs
+    entries = attrs.get(store.STEP_ARRAYS_ATTR) or []
+    if not entries:
+        return []
+    g = zarr().open_group(target(path), mode="r", zarr_format=3)[name]
+    n = int(store.completed(path, name).sum()) if n_complete is None else n_complete
+    out = []
+    for e in entries:
+        a = g[e["name"]]
+        raw = int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize
+        stored = store.store_bytes(path, f"{name}/{e['name']}")
+        out.append({**e, "shape": tuple(int(x) for x in a.shape[1:]), "dtype": str(a.dtype),
+                    "raw_bytes_per_sample": raw, "stored_bytes_per_sample": stored / n if n else None})
+    return out
+
+
+def step_array_line(a: dict) -> str:
+    """One line of ``trajlab info`` for a :func:`step_array_sizes` entry: name, dims, shape, dtype, bytes per sample."""
+    stored = a["stored_bytes_per_sample"]
+    what = (f"tap {a.get('module')}: reduce={a.get('reduce')} channels={a.get('channels')} branch={a.get('branch')}"
+            if a.get("kind") == "tap" else f"attention maps over {a.get('n_layers')} cross-attention layer(s)")
+    return (f"{a['name']} ({', '.join(a['dims'])}) {'x'.join(map(str, a['shape']))} {a['dtype']}: "
+            f"{a['raw_bytes_per_sample'] / 1e3:.1f} kB per sample raw, "
+            + (f"{stored / 1e3:.1f} kB stored" if stored is not None else "none stored yet") + f"  [{what}]")
+
+
 __all__ = ["describe", "extend_group", "group_label", "missing_pairs", "open_group", "resolve_group", "seed_ranges",
-           "segments", "split_group_path", "wait_for_seeds"]
+           "segments", "split_group_path", "step_array_line", "step_array_sizes",
+           "wait_for_seeds"]

@@ -27,6 +27,9 @@ class CapturePlan:
 
     ``guidance`` is the pipeline's ``guidance_scale``; ``height``/``width`` in pixels (None = the
     pipeline's default); ``dtype`` one of fp32/fp16/bf16/fp64; ``hybrid`` is filled by hybrid runs.
+    ``taps``: named module taps (module names or tables, :class:`trajlab.capture.module_taps.TapSpec`; stored
+    in canonical form); ``attention_maps``: record the cross-attention maps. Both opt-in; when set they are
+    part of the group's checked config (not of its name: the same group captured with other taps is refused).
     """
 
     model: str
@@ -44,6 +47,8 @@ class CapturePlan:
     images: bool = True
     batch_size: int = 8
     extra: dict = field(default_factory=dict)
+    taps: list = field(default_factory=list)
+    attention_maps: bool = False
 
     def validate(self) -> None:
         """Every field typed and in range (one line each, no torch import): what a TOML file, a flag or a
@@ -98,6 +103,14 @@ class CapturePlan:
             check_scheduler_name(self.scheduler)
         except ValueError as exc:
             raise PlanError(str(exc)) from None
+        from trajlab.capture.module_taps import TapError, parse_taps
+
+        try:
+            self.taps = parse_taps(self.taps)
+        except TapError as exc:
+            raise PlanError(str(exc)) from None
+        if not isinstance(self.attention_maps, bool):
+            raise PlanError(f"attention_maps={self.attention_maps!r}: expected true or false")
         self._check_pipeline_accepts_scheduler()
 
     def _check_pipeline_accepts_scheduler(self) -> None:
@@ -124,6 +137,9 @@ class CapturePlan:
         d = asdict(self)
         for k in ("device", "batch_size"):
             d.pop(k)
+        for k in ("taps", "attention_maps"):  # opt-in views: in the config only when on (older groups lack them)
+            if not d[k]:
+                d.pop(k)
         return d
 
     def group_config(self) -> dict:
@@ -139,7 +155,8 @@ class CapturePlan:
         same group."""
         neg = "none" if not self.negative_prompt else "neg-" + hashlib.sha1(self.negative_prompt.encode()).hexdigest()[:6]
         rest = {k: v for k, v in self.config().items()
-                if k not in ("model", "scheduler", "steps", "guidance", "negative_prompt", "seeds")}
+                if k not in ("model", "scheduler", "steps", "guidance", "negative_prompt", "seeds", "taps",
+                             "attention_maps")}
         tag = hashlib.sha1(json.dumps(rest, sort_keys=True, default=str).encode()).hexdigest()[:6]
         model = re.sub(r"[^A-Za-z0-9_.+-]+", "-", self.model).strip("-")
         if self.loras:

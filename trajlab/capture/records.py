@@ -49,6 +49,8 @@ class StepRecord:
     uncond: torch.Tensor | None = None
     cond: torch.Tensor | None = None
     event: object = None
+    extra: dict = field(default_factory=dict)
+    """{variable: (B, ...) host tensor} of the step arrays (named module taps, attention maps) at this step."""
 
     def wait(self) -> None:
         if self.event is not None:
@@ -60,6 +62,8 @@ class BatchRecorder:
     """Collects the records of one pipeline call over ``batch_size`` samples; sends them to ``sink``.
 
     ``sink(record)`` receives each :class:`StepRecord` as soon as it is made (the writer queue).
+    ``extras()`` (optional, e.g. :meth:`trajlab.capture.module_taps.ModuleTaps.take`) returns the step arrays
+    made since the last step; they go into the record as ``extra``.
     """
 
     batch_size: int
@@ -68,6 +72,7 @@ class BatchRecorder:
     _pending_cfg: tuple | None = None
     n_steps: int = 0
     schedulers: list = field(default_factory=list)
+    extras: object = None
 
     def on_denoiser(self, event: DenoiserEvent) -> None:
         out = event.output
@@ -98,6 +103,8 @@ class BatchRecorder:
         if self._pending_cfg is not None:
             rec.uncond, rec.cond = self._pending_cfg
             self._pending_cfg = None
+        if self.extras is not None:
+            rec.extra = self.extras()
         rec.event = _ready_event(event.sample.device)
         self.last_result = result
         self.n_steps += 1

@@ -9,6 +9,7 @@ shard ``b % N`` (:mod:`trajlab.capture.shard`), into the same store.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import inspect
 import json
@@ -20,6 +21,7 @@ import torch
 
 from trajlab import store, store_groups
 from trajlab.capture import shard as _shard
+from trajlab.capture.module_taps import CaptureViews, TapError
 from trajlab.capture.plan import CapturePlan, PlanError
 from trajlab.capture.records import BatchRecorder, to_host
 from trajlab.capture.taps import tap_pipeline
@@ -119,6 +121,10 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
     :mod:`trajlab.capture.shard`). Either way the store ends bitwise identical to a one-process capture.
     """
     plan.validate()
+    try:  # named taps / attention maps: checked against the denoiser before anything is written
+        views = CaptureViews.for_plan(pipe, plan)
+    except TapError as exc:
+        raise PlanError(str(exc)) from None
     coord = _shard.coordinator(path, shard)
     config = json.loads(json.dumps(plan.group_config(), default=str))
     images = plan.images and getattr(pipe, "vae", None) is not None
@@ -147,7 +153,7 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
         image_shape = None if end.images is None else tuple(end.images.shape[1:])
         layout = store.GroupLayout(n_samples=n_samples, n_steps=len(records), latent_shape=tuple(first.shape[1:]),
                                    dtype=str(numpy_dtype(first.dtype)), step_variables=_step_variables(records),
-                                   image_shape=image_shape)
+                                   image_shape=image_shape, step_arrays=views.step_arrays(records) if views else ())
         sched = pipe.scheduler
         attrs = {**_versions(), "model": plan.model, "loras": plan.loras, "pipeline_class": type(pipe).__name__,
                  "scheduler_class": type(sched).__name__, "scheduler_config": _scheduler_config(sched),
@@ -188,7 +194,8 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
             gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:stop]]
             kwargs = pipeline_kwargs(pipe, plan, prompts, gens)
             recorder = BatchRecorder(batch_size=stop - start, sink=writer.put)
-            with tap_pipeline(pipe, recorder.on_step, recorder.on_denoiser):
+            with tap_pipeline(pipe, recorder.on_step, recorder.on_denoiser), \
+                    (views.batch(recorder, stop - start) if views else contextlib.nullcontext()):
                 out = pipe(**kwargs)
             imgs = to_uint8(out.images) if plan.images else None
             final = recorder.final_latent()

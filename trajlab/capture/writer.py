@@ -137,6 +137,12 @@ class StoreWriter:
             if any(t is None for t in per_step):
                 continue
             arrays[var] = np.stack([_np(t) for t in per_step], axis=1)
+        for var in records[0].extra:  # named module taps, attention maps
+            missing = [i for i, r in enumerate(records) if var not in r.extra]
+            if missing:
+                raise RuntimeError(f"{var} was not produced at step(s) {missing} of the batch at sample {end.start} (the "
+                                   "tapped module did not run before those scheduler steps)")
+            arrays[var] = np.stack([_np(r.extra[var]) for r in records], axis=1)
         arrays["final_latent"] = _np(end.final_latent)
         if end.images is not None:
             arrays["image"] = end.images

@@ -20,7 +20,7 @@ from trajlab.progress import eta_line
 
 GRID_KEYS = ("model", "scheduler", "steps", "guidance", "negative_prompt")
 SCALAR_KEYS = ("prompts", "prompts_file", "seeds", "loras", "height", "width", "dtype", "device", "images",
-               "batch_size", "group", "out")
+               "batch_size", "group", "out", "taps", "attention_maps")
 PLAN_DEFAULTS = {"seeds": "0:4", "dtype": "fp32", "device": "cpu", "images": True, "batch_size": 8}
 """Defaults of a grid cell's scalar keys (the CLI's flags default to the same)."""
 
@@ -193,6 +193,10 @@ CELL_TYPES: dict[str, tuple[Callable[[object], bool], str, tuple[type, ...]]] = 
     "batch_size": (_positive_int, "an integer >= 1", (int,)),
     "group": (_text, "a group name", (str,)),
     "out": (_name, "a store path", (str,)),
+    "taps": (lambda v: _name(v) or (isinstance(v, list) and all(_name(x) or isinstance(x, dict) for x in v)),
+             'module names or tables (taps = ["mid_block", {name = "down_blocks.1", reduce = "spatial_mean"}])',
+             (str, list)),
+    "attention_maps": (lambda v: isinstance(v, bool), "true or false", (bool,)),
 }
 """What each grid-cell key takes: (check, what to say, the types it may have). None (unset) is always
 fine; GRID_KEYS may also take a non-empty list of such values (one plan each)."""
@@ -261,11 +265,22 @@ def expand_cell(cell: dict, *, prompts: list[str], seeds: list[int], mapped: Cal
                             dtype=cell.get("dtype", PLAN_DEFAULTS["dtype"]),
                             device=device or cell.get("device") or PLAN_DEFAULTS["device"],
                             images=cell.get("images", PLAN_DEFAULTS["images"]),
-                            batch_size=_default(cell.get("batch_size"), PLAN_DEFAULTS["batch_size"]))
+                            batch_size=_default(cell.get("batch_size"), PLAN_DEFAULTS["batch_size"]),
+                            taps=_taps(cell.get("taps"), where), attention_maps=bool(cell.get("attention_maps", False)))
         if cell.get("group") and cell["group"] != plan.group_name():  # its own derived name is no change
             plan.extra["group"] = cell["group"]
         plans.append(plan)
     return plans
+
+
+def _taps(value, where: str = "") -> list:
+    """A cell's ``taps`` (module names or tables) in canonical form; a bad option in one line."""
+    from trajlab.capture.module_taps import TapError, parse_taps
+
+    try:
+        return parse_taps(value)
+    except TapError as exc:
+        raise InputError(f"{where}: {exc}" if where else str(exc)) from None
 
 
 def _default(value, default):
@@ -394,6 +409,13 @@ def preflight(plans, out: str) -> None:
         except store.StoreError as exc:
             raise InputError(f"--out {out}: not a valid trajlab store ({exc})") from None
         existing = store.group_names(out)
+    if any(plan.taps or plan.attention_maps for plan in plans):  # tap names against the module trees, no weights
+        from trajlab.capture.module_taps import TapError, preflight as taps_preflight
+
+        try:
+            taps_preflight(plans)
+        except (TapError, ModelNotAvailable) as exc:
+            raise InputError(str(exc)) from None
     seen = set()
     for plan in plans:
         try:
