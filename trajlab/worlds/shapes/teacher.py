@@ -4,7 +4,7 @@
   1e-6 KL, ``scaling_factor`` = 1 / std of the training latents (as SD's 0.18215).
 * Text encoder: the text tower of shapes-clip (``clip.py``) as a ``CLIPTextModel`` (width 64, 2 layers,
   32-token context), frozen; the real CLIP BPE tokenizer with ``model_max_length`` 32.
-* UNet: ``UNet2DConditionModel`` on 4x8x8 latents, channels (64, 128), cross-attention (to the text
+* UNet: ``UNet2DConditionModel`` on 4x8x8 latents, channels (48, 96), cross-attention (to the text
   encoder's last hidden states) at 4x4 and in the mid block; epsilon prediction on SD's scaled-linear
   betas (0.00085..0.012, 1000 steps); the caption replaced by "" with probability 0.1 (CFG dropout);
   EMA of the weights is what ships.
@@ -34,7 +34,7 @@ from . import world as W
 
 LATENT_CHANNELS = 4
 LATENT_SIZE = 8
-UNET_CHANNELS = (64, 128)
+UNET_CHANNELS = (48, 96)
 VAE_CHANNELS = (16, 32, 64)
 CROSS_DIM = 64
 P_DROP = 0.1
@@ -65,7 +65,7 @@ def build_vae(seed: int = 0):
     )
 
 
-def train_vae(vae, x: torch.Tensor, steps: int, batch: int = 32, lr: float = 2e-3, kl_weight: float = 1e-6,
+def train_vae(vae, x: torch.Tensor, steps: int, batch: int = 32, lr: float = 3e-3, kl_weight: float = 1e-6,
               seed: int = 0, log=None) -> list[float]:
     """Train in place on images x (N, 3, 32, 32) in [-1, 1] (no augmentation: the generator is the data);
     L1 + MSE + kl_weight * KL. Returns the per-step losses."""
@@ -91,7 +91,7 @@ def train_vae(vae, x: torch.Tensor, steps: int, batch: int = 32, lr: float = 2e-
 
 
 def build_unet(seed: int = 0, time_cond_proj_dim: int | None = None):
-    """The shapes UNet: 4x8x8 latents, channels (64, 128), cross-attention at 4x4 and in the mid block."""
+    """The shapes UNet: 4x8x8 latents, channels (48, 96), cross-attention at 4x4 and in the mid block."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
