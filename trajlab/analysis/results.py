@@ -354,9 +354,12 @@ def compute_results(store, out_dir, *, model: str | None = None, lpips: bool = T
     margins: an experiment's declared verdict margins ({mode: {"margin": m}}).
     in_memory: load the store's groups into memory first (see :func:`compute_all`); default: stream.
     """
+    from trajlab.analysis.attention import attention_results
+
     results = compute_all(store, model=model, lpips=lpips, n_boot=n_boot, scorers=scorers, max_grid=max_grid,
                           tags=tags, margins=margins, progress=progress, in_memory=in_memory)
     results.update(analyses_results(analyses_dir))
+    results["attention"] = attention_results(store)  # {group: token maps} of groups captured with --attention-maps
     if calibration is not None and Path(calibration).is_file():
         with xr.open_dataset(calibration) as c:
             results["calibration"] = c.load().assign_attrs(source=str(calibration))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from trajlab.report import images, sections
+from trajlab.report import attention, images, sections
 from trajlab.report.blocks import Figures, none, p, raw, table
 from trajlab.report.headline import counts_text, headline
 from trajlab.report.labels import group_info, group_of
@@ -30,7 +30,7 @@ from trajlab.report.rows import verdict_rows
 
 SECTIONS = ("Answer", "Verdicts", "Calibration", "Diversity vs steps", "Diversity-alignment trade-off",
             "CFG curves", "Step consistency", "Negative-prompt sensitivity", "Hybrid sweep", "Distilling diversity",
-            "Commitment", "Mode coverage", "Jacobian spectra and covariance", "Image grids",
+            "Commitment", "Mode coverage", "Jacobian spectra and covariance", "Cross-attention maps", "Image grids",
             "x0-prediction filmstrips", "Technical notes")
 
 TEMPLATE = "report.html.j2"
@@ -157,7 +157,8 @@ def _notes_section(r, fig) -> list:
 
 _SECTION_BUILDERS = (None, _verdicts_section, sections.calibration, sections.diversity, sections.tradeoff,
                      sections.cfg, sections.step, sections.negative, sections.hybrid, sections.distilling,
-                     sections.commitment, sections.coverage, sections.mechanistic, images.grids, images.filmstrips,
+                     sections.commitment, sections.coverage, sections.mechanistic, attention.attention_blocks, images.grids,
+                     images.filmstrips,
                      _notes_section)
 
 

@@ -1,0 +1,82 @@
+"""Cross-attention maps from the store to the report: per-prompt means over seeds, NetCDF round trip, the token
+heat-map figure (groups side by side, one colour scale per token row) and the report section."""
+
+import numpy as np
+import pytest
+
+from trajlab import store
+from trajlab.analysis.attention import attention_results, content_tokens, token_maps
+from trajlab.capture import CapturePlan, capture
+from trajlab.models.schedulers import make_scheduler
+from trajlab.plots.attention import pick_steps, plot_token_maps
+
+
+@pytest.fixture(scope="module")
+def attention_store(tiny_sd, tiny_sd_base_config, tmp_path_factory):
+    path = tmp_path_factory.mktemp("attn") / "s.zarr"
+    tiny_sd.scheduler = make_scheduler("ddim", tiny_sd_base_config)
+    base = dict(model="tiny-sd", prompts=["a cat", "a red dog"], seeds=[0, 1, 2], scheduler="ddim", guidance=3.0,
+                height=32, width=32, batch_size=6, attention_maps=True)
+    groups = [capture(tiny_sd, CapturePlan(**base, steps=k), path, progress=False).group for k in (8, 2)]
+    capture(tiny_sd, CapturePlan(**{**base, "attention_maps": False}, steps=3), path, progress=False)
+    return path, groups
+
+
+def test_token_maps_are_the_mean_over_each_prompts_seeds(attention_store):
+    path, (g8, g2) = attention_store
+    res = attention_results(path)
+    assert list(res) == [g8, g2], "groups without attention maps are left out"
+    ds = store.open_group(path, g8).load()
+    r = res[g8]
+    assert r["attention_mean"].dims == ("prompt", "step", "token", "y", "x") and list(r["n_samples"].values) == [3, 3]
+    for p in (0, 1):
+        want = ds.attention.values[ds.prompt_index.values == p].astype(np.float32).mean(0)
+        np.testing.assert_allclose(r["attention_mean"].values[p], want, rtol=1e-6)
+    assert list(r["token_text"].values[1]) == ["<|startoftext|>", "a", "red", "dog", "<|endoftext|>"]
+    assert content_tokens(r["token_text"].values[1]) == [1, 2, 3] and content_tokens(r["token_text"].values[0]) == [1, 2]
+    np.testing.assert_allclose(r["sigma"].values, ds.sigma.values)
+    one = token_maps(ds, prompt=1)
+    np.testing.assert_array_equal(one["attention_mean"].values[0], r["attention_mean"].values[1])
+
+
+def test_results_round_trip_and_the_report_section(attention_store, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from trajlab.analysis.results import write_results
+    from trajlab.report.attention import attention_blocks
+    from trajlab.report.blocks import Figures
+    from trajlab.report.html import SECTIONS, load_results
+
+    path, (g8, g2) = attention_store
+    write_results({"attention": attention_results(path)}, tmp_path / "results")
+    back = load_results(tmp_path / "results")["attention"]
+    assert list(back) == [g8, g2]
+    fig = plot_token_maps(back, {g8: "teacher", g2: "student"}, prompt=1)
+    grids = [a for a in fig.axes if a.images]
+    assert len(grids) == 3 * (len(pick_steps(8)) + 2), "3 word tokens x (6 teacher steps + 2 student steps)"
+    assert [a.get_ylabel() for a in grids if a.get_ylabel()] == ["'a'", "'red'", "'dog'"]
+    assert len({a.images[0].get_clim() for a in grids}) == 3, "one colour scale per token row"
+    assert "Cross-attention maps" in SECTIONS
+    figs = Figures(tmp_path / "page", {g8: {"label": "teacher", "family": "t"}, g2: {"label": "student", "family": "s"}}, g8)
+    (tmp_path / "page").mkdir()
+    blocks = attention_blocks({"attention": back}, figs)
+    pngs = [b for b in blocks if b["kind"] == "fig"]
+    assert len(pngs) == 2 and all((tmp_path / "page" / b["src"]).is_file() for b in pngs)
+    assert pngs[0]["groups"] == ["teacher", "student"]
+    assert attention_blocks({}, figs)[0]["kind"] == "none"
+
+
+def test_one_colour_scale_per_token_row():
+    import xarray as xr
+
+    def result(scale):
+        a = np.ones((1, 2, 3, 2, 2), dtype=np.float32) * scale
+        return xr.Dataset({"attention_mean": (("prompt", "step", "token", "y", "x"), a),
+                           "token_text": (("prompt", "token"), np.array([["<|startoftext|>", "a", "<|endoftext|>"]])),
+                           "n_samples": ("prompt", [1])}, coords={"prompt": [0], "sigma": ("step", [2.0, 0.5])})
+
+    fig = plot_token_maps({"t": result(0.2), "s": result(0.8)})
+    clims = {a.images[0].get_clim() for a in fig.axes if a.images}
+    assert len(clims) == 1 and list(clims)[0] == pytest.approx((0.0, 0.8))
+    assert pick_steps(30) == [0, 6, 12, 17, 23, 29] and pick_steps(3) == [0, 1, 2]

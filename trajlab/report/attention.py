@@ -1,0 +1,33 @@
+"""The cross-attention section: token heat maps over the steps of the groups captured with --attention-maps
+(trajlab.analysis.attention results), the teacher first, the students beside it."""
+from __future__ import annotations
+
+from trajlab.report.blocks import none, p
+
+
+def attention_blocks(r, fig) -> list:
+    res = r.get("attention") or {}
+    if not res:
+        return [none("no group holds cross-attention maps (capture with --attention-maps; the demo records them for "
+                     "the teacher and the collapsing students)")]
+    from trajlab.plots.attention import plot_token_maps
+
+    order = sorted(res, key=lambda g: (g != fig.teacher, fig.info.get(g, {}).get("family", ""), g))
+    first = res[order[0]]
+    agg = str(first.attrs.get("aggregation", ""))
+    out = [p("Where each prompt token is attended, step by step: softmax(QK^T/sqrt(d)) recomputed beside SDPA for every "
+             f"cross-attention layer ({agg}); each panel is one step's map on the latent grid, averaged over the "
+             "prompt's seeds, titled with the step's sigma. A row shares one colour scale across groups and steps, so "
+             "a student that attends to the digit token earlier, or to fewer places, than the teacher shows it here.")]
+    n_prompts = min(2, first.sizes.get("prompt", 1))
+    for prompt in range(n_prompts):
+        f = plot_token_maps({g: res[g] for g in order}, fig.labels, prompt=prompt)
+        if f is not None:
+            out.append(fig(f, "attention_maps", f"cross-attention per token over the steps, prompt {prompt}: "
+                           + "; ".join(f"{fig.labels.get(g, g)} ({int(res[g].sizes['step'])} steps, "
+                                       f"{int(res[g]['n_samples'].values[prompt])} seeds)" for g in order),
+                           groups=order))
+    return out
+
+
+__all__ = ["attention_blocks"]
