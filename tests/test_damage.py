@@ -144,9 +144,7 @@ def test_an_unreadable_complete_flag_reads_as_incomplete(written):
 def test_a_group_from_before_checksums_needs_every_float_chunk(written):
     """Older stores have no checksum array: every float array holds a chunk per complete sample."""
     shutil.rmtree(written / "g" / store.CHECKSUM)
-    from trajlab.store_fs import consolidate
-
-    consolidate(written)
+    zarr.consolidate_metadata(str(written))  # (trajlab's consolidate would restore the array's zarr.json)
     assert store.verify(written) == []
     _chunk(written, "latent", 0).unlink()
     os.remove(_chunk(written, "image", 3))  # uint8: a chunk of zeros may legitimately be absent there
@@ -158,3 +156,16 @@ def test_damage_restricted_to_samples(written):
     _chunk(written, "latent", 3).unlink()
     assert [d.samples for d in store.damage(written, "g", samples=[0, 1])] == [(1,)]
     assert store.index_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+
+
+def test_allocating_another_group_never_drops_an_array_whose_zarr_json_was_lost(written, capsys):
+    """Consolidation rebuilds the metadata from the files: a lost array zarr.json is restored first (a group
+    deleted on purpose holds no data and is not)."""
+    doc = written / "g" / "latent" / "zarr.json"
+    original = doc.read_bytes()
+    doc.unlink()
+    store.allocate_group(written, "h", store.GroupLayout(1, 3, (2, 4, 4), "float32", VARS), timesteps=[3, 2, 1],
+                         alpha_bar=[0.1, 0.5, 0.9], seeds=[0], prompt_index=[0], prompts=["a"], attrs={})
+    assert "g/latent/zarr.json was lost or unreadable: restored" in capsys.readouterr().err
+    assert doc.read_bytes() == original and "latent" in store.open_group(written, "g")
+    assert store.verify(written) == []

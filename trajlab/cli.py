@@ -165,7 +165,40 @@ def _quoted(items, limit: int = 4) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
+def _damage_line(path, damage) -> str:
+    more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
+    return (f"{path}: damaged data: {damage[0]}{more}; `trajlab info --verify {path}` lists it all, and re-running the "
+            "capture that wrote it re-writes the damaged samples")
+
+
+def _info_verify(args, path, names) -> int:
+    """``info --verify``: every chunk of every complete sample read and checked against the checksum recorded
+    when it was written (trajlab.store.verify); damage named on stdout, exit 1 if any."""
+    import time
+
+    from trajlab import store
+
+    t0 = time.perf_counter()
+    names = names or store.group_names(path)
+    damage = store.verify(path, names)
+    for d in damage:
+        print(f"verify: DAMAGED {d}")
+    n = sum(int(store.completed(path, g).sum()) for g in names)
+    state = f"{len(damage)} damaged item(s)" if damage else "every chunk read, every checksum matches"
+    print(f"verify: {n} complete sample(s) in {len(names)} group(s): {state} ({time.perf_counter() - t0:.1f} s)")
+    if damage:
+        print(f"trajlab: error: {_damage_line(path, damage)}", file=sys.stderr)
+    return 1 if damage else 0
+
+
 def cmd_info(args) -> int:
+    if getattr(args, "verify", False):  # the listing, then the verification
+        args.verify = False
+        cmd_info(args)
+        from trajlab.store_groups import split_group_path
+
+        path, only = split_group_path(args.store)
+        return _info_verify(args, path, [only] if only else None)
     from trajlab import store
     from trajlab.store_groups import describe, seed_ranges, split_group_path, step_array_line
 
@@ -297,6 +330,8 @@ def cmd_report(args) -> int:
     from trajlab.experiments.plans import check_writable
 
     check_writable(args.out)  # a file, or a read-only place: refused before any analysis
+    if damage := store.verify(args.store, data=False):  # a missing chunk of a complete sample: never NaN (a listing)
+        raise CliError(_damage_line(args.store, damage))
     _quiet_libraries()
     from trajlab.experiments.reporting import report_store
 
@@ -308,8 +343,13 @@ def cmd_report(args) -> int:
         if client is not None:
             print(f"analyses on dask cluster {client.scheduler.address} ({len(client.scheduler_info()['workers'])} "
                   "worker(s))", flush=True)
-        path = report_store(args.store, args.out, model=args.model, analyses_dir=args.analyses,
-                            lpips=not args.no_lpips, n_boot=args.n_boot)
+        try:
+            path = report_store(args.store, args.out, model=args.model, analyses_dir=args.analyses,
+                                lpips=not args.no_lpips, n_boot=args.n_boot)
+        except Exception:  # a chunk that cannot be read (truncated, corrupt): named, not the codec's error
+            if damage := store.verify(args.store):
+                raise CliError(_damage_line(args.store, damage)) from None
+            raise
     print(path)
     return 0
 
@@ -480,9 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_capture(sub)
     i = _sub(sub, "info", "each group of a store: label, model, scheduler, steps, guidance, prompts, seeds, "
                           "dims, size and completeness",
-             "examples:\n  trajlab info runs/q.zarr\n  trajlab info runs/q.zarr/LABEL     # one group, by label or name",
+             "examples:\n  trajlab info runs/q.zarr\n  trajlab info runs/q.zarr/LABEL     # one group, by label or name\n"
+             "  trajlab info --verify runs/q.zarr  # every chunk against its checksum",
              cmd_info)
     i.add_argument("store", help="a store, or STORE/GROUP for one group (its name or its label)")
+    i.add_argument("--verify", action="store_true", help="also read every chunk of every complete sample against the "
+                   "checksum recorded when it was written; names group, variable and samples of any damage (exit 1)")
     _sub(sub, "models", "list the model registry (name, role, scheduler, steps, guidance, availability)",
          "example:\n  trajlab models", cmd_models)
     t = _sub(sub, "taps", "list the denoiser modules --tap can name (no weights read)",

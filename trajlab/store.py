@@ -60,7 +60,7 @@ import numpy as np
 # where a store lives, its metadata lock and schema-free zarr calls: re-exported (trajlab.store is the API)
 from trajlab.store_fs import LOCK_FILE, StoreError, exists, is_local, local_path, metadata_lock, note, store_bytes  # noqa: F401
 from trajlab.store_fs import CLAIMS_FILE, Damage, check_group_name, decode_attr, decode_attrs, group_damage  # noqa: F401
-from trajlab.store_fs import index_ranges, lost_metadata, read_samples, restore_metadata, sample_crc  # noqa: F401
+from trajlab.store_fs import index_ranges, lost_metadata, read_samples, restore_lost, restore_metadata, sample_crc  # noqa: F401
 from trajlab.store_fs import encode_attr as _encode_attr
 from trajlab.store_fs import write_metadata as _write_metadata
 from trajlab.store_fs import child_groups as _child_groups
@@ -208,6 +208,7 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
         ds.attrs[STEP_ARRAYS_ATTR] = json.dumps([{"name": a["name"], "dims": list(a["dims"]), **a["attrs"]} for a in layout.step_arrays])
     leftover_root = is_local(path) and (Path(local_path(path)) / LOCK_FILE).exists() and not exists(path)
     with metadata_lock(path):
+        restore_lost(path)  # before the root is re-written without its consolidated copy
         root = _root_for_allocation(path, leftover_root)
         groups = list(root.attrs.get("groups", []))
         if name in groups:
@@ -524,6 +525,8 @@ def validate(path: str | os.PathLike, *, resumable: bool = False) -> None:
     if version > SCHEMA_VERSION:
         raise StoreError(f"{path} has schema {version}; this trajlab reads up to {SCHEMA_VERSION}: upgrade trajlab")
     for name in root.attrs.get("groups", []):
+        if resumable and lost_metadata(path, name):  # a lost zarr.json: the re-run restores it (consolidated copy)
+            continue
         if name not in root:
             if name in zarr.open_group(_target(path), mode="r", zarr_format=3, use_consolidated=False):
                 raise StoreError(f"{path}: group {name!r} is missing from the consolidated metadata (an allocation "

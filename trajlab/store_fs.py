@@ -178,10 +178,13 @@ def child_groups(root) -> list:
 def consolidate(path) -> None:
     """Consolidate metadata so plain ``xr.open_zarr`` / ``open_datatree`` open fast and without warnings.
 
-    Call under :func:`metadata_lock` (or as the store's only allocator) after any metadata change.
+    Call under :func:`metadata_lock` (or as the store's only allocator) after any metadata change. A ``zarr.json``
+    lost from a group that still holds data is restored first (:func:`restore_lost`): consolidating without it
+    would drop that array or group from the only metadata left.
     """
     import warnings
 
+    restore_lost(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         zarr().consolidate_metadata(target(path))
@@ -344,36 +347,65 @@ def group_damage(path, name: str, group, done, *, coords, arrays, checksum: str 
     return out
 
 
-def _get(path, key: str):
-    """The bytes stored at ``key`` of the store at ``path`` (None when absent)."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    store = zarr().open_group(target(path), mode="r", zarr_format=3, use_consolidated=False).store_path.store
-    buf = sync(store.get(key, prototype=default_buffer_prototype()))
-    return None if buf is None else buf.to_bytes()
+def _store_of(path):
+    return zarr().open_group(target(path), mode="r", zarr_format=3, use_consolidated=False).store_path.store
 
 
 def lost_metadata(path, name: str) -> list[tuple[str, object]]:
     """``(key, metadata)`` of every metadata document of group ``name`` (its own ``zarr.json``, its arrays')
     that the root's consolidated metadata holds but the store lacks or cannot parse (deleted, truncated):
-    readers that use the consolidated copy do not notice, but the next consolidation would drop the array."""
-    root = zarr().open_group(target(path), mode="r", zarr_format=3)
-    cm = root.metadata.consolidated_metadata
+    readers that use the consolidated copy do not notice, but a consolidation would drop the array (see
+    :func:`consolidate`). The documents are read concurrently."""
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    cm = zarr().open_group(target(path), mode="r", zarr_format=3).metadata.consolidated_metadata
     if cm is None or name not in cm.metadata:
         return []
     gmeta = cm.metadata[name]
     docs = [(f"{name}/zarr.json", dataclasses.replace(gmeta, consolidated_metadata=None))]
     docs += [(f"{name}/{k}/zarr.json", m) for k, m in (gmeta.consolidated_metadata.metadata.items()
                                                        if gmeta.consolidated_metadata else [])]
+    store = _store_of(path)
+
+    async def read_all():
+        return await asyncio.gather(*(store.get(k, prototype=default_buffer_prototype()) for k, _ in docs))
+
     out = []
-    for key, meta in docs:
-        raw = _get(path, key)
+    for (key, meta), buf in zip(docs, sync(read_all())):
         try:
-            json.loads(raw)
-        except (TypeError, ValueError):
+            json.loads(buf.to_bytes())
+        except (AttributeError, ValueError):  # absent (None) or not JSON
             out.append((key, meta))
     return out
+
+
+def restore_lost(path) -> list[str]:
+    """Re-write, from the root's consolidated copy, the lost ``zarr.json`` documents of every group that still
+    holds data (a deleted group holds none and stays deleted); one note each. Done by :func:`consolidate`."""
+    from zarr.core.sync import sync
+
+    try:
+        cm = zarr().open_group(target(path), mode="r", zarr_format=3).metadata.consolidated_metadata
+    except Exception:  # noqa: BLE001 - no root yet, or an unreadable one: nothing to restore from
+        return []
+    restored = []
+    for name in list(cm.metadata) if cm is not None else []:
+        lost = lost_metadata(path, name)
+        if lost and sync(_any_key(_store_of(path), f"{name}/")):
+            for key, meta in lost:
+                write_metadata(path, key, meta)
+                note(f"{path}: {key} was lost or unreadable: restored from the consolidated metadata")
+            restored += [key for key, _ in lost]
+    return restored
+
+
+async def _any_key(store, prefix: str) -> bool:
+    async for _ in store.list_prefix(prefix):
+        return True
+    return False
 
 
 def write_metadata(path, key: str, metadata) -> None:

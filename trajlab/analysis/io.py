@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def script_parser(doc: str, *, groups: bool = True, model: bool = False) -> argp
 
 def open_groups(store, groups: Iterable[str] | None = None, *, variables: Iterable[str] | None = None,
                 complete_only: bool = False, load: bool = False) -> dict[str, xr.Dataset]:
-    """{group name: Dataset} of a trajectory store, opened (and validated) with `trajlab.open`.
+    """{group name: Dataset} of a trajectory store, opened (and validated) with `trajlab.open`; a chunk missing
+    from a complete sample of these groups is a StoreError naming group, variable and samples (never NaN).
 
     groups: names to open (default: every group, in the store's order). variables: keep only these
     data variables (those a group lacks are skipped; every coordinate is kept, step coords included),
@@ -63,6 +65,13 @@ def open_groups(store, groups: Iterable[str] | None = None, *, variables: Iterab
     missing = [n for n in names if n not in tree.children]
     if missing:
         raise KeyError(f"groups {missing} not in store {store}; groups: {list(tree.children)}")
+    if isinstance(store, (str, os.PathLike)):  # a missing chunk of a complete sample: an error, never NaN
+        from trajlab.store import StoreError, verify
+
+        damage = verify(store, names, data=False)
+        if damage:
+            raise StoreError(f"{store}: damaged data: {damage[0]}" + (f" (and {len(damage) - 1} more)" if len(damage) > 1
+                             else "") + f"; `trajlab info --verify {store}` lists it all")
     out = {}
     for name in names:
         ds = tree[name].to_dataset()

@@ -103,6 +103,25 @@ def _scheduler_config(sched) -> dict:
     return cfg
 
 
+def repair_damage(path, group: str, done: np.ndarray, samples, may_allocate: bool) -> np.ndarray:
+    """What a resumed group's damage needs (:func:`trajlab.store.damage` over its complete ``samples``, this
+    process's; every chunk read against its checksum): damaged samples marked incomplete so that their blocks
+    are captured again, one note line; damage a re-run cannot repair (a coordinate) refused in one line. The new
+    done mask. (A lost ``zarr.json`` is restored before, by a process that may allocate.)"""
+    damage = store.damage(path, group, samples=samples)
+    if any("not repairable" in d.what for d in damage):
+        bad = next(d for d in damage if "not repairable" in d.what)
+        raise store.StoreError(f"{path}: {bad}; capture into another group (--group NAME) or store")
+    bad = sorted({s for d in damage for s in d.samples})
+    if bad:
+        store.note(f"{path}: group {group}: {len(bad)} complete sample(s) damaged ({'; '.join(str(d) for d in damage if d.samples)}): "
+                   "capturing them again")
+        store.mark_incomplete(path, group, bad)
+        done = done.copy()
+        done[bad] = False
+    return done
+
+
 def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress: bool = True,
             shard=None) -> CaptureResult:
     """Run ``plan`` on ``pipe`` and record it into group ``group`` (default ``plan.group_name()``) of ``path``.
@@ -110,7 +129,8 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
     Any pipeline with a ``scheduler`` and a ``unet``/``transformer`` module works, hybrids included
     (:class:`trajlab.models.hybrid.HybridPipeline`). ``path``: a local path or an fsspec URL
     (``file://``, ``s3://``).
-    Resumes: complete blocks are skipped, incomplete blocks redone. A group with a different config is
+    Resumes: complete blocks are skipped, incomplete blocks redone, damaged samples' blocks (a chunk truncated,
+    missing or altered since it was written: :func:`repair_damage`) captured again. A group with a different config is
     refused (:class:`trajlab.store.ConfigMismatch`); one that differs only in lacking some of the plan's
     seeds is grown (:func:`trajlab.store_groups.extend_group`: stored samples kept, new ones appended),
     and a plan with fewer seeds than the group captures only its own. ``group`` may be a label, and a
@@ -137,6 +157,8 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
     segments = [0]
     if exists:
         store.check_config(path, group, config, seeds_may_differ=True)
+        if coord.may_allocate():  # a lost zarr.json back from the consolidated copy, before anything re-consolidates
+            store.restore_metadata(path, group)
         if coord.may_allocate() and store.consolidated_is_stale(path):
             store.repair_consolidated(path)
         coord.grow(group, lambda: store_groups.extend_group(path, group, plan.seeds), plan.seeds)
@@ -178,6 +200,8 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
     bar = None
     blocks = _shard.blocks(n_samples, plan.batch_size, segments)
     mine = coord.shard.mine(blocks)
+    if exists:  # a truncated, missing or altered chunk of a complete sample: captured again
+        done = repair_damage(path, group, done, [s for a, b in mine for s in range(a, b)], coord.may_allocate())
     todo = [(a, b) for a, b in mine if (wanted[a:b] & ~done[a:b]).any()]
     n_todo = sum(b - a for a, b in todo)
     n_skipped = sum(int(wanted[a:b].sum()) for a, b in mine if (a, b) not in todo)
