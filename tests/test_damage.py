@@ -169,3 +169,21 @@ def test_allocating_another_group_never_drops_an_array_whose_zarr_json_was_lost(
     assert "g/latent/zarr.json was lost or unreadable: restored" in capsys.readouterr().err
     assert doc.read_bytes() == original and "latent" in store.open_group(written, "g")
     assert store.verify(written) == []
+
+
+def test_step_arrays_are_checksummed_too(tmp_path):
+    """Named module taps and attention maps (GroupLayout.step_arrays) get a checksum column like the trajectory."""
+    path = tmp_path / "t.zarr"
+    tap = {"name": "tap.mid_block", "dims": ("tap.mid_block.channel",), "shape": (3,), "dtype": "float32", "coords": {}, "attrs": {}}
+    layout = store.GroupLayout(2, 3, (2, 4, 4), "float32", VARS, step_arrays=(tap,))
+    store.allocate_group(path, "g", layout, timesteps=[3, 2, 1], alpha_bar=[0.1, 0.5, 0.9], seeds=[0, 1],
+                         prompt_index=[0, 0], prompts=["a"], attrs={})
+    rng = np.random.default_rng(1)
+    arrays = {v: rng.standard_normal((2, 3, 2, 4, 4)).astype(np.float32) for v in VARS}
+    arrays.update(final_latent=np.zeros((2, 2, 4, 4), np.float32), **{tap["name"]: np.ones((2, 3, 3), np.float32)})
+    store.write_samples(path, "g", 0, arrays)
+    store.mark_complete(path, "g", 0, 2)
+    assert tap["name"] in store.open_group(path, "g")[store.CHECKSUM].attrs["variables"]
+    assert store.verify(path) == []
+    _chunk(path, tap["name"], 1).unlink()
+    assert [(d.variable, d.samples) for d in store.verify(path)] == [(tap["name"], (1,))]

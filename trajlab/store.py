@@ -174,7 +174,8 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
         ih, iw, ic = layout.image_shape
         data_vars["image"] = (("sample", "height", "width", "rgb"), da.zeros((S, ih, iw, ic), dtype=np.uint8, chunks=(1, ih, iw, ic)))
         encoding["image"] = {"chunks": (1, ih, iw, ic), "compressors": _compressors(), "_FillValue": None}
-    summed = [*layout.step_variables, "final_latent"] + (["image"] if layout.image_shape is not None else [])
+    summed = ([*layout.step_variables, "final_latent"] + (["image"] if layout.image_shape is not None else [])
+              + [a["name"] for a in layout.step_arrays])
     data_vars[CHECKSUM] = (("sample", "checksummed"), da.zeros((S, len(summed)), dtype=np.int64,
                                                                chunks=(1, len(summed))), {"variables": summed})
     encoding[CHECKSUM] = {"chunks": (1, len(summed)), "_FillValue": None}
