@@ -15,3 +15,13 @@ def open(path, group=None, **kwargs):  # noqa: A001
     if group is not None:
         return open_group(path, group, chunks=kwargs.get("chunks"))
     return _open(path, **kwargs)
+
+
+def __getattr__(name):
+    """``trajlab.capture``: the capture package, callable as ``trajlab.capture(pipe, path, taps=[...])`` (the Python
+    capture API, :class:`trajlab.capture.session.CaptureSession`), imported on first use."""
+    if name == "capture":
+        import importlib
+
+        return importlib.import_module("trajlab.capture")
+    raise AttributeError(f"module 'trajlab' has no attribute {name!r}")

@@ -84,6 +84,18 @@ def to_uint8(images) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
+def images_of(out) -> np.ndarray:
+    """A pipeline output's images as uint8 (B, H, W, 3), whatever its ``output_type``: ``np`` floats rounded as
+    diffusers' ``numpy_to_pil`` rounds (so ``pil`` images are these very bytes), ``pt`` (B, 3, H, W) tensors;
+    the first item of a ``return_dict=False`` tuple."""
+    images = out[0] if isinstance(out, tuple) else out.images
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    if isinstance(images, (list, tuple)) and images and hasattr(images[0], "convert"):  # PIL images
+        return np.stack([np.asarray(im.convert("RGB")) for im in images])
+    return to_uint8(images)
+
+
 def _step_variables(records) -> tuple[str, ...]:
     r = records[0]
     out = ["latent", "x0_pred", "model_output"]
@@ -122,8 +134,24 @@ def repair_damage(path, group: str, done: np.ndarray, samples, may_allocate: boo
     return done
 
 
+def _group_attrs(pipe, plan: CapturePlan, config: dict) -> dict:
+    """The attrs a new group is allocated with: versions, model, pipeline and scheduler, the run's settings, its
+    checked ``config``; an exact world's recipe itself (so a file's world replays without the file)."""
+    sched = pipe.scheduler
+    attrs = {**_versions(), "model": plan.model, "loras": plan.loras, "pipeline_class": type(pipe).__name__,
+             "scheduler_class": type(sched).__name__, "scheduler_config": _scheduler_config(sched),
+             "steps": plan.steps, "guidance": plan.guidance, "negative_prompt": plan.negative_prompt,
+             "height": plan.height or 0, "width": plan.width or 0, "dtype": plan.dtype, "device": str(plan.device),
+             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "config": config, "extra": plan.extra}
+    if str(plan.model).startswith("exact:"):
+        from trajlab.models.exact_presets import exact_recipe
+
+        attrs["exact_recipe"] = exact_recipe(str(plan.model))
+    return attrs
+
+
 def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress: bool = True,
-            shard=None) -> CaptureResult:
+            shard=None, select=None, call=None) -> CaptureResult:
     """Run ``plan`` on ``pipe`` and record it into group ``group`` (default ``plan.group_name()``) of ``path``.
 
     Any pipeline with a ``scheduler`` and a ``unet``/``transformer`` module works, hybrids included
@@ -139,6 +167,9 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
     ``shard``: ``"I/N"`` (or a :class:`~trajlab.capture.shard.Shard`) captures only blocks ``b`` with
     ``b % N == I``; under torchrun the ranks split the blocks the same way (see
     :mod:`trajlab.capture.shard`). Either way the store ends bitwise identical to a one-process capture.
+    ``select(prompt_index, seeds) -> [(start, stop), ...]`` and ``call(kwargs) -> output``: capture only these sample
+    ranges of the group (as it is after any growth), each by ``call`` instead of ``pipe(**kwargs)``: how the Python
+    capture API records a researcher's own pipeline call (:mod:`trajlab.capture.session`).
     """
     plan.validate()
     try:  # named taps / attention maps: checked against the denoiser before anything is written
@@ -176,17 +207,7 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
         layout = store.GroupLayout(n_samples=n_samples, n_steps=len(records), latent_shape=tuple(first.shape[1:]),
                                    dtype=str(numpy_dtype(first.dtype)), step_variables=_step_variables(records),
                                    image_shape=image_shape, step_arrays=views.step_arrays(records) if views else ())
-        sched = pipe.scheduler
-        attrs = {**_versions(), "model": plan.model, "loras": plan.loras, "pipeline_class": type(pipe).__name__,
-                 "scheduler_class": type(sched).__name__, "scheduler_config": _scheduler_config(sched),
-                 "steps": plan.steps, "guidance": plan.guidance, "negative_prompt": plan.negative_prompt,
-                 "height": plan.height or 0, "width": plan.width or 0, "dtype": plan.dtype, "device": str(plan.device),
-                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(), "config": config,
-                 "extra": plan.extra}
-        if str(plan.model).startswith("exact:"):  # the world itself, so a file's world replays without the file
-            from trajlab.models.exact_presets import exact_recipe
-
-            attrs["exact_recipe"] = exact_recipe(str(plan.model))
+        attrs = _group_attrs(pipe, plan, config)
 
         def allocate_here():
             try:
@@ -198,7 +219,7 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
         coord.obtain(group, allocate_here, lambda: store.check_config(path, group, config))
 
     bar = None
-    blocks = _shard.blocks(n_samples, plan.batch_size, segments)
+    blocks = _shard.blocks(n_samples, plan.batch_size, segments) if select is None else select(prompt_index, seeds)
     mine = coord.shard.mine(blocks)
     if exists:  # a truncated, missing or altered chunk of a complete sample: captured again
         done = repair_damage(path, group, done, [s for a, b in mine for s in range(a, b)], coord.may_allocate())
@@ -220,8 +241,8 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
             recorder = BatchRecorder(batch_size=stop - start, sink=writer.put)
             with tap_pipeline(pipe, recorder.on_step, recorder.on_denoiser), \
                     (views.batch(recorder, stop - start) if views else contextlib.nullcontext()):
-                out = pipe(**kwargs)
-            imgs = to_uint8(out.images) if plan.images else None
+                out = pipe(**kwargs) if call is None else call(kwargs)
+            imgs = images_of(out) if plan.images else None
             final = recorder.final_latent()
             ev = None
             if final.is_pinned():
@@ -263,4 +284,5 @@ def capture_dataset(pipe, plan: CapturePlan):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["capture_dataset", "CapturePlan", "CaptureResult", "PlanError", "capture", "pipeline_kwargs", "to_host", "to_uint8"]
+__all__ = ["capture_dataset", "CapturePlan", "CaptureResult", "PlanError", "capture", "images_of", "pipeline_kwargs", "to_host",
+           "to_uint8"]
