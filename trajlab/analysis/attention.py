@@ -15,55 +15,72 @@ import numpy as np
 import xarray as xr
 
 VARIABLE = "attention"
+DIMS = ("step", "token", "y", "x")
 
 
-def token_maps(ds: xr.Dataset, prompt: int | None = None) -> xr.Dataset:
-    """``attention_mean`` (prompt, step, token, y, x): the mean over complete samples of each prompt (or only
-    ``prompt``), float32, with ``token_text`` (prompt, token), ``n_samples`` (prompt), sigma and timestep on step."""
-    if VARIABLE not in ds:
-        raise KeyError(f"this group has no {VARIABLE!r} array: capture it with --attention-maps")
-    done = np.asarray(ds["complete"].values, dtype=bool) if "complete" in ds else np.ones(ds.sizes["sample"], bool)
-    pidx = np.asarray(ds["prompt_index"].values)
-    prompts = range(ds.sizes.get("prompt", int(pidx.max()) + 1)) if prompt is None else [prompt]
+def _maps(read, done, prompt_index, prompts, shape, columns: dict) -> xr.Dataset:
+    """The result Dataset: per prompt the mean of ``read(its complete sample indices)`` (one read per prompt)."""
     means, counts = [], []
     for p in prompts:
-        idx = np.flatnonzero(done & (pidx == p))
+        idx = np.flatnonzero(done & (prompt_index == p))
         counts.append(idx.size)
-        a = ds[VARIABLE].isel(sample=idx).astype(np.float32).mean("sample") if idx.size else \
-            xr.full_like(ds[VARIABLE].isel(sample=0, drop=True), np.nan, dtype=np.float32)
-        means.append(a)
-    out = xr.Dataset({"attention_mean": xr.concat(means, "prompt").transpose("prompt", "step", "token", "y", "x"),
-                      "n_samples": ("prompt", np.asarray(counts, dtype=np.int64))})
-    out = out.assign_coords(prompt=np.asarray(list(prompts), dtype=np.int64))
-    for v in ("token_text", "prompt_text"):  # as plain str arrays (NetCDF writes them)
-        if v in ds:
-            vals = np.asarray(ds[v].isel(prompt=list(prompts)).values).tolist()
-            out[v] = (ds[v].dims, np.array(vals, dtype=str))
-    for c in ("sigma", "timestep"):
-        if c in ds.coords:
-            out = out.assign_coords({c: ("step", np.asarray(ds[c].values))})
+        means.append(np.asarray(read(idx), dtype=np.float32).mean(0) if idx.size else np.full(shape, np.nan, np.float32))
+    out = xr.Dataset({"attention_mean": (("prompt", *DIMS), np.stack(means)),
+                      "n_samples": ("prompt", np.asarray(counts, dtype=np.int64))},
+                     coords={"prompt": np.asarray(list(prompts), dtype=np.int64)})
+    for k, (dims, v) in columns.items():
+        v = np.asarray(v)
+        if dims[0] == "prompt":
+            v = v[list(prompts)]
+        out = out.assign_coords({k: (dims, v)}) if dims == ("step",) else out.assign({k: (dims, v)})
     out["attention_mean"].attrs = {"long_name": "mean attention mass per latent cell (heads, layers, seeds)"}
     return out
 
 
+def _texts(values) -> np.ndarray:
+    return np.array(np.asarray(values).tolist(), dtype=str)
+
+
+def token_maps(ds: xr.Dataset, prompt: int | None = None) -> xr.Dataset:
+    """``attention_mean`` (prompt, step, token, y, x): the mean over complete samples of each prompt (or only
+    ``prompt``), float32, with ``token_text`` (prompt, token), ``prompt_text``, ``n_samples`` (prompt), sigma and
+    timestep on step."""
+    if VARIABLE not in ds:
+        raise KeyError(f"this group has no {VARIABLE!r} array: capture it with --attention-maps")
+    pidx = np.asarray(ds["prompt_index"].values)
+    done = np.asarray(ds["complete"].values, dtype=bool) if "complete" in ds else np.ones(pidx.size, bool)
+    n = ds.sizes.get("prompt", int(pidx.max()) + 1)
+    columns = {k: (ds[k].dims, _texts(ds[k].values)) for k in ("token_text", "prompt_text") if k in ds}
+    columns.update({k: (("step",), np.asarray(ds[k].values)) for k in ("sigma", "timestep") if k in ds.coords})
+    return _maps(lambda idx: ds[VARIABLE].isel(sample=idx).values, done, pidx, range(n) if prompt is None else [prompt],
+                 ds[VARIABLE].shape[1:], columns)
+
+
 def attention_results(store, groups=None) -> dict[str, xr.Dataset]:
     """{group: :func:`token_maps`} of every group (or ``groups``) of ``store`` that holds attention maps, each with
-    attrs group, model, steps, scheduler_class and the aggregation of its capture."""
+    attrs group, model, steps, scheduler_class and the aggregation of its capture. Reads the zarr arrays directly
+    (one selection per prompt): per-chunk dask tasks cost seconds on a loaded machine."""
     import json
 
-    import trajlab
-    from trajlab.store import decode_attrs
+    from trajlab import store as S
+    from trajlab.store_fs import target, zarr
 
-    tree = trajlab.open(store)
+    S.validate(store)
+    root = zarr().open_group(target(store), mode="r", zarr_format=3)
     out = {}
-    for name in groups or list(tree.attrs.get("groups", [])):
-        ds = tree[name].to_dataset()
-        if VARIABLE not in ds:
+    for name in groups or S.group_names(store):
+        g = root[name]
+        if VARIABLE not in g:
             continue
-        attrs = decode_attrs(ds.attrs)
+        attrs = S.decode_attrs(g.attrs)
         entry = next((e for e in (attrs.get("step_arrays") or []) if e.get("name") == VARIABLE), {})
-        res = token_maps(ds)
-        res.attrs = {"group": name, "model": str(attrs.get("model", "")), "steps": int(ds.sizes["step"]),
+        arr = g[VARIABLE]
+        columns = {k: (dims, _texts(g[k][:])) for k, dims in (("token_text", ("prompt", "token")),
+                                                               ("prompt_text", ("prompt",))) if k in g}
+        columns.update({k: (("step",), np.asarray(g[k][:])) for k in ("sigma", "timestep") if k in g})
+        res = _maps(lambda idx, arr=arr: arr.oindex[np.asarray(idx, dtype=np.int64)], np.asarray(g["complete"][:], bool),
+                    np.asarray(g["prompt_index"][:]), range(g["prompt_text"].shape[0]), arr.shape[1:], columns)
+        res.attrs = {"group": name, "model": str(attrs.get("model", "")), "steps": int(arr.shape[1]),
                      "scheduler_class": str(attrs.get("scheduler_class", "")),
                      "aggregation": str(entry.get("aggregation", "")), "layers": json.dumps(entry.get("layers", ""))}
         out[name] = res

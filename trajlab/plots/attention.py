@@ -1,5 +1,6 @@
 """Token heat maps over the sampling steps: cross-attention maps of several groups side by side
-(trajlab.analysis.attention results)."""
+(trajlab.analysis.attention results). Each group is drawn as one mosaic (tokens x steps), so a figure of many
+maps costs one image per group."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,13 +13,25 @@ def pick_steps(n_steps: int, most: int = 6) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n_steps - 1, most)})
 
 
+def mosaic(maps: np.ndarray, scale: np.ndarray, gap: int = 1) -> np.ndarray:
+    """(rows, cols, h, w) maps -> one (rows (h + gap) - gap, cols (w + gap) - gap) image, row r divided by
+    ``scale[r]``; NaN between the tiles."""
+    r, c, h, w = maps.shape
+    out = np.full((r * (h + gap) - gap, c * (w + gap) - gap), np.nan, dtype=np.float32)
+    for i in range(r):
+        for j in range(c):
+            out[i * (h + gap): i * (h + gap) + h, j * (w + gap): j * (w + gap) + w] = maps[i, j] / scale[i]
+    return out
+
+
 def plot_token_maps(results: dict, labels: dict | None = None, prompt: int = 0, most_steps: int = 6,
                     tokens: list[str] | None = None):
     """One row per word token of prompt ``prompt``, one block of columns per group (its steps, up to
-    ``most_steps``, each titled with its sigma), the groups side by side in ``results`` order
+    ``most_steps``, each labelled with its sigma), the groups side by side in ``results`` order
     ({group: attention result with ``attention_mean`` (prompt, step, token, y, x) and ``token_text``}).
-    Each row shares one colour scale (0 to the row's largest mean attention), so groups and steps compare.
-    ``tokens``: only rows whose text is in it. Returns the figure (None without a group for the prompt)."""
+    Each row shares one colour scale across groups and steps: maps are shown as a fraction of the row's largest
+    mean attention (the row label gives that value). ``tokens``: only rows whose text is in it. Returns the
+    figure (None without a group holding the prompt)."""
     import matplotlib.pyplot as plt
 
     from trajlab.analysis.attention import content_tokens
@@ -31,33 +44,33 @@ def plot_token_maps(results: dict, labels: dict | None = None, prompt: int = 0, 
     texts = [str(t) for t in first["token_text"].values]
     rows = [i for i in content_tokens(texts) if tokens is None or texts[i] in tokens]
     cols = {g: pick_steps(results[g].sizes["step"], most_steps) for g in groups}
-    widths = [len(cols[g]) + (0.35 if g == groups[-1] else 0) for g in groups]
-    fig = plt.figure(figsize=(1.0 * sum(widths) + 0.8, 1.0 * len(rows) + 1.2), layout="constrained")
-    subs = np.atleast_1d(fig.subfigures(1, len(groups), width_ratios=widths, wspace=0.04))
-    vmax = {i: max(float(np.nanmax(results[g].sel(prompt=prompt)["attention_mean"].isel(token=i).values)) for g in groups)
-            or 1.0 for i in rows}
-    for sub, g in zip(subs, groups):
+    maps = {g: np.asarray(results[g].sel(prompt=prompt)["attention_mean"].values, dtype=np.float32)[cols[g]][:, rows]
+            for g in groups}  # (steps, tokens, h, w)
+    scale = np.nanmax(np.stack([np.nanmax(m, axis=(0, 2, 3)) for m in maps.values()]), axis=0)
+    scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+    widths = [len(cols[g]) for g in groups]
+    fig, axes = plt.subplots(1, len(groups), figsize=(1.05 * sum(widths) + 1.6, 0.95 * len(rows) + 1.3),
+                             width_ratios=widths, layout="constrained", squeeze=False)
+    for ax, g in zip(axes[0], groups):
         r = results[g].sel(prompt=prompt)
+        h, w = maps[g].shape[2:]
+        im = ax.imshow(mosaic(maps[g].transpose(1, 0, 2, 3), scale), cmap="magma", vmin=0, vmax=1,
+                       interpolation="nearest")
         sigma = np.asarray(r["sigma"].values) if "sigma" in r.coords else None
-        axes = np.atleast_2d(sub.subplots(len(rows), len(cols[g]), squeeze=False))
-        sub.suptitle(labels.get(g, g), fontsize=8)
-        for k, step in enumerate(cols[g]):
-            for row, i in enumerate(rows):
-                ax = axes[row, k]
-                im = ax.imshow(np.asarray(r["attention_mean"].isel(step=step, token=i).values), cmap="magma", vmin=0,
-                               vmax=vmax[i], interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if row == 0:
-                    ax.set_title(f"step {step + 1}" + (f"\nσ={sigma[step]:.3g}" if sigma is not None else ""), fontsize=7)
-                if k == 0 and g == groups[0]:
-                    ax.set_ylabel(repr(texts[i]), fontsize=8)
-                if k == len(cols[g]) - 1 and g == groups[-1]:
-                    sub.colorbar(im, ax=ax, fraction=0.08, pad=0.03).ax.tick_params(labelsize=6)
+        ax.set_xticks([j * (w + 1) + (w - 1) / 2 for j in range(len(cols[g]))],
+                      [f"step {k + 1}" + (f"\nσ={sigma[k]:.3g}" if sigma is not None else "") for k in cols[g]], fontsize=7)
+        ax.set_yticks([i * (h + 1) + (h - 1) / 2 for i in range(len(rows))],
+                      [f"{texts[i]!r}\nmax {scale[n]:.3g}" for n, i in enumerate(rows)] if g == groups[0] else [],
+                      fontsize=7)
+        ax.tick_params(length=0)
+        ax.set_title(labels.get(g, g), fontsize=8)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02, pad=0.01,
+                 label="fraction of the row's max").ax.tick_params(labelsize=6)
     prompt_text = str(first["prompt_text"].values) if "prompt_text" in first else f"prompt {prompt}"
-    fig.suptitle(f"cross-attention per token over the steps: {prompt_text!r} (mean over seeds; one colour scale "
-                 "per row)", fontsize=8)
+    fig.suptitle(f"cross-attention per token over the steps: {prompt_text!r} (mean over seeds)", fontsize=8)
     return fig
 
 
-__all__ = ["pick_steps", "plot_token_maps"]
+__all__ = ["mosaic", "pick_steps", "plot_token_maps"]
