@@ -5,6 +5,7 @@
     g.traj.flat("final_latent")                 # DataArray (sample, feature)
     g.traj.commitment(method="label", n_classes=4)
     g.traj.mode_coverage(other_group)
+    g.traj.diversity_over_t(decode=vae_decode)  # per-step x0 diversity with 95% CIs on the sigma axis
 
 Every method is a thin call of a pure function in `trajlab.analysis.commitment`,
 `trajlab.analysis.coverage` or `trajlab.metrics.prdc`, with this Dataset as first argument.
@@ -136,3 +137,12 @@ class TrajAccessor:
     def mode_coverage(self, other, **kw) -> xr.Dataset:
         """All coverage diagnostics of `other` (student) against this group (teacher)."""
         return _cov.mode_coverage(self._ds, other, **kw)
+
+    # ------------------------------------------------------------------ diversity over t
+    def diversity_over_t(self, decode=None, pairwise=None, **kw) -> xr.Dataset:
+        """Per-step diversity of the x0 predictions (pixel / latent RMS, and `pairwise` on decoded images, e.g.
+        micro-LPIPS) with 95% crossed prompt x seed CIs, dim step with coord sigma (the axis groups share);
+        decode: latents -> images in [0, 1]. See trajlab.analysis.diversity_t.diversity_over_t."""
+        from trajlab.analysis.diversity_t import diversity_over_t
+
+        return diversity_over_t(self._ds, decode=decode, pairwise=pairwise, **kw)
