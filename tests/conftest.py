@@ -26,3 +26,14 @@ def tiny_sd():
 @pytest.fixture(scope="session")
 def tiny_sd_base_config(tiny_sd):
     return dict(tiny_sd.scheduler.config)
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """(output directory, report index.html) of one quick demo on tiny models (every stage, the mechanistic one
+    included; 2 prompts x 3 seeds, the fewest that give crossed-design intervals), shared by the report tests
+    (tests/test_report.py, tests/test_report_browser.py), which only read it."""
+    from trajlab.experiments.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, quick=True, tiny=True, teacher_steps=8, n_prompts=2, n_seeds=3, progress=False)

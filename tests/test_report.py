@@ -9,12 +9,9 @@ from trajlab.report import SECTIONS
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from trajlab.experiments.demo import run_demo
-
-    out = tmp_path_factory.mktemp("demo")
-    path = run_demo(out, quick=True, tiny=True, teacher_steps=8, n_prompts=2, n_seeds=3, progress=False)
-    return out, path
+def demo(tiny_demo):
+    """(output directory, index.html) of the quick tiny demo (conftest.tiny_demo, shared with the browser test)."""
+    return tiny_demo
 
 
 def test_demo_writes_store_and_report(demo):

@@ -3,7 +3,10 @@
 Every <img> loads (naturalWidth > 0), every table's CSV link resolves, and the page logs no console
 error, uncaught exception or failed resource. The answer is the first thing on the page; the verdict table
 sorts (each column, both ways) and filters (decision, mode, words); the step slider moves every group's x0
-prediction; every image has a caption naming its groups and none runs past the page. One screenshot per
+prediction (a 1-step student's one frame stays); every image has a caption naming its groups and none runs past
+the page; no heading, caption or table cell is cut; every student has an x0 filmstrip beside the teacher's and a
+panel under the slider; image grids are labelled with prompt text and seed; every figure of a statistic draws
+its 95% CI. One screenshot per
 section (scrolled to its heading) is kept in ``$TRAJLAB_ARTIFACTS/report_browser`` (default: a pytest tmp
 directory; the path is printed).
 
@@ -11,7 +14,7 @@ The browser is driven through ``--remote-debugging-pipe`` (JSON messages, NUL-te
 no websocket client and no extra Python dependency. Skipped when /usr/bin/chromium is absent.
 
 The report: ``render_report`` of ``$TRAJLAB_REPORT_RESULTS`` (an existing results directory) when set,
-else a reduced tiny demo (random tiny pipelines, no Jacobian / covariance stage).
+else the quick tiny demo the report tests share (``conftest.tiny_demo``: random tiny pipelines, every stage).
 """
 from __future__ import annotations
 
@@ -123,24 +126,23 @@ class _Quiet(SimpleHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """(report directory, its http base URL)."""
-    out = tmp_path_factory.mktemp("browser_report")
+def report(tmp_path_factory, request):
+    """(report directory, its http base URL, its results directory)."""
     results = os.environ.get("TRAJLAB_REPORT_RESULTS")
     if results:
         from trajlab.report import render_report
 
+        out = tmp_path_factory.mktemp("browser_report")
         render_report(results, out / "report")
+        results = Path(results)
+        root = out / "report"
     else:
-        from trajlab.experiments.demo import run_demo
-
-        run_demo(out, quick=True, tiny=True, teacher_steps=4, n_prompts=2, n_seeds=2, progress=False,
-                 mechanistic=False)
-    root = out / "report"
+        out = request.getfixturevalue("tiny_demo")[0]
+        root, results = out / "report", out / "report" / "results"
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
     th = threading.Thread(target=httpd.serve_forever, daemon=True)
     th.start()
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}/"
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}/", results
     httpd.shutdown()
     httpd.server_close()
     th.join(5)
@@ -199,7 +201,7 @@ def _eval(b, s, expression: str, timeout: float = 30):
 def page(report, artifacts, tmp_path_factory):
     """(browser, page session, report root, url, {what the first load saw}) of the report loaded once at
     1280 x 900; one screenshot per section (scrolled to its heading) is taken on the way."""
-    root, url = report
+    root, url, _ = report
     t0 = time.monotonic()
     b = Browser(tmp_path_factory.mktemp("chromium") / "profile")
     try:
@@ -333,12 +335,13 @@ _SLIDER = """(() => {
   const f = document.querySelector('figure.slider'); if (!f) return null;
   const s = f.querySelector('input.step-slider'), imgs = Array.from(f.querySelectorAll('img'));
   const state = () => ({pos: f.querySelector('.slider-pos').textContent, left: imgs.map(i => i.style.marginLeft),
-                        sig: Array.from(f.querySelectorAll('.sig')).map(x => x.textContent)});
+                        sig: Array.from(f.querySelectorAll('.sig')).map(x => x.textContent),
+                        frames: imgs.map(i => JSON.parse(i.dataset.sigmas).length)});
   const before = state();
   s.value = s.max; s.dispatchEvent(new Event('input'));
   const after = state();
   const vp = imgs.map(i => { const a = i.parentElement.getBoundingClientRect(), r = i.getBoundingClientRect();
-                             return [r.left - a.left, r.width / a.width]; });
+                             return [r.left - a.left - i.parentElement.clientLeft, r.width / a.width]; });
   s.value = 0; s.dispatchEvent(new Event('input'));
   return {before, after, back: state(), max: s.max, vp, n: imgs.length};
 })()"""
@@ -346,16 +349,20 @@ _SLIDER = """(() => {
 
 def test_step_slider_moves(page):
     """Moving the slider to the teacher's last frame shifts every group's x0 strip to its frame nearest in
-    sigma and updates the sigma shown under it; back at 0, everything is as it was."""
+    sigma (a group with one frame, a 1-step student, keeps it) and updates the sigma shown under it; back at 0,
+    everything is as it was."""
     b, s, root, url, seen = page
     t = _eval(b, s, _SLIDER)
     assert t is not None, "no step slider on the page"
     assert int(t["max"]) >= 1 and t["n"] >= 1
     assert t["before"]["pos"] != t["after"]["pos"]
     assert t["after"]["left"][0] != t["before"]["left"][0] and t["after"]["left"][0].startswith("-")
-    assert all(left.startswith("-") for left in t["after"]["left"])  # every group's last frame is past its first
+    for left, frames in zip(t["after"]["left"], t["before"]["frames"]):  # every group's last frame is past its first
+        assert left.startswith("-") if frames > 1 else left in ("0px", ""), (left, frames)
+    assert any(f > 1 for f in t["before"]["frames"][1:])
     assert t["after"]["sig"] != t["before"]["sig"] and t["back"] == t["before"]
-    assert all(x <= 0 for x, _ in t["vp"])  # the strip shifted left inside its window
+    for (x, _), frames in zip(t["vp"], t["before"]["frames"]):  # the strip shifted left inside its window
+        assert x < 0 if frames > 1 else x == 0, (x, frames)
 
 
 _CAPTIONS = """(() => Array.from(document.images).map(img => {
@@ -384,3 +391,72 @@ def test_every_image_has_a_caption_naming_its_groups(page):
         if not c["slider"]:  # a figure is scaled to the page, never cut at its edge
             assert c["right"] <= width + 1, c
     assert _eval(b, s, "document.documentElement.scrollWidth") <= width
+
+
+_CUT = """(() => {
+  const cut = [];
+  for (const el of document.querySelectorAll('h1, h2, h3, figcaption, th, td, summary, p, .panel')) {
+    const st = getComputedStyle(el);
+    if (st.display === 'none') continue;
+    const clips = ['hidden', 'clip'].includes(st.overflowX) || st.textOverflow === 'ellipsis';
+    const past = !el.closest('.tw') && el.getBoundingClientRect().right > innerWidth + 1;  // .tw: tables scroll
+    if ((clips && el.scrollWidth > el.clientWidth + 1) || past)
+      cut.push([el.tagName, el.textContent.trim().slice(0, 60), el.scrollWidth, el.clientWidth]);
+  }
+  return cut;
+})()"""
+
+
+def test_no_heading_caption_or_cell_is_cut(page):
+    """No heading, caption, paragraph, table cell or slider label is clipped or runs past the page (the figures'
+    own text is checked on the matplotlib side: test_report.py::test_no_figure_text_is_cut)."""
+    b, s, root, url, seen = page
+    assert _eval(b, s, _CUT) == []
+
+
+IMAGE_FIGURES = ("_grid.png", "_filmstrip.png", "_attention_maps.png")
+"""Figures that show images or maps, not a statistic with an interval."""
+
+_FIGS = """(() => Array.from(document.querySelectorAll('figure')).map(f => ({
+  src: (f.querySelector('img') || {}).getAttribute ? f.querySelector('img').getAttribute('src') : '',
+  caption: (f.querySelector('figcaption') || {}).textContent || '',
+  groups: f.dataset.groups ? JSON.parse(f.dataset.groups) : [], slider: f.classList.contains('slider')})))()"""
+
+
+def _students(root, results):
+    """Labels of the teacher and of every student group of the report's results."""
+    from trajlab.report import load_results
+    from trajlab.report.labels import group_info
+
+    g = load_results(results)["groups"]
+    info = group_info(g)
+    return info[str(g.attrs["teacher"])]["label"], [d["label"] for d in info.values() if d["role"] == "student"]
+
+
+def test_every_student_has_a_filmstrip_and_a_slider_panel_beside_the_teacher(page, report):
+    b, s, root, url, seen = page
+    teacher, students = _students(root, report[2])
+    assert students
+    figs = _eval(b, s, _FIGS)
+    strips = [f for f in figs if f["src"].endswith("_filmstrip.png")]
+    assert all(teacher in f["groups"] and len(f["groups"]) == 2 for f in strips)
+    assert set(students) <= {g for f in strips for g in f["groups"]}
+    slider = next(f for f in figs if f["slider"])
+    assert teacher == slider["groups"][0] and set(students) <= set(slider["groups"])
+    section = (root / "index.html").read_text().split(">x0-prediction filmstrips</h2>")[1].split("<h2")[0]
+    assert "No filmstrip" not in section
+
+
+def test_grids_are_labelled_with_prompt_text_and_seed_and_every_statistic_has_its_ci(page):
+    """Each teacher-vs-group image grid says its rows are the prompt texts and its columns the seeds; every figure
+    that draws a statistic as points or lines (everything but the images: grids, filmstrips, the slider and the
+    attention-map mosaics) says it draws a 95% interval and never 'no CI'."""
+    b, s, root, url, seen = page
+    figs = _eval(b, s, _FIGS)
+    grids = [f for f in figs if f["src"].endswith("_grid.png")]
+    assert grids and all("labelled with the prompt text" in f["caption"] and "labelled with the seed" in f["caption"]
+                         for f in grids)
+    stats = [f for f in figs if not f["slider"] and not f["src"].endswith(IMAGE_FIGURES)]
+    assert len(stats) >= 5
+    bad = [(f["src"], f["caption"][:120]) for f in stats if "95%" not in f["caption"] or "no CI" in f["caption"]]
+    assert not bad, bad

@@ -39,7 +39,8 @@ from trajlab.analysis.result_images import filmstrips, image_grids, vae_decoder
 
 RESULTS_DIR = "results"
 N_BOOT = 200                 # bootstrap resamples of the metric CIs
-MAX_GRID = 8                 # image grids: at most this many prompts x seeds per group
+MAX_GRID = 8                 # image grids: at most this many seeds per group
+MAX_GRID_PROMPTS = 12        # image grids: at most this many prompts per group
 COMMIT_MAX_SAMPLES = 64      # commitment: complete samples per group
 LABELLER_FIT_SAMPLES = 256   # nearest-centroid labeller: teacher samples it is fitted on
 COVERAGE_MIN_SAMPLES = 12    # mode coverage: fewest complete samples per group
@@ -126,15 +127,71 @@ def coverage_vs_teacher(teacher: xr.Dataset, student: xr.Dataset, world=None, *,
         return V.group_mode_coverage(teacher, student, world, **params, **kw)
 
 
+COVERAGE_CI = ("precision", "recall", "density", "coverage", "jsd")
+"""Mode-coverage statistics that get a 95% interval (:func:`coverage_intervals`)."""
+
+
+COVERAGE_BOUNDS = {"precision": (0.0, 1.0), "recall": (0.0, 1.0), "density": (0.0, np.inf), "coverage": (0.0, 1.0),
+                   "jsd": (0.0, float(np.log(2)))}
+
+
+def coverage_intervals(teacher: xr.Dataset, student: xr.Dataset, res: xr.Dataset, cache: dict | None = None
+                       ) -> dict[str, dict]:
+    """{statistic: interval dict} of :data:`COVERAGE_CI` of ``res`` (a :func:`coverage_vs_teacher` result of these
+    groups): the two-way (prompt, seed) jackknife (a seed deleted from both groups and every prompt, a prompt from
+    both groups), the teacher PCA space and k-means bins held fixed at the full-sample fit; limits clipped to each
+    statistic's range (:data:`COVERAGE_BOUNDS`). Needs prompt_index and seed coords on both; {} without them.
+    cache: a dict kept across calls with the same teacher (its PCA and bins are fitted once)."""
+    from trajlab.analysis import coverage as V
+    from trajlab.analysis.intervals import two_way_jackknife_many
+    from trajlab.metrics.prdc import density_coverage, precision_recall
+
+    if not all(c in d.coords for d in (teacher, student) for c in ("prompt_index", "seed")):
+        return {}
+    a = res.attrs
+    space = str(a.get("feature_space", "raw"))
+    cache = {} if cache is None else cache
+    key = (space, int(a["n_bins"]), teacher.sizes["sample"])
+    if key not in cache:
+        t = V.features(teacher)
+        pca = V.fit_pca(t, int(space[3:])) if space.startswith("pca") else None
+        t = V.pca_project(t, pca) if pca is not None else t
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cent = V.fit_kmeans(t, int(a["n_bins"]), seed=0)
+        cache[key] = (pca, t, cent, V.assign_bins(t, cent))
+    pca, t, cent, bt = cache[key]
+    s = V.features(student)
+    s = V.pca_project(s, pca) if pca is not None else s
+    bs_ = V.assign_bins(s, cent)
+    tp, ts = np.asarray(teacher["prompt_index"].values), np.asarray(teacher["seed"].values)
+    sp, ss = np.asarray(student["prompt_index"].values), np.asarray(student["seed"].values)
+    k_pr, k_dc = int(a["k_pr"]), int(a["k_dc"])
+
+    def theta(keep_p, keep_s):
+        mt, ms = keep_p(tp) & keep_s(ts), keep_p(sp) & keep_s(ss)
+        if min(mt.sum(), ms.sum()) <= max(k_pr, k_dc):
+            return [np.nan] * len(COVERAGE_CI)
+        pr, dc = precision_recall(t[mt], s[ms], k=k_pr), density_coverage(t[mt], s[ms], k=k_dc)
+        jsd = V.jensen_shannon(np.bincount(bt[mt], minlength=len(cent)), np.bincount(bs_[ms], minlength=len(cent)))
+        return [pr["precision"], pr["recall"], dc["density"], dc["coverage"], jsd]
+
+    out = two_way_jackknife_many(theta, COVERAGE_CI, np.union1d(tp, sp), np.union1d(ts, ss))
+    for k, (lo, hi) in COVERAGE_BOUNDS.items():
+        out[k]["ci_low"], out[k]["ci_high"] = (float(np.clip(out[k][e], lo, hi)) for e in ("ci_low", "ci_high"))
+    return out
+
+
 def coverage_results(groups, desc) -> dict[str, xr.Dataset]:
     """{student or hybrid group: :func:`coverage_vs_teacher`} for groups with the teacher's prompts and
-    >= :data:`COVERAGE_MIN_SAMPLES` complete samples in both."""
+    >= :data:`COVERAGE_MIN_SAMPLES` complete samples in both; each with ``<stat>_ci_low`` / ``_ci_high`` of
+    :data:`COVERAGE_CI` (:func:`coverage_intervals`)."""
     teacher = S.pick_teacher(desc)
     if teacher is None:
         return {}
     tds = groups[teacher]
     t_ok = np.flatnonzero(np.asarray(tds["complete"].values))
-    res = {}
+    res, cache = {}, {}
     for n, d in desc.items():
         if d["role"] == "teacher" or d["prompts"] != desc[teacher]["prompts"]:
             continue
@@ -142,14 +199,21 @@ def coverage_results(groups, desc) -> dict[str, xr.Dataset]:
         if min(t_ok.size, s_ok.size) < COVERAGE_MIN_SAMPLES:
             continue
         # final latents only (small per sample); the step arrays are never read here
-        res[n] = coverage_vs_teacher(io.only(tds, ["final_latent"]).isel(sample=t_ok).load(),
-                                     io.only(groups[n], ["final_latent"]).isel(sample=s_ok).load())
+        t_ds = io.only(tds, ["final_latent"]).isel(sample=t_ok).load()
+        s_ds = io.only(groups[n], ["final_latent"]).isel(sample=s_ok).load()
+        r = coverage_vs_teacher(t_ds, s_ds)
+        for k, iv in coverage_intervals(t_ds, s_ds, r, cache).items():
+            r[f"{k}_ci_low"], r[f"{k}_ci_high"] = iv["ci_low"], iv["ci_high"]
+        res[n] = r
     return res
 
 
 def commitment_dataset(commit: dict, desc: dict, note: str) -> xr.Dataset:
-    """Per-group commitment summary (group) + the i-th group's curve ``fraction_committed_<i>``."""
+    """Per-group commitment summary (group) + the i-th group's curve ``fraction_committed_<i>`` with its
+    95% band ``fraction_committed_<i>_ci_low`` / ``_ci_high`` (per sigma level, the fraction's two-way
+    (prompt, seed) jackknife interval; where the result has seed and prompt_index coords)."""
     from trajlab.analysis import commitment as C
+    from trajlab.analysis.intervals import crossed_mean_ci
 
     if not commit:
         return xr.Dataset(attrs={"note": note or "no group with >= 2 steps"})
@@ -163,6 +227,13 @@ def commitment_dataset(commit: dict, desc: dict, note: str) -> xr.Dataset:
     for i, r in enumerate(commit.values()):
         c = C.commitment_curve(r)
         ds[f"fraction_committed_{i}"] = c.rename({"sigma_level": f"sigma_level_{i}"})
+        if "seed" in r.coords and "prompt_index" in r.coords:
+            cs = np.asarray(r["commit_sigma"].values, dtype=np.float64)
+            band = np.array([[crossed_mean_ci((cs >= s).astype(np.float64), r["prompt_index"].values,
+                                              r["seed"].values, bounds=(0.0, 1.0))[k] for k in ("ci_low", "ci_high")]
+                             for s in c["sigma_level"].values]).reshape(-1, 2)
+            for j, k in enumerate(("ci_low", "ci_high")):
+                ds[f"fraction_committed_{i}_{k}"] = (f"sigma_level_{i}", band[:, j])
     return ds
 
 
@@ -171,8 +242,14 @@ def coverage_dataset(coverage: dict, teacher: str | None) -> xr.Dataset:
     if not coverage:
         return xr.Dataset(attrs={"note": "needs a teacher and a student group with the same prompts and >= "
                                          f"{COVERAGE_MIN_SAMPLES} samples each"})
+    from trajlab.analysis.intervals import METHOD
+
+    keys += tuple(f"{k}_{e}" for k in COVERAGE_CI for e in ("ci_low", "ci_high")
+                  if all(f"{k}_{e}" in r for r in coverage.values()))
     return xr.Dataset({k: ("group", [float(r[k]) for r in coverage.values()]) for k in keys},
-                      coords={"group": list(coverage)}, attrs={"teacher": teacher or ""})
+                      coords={"group": list(coverage)},
+                      attrs={"teacher": teacher or "", "interval": "95% " + METHOD + "; teacher PCA space and k-means "
+                             "bins fixed at the full-sample fit"})
 
 
 def groups_dataset(desc: dict, store, teacher: str | None, notes: list[str]) -> xr.Dataset:
@@ -276,8 +353,8 @@ def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: 
     return {"groups": groups_dataset(desc, store, teacher, notes), "metrics": table, "step_consistency": stepc,
             "negative_prompt": neg, "cfg": cfg, "hybrid": hyb, "commitment": commitment_dataset(commit, desc, commit_note),
             "coverage": coverage_dataset(coverage, teacher), "verdicts": verdicts,
-            "distilling": distilling, "image_grid": image_grids(groups, desc, max_grid),
-            "filmstrip": filmstrips(groups, desc, decode)}
+            "distilling": distilling, "image_grid": image_grids(groups, desc, max_grid, MAX_GRID_PROMPTS),
+            "filmstrip": filmstrips(groups, desc, decode, teacher=teacher)}
 
 
 # -- results from analyses/*.py -------------------------------------------------------------------

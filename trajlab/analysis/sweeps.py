@@ -7,6 +7,8 @@ Distances: ``image`` RMS difference in [0, 1] pixel units when both groups have 
 ``final_latent`` RMS difference in latent units. Every result names the groups it came from.
 Per-sample statistics (distances, image stats) are read in sample chunks of bounded size
 (:func:`trajlab.analysis.io.samples_per_chunk`), so lazy groups larger than memory stream.
+Every mean comes with its 95% interval for the crossed prompt x seed design (``<var>_ci_low`` /
+``<var>_ci_high``, :mod:`trajlab.analysis.intervals`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from itertools import combinations
 import numpy as np
 import xarray as xr
 
+from trajlab.analysis.intervals import METHOD as CI_METHOD
+from trajlab.analysis.intervals import crossed_mean_ci, two_way_jackknife
 from trajlab.analysis.io import open_groups, sample_chunks, samples_per_chunk  # open_groups: re-exported reader
 from trajlab.store import decode_attr
 
@@ -139,7 +143,8 @@ def step_consistency(groups: dict[str, xr.Dataset], var: str | None = None) -> x
 
     Returns Dataset over dim ``group`` (members of all families): ``steps``, ``family``,
     ``distance_to_final`` (mean RMS distance to the family's largest step count),
-    ``distance_to_previous`` (to the next-smaller step count; NaN for the smallest), ``n_matched``.
+    ``distance_to_previous`` (to the next-smaller step count; NaN for the smallest), ``n_matched``; each
+    distance with its crossed-design 95% interval (``_ci_low`` / ``_ci_high``).
     """
     desc = describe_all(groups)
     rows = []
@@ -149,10 +154,22 @@ def step_consistency(groups: dict[str, xr.Dataset], var: str | None = None) -> x
         for j, n in enumerate(names):
             dfin = output_distance(groups[n], groups[last], var)
             dprev = output_distance(groups[n], groups[names[j - 1]], var) if j > 0 else None
-            rows.append((n, desc[n]["steps"], fi, desc[n]["model"], last, float(dfin.mean()),
-                         float(dprev.mean()) if dprev is not None else np.nan, dfin.size, dfin.attrs["units"]))
-    return _rows_dataset(rows, ("group", "steps", "family", "model", "reference_group", "distance_to_final",
-                                "distance_to_previous", "n_matched", "units"), "step consistency")
+            rows.append((n, desc[n]["steps"], fi, desc[n]["model"], last, *_mean_ci(dfin), *_mean_ci(dprev),
+                         dfin.size, dfin.attrs["units"]))
+    return _rows_dataset(rows, ("group", "steps", "family", "model", "reference_group", *_ci_names("distance_to_final"),
+                                *_ci_names("distance_to_previous"), "n_matched", "units"), "step consistency")
+
+
+def _mean_ci(d) -> tuple[float, float, float]:
+    """(mean, ci_low, ci_high) of a per-sample DataArray with seed / prompt_index coords (NaNs for None)."""
+    if d is None or d.size == 0:
+        return np.nan, np.nan, np.nan
+    r = crossed_mean_ci(d.values, d["prompt_index"].values, d["seed"].values)
+    return float(np.mean(d.values)), r["ci_low"], r["ci_high"]
+
+
+def _ci_names(name: str) -> tuple[str, str, str]:
+    return name, f"{name}_ci_low", f"{name}_ci_high"
 
 
 def _rows_dataset(rows, cols, what) -> xr.Dataset:
@@ -165,6 +182,8 @@ def _rows_dataset(rows, cols, what) -> xr.Dataset:
     for c in ds.data_vars:
         if c.startswith("distance") or c.startswith("sensitivity"):
             ds[c].attrs["units"] = units
+    if any(c.endswith("_ci_low") for c in ds.data_vars):
+        ds.attrs["interval"] = "95% " + CI_METHOD
     return ds
 
 
@@ -172,7 +191,8 @@ def negative_prompt_sensitivity(groups: dict[str, xr.Dataset], var: str | None =
     """Distance between outputs with and without a negative prompt, per (with, without) pair.
 
     Returns Dataset over ``group`` (the with-negative groups): ``reference_group`` (without),
-    ``sensitivity`` (mean RMS distance), ``model``, ``guidance``, ``role``, ``n_matched``.
+    ``sensitivity`` (mean RMS distance, with its crossed-design 95% interval), ``model``, ``guidance``,
+    ``role``, ``n_matched``.
     """
     desc = describe_all(groups)
     rows = []
@@ -183,9 +203,9 @@ def negative_prompt_sensitivity(groups: dict[str, xr.Dataset], var: str | None =
         for n in names:
             if desc[n]["negative_prompt"]:
                 d = output_distance(groups[n], groups[base[0]], var)
-                rows.append((n, base[0], float(d.mean()), desc[n]["model"], desc[n]["guidance"], desc[n]["role"],
+                rows.append((n, base[0], *_mean_ci(d), desc[n]["model"], desc[n]["guidance"], desc[n]["role"],
                              desc[n]["negative_prompt"], d.size, d.attrs["units"]))
-    return _rows_dataset(rows, ("group", "reference_group", "sensitivity", "model", "guidance", "role",
+    return _rows_dataset(rows, ("group", "reference_group", *_ci_names("sensitivity"), "model", "guidance", "role",
                                 "negative_prompt", "n_matched", "units"), "negative-prompt sensitivity")
 
 
@@ -212,16 +232,13 @@ def image_stats(ds: xr.Dataset) -> xr.Dataset:
                       coords=coords)
 
 
-def pixel_diversity(ds: xr.Dataset, var: str | None = None) -> xr.DataArray:
-    """Mean pairwise RMS distance between a prompt's samples, per prompt (dim ``prompt``).
-
-    var: image (default when present; [0, 1] units) or final_latent.
-    """
-    var = var or ("image" if "image" in ds else "final_latent")
+def _pixel_pairs(ds: xr.Dataset, var: str) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """[(prompt, seeds (n,), pairwise RMS distances (n, n))] of the prompts with >= 2 complete samples."""
     ok = _complete(ds)
     pi = np.asarray(ds["prompt_index"].values)
+    seeds = np.asarray(ds["seed"].values)
     scale = 255.0 if var == "image" else 1.0
-    prompts, vals = [], []
+    out = []
     for p in np.unique(pi[ok]):
         idx = np.flatnonzero(ok & (pi == p))
         if len(idx) < 2:
@@ -229,13 +246,37 @@ def pixel_diversity(ds: xr.Dataset, var: str | None = None) -> xr.DataArray:
         x = np.asarray(ds[var].isel(sample=idx).values, dtype=np.float64).reshape(len(idx), -1) / scale
         sq = (x ** 2).sum(1)
         d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0) / x.shape[1]
-        iu = np.triu_indices(len(idx), 1)
-        prompts.append(int(p))
-        vals.append(float(np.sqrt(d2[iu]).mean()))
-    return xr.DataArray(np.asarray(vals), dims="prompt", coords={"prompt": np.asarray(prompts, dtype=np.int64)},
-                        name="pixel_diversity",
-                        attrs={"units": "mean pairwise RMS, pixels in [0, 1]" if var == "image" else
-                               "mean pairwise RMS, latent units", "var": var})
+        out.append((int(p), seeds[idx], np.sqrt(d2)))
+    return out
+
+
+def _pair_mean(d: np.ndarray) -> float:
+    iu = np.triu_indices(d.shape[0], 1)
+    return float(d[iu].mean())
+
+
+def pixel_diversity(ds: xr.Dataset, var: str | None = None, *, ci: bool = False) -> xr.DataArray:
+    """Mean pairwise RMS distance between a prompt's samples, per prompt (dim ``prompt``).
+
+    var: image (default when present; [0, 1] units) or final_latent. ci: also attrs ``mean``, ``ci_low``,
+    ``ci_high``: the mean over prompts with its two-way (prompt, seed) jackknife 95% interval (a seed is
+    deleted from every prompt).
+    """
+    var = var or ("image" if "image" in ds else "final_latent")
+    pairs = _pixel_pairs(ds, var)
+    attrs = {"units": "mean pairwise RMS, pixels in [0, 1]" if var == "image" else "mean pairwise RMS, latent units",
+             "var": var}
+    if ci and pairs:
+        def theta(keep_p, keep_s):
+            vals = [_pair_mean(d[np.ix_(k, k)]) for p, s, d in pairs if keep_p(np.array([p]))[0]
+                    for k in [np.flatnonzero(keep_s(s))] if k.size >= 2]
+            return float(np.mean(vals)) if vals else np.nan
+
+        r = two_way_jackknife(theta, [p for p, _, _ in pairs], np.unique(np.concatenate([s for _, s, _ in pairs])))
+        attrs.update(mean=r["estimate"], ci_low=r["ci_low"], ci_high=r["ci_high"], interval="95% " + CI_METHOD)
+    return xr.DataArray(np.asarray([_pair_mean(d) for _, _, d in pairs]), dims="prompt",
+                        coords={"prompt": np.asarray([p for p, _, _ in pairs], dtype=np.int64)},
+                        name="pixel_diversity", attrs=attrs)
 
 
 def prompt_digit(text: str) -> int | None:
@@ -248,11 +289,14 @@ def label_accuracy(ds: xr.Dataset, labeller) -> xr.DataArray:
     """Fraction of a prompt's images the labeller assigns the prompted digit, per prompt (micro-world).
 
     labeller: uint8 (N, H, W, 3) -> (labels (N,), probs). Prompts without a digit are left out.
+    attrs ``ci_low`` / ``ci_high``: the two-way (prompt, seed) jackknife 95% interval of the fraction over
+    all these samples.
     """
     ok = _complete(ds)
     pi = np.asarray(ds["prompt_index"].values)
+    seeds = np.asarray(ds["seed"].values)
     texts = np.asarray(ds["prompt_text"].values).tolist()
-    prompts, acc = [], []
+    prompts, acc, hits = [], [], []
     for p in np.unique(pi[ok]):
         d = prompt_digit(texts[int(p)])
         if d is None:
@@ -260,17 +304,25 @@ def label_accuracy(ds: xr.Dataset, labeller) -> xr.DataArray:
         idx = np.flatnonzero(ok & (pi == p))
         labels, _ = labeller(np.asarray(ds["image"].isel(sample=idx).values))
         prompts.append(int(p))
-        acc.append(float((np.asarray(labels) == d).mean()))
+        hit = (np.asarray(labels) == d).astype(np.float64)
+        acc.append(float(hit.mean()))
+        hits += [(int(p), int(s), h) for s, h in zip(seeds[idx], hit)]
+    attrs = {"units": "fraction of samples labelled as the prompted digit"}
+    if hits:
+        h = np.asarray(hits, dtype=np.float64)
+        r = crossed_mean_ci(h[:, 2], h[:, 0], h[:, 1], bounds=(0.0, 1.0))
+        attrs.update(ci_low=r["ci_low"], ci_high=r["ci_high"], interval="95% " + CI_METHOD)
     return xr.DataArray(np.asarray(acc), dims="prompt", coords={"prompt": np.asarray(prompts, dtype=np.int64)},
-                        name="label_accuracy", attrs={"units": "fraction of samples labelled as the prompted digit"})
+                        name="label_accuracy", attrs=attrs)
 
 
 def cfg_curves(groups: dict[str, xr.Dataset], metrics: dict[str, xr.Dataset] | None = None) -> xr.Dataset:
     """Metric vs guidance for each guidance family (groups differing only in guidance).
 
     Returns Dataset over ``group``: ``guidance``, ``family``, ``model``, ``role``, ``saturation``,
-    ``colourfulness``, ``pixel_diversity`` (+ ``lpips_diversity``, ``clip_score`` from ``metrics``
-    {group: metric_suite result} where given).
+    ``colourfulness``, ``pixel_diversity``, each with its crossed-design 95% interval (``_ci_low`` /
+    ``_ci_high``) (+ ``lpips_diversity``, ``clip_score`` from ``metrics`` {group: metric_suite result} where
+    given; their bootstrap intervals are in the metrics table).
     """
     desc = describe_all(groups)
     rows = []
@@ -281,15 +333,18 @@ def cfg_curves(groups: dict[str, xr.Dataset], metrics: dict[str, xr.Dataset] | N
                 continue
             st = image_stats(ds)
             m = (metrics or {}).get(n)
-            rows.append((n, desc[n]["guidance"], fi, desc[n]["model"], desc[n]["role"], float(st["saturation"].mean()),
-                         float(st["colourfulness"].mean()), float(pixel_diversity(ds).mean()),
-                         _overall(m, "lpips_diversity"), _overall(m, "clip_score")))
-    out = _rows_dataset(rows, ("group", "guidance", "family", "model", "role", "saturation", "colourfulness",
-                               "pixel_diversity", "lpips_diversity", "clip_score"), "CFG curves")
+            pd = pixel_diversity(ds, ci=True)
+            rows.append((n, desc[n]["guidance"], fi, desc[n]["model"], desc[n]["role"], *_mean_ci(st["saturation"]),
+                         *_mean_ci(st["colourfulness"]), float(pd.mean()), pd.attrs.get("ci_low", np.nan),
+                         pd.attrs.get("ci_high", np.nan), _overall(m, "lpips_diversity"), _overall(m, "clip_score")))
+    out = _rows_dataset(rows, ("group", "guidance", "family", "model", "role", *_ci_names("saturation"),
+                               *_ci_names("colourfulness"), *_ci_names("pixel_diversity"), "lpips_diversity",
+                               "clip_score"), "CFG curves")
     if "saturation" in out:
         out["saturation"].attrs["units"] = "mean |pixel - 0.5|, pixels in [0, 1]"
         out["colourfulness"].attrs["units"] = "Hasler-Suesstrunk M, 0..255 scale"
         out["pixel_diversity"].attrs["units"] = "mean pairwise RMS, pixels in [0, 1]"
+        out.attrs["interval"] = "95% " + CI_METHOD
     return out
 
 
@@ -304,11 +359,13 @@ def metrics_table(groups: dict[str, xr.Dataset], metrics: dict[str, xr.Dataset] 
     """One row per group: configuration + overall metrics (diversity vs steps, trade-off plots).
 
     metrics: {group: metric_suite result}; extra: {group: {name: value}} (e.g. label_accuracy).
-    Always present: ``pixel_diversity`` (image groups). Variables are NaN where not measured.
+    Always present: ``pixel_diversity`` (image groups) with its two-way (prompt, seed) jackknife 95% interval.
+    Variables are NaN where not measured.
     """
     desc = describe_all(groups)
     names = list(groups)
-    cols = {"steps": [], "guidance": [], "pixel_diversity": []}
+    cols = {"steps": [], "guidance": [], "pixel_diversity": [], "pixel_diversity_ci_low": [],
+            "pixel_diversity_ci_high": []}
     mnames = sorted({k[:-8] for m in (metrics or {}).values() for k in m.data_vars if k.endswith("_overall")})
     enames = sorted({k for e in (extra or {}).values() for k in e})
     for k in mnames + [f"{k}_ci_low" for k in mnames] + [f"{k}_ci_high" for k in mnames] + enames:
@@ -317,7 +374,10 @@ def metrics_table(groups: dict[str, xr.Dataset], metrics: dict[str, xr.Dataset] 
         d = desc[n]
         cols["steps"].append(d["steps"])
         cols["guidance"].append(d["guidance"])
-        cols["pixel_diversity"].append(float(pixel_diversity(groups[n]).mean()) if d["has_images"] else np.nan)
+        pd = pixel_diversity(groups[n], ci=True) if d["has_images"] else None
+        cols["pixel_diversity"].append(float(pd.mean()) if pd is not None else np.nan)
+        cols["pixel_diversity_ci_low"].append(pd.attrs.get("ci_low", np.nan) if pd is not None else np.nan)
+        cols["pixel_diversity_ci_high"].append(pd.attrs.get("ci_high", np.nan) if pd is not None else np.nan)
         m = (metrics or {}).get(n)
         for k in mnames:
             cols[k].append(_overall(m, k))
@@ -337,7 +397,7 @@ def metrics_table(groups: dict[str, xr.Dataset], metrics: dict[str, xr.Dataset] 
 def hybrid_sweep(groups: dict[str, xr.Dataset], table: xr.Dataset | None = None) -> xr.Dataset:
     """Hybrid groups ordered by hand-off step k: ``handoff_step``, ``handoff_timestep``, ``steps_run``,
     ``distance_to_teacher`` / ``distance_to_student`` (mean RMS to the k = all / k = 0 group of the same
-    pair), and per-group metrics from ``table`` (metrics_table) where given."""
+    pair, with crossed-design 95% intervals), and per-group metrics from ``table`` (metrics_table) where given."""
     desc = describe_all(groups)
     hyb = {n: d for n, d in desc.items() if d["role"] == "hybrid"}
     if not hyb:
@@ -354,15 +414,15 @@ def hybrid_sweep(groups: dict[str, xr.Dataset], table: xr.Dataset | None = None)
         kall = hyb[last]["hybrid"]["handoff_step"] == hyb[last]["hybrid"]["teacher_steps"]
         for n in names:
             h = hyb[n]["hybrid"]
-            dt = float(output_distance(groups[n], groups[last]).mean()) if kall else np.nan
-            ds_ = float(output_distance(groups[n], groups[first]).mean()) if k0 else np.nan
-            row = [n, h["handoff_step"], h["handoff_timestep"], hyb[n]["steps"], f"{key[0]} -> {key[1]}", dt, ds_]
+            dt = _mean_ci(output_distance(groups[n], groups[last]) if kall else None)
+            ds_ = _mean_ci(output_distance(groups[n], groups[first]) if k0 else None)
+            row = [n, h["handoff_step"], h["handoff_timestep"], hyb[n]["steps"], f"{key[0]} -> {key[1]}", *dt, *ds_]
             for c in ("pixel_diversity", "lpips_diversity", "clip_score", "label_accuracy"):
                 row.append(float(table[c].sel(group=n)) if table is not None and c in table else np.nan)
             rows.append(tuple(row) + ("RMS, pixels in [0, 1]",))
     return _rows_dataset(rows, ("group", "handoff_step", "handoff_timestep", "steps_run", "pair",
-                                "distance_to_teacher", "distance_to_student", "pixel_diversity", "lpips_diversity",
-                                "clip_score", "label_accuracy", "units"), "hybrid sweep")
+                                *_ci_names("distance_to_teacher"), *_ci_names("distance_to_student"), "pixel_diversity",
+                                "lpips_diversity", "clip_score", "label_accuracy", "units"), "hybrid sweep")
 
 
 # -- scorers ------------------------------------------------------------------------------------
@@ -442,7 +502,8 @@ def group_metrics(groups: dict[str, xr.Dataset], embedder=None, lpips_model=None
         if labeller is not None:
             acc = label_accuracy(ds, labeller)
             if acc.size:
-                extra[n] = {"label_accuracy": float(acc.mean())}
+                extra[n] = {"label_accuracy": float(acc.mean()), "label_accuracy_ci_low": acc.attrs["ci_low"],
+                            "label_accuracy_ci_high": acc.attrs["ci_high"]}
     return metrics, extra
 
 

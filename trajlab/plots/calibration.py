@@ -5,9 +5,19 @@ from __future__ import annotations
 import numpy as np
 
 
+def wilson(rate, n: int, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """95% Wilson score interval (low, high) of binomial rates observed over ``n`` replicates."""
+    p = np.asarray(rate, dtype=np.float64)
+    den = 1 + z ** 2 / n
+    mid = (p + z ** 2 / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z ** 2 / (4 * n ** 2)) / den
+    return np.clip(mid - half, 0, 1), np.clip(mid + half, 0, 1)
+
+
 def plot_power_curves(ds):
     """One panel per failure mode: P(supported) and P(refuted) against the true effect / margin (<= 1: the null
-    region, where P(supported) must stay <= 0.05; 2: where power must reach 0.8)."""
+    region, where P(supported) must stay <= 0.05; 2: where power must reach 0.8); shaded: 95% Wilson intervals
+    over the ``n_replicates`` replicates (attr)."""
     import matplotlib.pyplot as plt
 
     modes = list(ds["mode"].values)
@@ -18,8 +28,14 @@ def plot_power_curves(ds):
     for ax, mode in zip(axes.ravel(), modes):
         d = ds.sel(mode=mode)
         ax.axvspan(f.min() - 0.1, 1.0, color="0.92", lw=0)
-        ax.plot(f, d["supported_rate"].values, "o-", label="supported")
-        ax.plot(f, d["refuted_rate"].values, "s--", label="refuted (within the margin)")
+        n = int(ds.attrs.get("n_replicates", 0))
+        for k, (var, fmt, lab) in enumerate((("supported_rate", "o-", "supported"),
+                                             ("refuted_rate", "s--", "refuted (within the margin)"))):
+            ax.plot(f, d[var].values, fmt, color=f"C{k}", label=lab)
+            if n > 0:
+                lo, hi = wilson(d[var].values, n)
+                ax.fill_between(f, lo, hi, color=f"C{k}", alpha=0.15, lw=0,
+                                label=f"95% Wilson interval, {n} replicates" if k == 0 else None)
         ax.axhline(0.8, color="0.6", lw=0.8)
         ax.axhline(0.05, color="0.6", lw=0.8, ls=":")
         ax.set_ylim(-0.03, 1.03)

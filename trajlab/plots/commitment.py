@@ -53,20 +53,24 @@ def plot_commitment_curves(curves: dict, sigma_s: float | None = None, title: st
 def plot_commitment_panels(curves: dict, estimator: str, ncols: int = 3) -> plt.Figure:
     """Fraction of samples committed vs EDM sigma, one panel per model family (small multiples).
 
-    curves: {label: (family, colour, DataArray (sigma_level,))}; estimator: its name, in the title."""
-    fams = list(dict.fromkeys(f for f, _, _ in curves.values()))
+    curves: {label: (family, colour, DataArray (sigma_level,)[, (low, high) 95% band arrays or None])};
+    estimator: its name, in the title. A band is drawn shaded in the curve's colour."""
+    curves = {k: tuple(v) + (None,) * (4 - len(v)) for k, v in curves.items()}
+    fams = list(dict.fromkeys(v[0] for v in curves.values()))
     nc = min(ncols, len(fams))
     nr = -(-len(fams) // nc)
     single = len(fams) == 1
     fig, axes = plt.subplots(nr, nc, figsize=(6.0, 4.2) if single else (3.8 * nc, 2.8 * nr + 0.8), squeeze=False,
                              layout="constrained", sharey=True)
-    floor = _floor(*[c["sigma_level"].values for _, _, c in curves.values()])
+    floor = _floor(*[v[2]["sigma_level"].values for v in curves.values()])
     styles = ("-", "--", ":", "-.")
     for ax, fam in zip(axes.ravel(), fams):
-        mine = [(lab, col, c) for lab, (f, col, c) in curves.items() if f == fam]
-        for i, (lab, col, c) in enumerate(mine):
-            ax.step(_positive(c["sigma_level"].values, floor), c.values, where="post", color=col,
-                    ls=styles[i % len(styles)], label=str(lab))
+        mine = [(lab, col, c, band) for lab, (f, col, c, band) in curves.items() if f == fam]
+        for i, (lab, col, c, band) in enumerate(mine):
+            x = _positive(c["sigma_level"].values, floor)
+            ax.step(x, c.values, where="post", color=col, ls=styles[i % len(styles)], label=str(lab))
+            if band is not None:
+                ax.fill_between(x, band[0], band[1], step="post", color=col, alpha=0.15, lw=0)
         sigma_axis(ax, "EDM sigma (log, decreasing: sampling order)")
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(str(fam), fontsize=8, loc="left")

@@ -11,15 +11,22 @@ import xarray as xr  # noqa: E402
 
 from trajlab.plots._style import legend_below  # noqa: E402
 
-__all__ = ["plot_covariance_propagation", "plot_trace_scatter", "plot_variance_ratio_theory"]
+__all__ = ["plot_covariance_propagation", "plot_trace_scatter", "plot_variance_ratio_theory", "trace_ci_halfwidths"]
 
 
 def plot_covariance_propagation(res: xr.Dataset, prompt=None, title: str = ""):
     """Left: empirical vs predicted variance per component (log-log, identity line).  Right: ratio
-    emp / pred per empirical PC with the +-2 sampling SE band sqrt(2/(n-1))."""
+    emp / pred per empirical PC with the +-2 sampling SE band sqrt(2/(n-1)). Empirical variances (and the
+    ratios along the empirical PCs) carry 95% bars: x (1 +- 1.96 sqrt(2/(n-1))), a Gaussian sample variance's SE."""
     r = res.isel(prompt=0) if prompt is None else res.sel(prompt=prompt)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained")
-    a1.loglog(r["pred_on_emp_pc"], r["emp_variance"], "o", label="along empirical PCs")
+    n = int(r["n_samples"])
+    rel = 1.96 * np.sqrt(2 / max(n - 1, 1))
+    ev = np.asarray(r["emp_variance"].values, dtype=np.float64)
+    a1.errorbar(r["pred_on_emp_pc"].values, ev, yerr=np.stack([np.minimum(rel, 0.999) * ev, rel * ev]), fmt="o",
+                ms=4, elinewidth=0.7, capsize=2, label="along empirical PCs (bars: 95% CI)")
+    a1.set_xscale("log")
+    a1.set_yscale("log")
     a1.loglog(r["pred_variance"], r["emp_on_pred_pc"], "x", label="along predicted PCs")
     lo = np.nanmin([np.nanmin(r["emp_variance"]), np.nanmin(r["pred_on_emp_pc"])])
     hi = np.nanmax([np.nanmax(r["emp_variance"]), np.nanmax(r["pred_on_emp_pc"])])
@@ -27,8 +34,9 @@ def plot_covariance_propagation(res: xr.Dataset, prompt=None, title: str = ""):
     a1.set_xlabel("predicted variance (J C J^T)")
     a1.set_ylabel("empirical variance")
     c = r["component"].values
-    a2.plot(c, r["ratio_emp_pc"], "o-", label="emp / pred (empirical PCs)")
-    n = int(r["n_samples"])
+    ratio = np.asarray(r["ratio_emp_pc"].values, dtype=np.float64)
+    a2.errorbar(c, ratio, yerr=np.abs(rel * ratio), fmt="o-", ms=4, elinewidth=0.7, capsize=2,
+                label="emp / pred (empirical PCs; bars: 95% CI)")
     band = 2 * np.sqrt(2 / max(n - 1, 1))
     a2.fill_between(c, 1 - band, 1 + band, color="0.85", label="+-2 SE")
     a2.axhline(1, color="k", lw=0.8)
@@ -58,8 +66,22 @@ def plot_variance_ratio_theory(lam, measured_r, theory_r, title: str = ""):
     return fig
 
 
+def trace_ci_halfwidths(d: xr.Dataset, z: float = 1.96) -> tuple:
+    """(propagated, empirical) 95% half-widths per prompt (None where the result lacks what they need):
+    z x ``pred_trace_se`` (Hutchinson) and z x sqrt(2 sum_k emp_variance_k^2 / (n - 1)) (the Gaussian sampling SE
+    of a covariance trace, over the components the result holds)."""
+    xerr = z * np.asarray(d["pred_trace_se"].values, dtype=np.float64) if "pred_trace_se" in d else None
+    yerr = None
+    if "emp_variance" in d and "n_samples" in d:
+        lam = np.nan_to_num(np.asarray(d["emp_variance"].values, dtype=np.float64))
+        n = np.asarray(d["n_samples"].values, dtype=np.float64)
+        yerr = z * np.sqrt(2 * (lam ** 2).sum(-1) / np.maximum(n - 1, 1))
+    return xerr, yerr
+
+
 def plot_trace_scatter(results: dict, labels: dict | None = None, families: dict | None = None):
-    """Empirical vs propagated trace (total output variance) per prompt, one marker series per group:
+    """Empirical vs propagated trace (total output variance) per prompt with 95% CI bars
+    (:func:`trace_ci_halfwidths`), one marker series per group:
     results {group: covariance_propagation Dataset}, labels {group: human label}, families {group: model family}
     (one colour per family, one marker per group within it); log-log with the identity line."""
     from trajlab.plots._style import family_colour
@@ -72,8 +94,12 @@ def plot_trace_scatter(results: dict, labels: dict | None = None, families: dict
         name = (labels or {}).get(g, g)
         fam = (families or {}).get(g)
         k = seen[fam] = seen.get(fam, -1) + 1
-        ax.loglog(x, y, "osD^v"[k % 5] if fam else "o", color=family_colour(fam) if fam else f"C{i % 10}",
-                  mfc="none" if k % 2 else None, label=f"{name} ({int(d.attrs.get('steps', 0))} steps)")
+        xerr, yerr = trace_ci_halfwidths(d)
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="osD^v"[k % 5] if fam else "o", ms=5, capsize=2, elinewidth=0.7,
+                    color=family_colour(fam) if fam else f"C{i % 10}", mfc="none" if k % 2 else None,
+                    label=f"{name} ({int(d.attrs.get('steps', 0))} steps)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
         vals = np.concatenate([x, y])
         vals = vals[np.isfinite(vals) & (vals > 0)]
         if vals.size:

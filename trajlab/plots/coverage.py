@@ -10,7 +10,7 @@ import xarray as xr  # noqa: E402
 
 from trajlab.plots._style import legend_below  # noqa: E402
 
-__all__ = ["plot_variance_ratio", "plot_ndb_bins", "plot_mode_fractions"]
+__all__ = ["plot_variance_ratio", "plot_ndb_bins", "plot_mode_fractions", "plot_coverage_intervals"]
 
 
 def plot_variance_ratio(results: dict, theory: dict | None = None, title: str = "") -> plt.Figure:
@@ -71,4 +71,40 @@ def plot_mode_fractions(results: dict, title: str = "") -> plt.Figure:
     ax.set_ylabel("fraction of student samples")
     ax.set_title(title or "covered mixture components")
     legend_below(fig)
+    return fig
+
+
+COVERAGE_REFERENCE = {"density": 1.0}
+"""Where a statistic sits when the student samples the teacher's distribution (drawn dashed)."""
+
+
+def plot_coverage_intervals(cov: xr.Dataset, order: list, labels: dict, colours: dict,
+                            stats=("precision", "recall", "density", "coverage"), teacher: str = "") -> plt.Figure:
+    """One panel per statistic, one row per group in ``order`` (top to bottom): the estimate and its 95% CI
+    (``<stat>_ci_low`` / ``_ci_high`` of ``cov``, dim group); colour: ``colours[group]``; rows labelled
+    ``labels[group]``. Statistics without intervals in ``cov`` are not drawn."""
+    stats = [s for s in stats if s in cov and f"{s}_ci_low" in cov and f"{s}_ci_high" in cov]
+    groups = [str(g) for g in cov["group"].values.tolist()]
+    idx = {g: i for i, g in enumerate(groups)}
+    order = [g for g in order if g in idx]
+    y = np.arange(len(order))
+    fig, axes = plt.subplots(1, len(stats), figsize=(2.3 * len(stats) + 2.4, 0.16 * len(order) + 1.3),
+                             squeeze=False, sharey=True, layout="constrained")
+    for ax, st in zip(axes[0], stats):
+        v = np.array([float(cov[st].values[idx[g]]) for g in order])
+        lo = np.array([float(cov[f"{st}_ci_low"].values[idx[g]]) for g in order])
+        hi = np.array([float(cov[f"{st}_ci_high"].values[idx[g]]) for g in order])
+        err = np.where(np.isfinite([v - lo, hi - v]), np.clip([v - lo, hi - v], 0, None), 0.0)
+        for i, g in enumerate(order):
+            ax.errorbar(v[i], y[i], xerr=err[:, i:i + 1], fmt="o", ms=3, capsize=2, elinewidth=0.9,
+                        color=colours.get(g, "C0"))
+        if st in COVERAGE_REFERENCE:
+            ax.axvline(COVERAGE_REFERENCE[st], color="0.5", lw=0.8, ls="--")
+        ax.set_title(st, fontsize=8, loc="left")
+        ax.tick_params(labelsize=6)
+        ax.grid(axis="x", color="0.9", lw=0.5)
+    axes[0, 0].set_yticks(y, [str(labels.get(g, g)) for g in order], fontsize=6)
+    axes[0, 0].set_ylim(len(order) - 0.5, -0.5)
+    fig.suptitle("mode coverage vs the teacher" + (f" {teacher}" if teacher else "")
+                 + ": estimate and 95% CI (bars; prompt x seed jackknife)", fontsize=8)
     return fig

@@ -11,7 +11,11 @@ import xarray as xr  # noqa: E402
 
 from trajlab.plots._style import legend_below, sigma_axis  # noqa: E402
 
-__all__ = ["plot_step_contraction", "plot_step_contraction_panels", "plot_contraction_law", "plot_whole_contraction"]
+__all__ = ["CI_Z", "plot_step_contraction", "plot_step_contraction_panels", "plot_contraction_law",
+           "plot_whole_contraction"]
+
+CI_Z = 1.96
+"""Error bars are 95% normal intervals of the Hutchinson estimates: CI_Z x their standard error."""
 
 
 def _step_contraction(ax, profile: xr.Dataset, theory_factors: xr.DataArray | None = None, fontsize=None):
@@ -20,7 +24,7 @@ def _step_contraction(ax, profile: xr.Dataset, theory_factors: xr.DataArray | No
     rms = np.sqrt(profile["fro2"] / n)
     m = rms.mean("sample").values
     se = (np.sqrt(profile["fro2_se"] ** 2 / (4 * profile["fro2"] * n))).mean("sample").values
-    ax.errorbar(sig, m, yerr=se, fmt="o", ms=3, label="rms singular value (Hutchinson; bars: SE)")
+    ax.errorbar(sig, m, yerr=CI_Z * se, fmt="o", ms=3, label=f"rms singular value (Hutchinson; bars: 95% CI, {CI_Z} SE)")
     ax.plot(sig, profile["spectral_norm"].mean("sample").values, "s", ms=3, mfc="none",
             label="spectral norm (power it.)")
     if theory_factors is not None:
@@ -36,7 +40,7 @@ def _step_contraction(ax, profile: xr.Dataset, theory_factors: xr.DataArray | No
 
 
 def plot_step_contraction(profile: xr.Dataset, theory_factors: xr.DataArray | None = None, title: str = ""):
-    """Per-step contraction along sigma: rms singular value sqrt(fro2 / n) (mean +- SE over samples) and the
+    """Per-step contraction along sigma: rms singular value sqrt(fro2 / n) (mean +- CI_Z SE) and the
     spectral norm.  theory_factors (step, direction): per-step factors a_k (drawn as lines: rms and max)."""
     fig, ax = plt.subplots(figsize=(6, 4.6), layout="constrained")
     _step_contraction(ax, profile, theory_factors)
@@ -83,7 +87,8 @@ def plot_contraction_law(lam, measured_ratio, theory_ratio: dict, title: str = "
 
 
 def plot_whole_contraction(rows: dict, labels: dict | None = None, families: dict | None = None):
-    """Whole-sampler ||J||_F^2 (mean +- SE over probed samples) per group against its number of steps.
+    """Whole-sampler ||J||_F^2 (mean over probed samples, bars: CI_Z x the Hutchinson SE, a 95% interval) per group
+    against its number of steps.
 
     rows: group -> {"steps", "whole_fro2", "whole_fro2_se"} (the study report's table); labels: group ->
     human label for the legend (default: the group name); families: group -> model family (one colour each).
@@ -98,12 +103,12 @@ def plot_whole_contraction(rows: dict, labels: dict | None = None, families: dic
     for i, (fam, rs) in enumerate(lines.items()):
         rs = sorted(rs, key=lambda r: r["steps"])
         colour = family_colour(fam) if fam in fams.values() else f"C{i % 10}"
-        ax.errorbar([r["steps"] for r in rs], [r["whole_fro2"] for r in rs], yerr=[r["whole_fro2_se"] for r in rs],
+        ax.errorbar([r["steps"] for r in rs], [r["whole_fro2"] for r in rs], yerr=[CI_Z * r["whole_fro2_se"] for r in rs],
                     fmt="o-", capsize=3, color=colour, label=str(fam))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sampler steps (scheduler.step calls, log scale)")
-    ax.set_ylabel("||J||_F^2, latent_0 -> final latent (bars: SE)")
+    ax.set_ylabel(f"||J||_F^2, latent_0 -> final latent (bars: 95% CI, {CI_Z} SE)")
     ax.set_title("whole-sampler Jacobian (Hutchinson)")
     legend_below(fig)
     return fig

@@ -27,12 +27,16 @@ X0_MODE = "x0-mode stability"
 
 
 def _curves(cs) -> dict:
-    """{group: DataArray (sigma_level,)} of the result's per-group curves."""
+    """{group: DataArray (sigma_level,)} of the result's per-group curves (attrs ci_low / ci_high: the 95%
+    band per level, where the result has one)."""
     out = {}
     for i, g in enumerate(cs["group"].values.tolist()):
         v = f"fraction_committed_{i}"
         if v in cs:
-            out[str(g)] = cs[v].rename({f"sigma_level_{i}": "sigma_level"}).dropna("sigma_level")
+            c = cs[[x for x in (v, f"{v}_ci_low", f"{v}_ci_high") if x in cs]]
+            c = c.rename({f"sigma_level_{i}": "sigma_level"}).dropna("sigma_level", subset=[v])
+            out[str(g)] = c[v].assign_attrs({k: c[f"{v}_{k}"].values for k in ("ci_low", "ci_high")
+                                             if f"{v}_{k}" in c})
     return out
 
 
@@ -63,11 +67,16 @@ def _labeller_blocks(r, fig) -> list:
         from trajlab.plots.commitment import plot_commitment_panels
 
         data = {fig.labels.get(g, g): (fig.info.get(g, {}).get("family", ""),
-                                       family_colour(fig.info.get(g, {}).get("family", "")), curves[g]) for g in moving}
+                                       family_colour(fig.info.get(g, {}).get("family", "")), curves[g],
+                                       (curves[g].attrs["ci_low"], curves[g].attrs["ci_high"])
+                                       if "ci_low" in curves[g].attrs else None) for g in moving}
+        banded = all(d[3] is not None for d in data.values())
         out.append(fig(plot_commitment_panels(data, LABELLER), "commitment",
                        f"{LABELLER}: fraction of samples committed vs EDM sigma, groups whose curve moves (fewer than "
-                       f"{FLAT_COMMITTED:.0%} committed at the first level); one panel per model family; a "
-                       "fraction over samples, no CI in the data.", groups=moving))
+                       f"{FLAT_COMMITTED:.0%} committed at the first level); one panel per model family; "
+                       + ("shaded: 95% CI per sigma level (two-way prompt x seed jackknife)." if banded else
+                          "a fraction over samples, no CI in the data (results written before the bands were)."),
+                       groups=moving))
     first_col = np.array([first.get(g, np.nan) for g in cs["group"].values.tolist()])
     out.append(table(cs.assign(committed_at_first_level=("group", first_col)),
                      ["median_commit_sigma", "median_commit_step", "n_step", "committed_at_first_level"],

@@ -1,6 +1,7 @@
 """Images of the report: the teacher's image grid beside each other group's on the same (prompt, seed)
-cells; x0-prediction filmstrips of every group that has one beside the teacher's, lined up by sigma; and a
-step slider (plain JavaScript in the page) over the teacher's and the other groups' x0 predictions.
+cells, rows labelled with the prompt text and columns with the seed; x0-prediction filmstrips of every student
+(and the other groups the results hold one for) beside the teacher's, lined up by sigma; and a step slider
+(plain JavaScript in the page) over the teacher's and the other groups' x0 predictions.
 
 Draws ``results["image_grid"]`` and ``results["filmstrip"]`` (:mod:`trajlab.analysis.result_images`) as they
 are: the groups, prompts and samples are those the results hold. Prompts are named by their text when the
@@ -14,6 +15,9 @@ from trajlab.report.blocks import h3, none, p
 
 SLIDER_SCALE = 3
 """Each x0-prediction pixel of the slider is a SLIDER_SCALE x SLIDER_SCALE block."""
+LABEL_WIDTH = 24
+"""Row labels (prompt texts) wrap at this many characters, at most :data:`LABEL_LINES` lines."""
+LABEL_LINES = 3
 
 
 def _order(groups, fig) -> list[str]:
@@ -39,8 +43,20 @@ def _cells(ds):
     return {(int(a), int(b)): i for i, (a, b) in enumerate(zip(pi, seeds))}, texts
 
 
-def _prompt_names(prompts, seeds, sources) -> list[str]:
-    """Row labels: each prompt's text from the first (cells, texts) source that has one, else "prompt i"."""
+def wrap_label(text: str, width: int = LABEL_WIDTH, lines: int = LABEL_LINES) -> str:
+    """``text`` wrapped at word boundaries into at most ``lines`` lines of ``width`` characters; a longer text
+    ends its last line with an ellipsis (the caption names every prompt in full)."""
+    import textwrap
+
+    out = textwrap.wrap(str(text), width) or [""]
+    if len(out) > lines:
+        out = out[:lines]
+        out[-1] = out[-1][:width - 1].rstrip() + "…"
+    return "\n".join(out)
+
+
+def _prompt_texts(prompts, seeds, sources) -> list[str | None]:
+    """Each prompt's text from the first (cells, texts) source that has one, else None."""
     out = []
     for a in prompts:
         name = None
@@ -49,8 +65,14 @@ def _prompt_names(prompts, seeds, sources) -> list[str]:
             if texts is not None and k is not None:
                 name = str(texts[k])
                 break
-        out.append(name[:26] if name else f"prompt {a}")
+        out.append(name)
     return out
+
+
+def _prompt_names(prompts, seeds, sources) -> list[str]:
+    """Row labels: each prompt's text (wrapped) from the first (cells, texts) source that has one, else
+    "prompt i"."""
+    return [wrap_label(t) if t else f"prompt {a}" for a, t in zip(prompts, _prompt_texts(prompts, seeds, sources))]
 
 
 def _tiles(ds, cells, prompts, seeds):
@@ -76,9 +98,12 @@ def grids(r, fig) -> list:
     t = data[teacher]
     tcells, ttexts = _cells(t)
     tlab = fig.labels.get(teacher, teacher)
-    out = [p(f"The teacher {tlab} (left in every pair) beside each other group (right) on the same prompts (rows) and "
-             "seeds (columns): a seed is the same initial noise in both, so a cell compares the two samplers on one "
-             "starting point. Grey: a cell the group did not capture.")]
+    n_all = int(t.attrs.get("n_prompts", 0))
+    shown = len({a for a, _ in tcells})
+    out = [p(f"The teacher {tlab} (left in every pair) beside each other group (right) on the same prompts (rows, by "
+             "their text) and seeds (columns): a seed is the same initial noise in both, so a cell compares the two "
+             "samplers on one starting point. Grey: a cell the group did not capture."
+             + (f" The first {shown} of the store's {n_all} prompts." if n_all > shown else ""))]
     family = None
     for g in _order([g for g in data if g != teacher], fig):
         d = data[g]
@@ -91,13 +116,19 @@ def grids(r, fig) -> list:
         if fam != family:
             family = fam
             out.append(h3(f"{fam}" if fam else "other groups"))
+        texts_ = _prompt_texts(prompts, seeds, ((tcells, ttexts), (cells, texts)))
         rows = _prompt_names(prompts, seeds, ((tcells, ttexts), (cells, texts)))
         tt, tp = _tiles(t, tcells, prompts, seeds)
         gt, gp = _tiles(d, cells, prompts, seeds)
         lab = fig.labels.get(g, g)
+        named = all(texts_)
         out.append(fig(image_pair([(f"teacher: {tlab}", tt, tp), (lab, gt, gp)], rows, seeds), "grid",
-                       f"teacher {tlab} (left) vs {lab} (right): the same {len(prompts)} prompts (rows) x {len(seeds)} "
-                       "seeds (columns)", groups=[teacher, g]))
+                       f"teacher {tlab} (left) vs {lab} (right): the same {len(prompts)} prompts (rows"
+                       + (", labelled with the prompt text" if named else ", by index: the results carry no prompt text")
+                       + f") x {len(seeds)} seeds (columns, labelled with the seed)"
+                       + (": " + "; ".join(f"'{x}'" for x in texts_) if named and any(len(x) > LABEL_WIDTH * LABEL_LINES
+                                                                                  for x in texts_) else ""),
+                       groups=[teacher, g]))
     return out
 
 
@@ -124,6 +155,8 @@ def _columns(sig, ref_sig) -> list[int]:
 
 def _seed_text(ds, i) -> str:
     s = f"seed {int(ds['seed'].values[i])}" if "seed" in ds.coords else f"sample {i}"
+    if "prompt_text" in ds.coords:
+        return f"'{ds['prompt_text'].values[i]}', " + s
     return (f"prompt {int(ds['prompt_index'].values[i])}, " if "prompt_index" in ds.coords else "") + s
 
 
@@ -138,35 +171,40 @@ def filmstrips(r, fig) -> list:
     tsig = np.asarray(t["sigma"].values, dtype=np.float64)
     tlab = fig.labels.get(teacher, teacher)
     others = _order([g for g in data if g != teacher], fig)
+    students = [g for g in others if fig.info.get(g, {}).get("role") == "student"]
     out = [p(f"x0 predictions (the denoiser's estimate of the final image at each step; {t.attrs.get('how', '')}) of "
-             f"every group the results hold a filmstrip for ({len(data)}: {'; '.join(fig.labels.get(g, g) for g in data)}), "
-             f"each beside the teacher {tlab}: a frame sits under the teacher's frame nearest in sigma, so columns line "
-             "up in noise level. Rows: the same seeds in both.")]
-    missing = [g for g, d in fig.info.items() if g not in data and d["role"] == "student" and d["steps"] >= 2]
+             f"every student ({len(students)}) and {len(others) - len(students)} other group(s), each beside the "
+             f"teacher {tlab}: a frame sits under the teacher's frame nearest in sigma, so columns line up in noise "
+             "level; a 1-step student has one frame. Rows: the same prompt and seed in both. Groups: "
+             f"{'; '.join(fig.labels.get(g, g) for g in others)}.")]
+    missing = [g for g, d in fig.info.items() if g not in data and d["role"] == "student"]
     if missing:
-        out.append(p(f"No filmstrip in the results for {len(missing)} student group(s) with >= 2 steps (the analysis "
-                     "keeps the first groups it meets; trajlab.analysis.result_images.FILMSTRIP_GROUPS): "
-                     + "; ".join(fig.labels.get(g, g) for g in missing) + "."))
+        out.append(p(f"No filmstrip in the results for {len(missing)} student group(s) (results computed before every "
+                     "student got one: recompute the report): " + "; ".join(fig.labels.get(g, g) for g in missing) + "."))
     out += slider(data, teacher, others, fig)
     for g in others:
         d = data[g]
         sig = np.asarray(d["sigma"].values, dtype=np.float64)
         cols = _columns(sig, tsig)
         rows = []
-        for i in range(min(t.sizes["sample"], d.sizes["sample"])):
-            rows.append((f"teacher\n{_seed_text(t, i)}", t["frame"].values[i], list(range(len(tsig))), tsig))
-            rows.append((f"{_wrap(fig.labels.get(g, g))}\n{_seed_text(d, i)}", d["frame"].values[i], cols, sig))
+        n = min(t.sizes["sample"], d.sizes["sample"])
+        for i in range(n):
+            rows.append((f"teacher\n{_wrap(_seed_text(t, i))}", t["frame"].values[i], list(range(len(tsig))), tsig))
+            rows.append((f"{_wrap(fig.labels.get(g, g))}\n{_wrap(_seed_text(d, i))}", d["frame"].values[i], cols, sig))
         lab = fig.labels.get(g, g)
+        tr = ", ".join(str(2 * i + 1) for i in range(n))
         out.append(fig(filmstrip_rows(rows, max(len(tsig), cols[-1] + 1)), "filmstrip",
-                       f"x0 predictions: teacher {tlab} (rows 1, 3) and {lab} (rows 2, 4), tick labels: each frame's EDM "
-                       "sigma", groups=[teacher, g]))
+                       f"x0 predictions: teacher {tlab} (rows {tr}) and {lab} (rows "
+                       f"{', '.join(str(2 * i + 2) for i in range(n))}), each row labelled with its prompt and seed; tick "
+                       "labels: each frame's EDM sigma", groups=[teacher, g]))
     return out
 
 
 def _wrap(label: str, width: int = 22) -> str:
+    """A group label or row text on at most two lines, broken after a comma near ``width``."""
     if len(label) <= width:
         return label
-    cut = label.rfind(", ", 0, width)
+    cut = label.rfind(", ", 0, width + 2)
     return label if cut < 0 else label[:cut + 1] + "\n" + label[cut + 2:]
 
 
@@ -197,4 +235,6 @@ def slider(data: dict, teacher: str, others: list, fig) -> list:
                           "sigma (its sigma under it)", "groups": [fig.labels.get(g, g) for g in [teacher] + others]}]
 
 
-__all__ = ["SLIDER_SCALE", "filmstrips", "grids", "slider"]
+order_groups = _order
+
+__all__ = ["SLIDER_SCALE", "filmstrips", "grids", "order_groups", "slider"]

@@ -22,13 +22,15 @@ def _contraction_blocks(contraction: dict, fig) -> list:
              "output covariance J Cov[x_T] J^T."),
            rows_table(rows, ["steps", "whole_fro2", "whole_fro2_se", "replay_rel_error", "samples"], fig.labels),
            fig(plot_whole_contraction(rows, fig.labels, fams), "jacobian_whole",
-               "whole-sampler ||J||_F^2 vs steps, one line per model family (bars: SE over Hutchinson probes)",
+               "whole-sampler ||J||_F^2 vs steps, one line per model family (bars: 95% CI, 1.96 x the SE over "
+               "Hutchinson probes)",
                groups=list(contraction))]
     with_step = {g: d for g, d in contraction.items() if "fro2" in d and "step" in d.dims}
     if with_step:
         out.append(fig(plot_step_contraction_panels({fig.labels.get(g, g): d for g, d in with_step.items()}),
                        "jacobian_steps", "per-step contraction, one panel per group: rms singular value of the step "
-                       "Jacobian (bars: SE) and its spectral norm vs the sigma at the step's start",
+                       "Jacobian (bars: 95% CI, 1.96 x the Hutchinson SE) and its spectral norm (power iteration, "
+                       "a point value) vs the sigma at the step's start",
                        groups=list(with_step)))
     return out
 
@@ -50,11 +52,16 @@ def _covariance_blocks(covariance: dict, fig) -> list:
            rows_table(rows, ["steps", "emp_trace", "pred_trace", "trace_ratio", "median_pc_ratio", "prompts",
                              "samples_per_prompt"], fig.labels),
            fig(plot_trace_scatter(covariance, fig.labels, fams), "covariance_trace",
-               "empirical vs propagated output variance (trace) per group and prompt; colour: model family",
+               "empirical vs propagated output variance (trace) per group and prompt; colour: model family; bars: "
+               "95% CIs (propagated: 1.96 x the Hutchinson SE; empirical: 1.96 x sqrt(2 sum lambda^2 / (n - 1)), the "
+               "Gaussian sampling SE of a covariance trace from the components held)",
                groups=list(covariance))]
     for g, d in covariance.items():
         out.append(fig(plot_covariance_propagation(d, title=fig.labels.get(g, g)), "covariance",
-                       f"per-component variances, first prompt: {fig.labels.get(g, g)}", groups=[g]))
+                       f"per-component variances, first prompt: {fig.labels.get(g, g)}; bars: 95% CIs of the empirical "
+                       "variances (Gaussian sample-variance SE); predicted variances by "
+                       f"{d.attrs.get('method', '?')} Jacobians at {d.attrs.get('n_points', '?')} point(s): no bar "
+                       "(no sampling over seeds)", groups=[g]))
     return out
 
 

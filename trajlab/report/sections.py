@@ -35,6 +35,27 @@ def _series(fig, groups, key: str = "steps_series") -> dict:
     return out
 
 
+def _ci_cols(ds: xr.Dataset, names) -> list[str]:
+    """``name, name_ci_low, name_ci_high`` for each name (the interval columns where ``ds`` has them)."""
+    return [c for n in names for c in (n, f"{n}_ci_low", f"{n}_ci_high") if c == n or c in ds]
+
+
+def _ci_said(ds: xr.Dataset, names, how: str, what: str = "means") -> str:
+    """Caption words for the variables drawn: which carry a 95% CI (``how``) and which do not (older results)."""
+    have = [n for n in names if n in ds and f"{n}_ci_low" in ds and np.isfinite(np.asarray(
+        ds[f"{n}_ci_low"].values, dtype=np.float64)).any()]
+    lack = [n for n in names if n in ds and n not in have]
+    old = any(f"{n}_ci_low" not in ds for n in lack)
+    return ((f"{', '.join(have)}: {what} with 95% CIs ({how})" if have else "")
+            + ("; " if have and lack else "")
+            + (f"{', '.join(lack)}: {what} only, no CI " + ("in these results (written before the analysis computed "
+                                                           "one; recompute the report)" if old else
+                                                           "(fewer than 3 seeds per prompt)") if lack else ""))
+
+
+JACKKNIFE = "two-way prompt x seed jackknife: the design's shared seeds and prompts"
+
+
 def _with_metric_ci(ds: xr.Dataset, metrics: xr.Dataset, names) -> xr.Dataset:
     """``ds`` (dim group) with the metrics table's ``name``, ``name_ci_low`` / ``name_ci_high`` joined by group."""
     groups = _groups(ds)
@@ -64,7 +85,8 @@ def calibration(r, fig) -> list:
               f"family {c.attrs.get('holm_family')}): {ok}/{c.sizes['mode']} failure modes pass "
               f"({c.attrs.get('rule', '')}). Real-network nulls supported: {c.attrs.get('real_nulls_supported', 'not run')}."),
             table(c, ["margin", "fpr_max", "power_1_5x", "power_2x", "ok"], dim="mode"),
-            fig(plot_power_curves(c), "calibration", "P(supported) and P(refuted) against the true effect / margin, "
+            fig(plot_power_curves(c), "calibration", "P(supported) and P(refuted) against the true effect / margin "
+                "(shaded: 95% Wilson intervals over the replicates), "
                 "per failure mode, on the exact pixel world (no store group: simulated replicates)")]
 
 
@@ -92,16 +114,19 @@ def diversity(r, fig) -> list:
     if len(keep) < 2:
         return [none("fewer than two image groups")]
     ref = fig.info.get(fig.teacher, {}).get("steps_series")
-    cols = [c for c in ("steps", "guidance", "pixel_diversity", "lpips_diversity", "lpips_diversity_ci_low",
+    cols = [c for c in ("steps", "guidance", "pixel_diversity", "pixel_diversity_ci_low", "pixel_diversity_ci_high",
+                        "lpips_diversity", "lpips_diversity_ci_low",
                         "lpips_diversity_ci_high", "micro_lpips_diversity", "micro_lpips_diversity_ci_low",
                         "micro_lpips_diversity_ci_high", "clip_variance", "vendi", "clip_score", "label_accuracy",
-                        "high_freq_fraction", "detail_ratio") if c in table_]
+                        "label_accuracy_ci_low", "label_accuracy_ci_high", "high_freq_fraction", "detail_ratio")
+            if c in table_]
     return [fig(plot_lines(table_.sel(group=list(keep)), "steps", dv, keep, xlog=True, zero=True, reference=ref,
                            title=f"{dv} vs sampler steps"),
                 "diversity_steps", f"{dv} per group (mean over prompts, y axis from 0"
                 + ("; micro-LPIPS: LPIPS-style distance on the micro-world labeller's features, not human-calibrated"
                    if dv == "micro_lpips_diversity" else "")
-                + ("; bars: 95% bootstrap CI" if f"{dv}_ci_low" in table_ else "; no CI in the data")
+                + ("; bars: 95% CI (" + ("two-way prompt x seed jackknife" if dv == "pixel_diversity" else
+                                          "bootstrap") + ")" if f"{dv}_ci_low" in table_ else "; no CI in the data")
                 + "); colour: model family, line style and marker: sampler; points at one step count nudged apart"
                 + (f"; {left} group(s) that vary guidance or a negative prompt at one step count are drawn in "
                    "CFG curves and listed in the table" if left else "") + ".", groups=list(keep)),
@@ -145,7 +170,8 @@ def tradeoff(r, fig) -> list:
     return [fig(plot_tradeoff(table_, dv, align, points), "tradeoff",
                 f"{align} vs {dv}, one point per group (st: sampler steps), one panel per model family, the students "
                 "captured at one configuration together, one panel per hybrid pair (k = teacher steps before the "
-                "student); bars: 95% bootstrap CI; the black square in every panel is the teacher"
+                "student); bars: 95% CI (bootstrap for the metric suite's metrics, two-way prompt x seed jackknife for "
+                "pixel diversity and label accuracy); the black square in every panel is the teacher"
                 + (f"; {left} group(s) that vary guidance or a negative prompt: CFG curves" if left else "") + ".",
                 groups=list(points))]
 
@@ -158,16 +184,21 @@ def cfg(r, fig) -> list:
 
     dv = _diversity_var(r["metrics"])
     ds = _with_metric_ci(ds, r["metrics"], [dv, "clip_score"])
-    ys = [v for v in ("saturation", "colourfulness", dv, "clip_score") if v in ds]
+    ys = [v for v in ("saturation", "colourfulness", dv, "clip_score")  # those measured (drawn by plot_lines)
+          if v in ds and np.isfinite(np.asarray(ds[v].values, dtype=np.float64)).any()]
     series = _series(fig, _groups(ds), "cfg_series")
     ref = fig.info.get(fig.teacher, {}).get("cfg_series")
+    own = [v for v in ("saturation", "colourfulness") if v in ys] + (["pixel_diversity"] if dv == "pixel_diversity"
+                                                                     else [])
+    boot = [v for v in (dv, "clip_score") if v in ys and v not in own]
     return [fig(plot_lines(ds, "guidance", ys, series, reference=ref, xlabel="guidance scale",
                            title="metrics vs guidance scale"), "cfg",
-                f"saturation, colourfulness (means, no CI in the data), {dv} and clip_score (95% bootstrap CI from the "
-                "metrics table) against the guidance scale; one line per configuration that differs only in "
-                "guidance (colour: model family, style: sampler).", groups=_groups(ds)),
-            table(ds, ["guidance", "model", "role", "saturation", "colourfulness", "pixel_diversity", dv,
-                       "clip_score"], labels=fig.labels)]
+                "against the guidance scale, one line per configuration that differs only in guidance (colour: model "
+                "family, style: sampler). " + "; ".join(x for x in (_ci_said(ds, own, JACKKNIFE), _ci_said(
+                    ds, boot, "bootstrap, from the metrics table")) if x) + ".",
+                groups=_groups(ds)),
+            table(ds, ["guidance", "model", "role", *_ci_cols(ds, ["saturation", "colourfulness", "pixel_diversity"]),
+                       *([dv] if dv != "pixel_diversity" else []), "clip_score"], labels=fig.labels)]
 
 
 def step(r, fig) -> list:
@@ -179,13 +210,13 @@ def step(r, fig) -> list:
     series = _series(fig, _groups(ds))
     ref = fig.info.get(fig.teacher, {}).get("steps_series")
     ds = ds.assign(reference_label=("group", [fig.labels.get(str(x), str(x)) for x in ds["reference_group"].values]))
-    return [fig(plot_lines(ds, "steps", ["distance_to_final", "distance_to_previous"], series, xlog=True,
-                           reference=ref, title="step consistency"), "step_consistency",
+    dist = ["distance_to_final", "distance_to_previous"]
+    return [fig(plot_lines(ds, "steps", dist, series, xlog=True, reference=ref, title="step consistency"),
+                "step_consistency",
                 "mean RMS distance of a seed's output to its output at the family's largest step count (left) and at "
-                "the next smaller step count (right), matched on (prompt, seed); means only, no CI in the data "
-                "(n matched pairs in the table).", groups=_groups(ds)),
-            table(ds, ["steps", "model", "reference_label", "distance_to_final", "distance_to_previous", "n_matched"],
-                  labels=fig.labels)]
+                "the next smaller step count (right), matched on (prompt, seed); "
+                f"{_ci_said(ds, dist, JACKKNIFE)} (n matched pairs in the table).", groups=_groups(ds)),
+            table(ds, ["steps", "model", "reference_label", *_ci_cols(ds, dist), "n_matched"], labels=fig.labels)]
 
 
 def negative(r, fig) -> list:
@@ -193,8 +224,8 @@ def negative(r, fig) -> list:
     if "group" not in neg.dims:
         return [none("no with/without negative-prompt pair of groups")]
     neg = neg.assign(reference_label=("group", [fig.labels.get(str(x), str(x)) for x in neg["reference_group"].values]))
-    return [table(neg, ["reference_label", "model", "guidance", "role", "negative_prompt", "sensitivity",
-                        "n_matched"], labels=fig.labels)]
+    return [table(neg, ["reference_label", "model", "guidance", "role", "negative_prompt",
+                        *_ci_cols(neg, ["sensitivity"]), "n_matched"], labels=fig.labels)]
 
 
 def hybrid(r, fig) -> list:
@@ -204,7 +235,7 @@ def hybrid(r, fig) -> list:
     from trajlab.plots.study import plot_lines
 
     dv = _diversity_var(r["metrics"])
-    hyb = _with_metric_ci(hyb, r["metrics"], [dv, "clip_score"])
+    hyb = _with_metric_ci(hyb, r["metrics"], [dv, "clip_score", "label_accuracy"])
     frac = []
     for g, k in zip(_groups(hyb), hyb["handoff_step"].values):
         h = fig.info.get(g, {}).get("hybrid") or {}
@@ -222,11 +253,15 @@ def hybrid(r, fig) -> list:
     return [fig(plot_lines(hyb, x, ys, _series(fig, _groups(hyb)), title="hybrids: the teacher for the first k steps, "
                            "then the student", xlabel="hand-off k / teacher steps (0: pure student, 1: pure teacher)"
                            if x == "handoff_fraction" else "hand-off step k"), "hybrid",
-                f"hybrid groups vs the hand-off; one line per teacher -> student pair (colour: the student's family); "
-                f"{dv} and clip_score with 95% bootstrap CIs from the metrics table, distances and label accuracy "
-                "means only (no CI in the data)" + "".join(f"; {f}" for f in flat) + ".", groups=_groups(hyb)),
-            table(hyb, ["pair", "handoff_step", "handoff_fraction", "steps_run", "distance_to_teacher",
-                        "distance_to_student", "pixel_diversity", dv, "label_accuracy"], labels=fig.labels)]
+                "; ".join(x for x in ["hybrid groups vs the hand-off; one line per teacher -> student pair (colour: the "
+                                      "student's family)",
+                                      _ci_said(hyb, [v for v in ys if v not in (dv, "clip_score")], JACKKNIFE),
+                                      _ci_said(hyb, [v for v in ys if v in (dv, "clip_score")],
+                                               "bootstrap, from the metrics table"), *flat] if x) + ".",
+                groups=_groups(hyb)),
+            table(hyb, ["pair", "handoff_step", "handoff_fraction", "steps_run",
+                        *_ci_cols(hyb, ["distance_to_teacher", "distance_to_student"]), "pixel_diversity", dv,
+                        *_ci_cols(hyb, ["label_accuracy"])], labels=fig.labels)]
 
 
 _DISTILLING_COLS = ("kind", "hybrid_pair", "handoff_step", "nfe", "div_estimate", "div_ci_low", "div_ci_high",
@@ -281,10 +316,29 @@ def coverage(r, fig) -> list:
     cov = r["coverage"]
     if "group" not in cov.dims:
         return [none(cov.attrs.get("note", ""))]
-    return [p(f"students vs the teacher {fig.labels.get(str(cov.attrs.get('teacher', '')), cov.attrs.get('teacher', ''))} "
-              "(final latents, teacher PCA space; point estimates, no CI in the data: the verdict table's mode_dropping "
-              "and canonical_bias rows carry the CIs)"),
-            table(cov, ["precision", "recall", "density", "coverage", "ndb_fraction", "jsd"], labels=fig.labels)]
+    from trajlab.plots._style import family_colour
+    from trajlab.plots.coverage import plot_coverage_intervals
+    from trajlab.report.images import order_groups
+
+    tlab = fig.labels.get(str(cov.attrs.get("teacher", "")), cov.attrs.get("teacher", ""))
+    stats = ["precision", "recall", "density", "coverage", "jsd"]
+    out = [p(f"Students and hybrids vs the teacher {tlab} on final latents in the teacher's PCA space: precision (share "
+             "of the group's samples inside the teacher's k-NN balls), recall (share of the teacher's samples inside the "
+             "group's), density (1: as dense as the teacher), coverage (share of the teacher's balls the group reaches), "
+             "JSD over k-means bins fitted on the teacher (nats), NDB (share of bins whose proportions differ, a count "
+             "of tests: no interval). " + _ci_said(cov, stats, JACKKNIFE + "; the teacher's PCA and bins held fixed",
+                                                   "estimates") + ". The verdict table's mode_dropping and canonical_bias rows "
+             "compare the groups with the teacher directly.")]
+    groups = _groups(cov)
+    drawn = [s for s in stats[:4] if f"{s}_ci_low" in cov and np.isfinite(cov[f"{s}_ci_low"].values).any()]
+    if drawn:
+        order = order_groups(groups, fig)
+        out.append(fig(plot_coverage_intervals(cov, order, fig.labels, {g: family_colour(fig.info.get(g, {}).get(
+            "family", "")) for g in groups}, drawn, tlab), "coverage",
+            f"mode coverage vs the teacher {tlab}: {', '.join(drawn)} per group with 95% CI bars ({JACKKNIFE}); colour: "
+            "model family; density's dashed line: 1, as dense as the teacher.", groups=order))
+    out.append(table(cov, [*_ci_cols(cov, stats[:4]), "ndb_fraction", *_ci_cols(cov, ["jsd"])], labels=fig.labels))
+    return out
 
 
 def mechanistic(r, fig) -> list:
