@@ -403,10 +403,12 @@ def mark_incomplete(path: str | os.PathLike, name: str, samples) -> None:
         g["complete"][int(s)] = False
 
 
-def completed(path: str | os.PathLike, name: str) -> np.ndarray:
-    """Boolean (sample,) array: which samples of group ``name`` are complete (an unreadable flag: not)."""
+def completed(path: str | os.PathLike, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Boolean array: which samples of group ``name`` (``[start, stop)``, default all) are complete (an unreadable
+    flag: not)."""
     flags = _group(path, name, mode="r")["complete"]
-    return np.array([not isinstance(v, Exception) and bool(v) for _, v in read_samples(flags, range(flags.shape[0]))],
+    stop = flags.shape[0] if stop is None else stop
+    return np.array([not isinstance(v, Exception) and bool(v) for _, v in read_samples(flags, range(start, stop))],
                     dtype=bool)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from trajlab import store, store_groups
 from trajlab.capture import shard as _shard
+from trajlab.capture.claims import claims_for
 from trajlab.capture.module_taps import CaptureViews, TapError
 from trajlab.capture.plan import CapturePlan, PlanError
 from trajlab.capture.records import BatchRecorder, to_host
@@ -42,6 +43,9 @@ class CaptureResult:
     """Samples of the whole group, and how many are complete once this process is done (all shards')."""
     missing_shards: tuple[str, ...] = ()
     """For a sharded capture: the shards (``"I/N"``) that own a block still incomplete."""
+    by_others: int = 0
+    """Samples this process found incomplete at its start that another process resuming the same group captured
+    meanwhile (:mod:`trajlab.capture.claims`)."""
 
     def completeness(self) -> str:
         """One line: whether the group is complete, and if not which shards still have blocks to do."""
@@ -113,6 +117,13 @@ def _scheduler_config(sched) -> dict:
     if isinstance(cfg.get("_use_default_values"), (list, tuple)):
         cfg["_use_default_values"] = sorted(cfg["_use_default_values"])
     return cfg
+
+
+def _still_todo(path, group: str, wanted: np.ndarray, start: int, stop: int) -> bool:
+    """Whether block ``[start, stop)`` still has a wanted sample to capture (re-read once it is claimed)."""
+    if group not in store.group_names(path):
+        return True
+    return bool((wanted[start:stop] & ~store.completed(path, group, start, stop)).any())
 
 
 def repair_damage(path, group: str, done: np.ndarray, samples, may_allocate: bool) -> np.ndarray:
@@ -230,11 +241,12 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_todo, unit="sample", desc=group[:40] + coord.label, dynamic_ncols=True)
-    writer = StoreWriter(path, group, allocate, on_batch_written=bar.update if bar else None,
+    claims = claims_for(path, group)  # two processes resuming one group take disjoint blocks
+    writer = StoreWriter(path, group, allocate, on_batch_written=claims.releasing(bar.update if bar else None),
                          check=None if exists else lambda: store.check_config(path, group, config))
     first_put = True
     try:
-        for start, stop in todo:
+        for start, stop in claims.blocks(todo, lambda a, b: _still_todo(path, group, wanted, a, b)):
             prompts = [plan.prompts[i] for i in prompt_index[start:stop]]
             gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start:stop]]
             kwargs = pipeline_kwargs(pipe, plan, prompts, gens)
@@ -256,6 +268,7 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
             first_put = False
     finally:
         writer.close()
+        claims.close()
         if bar is not None:
             bar.close()
     coord.end_group(new_group=not exists, any_put=not first_put)
@@ -263,7 +276,8 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
     now = store.completed(path, group) if group in store.group_names(path) else np.zeros(n_samples, dtype=bool)
     count = coord.shard.count
     missing = sorted({b % count for b, (s, e) in enumerate(blocks) if not now[s:e].all()}) if count > 1 else []
-    return CaptureResult(group, n_todo, n_skipped, time.perf_counter() - t0, size,
+    by_others = sum(b - a for a, b in claims.by_others)
+    return CaptureResult(group, n_todo - by_others, n_skipped, time.perf_counter() - t0, size, by_others=by_others,
                          shard=str(coord.shard) if count > 1 else None, n_samples=len(now),
                          n_complete=int(now.sum()), missing_shards=tuple(f"{i}/{count}" for i in missing))
 

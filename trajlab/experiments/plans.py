@@ -510,10 +510,12 @@ def run_plans(plans, out: str, progress: bool = True, cache: PipelineCache | Non
     written = sum(r.samples_written for r in results)
     skipped = sum(r.samples_skipped for r in results)
     size = store.store_bytes(out)
-    print(f"captured {written} samples ({skipped} already complete) in {len(plans)} group(s) into {out}: "
+    others = sum(r.by_others for r in results)
+    others = f"; {others} captured meanwhile by another process" if others else ""
+    print(f"captured {written} samples ({skipped} already complete{others}) in {len(plans)} group(s) into {out}: "
           f"{size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s")
-    for r in results:  # a shard says whether its group is complete (the others may still be running)
-        if r.shard is not None and (shard is not None or r.shard.startswith("0/")):
+    for r in results:  # a shard (or a run that shared its group) says whether its group is complete
+        if r.by_others or r.shard is not None and (shard is not None or r.shard.startswith("0/")):
             print(r.completeness())
     store.validate(out)
     return results
