@@ -65,7 +65,7 @@ def test_results_round_trip_and_the_report_section(attention_store, tmp_path):
     (tmp_path / "page").mkdir()
     blocks = attention_blocks({"attention": back}, figs)
     pngs = [b for b in blocks if b["kind"] == "fig"]
-    assert len(pngs) == 2 and all((tmp_path / "page" / b["src"]).is_file() for b in pngs)
+    assert len(pngs) == 3 and all((tmp_path / "page" / b["src"]).is_file() for b in pngs)  # word mass + 2 prompts
     assert pngs[0]["groups"] == ["teacher", "student"]
     assert attention_blocks({}, figs)[0]["kind"] == "none"
 
@@ -84,4 +84,10 @@ def test_one_colour_scale_per_token_row():
     assert np.nanmax(t) == pytest.approx(0.25) and np.nanmin(t) == pytest.approx(0.25)  # 0.2 of the row's max 0.8
     assert np.nanmax(s) == pytest.approx(1.0) and np.isnan(t).sum() > 0  # gaps between tiles
     assert "max 0.8" in fig.axes[0].get_yticklabels()[0].get_text()
+    from trajlab.plots.attention import plot_word_mass, word_mass
+
+    r = result(0.2)
+    r["attention_mean"][0, :, 0] = 0.7  # the start token's mass is not the prompt's
+    np.testing.assert_allclose(word_mass(r), [[0.2, 0.2]])
+    assert plot_word_mass({"t": r}).axes[0].get_xscale() == "log"
     assert pick_steps(30) == [0, 6, 12, 17, 23, 29] and pick_steps(3) == [0, 1, 2]

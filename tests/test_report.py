@@ -52,6 +52,8 @@ def test_report_has_every_section_and_names_groups(demo):
     assert "not measured" not in steps and "tiny-lcm__lcm__8steps" in steps
     hybrid = text.split(">Hybrid sweep</h2>")[1].split("<h2")[0]
     assert "hybrid__tiny-sd__to__tiny-lcm__k00" in hybrid
+    attn = text.split(">Cross-attention maps</h2>")[1].split("<h2")[0]  # the teacher's token heat maps
+    assert "_attention_maps.png'" in attn and "_attention_word_mass.png'" in attn and "tiny-sd, 8 steps" in attn
     jac = text.split(">Jacobian spectra and covariance</h2>")[1].split("<h2")[0]
     assert "whole_fro2" in jac and "tiny-lcm__lcm__1steps" in jac and "jacobian_whole" in jac
     assert len(list((out / "analyses").glob("*_contraction.nc"))) == 5  # teacher + 4 students, hybrids skipped

@@ -34,6 +34,7 @@ import xarray as xr
 from trajlab.analysis import io
 from trajlab.analysis import sweeps as S
 from trajlab.analysis.distilling import distilling_diversity
+from trajlab.analysis.diversity_t import diversity_t_results
 from trajlab.analysis.labellers import CENTROID_COMPONENTS
 from trajlab.analysis.result_images import filmstrips, image_grids, vae_decoder
 
@@ -349,16 +350,19 @@ def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: 
     verdicts = engine_verdicts(groups, desc, decode, margins=margins)
     say("Distilling-Diversity study (matched comparisons, bootstrap)")
     distilling = distilling_diversity(groups, labeller=labeller)
+    say("diversity over t (x0 predictions per step, crossed CIs)")
+    div_t = diversity_t_results(groups, desc, decode)
     say("image grids and filmstrips")
     return {"groups": groups_dataset(desc, store, teacher, notes), "metrics": table, "step_consistency": stepc,
             "negative_prompt": neg, "cfg": cfg, "hybrid": hyb, "commitment": commitment_dataset(commit, desc, commit_note),
             "coverage": coverage_dataset(coverage, teacher), "verdicts": verdicts,
             "distilling": distilling, "image_grid": image_grids(groups, desc, max_grid, MAX_GRID_PROMPTS),
-            "filmstrip": filmstrips(groups, desc, decode, teacher=teacher)}
+            "filmstrip": filmstrips(groups, desc, decode, teacher=teacher), "diversity_t": div_t}
 
 
 # -- results from analyses/*.py -------------------------------------------------------------------
-ANALYSIS_SUFFIXES = {"contraction": "_contraction.nc", "covariance": "_covariance.nc"}
+ANALYSIS_SUFFIXES = {"contraction": "_contraction.nc", "covariance": "_covariance.nc",
+                     "noise_injections": "_noise_injections.nc", "patching": "_patching.nc"}
 
 
 def analyses_results(analyses_dir) -> dict:

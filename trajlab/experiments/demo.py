@@ -75,7 +75,7 @@ def _content_key(plan) -> str:
     """A plan's content config without seeds and tags: plans with equal keys differ only in seeds."""
     import json
 
-    c = {k: v for k, v in plan.config().items() if k not in ("seeds", "extra")}
+    c = {k: v for k, v in plan.config().items() if k not in ("seeds", "extra", "taps", "attention_maps")}
     c["hybrid"] = plan.extra.get("hybrid")  # hybrids of different students share every other field
     return json.dumps(c, sort_keys=True, default=str)
 
@@ -168,8 +168,10 @@ def reinjection_plans(prompts, seeds, *, steps=(1, 2, 4, 8), batch_size: int = 3
 
 def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = True, teacher_steps: int = 30,
              n_prompts: int | None = None, n_seeds: int | None = None, progress: bool = True,
-             mechanistic: bool = True, control: bool = True) -> Path:
-    """Capture the demo study into ``out/study.zarr`` and build ``out/report``; returns index.html's path."""
+             mechanistic: bool = True, control: bool = True, attention: bool = True) -> Path:
+    """Capture the demo study into ``out/study.zarr`` and build ``out/report``; returns index.html's path.
+    ``attention``: record the cross-attention maps of the teacher and of micro-turbo and micro-dmd (the students
+    that collapse) for the report's token heat maps."""
     from trajlab.analysis.mechanistic import covariance_results, jacobian_results
     from trajlab.experiments.plans import preflight, run_plans
     from trajlab.experiments.reporting import report_store
@@ -204,6 +206,9 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
             print(f"note: {n}")
     hplans += shplans
     cplans += splans
+    if attention:  # cross-attention maps of the teacher and the collapsing students (+~14 s capture, ~6 s report)
+        for p in plans[:1] + [p for p in splans if p.model in ("micro-turbo", "micro-dmd")]:
+            p.attention_maps = True
     store = str(out / "study.zarr")
     preflight(plans + cplans + hplans, store)
     print(f"demo: {teacher} ({teacher_steps} DDIM steps) vs {student} (1/2/4/8 steps)"

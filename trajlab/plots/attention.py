@@ -73,4 +73,39 @@ def plot_token_maps(results: dict, labels: dict | None = None, prompt: int = 0, 
     return fig
 
 
-__all__ = ["mosaic", "pick_steps", "plot_token_maps"]
+def word_mass(result) -> np.ndarray:
+    """(prompt, step): the attention mass on the prompt's word tokens (not SOS/EOS/padding), summed over them and
+    averaged over the latent cells, of an attention result."""
+    from trajlab.analysis.attention import content_tokens
+
+    a = np.asarray(result["attention_mean"].values, dtype=np.float64)  # (prompt, step, token, y, x)
+    texts = np.asarray(result["token_text"].values)
+    out = np.full(a.shape[:2], np.nan)
+    for p in range(a.shape[0]):
+        words = content_tokens([str(t) for t in texts[p]])
+        out[p] = a[p][:, words].sum(axis=1).mean(axis=(-2, -1))
+    return out
+
+
+def plot_word_mass(results: dict, labels: dict | None = None):
+    """Attention mass on the prompt's word tokens (mean over prompts; bars: min-max over prompts) vs each step's
+    sigma, one line per group, on the shared sigma axis."""
+    import matplotlib.pyplot as plt
+
+    from trajlab.plots._style import legend_below, sigma_axis
+
+    labels = labels or {}
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), layout="constrained")
+    for g, r in results.items():
+        m = word_mass(r)
+        sigma = np.asarray(r["sigma"].values)
+        mean = np.nanmean(m, axis=0)
+        ax.errorbar(sigma, mean, yerr=np.abs(np.stack([mean - np.nanmin(m, 0), np.nanmax(m, 0) - mean])), marker="o",
+                    ms=3, capsize=2, lw=1, label=labels.get(g, g))
+    sigma_axis(ax)
+    ax.set_ylabel("attention mass on the\nprompt's word tokens")
+    legend_below(fig)
+    return fig
+
+
+__all__ = ["mosaic", "pick_steps", "plot_token_maps", "plot_word_mass", "word_mass"]

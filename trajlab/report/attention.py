@@ -14,11 +14,18 @@ def attention_blocks(r, fig) -> list:
 
     order = sorted(res, key=lambda g: (g != fig.teacher, fig.info.get(g, {}).get("family", ""), g))
     first = res[order[0]]
-    agg = str(first.attrs.get("aggregation", ""))
-    out = [p("Where each prompt token is attended, step by step: softmax(QK^T/sqrt(d)) recomputed beside SDPA for every "
-             f"cross-attention layer ({agg}); each panel is one step's map on the latent grid, averaged over the "
-             "prompt's seeds, titled with the step's sigma. A row shares one colour scale across groups and steps, so "
-             "a student that attends to the digit token earlier, or to fewer places, than the teacher shows it here.")]
+    agg = str(first.attrs.get("aggregation", "")).replace("softmax(QK^T scale) recomputed from to_q/to_k; ", "")
+    out = [p("Where each prompt token is attended, step by step (captured with --attention-maps): softmax(QK^T/sqrt(d)) "
+             f"recomputed beside SDPA for every cross-attention layer; {agg}. First the share of the attention that goes "
+             "to the prompt's words rather than the start/end tokens, against sigma; then token heat maps, one column "
+             "per step (labelled with its sigma), averaged over the prompt's seeds, one colour scale per token row "
+             "across groups and steps: a student that attends to the digit token earlier, later or in fewer places "
+             "than the teacher shows it here.")]
+    from trajlab.plots.attention import plot_word_mass
+
+    out.append(fig(plot_word_mass({g: res[g] for g in order}, fig.labels), "attention_word_mass",
+                   "how much of each latent cell's attention goes to the prompt's words (not the start/end tokens), "
+                   "per step against its sigma (mean over prompts and cells; bars: the range over prompts)", groups=order))
     n_prompts = min(2, first.sizes.get("prompt", 1))
     for prompt in range(n_prompts):
         f = plot_token_maps({g: res[g] for g in order}, fig.labels, prompt=prompt)

@@ -23,14 +23,17 @@ import numpy as np
 import xarray as xr
 
 from trajlab.report import attention, images, sections
+from trajlab.report.diversity_t import diversity_t
+from trajlab.report.patching import patching
 from trajlab.report.blocks import Figures, none, p, raw, table
 from trajlab.report.headline import counts_text, headline
 from trajlab.report.labels import group_info, group_of
 from trajlab.report.rows import verdict_rows
 
-SECTIONS = ("Answer", "Verdicts", "Calibration", "Diversity vs steps", "Diversity-alignment trade-off",
-            "CFG curves", "Step consistency", "Negative-prompt sensitivity", "Hybrid sweep", "Distilling diversity",
-            "Commitment", "Mode coverage", "Jacobian spectra and covariance", "Cross-attention maps", "Image grids",
+SECTIONS = ("Answer", "Verdicts", "Calibration", "Diversity vs steps", "Diversity over t",
+            "Diversity-alignment trade-off", "CFG curves", "Step consistency", "Negative-prompt sensitivity",
+            "Hybrid sweep", "Distilling diversity", "Commitment", "Mode coverage", "Jacobian spectra and covariance",
+            "Patching map", "Cross-attention maps", "Image grids",
             "x0-prediction filmstrips", "Technical notes")
 
 TEMPLATE = "report.html.j2"
@@ -155,9 +158,10 @@ def _notes_section(r, fig) -> list:
     return out
 
 
-_SECTION_BUILDERS = (None, _verdicts_section, sections.calibration, sections.diversity, sections.tradeoff,
+_SECTION_BUILDERS = (None, _verdicts_section, sections.calibration, sections.diversity, diversity_t, sections.tradeoff,
                      sections.cfg, sections.step, sections.negative, sections.hybrid, sections.distilling,
-                     sections.commitment, sections.coverage, sections.mechanistic, attention.attention_blocks, images.grids,
+                     sections.commitment, sections.coverage, sections.mechanistic, patching,
+                     attention.attention_blocks, images.grids,
                      images.filmstrips,
                      _notes_section)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from trajlab.report.blocks import none, p, rows_table
+from trajlab.report.stochastic import injection_blocks, unit_noise_blocks
 
 
 def _contraction_blocks(contraction: dict, fig) -> list:
@@ -69,8 +70,10 @@ def mechanistic_blocks(r, fig) -> list:
     out = []
     if r.get("contraction"):
         out += _contraction_blocks(r["contraction"], fig)
+        out += unit_noise_blocks(r["contraction"], fig)
     if r.get("covariance"):
         out += _covariance_blocks(r["covariance"], fig)
+    out += injection_blocks(r.get("noise_injections") or {}, fig)
     files = r.get("analyses_files")
     if files is not None and "file" in files.dims:
         out += [p(str(s)) for s in files["summary"].values]
