@@ -203,6 +203,7 @@ def cmd_info(args) -> int:
     from trajlab.store_groups import describe, seed_ranges, split_group_path, step_array_line
 
     try:
+        store.check_remote(args.store)  # s3://: endpoint, credentials and bucket, within seconds
         path, only = split_group_path(args.store)  # STORE/NAME or STORE/LABEL: that group only
         rows = [r for r in describe(path) if only is None or r["group"] == only]
     except store.StoreError as exc:
@@ -318,6 +319,7 @@ def cmd_report(args) -> int:
     if args.n_boot < 1:
         raise CliError(f"--n-boot {args.n_boot}: expected >= 1 bootstrap replicates")
     try:
+        store.check_remote(args.store)  # s3://: endpoint, credentials and bucket, within seconds
         store.validate(args.store)
         rows = store.summary(args.store)
     except store.StoreError as exc:

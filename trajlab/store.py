@@ -59,6 +59,7 @@ import numpy as np
 
 # where a store lives, its metadata lock and schema-free zarr calls: re-exported (trajlab.store is the API)
 from trajlab.store_fs import LOCK_FILE, StoreError, exists, is_local, local_path, metadata_lock, note, store_bytes  # noqa: F401
+from trajlab.store_fs import check_remote  # noqa: F401
 from trajlab.store_fs import CLAIMS_FILE, Damage, check_group_name, decode_attr, decode_attrs, group_damage  # noqa: F401
 from trajlab.store_fs import index_ranges, lost_metadata, read_samples, restore_lost, restore_metadata, sample_crc  # noqa: F401
 from trajlab.store_fs import encode_attr as _encode_attr

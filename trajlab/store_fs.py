@@ -124,6 +124,71 @@ def exists(path: str | os.PathLike) -> bool:
     return fs.exists(f"{inner}/zarr.json")
 
 
+REMOTE_TIMEOUT_S = 5.0
+"""Seconds :func:`check_remote` gives an object store to connect and to answer (``TRAJLAB_REMOTE_TIMEOUT_S``)."""
+
+
+def check_remote(path: str | os.PathLike, timeout: float | None = None) -> None:
+    """Before any work on a remote store: its endpoint answers, the credentials are accepted and the bucket exists
+    (``s3://``: one HeadBucket call with ``timeout`` seconds to connect and to read and no retries; default
+    ``$TRAJLAB_REMOTE_TIMEOUT_S`` or :data:`REMOTE_TIMEOUT_S`). :class:`StoreError` in one line saying which
+    failed. Nothing for a local path or another URL scheme."""
+    import threading
+
+    url = os.fspath(path)
+    scheme, _, rest = url.partition("://")
+    if is_local(url) or scheme not in ("s3", "s3a"):
+        return
+    bucket = rest.split("/", 1)[0]
+    timeout = float(os.environ.get("TRAJLAB_REMOTE_TIMEOUT_S") or REMOTE_TIMEOUT_S) if timeout is None else timeout
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("FSSPEC_S3_ENDPOINT_URL") or "AWS S3"
+    try:
+        import fsspec
+
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, config_kwargs={
+            "connect_timeout": timeout, "read_timeout": timeout, "retries": {"max_attempts": 1}})
+        fs.retries = 1  # s3fs's own retry loop (5 by default, with back-off)
+    except ImportError:
+        raise StoreError(f"{url}: s3:// stores need s3fs (pip install s3fs; requirements/constraints.txt pins it)") from None
+    failed = []
+
+    def head():
+        try:
+            fs.call_s3("head_bucket", Bucket=bucket)
+        except FileNotFoundError as exc:  # no such bucket, or no S3 there at all (any HTTP server says 404)
+            try:
+                fs.call_s3("list_buckets")
+                failed.append(exc)
+            except PermissionError:  # S3 that does not let these credentials list: the bucket is missing
+                failed.append(exc)
+            except BaseException as other:  # noqa: BLE001
+                failed.append(ConnectionError(f"it does not answer as an S3 object store ({type(other).__name__}: "
+                                              f"{other})"))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failed.append(exc)
+
+    worker = threading.Thread(target=head, daemon=True)
+    worker.start()
+    worker.join(2 * timeout + 5)
+    if worker.is_alive():
+        raise StoreError(f"{url}: the object store at {endpoint} did not answer within {2 * timeout + 5:g} s")
+    if not failed:
+        return
+    exc = failed[0]
+    kind, text = type(exc).__name__, str(exc)
+    if "credentials" in text.lower() and ("unable to locate" in text.lower() or "NoCredentials" in kind):
+        why = "no credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+    elif isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text or "404" in text:
+        why = f"bucket {bucket!r} does not exist at {endpoint}"
+    elif isinstance(exc, PermissionError) or any(w in text for w in ("403", "AccessDenied", "InvalidAccessKeyId",
+                                                                     "SignatureDoesNotMatch", "Forbidden")):
+        why = f"the credentials were refused or give no access to bucket {bucket!r} (AWS_ACCESS_KEY_ID, AWS_PROFILE)"
+    else:  # refused, unroutable, timed out, a name that does not resolve
+        first = text.splitlines()[0][:160] if text else ""
+        why = f"cannot reach the object store at {endpoint} ({kind}{': ' + first if first else ''})"
+    raise StoreError(f"{url}: {why}")
+
+
 def store_bytes(path: str | os.PathLike, group: str | None = None) -> int:
     """Stored bytes of a store (or of one of its groups); 0 when absent."""
     if is_local(path):

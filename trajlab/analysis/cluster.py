@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 
-__all__ = ["ClusterError", "check_address", "dask_cluster"]
+__all__ = ["ClusterError", "check_address", "dask_cluster", "probe_scheduler"]
 
 CONNECT_TIMEOUT_S = 10.0
 """Seconds to wait for a scheduler at ``--scheduler ADDRESS`` to answer before giving up."""
@@ -40,6 +40,54 @@ def check_address(address: str) -> str:
     if not 0 < port < 65536:
         raise ClusterError(f"scheduler address {address!r}: port {port} is out of range 1..65535")
     return text if "://" in text else f"tcp://{text}"
+
+
+def probe_scheduler(address: str, timeout: float | None = None) -> dict:
+    """Ask ``address`` who it is (dask's ``identity`` call) before anything relies on it: the connection, dask's
+    handshake and the answer all within ``timeout`` seconds (default :data:`CONNECT_TIMEOUT_S`; dask's own
+    ``connect`` waits for the handshake without a bound, so a live port that is not dask's would hang). Returns
+    the scheduler's identity; :class:`ClusterError` in one line when nothing answers, the port does not speak
+    dask, or it is not a scheduler (a worker, a nanny)."""
+    import asyncio
+    import socket
+
+    address = check_address(address)
+    timeout = CONNECT_TIMEOUT_S if timeout is None else float(timeout)
+    if address.startswith("tcp://"):  # refused or unreachable: said at once (dask retries until its timeout)
+        host, port = address[6:].rsplit(":", 1)
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        except OSError as exc:
+            raise ClusterError(f"--scheduler {address}: cannot connect ({exc.strerror or type(exc).__name__}); is "
+                               "`dask scheduler` running there?") from None
+    _distributed()
+
+    async def ask():
+        from distributed.comm import connect
+
+        comm = await connect(address, timeout=timeout)
+        try:
+            await comm.write({"op": "identity", "reply": True})
+            return await comm.read()
+        finally:
+            comm.abort()
+
+    try:
+        identity = asyncio.run(asyncio.wait_for(ask(), timeout))
+    except (asyncio.TimeoutError, TimeoutError):
+        raise ClusterError(f"--scheduler {address}: nothing answered as a dask scheduler within {timeout:g} s (is that "
+                           "port a dask scheduler's? `dask scheduler` prints its address)") from None
+    except OSError as exc:  # refused, or closed (dask's CommClosedError is an OSError)
+        raise ClusterError(f"--scheduler {address}: not a dask scheduler (the connection failed or was closed: "
+                           f"{type(exc).__name__}); is `dask scheduler` running there?") from None
+    except Exception as exc:  # noqa: BLE001 - a reply that is not dask's protocol
+        raise ClusterError(f"--scheduler {address}: not a dask scheduler (its reply is not dask's protocol: "
+                           f"{type(exc).__name__}); is `dask scheduler` running there?") from None
+    kind = identity.get("type") if isinstance(identity, dict) else None
+    if kind != "Scheduler":
+        raise ClusterError(f"--scheduler {address}: answered as a dask {kind or type(identity).__name__}, not a "
+                           "scheduler: give the address `dask scheduler` prints")
+    return identity
 
 
 def _distributed():
@@ -75,7 +123,7 @@ def dask_cluster(address: str | None = None, workers: int | None = None, *, thre
     timeout = CONNECT_TIMEOUT_S if timeout is None else timeout
     cluster = None
     if address is not None:
-        address = check_address(address)
+        probe_scheduler(address, timeout)  # a port that is not a dask scheduler: one line, never a hang
         try:
             client = dist.Client(address, timeout=timeout)
         except (OSError, TimeoutError) as exc:

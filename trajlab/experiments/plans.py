@@ -402,6 +402,10 @@ def preflight(plans, out: str) -> None:
     from trajlab.store_groups import resolve_group
 
     check_writable(out)
+    try:  # an s3:// store: endpoint, credentials and bucket answer within seconds, before any model loads
+        store.check_remote(out)
+    except store.StoreError as exc:
+        raise InputError(f"--out {exc}") from None
     existing = []
     if store.is_local(out) and Path(store.local_path(out)).exists():
         try:  # what an interrupted allocation left is fine: the capture completes or rebuilds it
