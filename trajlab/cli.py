@@ -332,7 +332,8 @@ def cmd_report(args) -> int:
     from trajlab.experiments.plans import check_writable
 
     check_writable(args.out)  # a file, or a read-only place: refused before any analysis
-    if damage := store.verify(args.store, data=False):  # a missing chunk of a complete sample: never NaN (a listing)
+    # a missing chunk of a complete sample: never NaN (a listing; a lost zarr.json still reads from the consolidated copy)
+    if damage := [d for d in store.verify(args.store, data=False) if d.samples]:
         raise CliError(_damage_line(args.store, damage))
     _quiet_libraries()
     from trajlab.experiments.reporting import report_store

@@ -68,7 +68,7 @@ def open_groups(store, groups: Iterable[str] | None = None, *, variables: Iterab
     if isinstance(store, (str, os.PathLike)):  # a missing chunk of a complete sample: an error, never NaN
         from trajlab.store import StoreError, verify
 
-        damage = verify(store, names, data=False)
+        damage = [d for d in verify(store, names, data=False) if d.samples]  # (a lost zarr.json still reads)
         if damage:
             raise StoreError(f"{store}: damaged data: {damage[0]}" + (f" (and {len(damage) - 1} more)" if len(damage) > 1
                              else "") + f"; `trajlab info --verify {store}` lists it all")
