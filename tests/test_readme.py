@@ -53,6 +53,11 @@ RULES = [
     ("test", r"^dask (scheduler|worker) ", "tests/test_streaming.py::test_report_cli_checks_cluster_options_first"),
     ("test", r"^trajlab report s3://\S+ --out runs/report --scheduler tcp://\S+$",
      "tests/test_streaming.py::test_open_by_url_streams_like_a_local_store"),
+    ("test", r"trajlab taps micro-sd --depth 4$", "tests/test_module_taps.py::test_taps_command_lists_names_and_marks_cross_attention"),
+    ("test", r"trajlab capture --model micro-sd .* --tap mid_block .*--attention-maps --out runs/look\.zarr$",
+     "tests/test_module_taps.py::test_cli_and_toml_taps_info_bytes_and_a_group_captured_without_them"),
+    ("test", r"trajlab info runs/look\.zarr$",
+     "tests/test_module_taps.py::test_cli_and_toml_taps_info_bytes_and_a_group_captured_without_them"),
 ]
 
 
