@@ -285,9 +285,17 @@ def cmd_experiment(args) -> int:
         for n in list_experiments():
             e = load_experiment(n)
             print(f"{n:18} {e.kind:17} {e.description}")
+        from trajlab.experiments.patching import LISTING
+
+        print(f"{'patching':18} {'patching':17} {LISTING}")
         return 0
     if not args.out:
         raise CliError("experiment needs --out STORE")
+    if args.name == "patching":  # its own runs and map, no store (trajlab.experiments.patching)
+        from trajlab.experiments.patching import cli_patching
+
+        _quiet_libraries()
+        return cli_patching(args)
     exp = load_experiment(args.name)
     model_map = _map_arg(args.map)
     if not args.offline:
@@ -466,6 +474,11 @@ def add_study(sub) -> None:
     e.add_argument("--list", action="store_true", help="list the experiments")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.add_argument("--shard", metavar="I/N", default=None, help=SHARD_HELP)
+    e.add_argument("--receiver", action="append", metavar="MODEL",
+                   help="patching only: a receiver model (repeatable; default micro-turbo and micro-dmd)")
+    e.add_argument("--site", action="append", metavar="MODULE",
+                   help="patching only: a UNet module name or 'latent' (repeatable; default down_blocks.1, mid_block, "
+                        "up_blocks.1 and latent)")
 
     r = _sub(sub, "report", "static HTML report (+ PNGs, result datasets) of a store", """examples:
   trajlab report runs/hybrid.zarr --out runs/hybrid-report

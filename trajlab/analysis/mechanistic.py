@@ -102,7 +102,7 @@ def covariance_results(store, out_dir, *, groups=None, model: str | None = None,
                        n_components: int = COVARIANCE_DEFAULTS["n_components"],
                        n_probes: int = COVARIANCE_DEFAULTS["n_probes"], dense_max: int = COVARIANCE_DEFAULTS["dense_max"],
                        seed: int = COVARIANCE_DEFAULTS["seed"], max_points: int | None = None,
-                       injections: bool = False, callback=None) -> list[Path]:
+                       injections: bool = False, plain: bool = True, callback=None) -> list[Path]:
     """Covariance propagation (empirical Cov[final latent] vs J Cov[latent_0] J^T;
     ``covariance.group_covariance_propagation``) over each group's first ``n_prompts`` prompts (None:
     all), dense Jacobians up to ``dense_max`` latent entries, else randomized SVD + ``n_probes``
@@ -115,7 +115,9 @@ def covariance_results(store, out_dir, *, groups=None, model: str | None = None,
     captured seeds (``covariance.group_injected_covariance``: share of the output variance from the initial
     noise vs the injections, trace ratios with and without them), written as
     ``out_dir/<group>_noise_injections.nc``; about (1 + number of noise draws) x the cost of the plain
-    propagation per group, and a deterministic sampler gets share_initial = 1.
+    propagation per group, and a deterministic sampler gets share_initial = 1. plain=False (with injections):
+    only the injected propagation (its ``trace_ratio_initial_only`` is the plain x_T-only ratio at its own
+    settings); callback is then not called.
     """
     from trajlab.analysis import covariance as cov
 
@@ -133,19 +135,21 @@ def covariance_results(store, out_dir, *, groups=None, model: str | None = None,
             first = np.unique(ds["prompt_index"].values)[:n_prompts]
             ds = ds.isel(sample=np.flatnonzero(np.isin(ds["prompt_index"].values, first)))
         t = time.perf_counter()
-        res = cov.group_covariance_propagation(ds.load(), pipe, n_components=n_components, dense_max=dense_max,
-                                               n_probes=n_probes, seed=seed, max_points=max_points)
-        written.append(io.save_dataset(res, Path(out_dir) / f"{name}_covariance.nc", attrs={"group": name}))
-        text = f"{name}: trace ratio emp/pred = {np.round(res['trace_ratio'].values, 3)}"
+        res, text = None, f"{name}:"
+        if plain or not injections:
+            res = cov.group_covariance_propagation(ds.load(), pipe, n_components=n_components, dense_max=dense_max,
+                                                   n_probes=n_probes, seed=seed, max_points=max_points)
+            written.append(io.save_dataset(res, Path(out_dir) / f"{name}_covariance.nc", attrs={"group": name}))
+            text = f"{name}: trace ratio emp/pred = {np.round(res['trace_ratio'].values, 3)}"
         if injections:
             inj = cov.group_injected_covariance(ds, pipe, n_components=n_components, dense_max=dense_max,
                                                 n_probes=n_probes, seed=seed, max_points=max_points)
             written.append(io.save_dataset(inj, Path(out_dir) / f"{name}_noise_injections.nc", attrs={"group": name}))
-            text += (f"; with {inj.sizes['injection']} noise injections: emp/pred = "
+            text += (("; " if res is not None else " ") + f"with {inj.sizes['injection']} noise injections: emp/pred = "
                      f"{np.round(inj['trace_ratio'].values, 3)}, share of the initial noise "
                      f"{np.round(inj['share_initial'].values, 3)}")
         done(f"{text}, {time.perf_counter() - t:.0f} s")
-        if callback is not None:
+        if callback is not None and res is not None:
             callback(name, res)
     return written
 

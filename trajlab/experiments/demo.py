@@ -9,7 +9,9 @@ Distilling-Diversity study (every micro student at its recommendation, the paper
 LCM-LoRA: the teacher runs the first k of the student's own steps) on the 16 seeds (quick: 4); captured into DIR/study.zarr; then every analysis that
 applies (metrics with micro-clip / labeller / micro-LPIPS, commitment, mode coverage, the verdict engine's
 taxonomy, step consistency, CFG curves, negative-prompt sensitivity, hybrids, the study, Jacobian
-contraction and covariance propagation) in the report at DIR/report/index.html. Falls back to the random
+contraction and covariance propagation, with the injected step noise for micro-turbo and micro-dmd; the
+teacher -> micro-turbo / micro-dmd patching map, trajlab.experiments.patching) in the report at
+DIR/report/index.html. Falls back to the random
 tiny-sd / tiny-lcm pipelines, with a printed note, when the micro-world weights are not there (or with
 ``tiny=True``).
 """
@@ -22,6 +24,8 @@ from pathlib import Path
 
 DEMO_JACOBIAN = {"samples": 1, "n_probes": 4, "n_power_iter": 3}
 """The demo's (CPU-cheap) Jacobian settings; every other default: trajlab.analysis.mechanistic."""
+DEMO_PATCHING_SEEDS = 8
+"""Seeds per prompt of the demo's patching map (its runs are its own, not the store's: ~50 s on 10 prompts)."""
 
 
 def micro_available() -> bool:
@@ -217,8 +221,9 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
              f"{min(len(seeds), 2 if quick else 8)} seeds" if cplans else "")
           + (f"; + Distilling-Diversity study: {len(splans)} student and {len(shplans)} hybrid groups on "
              f"{min(len(seeds), 4 if quick else 16)} seeds" if splans or shplans else ""))
+    collapsing = ("micro-turbo", "micro-dmd") if teacher == "micro-sd" else ()  # the students that collapse
     stages = ["capture"] + (["Jacobian contraction", "covariance propagation"] if mechanistic else []) + \
-        ["analyses and report"]
+        (["patching map"] if mechanistic and collapsing else []) + ["analyses and report"]
     stage = _stages(stages, t0)
     stage()
     run_plans(plans + cplans + hplans, store, progress=progress)
@@ -226,13 +231,21 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
     if mechanistic:
         analyses = out / "analyses"
         stage()
-        collapsing = ("micro-turbo", "micro-dmd") if teacher == "micro-sd" else ()  # the students that collapse
         jacobian_results(store, analyses, models=(teacher, student, *collapsing),
                          experiments=("demo", "distilling_diversity"), **DEMO_JACOBIAN)
         stage()
         covariance_results(store, analyses, configs=((teacher, teacher_steps), (student, 1), (student, 4)),
                            experiments=("demo", ""), n_prompts=1 if quick else 2, n_probes=4 if quick else 16,
                            max_points=1)
+        if collapsing:  # stochastic students: the covariance with the noise they inject (docs/theory.md §14)
+            covariance_results(store, analyses, configs=(("micro-turbo", 2), ("micro-dmd", 4)),
+                               experiments=("distilling_diversity",), n_prompts=1 if quick else 2, max_points=1,
+                               injections=True, plain=False)
+            stage()
+            from trajlab.experiments.patching import run_patching
+
+            run_patching(analyses, n_prompts=n_prompts, seeds=seeds[:DEMO_PATCHING_SEEDS], receivers=collapsing,
+                         progress=print if progress else None)
     stage()
     path = report_store(store, out / "report", model=teacher, analyses_dir=analyses)
     print_summary(out / "report", time.perf_counter() - t0)

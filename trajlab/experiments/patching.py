@@ -181,7 +181,8 @@ def run_side(side: Side, prompts, seeds, *, record=None, patch=None, device: str
     gens = [torch.Generator(device).manual_seed(int(s)) for s in seeds]
     size = unet.config.sample_size
     cond = encode(pipe, list(prompts), guidance_scale=side.guidance, device=device, latent_dtype=unet.dtype)
-    latents = randn_tensor((len(seeds), unet.config.in_channels, size, size), generator=gens, device=torch.device(device),
+    latents = randn_tensor((len(seeds), unet.config.in_channels, size, size), generator=gens,
+                           device=torch.device(device),
                            dtype=unet.dtype) * sched.init_noise_sigma
     state, out, handles = {"step": -1, "calls": {}}, {}, []
     modules = dict(unet.named_modules())
@@ -429,3 +430,63 @@ def default_diversity():
         return (lambda images: W.micro_lpips_pairwise(model, images)), f"mean pairwise {W.DESCRIPTION} within prompt"
     except FileNotFoundError:
         return pixel_pairwise, PIXEL_DIVERSITY
+
+
+def run_patching(out_dir, *, quick: bool = False, n_prompts: int | None = None, seeds=None, donor: str = DEMO_DONOR,
+                 receivers=DEMO_RECEIVERS, sites=DEMO_SITES, device: str = "cpu", batch_size: int = 32,
+                 progress=print) -> Path:
+    """The micro-world patching map (what ``trajlab experiment patching`` and the demo run): ``donor`` into each
+    of ``receivers`` at their registry configurations, on the first ``n_prompts`` digit prompts (default 10;
+    quick 4) x ``seeds`` (default 0:16; quick 0:8); diversity micro-LPIPS, accuracy by the micro labeller.
+    Writes ``out_dir/<donor>_patching.nc`` (the map) and ``<donor>_patching.png`` (its figure); returns the
+    NetCDF path."""
+    from trajlab.analysis.io import save_dataset, save_figure
+    from trajlab.models.micro import PROMPTS, load_labeller
+    from trajlab.plots.patching import plot_patching_map
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = list(PROMPTS[: n_prompts or (4 if quick else 10)])
+    seeds = list(seeds if seeds is not None else range(8 if quick else 16))
+    d = load_side(donor, device=device)
+    rs = [load_side(r, device=device) for r in receivers]
+    try:
+        labeller = load_labeller()
+    except FileNotFoundError:
+        labeller = None
+    ds = patching_sweep(d, rs, prompts, seeds, sites=sites, batch_size=batch_size, device=device,
+                        labeller=labeller, population=PROMPTS if set(prompts) == set(PROMPTS) else None,
+                        progress=progress)
+    path = save_dataset(ds, out / f"{donor}_patching.nc", attrs={"group": f"{donor} patching"})
+    save_figure(plot_patching_map(ds), out / f"{donor}_patching.png")
+    if progress:
+        progress(f"patching map: {path} ({ds.attrs['seconds']:.0f} s)")
+    return path
+
+
+LISTING = "the teacher's module outputs / latent patched into the collapsing students: a map with CIs (no store)"
+"""``trajlab experiment --list``'s line for the patching experiment."""
+
+
+def cli_patching(args) -> int:
+    """``trajlab experiment patching --out DIR [--quick] [--seeds S] [--receiver M ...] [--site NAME ...]``:
+    validates (before any model loads), runs :func:`run_patching` into DIR, prints where the map is."""
+    from trajlab.experiments.plans import InputError, parse_seeds
+    from trajlab.models.registry import get
+
+    if getattr(args, "map", None) or getattr(args, "shard", None):
+        raise InputError("experiment patching: --map and --shard do not apply (it runs the micro-world donor and "
+                         "receivers itself, in one process)")
+    seeds = parse_seeds(args.seeds) if args.seeds else None
+    if seeds is not None and len(seeds) < 3:
+        raise InputError(f"experiment patching: --seeds gives {len(seeds)} seed(s); the intervals need >= 3")
+    receivers = tuple(args.receiver or DEMO_RECEIVERS)
+    for m in (DEMO_DONOR, *receivers):
+        if get(m) is None:
+            raise InputError(f"experiment patching: unknown model {m!r} (see `trajlab models`)")
+    sites = tuple(args.site or DEMO_SITES)
+    path = run_patching(args.out, quick=args.quick, seeds=seeds, receivers=receivers, sites=sites,
+                        device=args.device or "cpu", progress=None if args.quiet else print)
+    print(f"experiment patching: {path} and {path.with_suffix('.png')} (trajlab report --analyses "
+          f"{Path(args.out)} shows it)")
+    return 0

@@ -18,7 +18,8 @@ def _columns(ds: xr.Dataset, r) -> list[str]:
     d = ds.sel(receiver=r)
     out = []
     for i in range(int(d["receiver_steps"])):
-        out.append(f"step {i}\nσ {float(d['receiver_sigma'].values[i]):.3g}\n← donor {int(d['donor_step'].values[i])}")
+        sigma, j = float(d["receiver_sigma"].values[i]), int(d["donor_step"].values[i])
+        out.append(f"step {i}\nσ {sigma:.3g}\n← donor {j}")
     return out
 
 
@@ -31,7 +32,7 @@ def plot_patching_map(ds: xr.Dataset, labels: dict | None = None) -> plt.Figure:
     panels = [p for p in PANELS if np.isfinite(ds[p[0]].values).any()] or list(PANELS[:1])
     widths = [max(2, int(ds.sel(receiver=r)["receiver_steps"])) for r in recv]
     fig, axes = plt.subplots(len(recv), len(panels), squeeze=False, layout="constrained",
-                             figsize=(2.6 + 1.5 * max(widths) * len(panels), 0.55 * len(sites) * len(recv) + 1.4 * len(recv)))
+                             figsize=(2.6 + 1.5 * max(widths) * len(panels), (0.55 * len(sites) + 1.4) * len(recv)))
     cmap = plt.get_cmap("RdBu").copy()
     cmap.set_bad("#dddddd")
     for a, r in enumerate(recv):

@@ -1,0 +1,81 @@
+"""The report's patching section: the map of how much diversity and prompt accuracy each teacher patch restores in
+each collapsing student (``<donor>_patching.nc`` of ``trajlab experiment patching`` / the demo; statistics in
+:mod:`trajlab.analysis.patching`, runs in :mod:`trajlab.experiments.patching`)."""
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from trajlab.report.blocks import fmt, none, p, table
+
+
+def _ci(d, var, scale=1.0, digits=2) -> str:
+    v, lo, hi = (float(d[f"{var}{s}"]) * scale for s in ("", "_ci_low", "_ci_high"))
+    return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if np.isfinite(v) else "n/a"
+
+
+def _summary(ds: xr.Dataset, r: str) -> str:
+    d = ds.sel(receiver=r)
+    text = (f"{d['receiver_label'].values} against the donor: diversity log ratio {_ci(d, 'collapse')} "
+            f"(negative: the receiver is less diverse); accuracy {float(d['receiver_accuracy']):.0%} vs "
+            f"{float(d['donor_accuracy']):.0%}.")
+    v = d["div_restored"].values
+    if np.isfinite(v).any():
+        i, j = np.unravel_index(np.nanargmax(v), v.shape)
+        c = d.isel(site=i, step=j)
+        text += (f" Largest restoration: {c['site'].values} at step {j} (donor step {int(d['donor_step'].values[j])}): "
+                 f"{_ci(c, 'div_restored')} of the gap, diversity log ratio vs unpatched {_ci(c, 'div_effect')}, "
+                 f"accuracy change {_ci(c, 'acc_effect', 100, 0)} pp.")
+    na = sorted({str(w) for w, ok in zip(d["why"].values.ravel(), d["applicable"].values.ravel())
+                 if not ok and w and "runs" not in str(w)})
+    return text + ("".join(f" Not run: {w}." for w in na))
+
+
+def _cells(ds: xr.Dataset) -> xr.Dataset:
+    """The map flattened to one row per applicable (receiver, site, step) cell."""
+    rows = []
+    for r in ds["receiver"].values:
+        d = ds.sel(receiver=r)
+        for s in d["site"].values:
+            for j in range(int(d["receiver_steps"])):
+                c = d.sel(site=s).isel(step=j)
+                if not bool(c["applicable"]):
+                    continue
+                rows.append({"cell": f"{r} | {s} | step {j}", "sigma": float(c["receiver_sigma"]),
+                             "donor_step": int(c["donor_step"]), "div_restored": _ci(c, "div_restored"),
+                             "div_effect": _ci(c, "div_effect", digits=3), "acc_effect_pp": _ci(c, "acc_effect", 100, 0),
+                             "acc_restored": _ci(c, "acc_restored")})
+    cols = ["sigma", "donor_step", "div_restored", "div_effect", "acc_effect_pp", "acc_restored"]
+    return xr.Dataset({c: ("cell", [x[c] for x in rows]) for c in cols}, coords={"cell": [x["cell"] for x in rows]})
+
+
+def patching(r, fig) -> list:
+    maps = r.get("patching") or {}
+    if not maps:
+        return [none("no patching map (`trajlab experiment patching --out DIR`; the demo writes one into its "
+                     "analyses)")]
+    from trajlab.plots.patching import plot_patching_map
+
+    out = []
+    for ds in maps.values():
+        a = ds.attrs
+        out.append(p(f"Where is diversity lost? Each cell runs the receiver with one site's output (a UNet module, "
+                     f"or the latent) replaced by the donor's ({a.get('donor_label', '')}) at one step, on the same "
+                     f"{a.get('n_prompts')} prompts x {a.get('n_seeds')} seeds. Steps matched: {a.get('matching', '')}. "
+                     f"A CFG donor's module outputs enter as the guided combination u + w (c - u). Diversity: "
+                     f"{a.get('metric', '')}; restored = (patched - unpatched) / (donor - unpatched): 0 no change, 1 the "
+                     f"donor's diversity. 95% CIs per cell ({a.get('interval', '')}; prompts as {a.get('prompts_as', '')}); "
+                     "descriptive, no multiplicity correction."))
+        out += [p(_summary(ds, str(rv))) for rv in ds["receiver"].values]
+        out.append(fig(plot_patching_map(ds), "patching_map",
+                       "patching map: rows = patched site, columns = receiver step (its sigma and the matched donor "
+                       "step); left: fraction of the diversity gap restored, right: accuracy change vs the unpatched "
+                       "receiver in percentage points; text: estimate [95% CI]; grey: not applicable"))
+        cells = _cells(ds)
+        if cells.sizes.get("cell"):
+            out.append(table(cells, list(cells.data_vars), dim="cell"))
+        out.append(p(f"Patching runs took {fmt(float(a.get('seconds', np.nan)))} s."))
+    return out
+
+
+__all__ = ["patching"]
