@@ -33,8 +33,7 @@ def plot_patching_map(ds: xr.Dataset, labels: dict | None = None) -> plt.Figure:
     widths = [max(2, int(ds.sel(receiver=r)["receiver_steps"])) for r in recv]
     fig, axes = plt.subplots(len(recv), len(panels), squeeze=False, layout="constrained",
                              figsize=(2.6 + 1.5 * max(widths) * len(panels), (0.55 * len(sites) + 1.4) * len(recv)))
-    cmap = plt.get_cmap("RdBu").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("RdBu").with_extremes(bad="#dddddd")
     for a, r in enumerate(recv):
         d = ds.sel(receiver=r)
         n = int(d["receiver_steps"])
