@@ -231,3 +231,39 @@ def test_a_group_with_taps_grows_by_seeds_and_resumes(ddim, tmp_path):
     np.testing.assert_array_equal(old["tap.mid_block"].values, before["tap.mid_block"].values)
     np.testing.assert_array_equal(old.attention.values, before.attention.values)
     assert np.isfinite(after["tap.mid_block"].values).all()
+
+
+def test_sdxl_taps_and_attention_maps_are_neutral(tmp_path):
+    """SDXL: cross-attention over both text encoders' 77 tokens, micro-conditioning, an Euler scheduler."""
+    from trajlab.capture.run import to_uint8
+    from trajlab.models.tiny import tiny_sdxl
+
+    pipe = tiny_sdxl()
+    kw = dict(num_inference_steps=3, guidance_scale=5.0, output_type="np", height=32, width=32)
+    plain = pipe(["a cat", "a red dog"], generator=[torch.Generator().manual_seed(0) for _ in range(2)], **kw).images
+    plan = CapturePlan(model="tiny-sdxl", prompts=["a cat", "a red dog"], seeds=[0], scheduler="euler", steps=3,
+                       guidance=5.0, height=32, width=32, batch_size=2, taps=["mid_block"], attention_maps=True)
+    res = capture(pipe, plan, tmp_path / "s.zarr", progress=False)
+    ds = store.open_group(tmp_path / "s.zarr", res.group).load()
+    np.testing.assert_array_equal(ds.image.values, to_uint8(plain))
+    assert ds.attention.shape[:3] == (2, 3, 5) and ds["tap.mid_block"].shape[:2] == (2, 3)
+    assert np.all(ds.attention.sum("token").values <= 1 + 1e-2)
+
+
+def test_a_step_array_that_disagrees_with_its_entry_is_refused_on_open(ddim, tmp_path):
+    import json
+
+    from trajlab.store_fs import target, zarr
+
+    path = tmp_path / "s.zarr"
+    res = capture(ddim, CapturePlan(**{**KW, "steps": 2}, taps=["mid_block"]), path, progress=False)
+    store.validate(path)
+    g = zarr().open_group(target(path), mode="r+", zarr_format=3, use_consolidated=False)[res.group]
+    entries = json.loads(g.attrs["step_arrays"])
+    entries[0]["dims"] = ["tap.mid_block.channel"]
+    g.attrs["step_arrays"] = json.dumps(entries)
+    from trajlab.store_fs import consolidate
+
+    consolidate(path)
+    with pytest.raises(store.StoreError, match="tap.mid_block missing or not"):
+        store.validate(path)
