@@ -169,11 +169,13 @@ def check_names(names, available, *, where: str = "") -> None:
     for name in names:
         if name in available:
             continue
+        children = [a for a in available if a.startswith(name + ".") and a.count(".") == name.count(".") + 1]
+        if children:
+            raise TapError(f"{where}tap {name!r} is a container without a forward of its own: tap one of its items, "
+                           f"{', '.join(children[:4])}")
         close = difflib.get_close_matches(name, available, n=4, cutoff=0.5)
-        children = [a for a in available if a.startswith(name + ".") and a.count(".") == name.count(".") + 2]
-        hint = (f"; nearest: {', '.join(close)}" if close else "") + \
-               (f"; {name} is a container, tap one of its items: {', '.join(children[:4])}" if children else "")
-        raise TapError(f"{where}tap {name!r}: no such module in the denoiser{hint or ' (list them: trajlab taps MODEL)'}")
+        hint = f"; nearest: {', '.join(close)}" if close else " (list them: trajlab taps MODEL)"
+        raise TapError(f"{where}tap {name!r}: no such module in the denoiser{hint}")
 
 
 def cross_attention_layers(denoiser) -> dict:
