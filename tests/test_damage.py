@@ -97,14 +97,18 @@ def test_a_lost_checksum_record_and_an_unwritten_variable_are_named(written):
     assert store.verify(written, data=False) == [], "a sample with no record requires no chunk in the cheap check"
 
 
-def test_only_the_variables_written_for_a_sample_are_required(tmp_path):
+def test_a_variable_the_pipeline_never_writes_is_no_damage(tmp_path):
+    """A hybrid's CFG halves exist only for the teacher's steps: the writer never writes them. A variable no
+    complete sample has written is not expected; one written for the others but not for a sample is damage."""
     path = tmp_path / "p.zarr"
-    store.allocate_group(path, "g", store.GroupLayout(2, 3, (2, 4, 4), "float32", VARS), timesteps=[3, 2, 1],
-                         alpha_bar=[0.1, 0.5, 0.9], seeds=[0, 1], prompt_index=[0, 0], prompts=["a"], attrs={})
+    store.allocate_group(path, "g", store.GroupLayout(3, 3, (2, 4, 4), "float32", VARS), timesteps=[3, 2, 1],
+                         alpha_bar=[0.1, 0.5, 0.9], seeds=[0, 1, 2], prompt_index=[0, 0, 0], prompts=["a"], attrs={})
     store.write_samples(path, "g", 0, {"final_latent": np.ones((2, 2, 4, 4), np.float32)})
     store.mark_complete(path, "g", 0, 2)
-    assert store.verify(path, data=False) == []
-    assert {d.variable for d in store.verify(path)} == set(VARS)  # never written: no checksum recorded
+    assert store.verify(path, data=False) == [] and store.verify(path) == []
+    store.mark_complete(path, "g", 2, 3)  # complete, but nothing written for it
+    assert [(d.variable, d.samples) for d in store.verify(path)] == [("final_latent", (2,))]
+    assert "no checksum recorded" in store.verify(path)[0].what
 
 
 @pytest.mark.parametrize("what", ["array", "group"])
@@ -148,6 +152,8 @@ def test_a_group_from_before_checksums_needs_every_float_chunk(written):
     assert store.verify(written) == []
     _chunk(written, "latent", 0).unlink()
     os.remove(_chunk(written, "image", 3))  # uint8: a chunk of zeros may legitimately be absent there
+    for s in range(4):  # an array never written (a hybrid's CFG halves) is no damage
+        _chunk(written, "model_output", s).unlink()
     assert [(d.variable, d.samples) for d in store.verify(written)] == [("latent", (0,))]
 
 

@@ -136,3 +136,27 @@ def test_a_deleted_root_zarr_json_is_one_line_everywhere(reference, tmp_path, ca
         line = _one_error_line(capsys.readouterr().err)
         assert "root zarr.json is missing" in line and "holds groups g" in line, line
     assert (path / "g" / "latent" / "zarr.json").exists(), "nothing was removed"
+
+
+def test_a_hybrid_group_never_writes_its_cfg_halves_and_that_is_no_damage(tmp_path):
+    """A hybrid's student steps have no CFG halves, so the writer never writes model_output_uncond/cond: verify
+    finds nothing and a re-run re-captures nothing (no endless repair loop)."""
+    from test_hybrid import capture_hybrid
+
+    from trajlab.experiments.hybrid_plans import hybrid_plan
+    from trajlab.models.hybrid import HybridSpec
+    from trajlab.models.loading import load_pipeline
+
+    teacher, student = load_pipeline("tiny-sd", scheduler="default"), load_pipeline("tiny-lcm", scheduler="default")
+    plan = hybrid_plan(HybridSpec("tiny-sd", "tiny-lcm", 2, 6, 3, 5.0, 8.0), ["a cat"], [0, 1])
+    out = str(tmp_path / "h.zarr")
+    group = capture_hybrid(teacher, student, plan, out).group
+    import zarr
+
+    from trajlab.store_fs import stored_chunks
+
+    assert "model_output_uncond" in store.open_group(out, group)
+    assert not stored_chunks(zarr.open_group(out, mode="r")[group]["model_output_uncond"])
+    assert store.verify(out) == []
+    again = capture_hybrid(teacher, student, plan, out)
+    assert again.samples_written == 0 and again.samples_skipped == 2

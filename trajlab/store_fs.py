@@ -344,17 +344,17 @@ def read_samples(array, samples, budget: int = 64 * 2**20):
             yield a + k, block[k]
 
 
-def check_samples(group: str, arrays: dict, samples, *, sums=None, columns=(), required=None,
+def check_samples(group: str, arrays: dict, samples, *, sums=None, columns=(), required=None, listed=None,
                   data: bool = True) -> list[Damage]:
     """What is wrong with ``samples`` (indices along the first dimension) of ``arrays`` ({name: zarr array, one
     sample a chunk}): a chunk missing where one is expected (``required[name]``: the samples expected to have
     one, default ``samples``; one listing per array, no data read); with ``data`` also a chunk that cannot be
     read (truncated, corrupt) or whose checksum differs from the recorded one (``sums[s, columns.index(name)]``
-    when recorded: > 0)."""
+    when recorded: > 0). ``listed``: {name: its chunk listing} where already listed."""
     out = []
     for var, arr in arrays.items():
         want = set(int(s) for s in (samples if required is None else required.get(var, samples)))
-        missing = want - stored_chunks(arr)
+        missing = want - (listed[var] if listed and var in listed else stored_chunks(arr))
         if missing:
             out.append(Damage(group, var, tuple(sorted(missing)), "chunk missing (it would read as fill values)"))
         if not data:
@@ -378,8 +378,9 @@ def check_samples(group: str, arrays: dict, samples, *, sums=None, columns=(), r
 def group_damage(path, name: str, group, done, *, coords, arrays, checksum: str | None, data: bool = True) -> list[Damage]:
     """:func:`trajlab.store.damage`'s work, told the schema: ``group`` (zarr, consolidated view) ``name`` of the
     store at ``path``, its complete samples ``done``; ``coords``: arrays every chunk of which must be there;
-    ``arrays``: the sample arrays of a group written before checksums (then every float one has a chunk per
-    complete sample); ``checksum``: the array of recorded crc32s, whose ``variables`` attr names its columns."""
+    ``arrays``: the sample arrays of a group written before checksums (then a float one that holds any chunk
+    holds one per complete sample); ``checksum``: the array of recorded crc32s, whose ``variables`` attr names its
+    columns. A variable no complete sample has written (a hybrid's CFG halves) is no damage."""
     out = [Damage(name, "(group)" if key.count("/") == 1 else key.split("/")[-2], (), "metadata (zarr.json) lost or "
                   "unreadable; the consolidated copy still reads it") for key, _ in lost_metadata(path, name)]
     for v in coords if data else ():  # (a coordinate chunk equal to its fill value is never stored)
@@ -392,8 +393,9 @@ def group_damage(path, name: str, group, done, *, coords, arrays, checksum: str 
     cols = list(ck.attrs.get("variables", [])) if ck is not None else []
     found = {v: group[v] for v in (cols or arrays) if v in group}
     if ck is None:
-        return out + check_samples(name, found, done, data=data,
-                                   required={v: done if a.dtype.kind == "f" else [] for v, a in found.items()})
+        listed = {v: stored_chunks(a) for v, a in found.items()}
+        return out + check_samples(name, found, done, data=data, listed=listed, required={
+            v: done if a.dtype.kind == "f" and listed[v] else [] for v, a in found.items()})
     sums, lost = np.zeros(ck.shape, dtype=np.int64), []
     for s, row in read_samples(ck, done):
         if isinstance(row, Exception):
@@ -404,7 +406,8 @@ def group_damage(path, name: str, group, done, *, coords, arrays, checksum: str 
         out.append(Damage(name, checksum, tuple(lost), "checksum record unreadable"))
     required = {v: [s for s in done if sums[s, cols.index(v)] > 0] for v in found}
     out += check_samples(name, found, done, sums=sums, columns=cols, required=required, data=data)
-    for v in found if data else ():
+    written = [v for v in found if (sums[np.asarray(done, dtype=np.int64), cols.index(v)] > 0).any()]
+    for v in written if data else ():
         unsummed = [int(s) for s in done if sums[s, cols.index(v)] == 0 and s not in lost]
         if unsummed:
             out.append(Damage(name, v, tuple(unsummed), "no checksum recorded (its record was lost, or the sample "
