@@ -189,3 +189,14 @@ def test_shipped_text_encoder_is_shapes_clip_text_tower():
     ids = torch.tensor([[49406, 320, 3638, 736, 49407] + [49407] * 27])
     with torch.no_grad():
         assert torch.allclose(te(ids)[0], ref(ids)[0], atol=1e-5)
+
+
+def test_shipped_quality_file_states_its_hits_and_misses():
+    """quality.json's verdicts are the targets applied to its own numbers, with the command and the machine load."""
+    doc = json.loads((SHIPPED.parent / "quality.json").read_text())
+    assert doc["targets"] == Q.verdicts(doc["results"])
+    assert set(doc["targets"]) == set(Q.TARGETS)
+    assert doc["samples_per_prompt"]["single_full"] >= 16 and sum(len(v) for v in doc["prompts"].values()) >= 20
+    assert doc["command"].startswith(Q.COMMAND) and len(doc["run"]["load_average_start"]) == 3
+    tv = doc["results"]["leftout"]["per_attribute"]
+    assert doc["results"]["leftout_tv_max"]["tv"] == pytest.approx(max(v["tv"] for v in tv.values()))
