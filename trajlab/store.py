@@ -404,10 +404,10 @@ def mark_incomplete(path: str | os.PathLike, name: str, samples) -> None:
         g["complete"][int(s)] = False
 
 
-def completed(path: str | os.PathLike, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+def completed(path: str | os.PathLike, name: str, start: int = 0, stop: int | None = None, *, group=None) -> np.ndarray:
     """Boolean array: which samples of group ``name`` (``[start, stop)``, default all) are complete (an unreadable
-    flag: not)."""
-    flags = _group(path, name, mode="r")["complete"]
+    flag: not). ``group``: the zarr group, when already open."""
+    flags = (_group(path, name, mode="r") if group is None else group)["complete"]
     stop = flags.shape[0] if stop is None else stop
     return np.array([not isinstance(v, Exception) and bool(v) for _, v in read_samples(flags, range(start, stop))],
                     dtype=bool)
@@ -585,13 +585,12 @@ def open_group(path: str | os.PathLike, name: str, *, chunks: dict | None = None
 
 
 # -- damage: lost metadata, missing or unreadable chunks, checksum mismatches (tests/test_damage.py) ---------
-def damage(path: str | os.PathLike, name: str, *, samples=None, data: bool = True) -> list[Damage]:
-    """What is wrong with group ``name``'s stored data, each a :class:`Damage` naming variable and samples: a lost
-    ``zarr.json``, a missing coordinate chunk, a missing chunk of a variable written for a complete sample (of
-    ``samples`` when given); with ``data`` (every such chunk read) also an unreadable chunk, a :data:`CHECKSUM`
-    mismatch, a complete sample with none recorded. Empty: intact. A re-run of the capture re-writes damaged samples."""
-    g = _group(path, name, mode="r")
-    done = np.flatnonzero(completed(path, name))
+def damage(path: str | os.PathLike, name: str, *, samples=None, data: bool = True, group=None) -> list[Damage]:
+    """What is wrong with group ``name``'s data, each a :class:`Damage` naming variable and samples: a lost ``zarr.json``,
+    a missing chunk of a variable written for a complete sample (of ``samples`` if given); with ``data`` (each read)
+    an unreadable chunk or coordinate, a :data:`CHECKSUM` mismatch, a complete sample with none recorded."""
+    g = _group(path, name, mode="r") if group is None else group
+    done = np.flatnonzero(completed(path, name, group=g))
     done = done if samples is None else np.intersect1d(done, np.asarray(list(samples), dtype=np.int64))
     return group_damage(path, name, g, done, coords=STEP_COORDS + SAMPLE_COORDS + ("step", "sample", "prompt_text"),
                         arrays=[*json.loads(g.attrs.get("step_variables", "[]")), "final_latent", "image"],
@@ -599,9 +598,11 @@ def damage(path: str | os.PathLike, name: str, *, samples=None, data: bool = Tru
 
 
 def verify(path: str | os.PathLike, groups=None, *, data: bool = True) -> list[Damage]:
-    """:func:`damage` of every group of a store (or of ``groups``), after :func:`validate`."""
+    """:func:`damage` of every group of a store (or of ``groups``), after :func:`validate` (the root opened once)."""
     validate(path)
-    return [d for name in (group_names(path) if groups is None else groups) for d in damage(path, name, data=data)]
+    root = _zarr().open_group(_target(path), mode="r", zarr_format=3)
+    return [d for name in (root.attrs.get("groups", []) if groups is None else groups)
+            for d in damage(path, name, data=data, group=root[name])]
 
 
 def summary(path: str | os.PathLike) -> list[dict]:

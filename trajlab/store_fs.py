@@ -382,7 +382,7 @@ def group_damage(path, name: str, group, done, *, coords, arrays, checksum: str 
     holds one per complete sample); ``checksum``: the array of recorded crc32s, whose ``variables`` attr names its
     columns. A variable no complete sample has written (a hybrid's CFG halves) is no damage."""
     out = [Damage(name, "(group)" if key.count("/") == 1 else key.split("/")[-2], (), "metadata (zarr.json) lost or "
-                  "unreadable; the consolidated copy still reads it") for key, _ in lost_metadata(path, name)]
+                  "unreadable; the consolidated copy still reads it") for key, _ in lost_metadata(path, name, group.metadata)]
     for v in coords if data else ():  # (a coordinate chunk equal to its fill value is never stored)
         try:
             if v in group:
@@ -419,20 +419,24 @@ def _store_of(path):
     return zarr().open_group(target(path), mode="r", zarr_format=3, use_consolidated=False).store_path.store
 
 
-def lost_metadata(path, name: str) -> list[tuple[str, object]]:
+def lost_metadata(path, name: str, gmeta=None) -> list[tuple[str, object]]:
     """``(key, metadata)`` of every metadata document of group ``name`` (its own ``zarr.json``, its arrays')
     that the root's consolidated metadata holds but the store lacks or cannot parse (deleted, truncated):
     readers that use the consolidated copy do not notice, but a consolidation would drop the array (see
-    :func:`consolidate`). The documents are read concurrently."""
+    :func:`consolidate`). The documents are read concurrently. ``gmeta``: the group's metadata from the
+    consolidated root, when already open."""
     import asyncio
 
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    cm = zarr().open_group(target(path), mode="r", zarr_format=3).metadata.consolidated_metadata
-    if cm is None or name not in cm.metadata:
+    if gmeta is None:
+        cm = zarr().open_group(target(path), mode="r", zarr_format=3).metadata.consolidated_metadata
+        if cm is None or name not in cm.metadata:
+            return []
+        gmeta = cm.metadata[name]
+    if gmeta.consolidated_metadata is None:  # a group opened without consolidated metadata: nothing to compare
         return []
-    gmeta = cm.metadata[name]
     docs = [(f"{name}/zarr.json", dataclasses.replace(gmeta, consolidated_metadata=None))]
     docs += [(f"{name}/{k}/zarr.json", m) for k, m in (gmeta.consolidated_metadata.metadata.items()
                                                        if gmeta.consolidated_metadata else [])]
