@@ -165,29 +165,14 @@ def _quoted(items, limit: int = 4) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
-def _damage_line(path, damage) -> str:
-    more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
-    return (f"{path}: damaged data: {damage[0]}{more}; `trajlab info --verify {path}` lists it all, and re-running the "
-            "capture that wrote it re-writes the damaged samples")
+def _info_verify(path, names) -> int:
+    """``info --verify`` after the listing: damage named on stdout (trajlab.store_groups.verify_lines), exit 1 if any."""
+    from trajlab.store_groups import damage_line, verify_lines
 
-
-def _info_verify(args, path, names) -> int:
-    """``info --verify``: every chunk of every complete sample read and checked against the checksum recorded
-    when it was written (trajlab.store.verify); damage named on stdout, exit 1 if any."""
-    import time
-
-    from trajlab import store
-
-    t0 = time.perf_counter()
-    names = names or store.group_names(path)
-    damage = store.verify(path, names)
-    for d in damage:
-        print(f"verify: DAMAGED {d}")
-    n = sum(int(store.completed(path, g).sum()) for g in names)
-    state = f"{len(damage)} damaged item(s)" if damage else "every chunk read, every checksum matches"
-    print(f"verify: {n} complete sample(s) in {len(names)} group(s): {state} ({time.perf_counter() - t0:.1f} s)")
+    lines, damage = verify_lines(path, names)
+    print("\n".join(lines))
     if damage:
-        print(f"trajlab: error: {_damage_line(path, damage)}", file=sys.stderr)
+        print(f"trajlab: error: {damage_line(path, damage)}", file=sys.stderr)
     return 1 if damage else 0
 
 
@@ -198,7 +183,7 @@ def cmd_info(args) -> int:
         from trajlab.store_groups import split_group_path
 
         path, only = split_group_path(args.store)
-        return _info_verify(args, path, [only] if only else None)
+        return _info_verify(path, [only] if only else None)
     from trajlab import store
     from trajlab.store_groups import describe, seed_ranges, split_group_path, step_array_line
 
@@ -340,9 +325,10 @@ def cmd_report(args) -> int:
     from trajlab.experiments.plans import check_writable
 
     check_writable(args.out)  # a file, or a read-only place: refused before any analysis
-    # a missing chunk of a complete sample: never NaN (a listing; a lost zarr.json still reads from the consolidated copy)
-    if damage := [d for d in store.verify(args.store, data=False) if d.samples]:
-        raise CliError(_damage_line(args.store, damage))
+    from trajlab.analysis.io import check_chunks
+    from trajlab.store_groups import damage_line
+
+    check_chunks(args.store)  # a missing chunk of a complete sample: one line, never NaN (a listing, no data read)
     _quiet_libraries()
     from trajlab.experiments.reporting import report_store
 
@@ -359,7 +345,7 @@ def cmd_report(args) -> int:
                                 lpips=not args.no_lpips, n_boot=args.n_boot)
         except Exception:  # a chunk that cannot be read (truncated, corrupt): named, not the codec's error
             if damage := store.verify(args.store):
-                raise CliError(_damage_line(args.store, damage)) from None
+                raise CliError(damage_line(args.store, damage)) from None
             raise
     print(path)
     return 0

@@ -240,6 +240,26 @@ def step_array_line(a: dict) -> str:
             + (f"{stored / 1e3:.1f} kB stored" if stored is not None else "none stored yet") + f"  [{what}]")
 
 
-__all__ = ["describe", "extend_group", "group_label", "missing_pairs", "open_group", "resolve_group", "seed_ranges",
+def damage_line(path, damage) -> str:
+    """One line naming the first :class:`~trajlab.store.Damage` of a store, how many more there are, and what to do."""
+    more = f" (and {len(damage) - 1} more)" if len(damage) > 1 else ""
+    return (f"{path}: damaged data: {damage[0]}{more}; `trajlab info --verify {path}` lists it all, and re-running the "
+            "capture that wrote it re-writes the damaged samples")
+
+
+def verify_lines(path: str | os.PathLike, groups=None) -> tuple[list[str], list]:
+    """What ``trajlab info --verify`` prints after the listing, and the damage: every chunk of every complete
+    sample of ``groups`` (default all) read against its checksum (:func:`trajlab.store.verify`)."""
+    t0 = time.perf_counter()
+    groups = groups or store.group_names(path)
+    damage = store.verify(path, groups)
+    n = sum(int(store.completed(path, g).sum()) for g in groups)
+    state = f"{len(damage)} damaged item(s)" if damage else "every chunk read, every checksum matches"
+    return ([f"verify: DAMAGED {d}" for d in damage]
+            + [f"verify: {n} complete sample(s) in {len(groups)} group(s): {state} ({time.perf_counter() - t0:.1f} s)"],
+            damage)
+
+
+__all__ = ["damage_line", "verify_lines", "describe", "extend_group", "group_label", "missing_pairs", "open_group", "resolve_group", "seed_ranges",
            "segments", "split_group_path", "step_array_line", "step_array_sizes",
            "wait_for_seeds"]

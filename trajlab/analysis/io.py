@@ -22,7 +22,7 @@ import xarray as xr
 
 from trajlab.store import decode_attr
 
-__all__ = ["RESULT_SUFFIX", "script_parser", "open_groups", "resolve_pipeline", "exact_world", "save_dataset", "save_figure",
+__all__ = ["RESULT_SUFFIX", "script_parser", "open_groups", "check_chunks", "resolve_pipeline", "exact_world", "save_dataset", "save_figure",
            "json_safe_attrs", "CHUNK_BYTES", "only", "samples_per_chunk", "sample_chunks", "map_sample_chunks"]
 
 
@@ -66,12 +66,7 @@ def open_groups(store, groups: Iterable[str] | None = None, *, variables: Iterab
     if missing:
         raise KeyError(f"groups {missing} not in store {store}; groups: {list(tree.children)}")
     if isinstance(store, (str, os.PathLike)):  # a missing chunk of a complete sample: an error, never NaN
-        from trajlab.store import StoreError, verify
-
-        damage = [d for d in verify(store, names, data=False) if d.samples]  # (a lost zarr.json still reads)
-        if damage:
-            raise StoreError(f"{store}: damaged data: {damage[0]}" + (f" (and {len(damage) - 1} more)" if len(damage) > 1
-                             else "") + f"; `trajlab info --verify {store}` lists it all")
+        check_chunks(store, names)
     out = {}
     for name in names:
         ds = tree[name].to_dataset()
@@ -83,6 +78,24 @@ def open_groups(store, groups: Iterable[str] | None = None, *, variables: Iterab
             ds = only(ds, variables)
         out[name] = ds.load() if load else ds
     return out
+
+
+_CHECKED: set = set()
+"""(store, group) whose chunks this process has listed (a report opens its groups many times)."""
+
+
+def check_chunks(store, groups: Iterable[str] | None = None) -> None:
+    """A chunk missing from a complete sample of ``groups`` (default all) of ``store``: a StoreError in one line
+    naming group, variable and samples (never NaN data); a listing of the chunks, no data read
+    (:func:`trajlab.store.verify` with ``data=False``; a lost zarr.json still reads from the consolidated copy and
+    is not refused). Each group is listed once per process."""
+    from trajlab.store import StoreError, group_names, verify
+    from trajlab.store_groups import damage_line
+
+    todo = [g for g in (group_names(store) if groups is None else groups) if (str(store), g) not in _CHECKED]
+    if todo and (damage := [d for d in verify(store, todo, data=False) if d.samples]):
+        raise StoreError(damage_line(store, damage))
+    _CHECKED.update((str(store), g) for g in todo)
 
 
 # -- streaming over sample chunks -----------------------------------------------------------------
