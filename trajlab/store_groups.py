@@ -254,7 +254,11 @@ def verify_lines(path: str | os.PathLike, groups=None) -> tuple[list[str], list]
     groups = groups or store.group_names(path)
     damage = store.verify(path, groups)
     n = sum(int(store.completed(path, g).sum()) for g in groups)
-    state = f"{len(damage)} damaged item(s)" if damage else "every chunk read, every checksum matches"
+    root = zarr().open_group(target(path), mode="r", zarr_format=3)
+    old = [g for g in groups if store.CHECKSUM not in root[g]]  # written before checksums: missing/unreadable only
+    state = (f"{len(damage)} damaged item(s)" if damage else "every chunk read, every checksum matches" if not old else
+             f"every chunk read: checksums match in {len(groups) - len(old)} group(s); {len(old)} group(s) written "
+             "before checksums have every chunk there and readable")
     return ([f"verify: DAMAGED {d}" for d in damage]
             + [f"verify: {n} complete sample(s) in {len(groups)} group(s): {state} ({time.perf_counter() - t0:.1f} s)"],
             damage)
