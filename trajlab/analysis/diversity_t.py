@@ -104,9 +104,9 @@ def diversity_over_t(ds: xr.Dataset, *, decode=None, pairwise=None, metric: str 
     return res
 
 
-MAX_STEPS = 10
+MAX_STEPS = 8
 """The report's diversity over t: at most this many steps per group (evenly spaced, first and last kept)."""
-MAX_SEEDS = 16
+MAX_SEEDS = 8
 """... and at most this many seeds per prompt."""
 
 
