@@ -299,7 +299,7 @@ def cmd_experiment(args) -> int:
 
 def cmd_report(args) -> int:
     from trajlab import store
-    from trajlab.analysis.cluster import ClusterError, check_address, dask_cluster
+    from trajlab.analysis.cluster import ClusterError, check_address, dask_cluster, probe_scheduler
 
     if args.scheduler is not None and args.workers is not None:
         raise CliError("give --scheduler ADDRESS or --workers N, not both")
@@ -329,6 +329,10 @@ def cmd_report(args) -> int:
     from trajlab.store_groups import damage_line
 
     check_chunks(args.store)  # a missing chunk of a complete sample: one line, never NaN (a listing, no data read)
+    try:  # a port that is not a dask scheduler: one line within seconds, before the heavy imports
+        probe_scheduler(address) if address is not None else None
+    except ClusterError as exc:
+        raise CliError(str(exc)) from None
     _quiet_libraries()
     from trajlab.experiments.reporting import report_store
 
