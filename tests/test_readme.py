@@ -56,6 +56,8 @@ RULES = [
     ("test", r"trajlab taps micro-sd --depth 4$", "tests/test_module_taps.py::test_taps_command_lists_names_and_marks_cross_attention"),
     ("test", r"trajlab capture --model micro-sd .* --tap mid_block .*--attention-maps --out runs/look\.zarr$",
      "tests/test_module_taps.py::test_cli_and_toml_taps_info_bytes_and_a_group_captured_without_them"),
+    ("test", r"-m trajlab experiment patching --out runs/patching$",
+     "tests/test_patching_cli.py::test_patching_command_end_to_end"),
     ("test", r"trajlab info runs/look\.zarr$",
      "tests/test_module_taps.py::test_cli_and_toml_taps_info_bytes_and_a_group_captured_without_them"),
 ]
