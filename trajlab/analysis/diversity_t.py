@@ -5,9 +5,8 @@ At step k every sample's x0 prediction (made at noise level sigma_k) is decoded 
 [0, 1], the report's VAE decoder; without one the x0 latents themselves are compared). Per prompt, the mean
 pairwise distance over its seeds is the diversity; the group's value is the mean over prompts:
 
-- ``pixel_diversity``: RMS distance of the grey images block-averaged to <= 8x8 (the verdicts' pixel substitute,
-  :func:`trajlab.verdicts.matching.pixel_pairwise`), [0, 1] units; without a decoder ``latent_diversity``: RMS
-  distance of the x0 latents (latent units);
+- ``pixel_diversity``: RMS distance of the decoded images (every pixel and channel, [0, 1] units); without a
+  decoder ``latent_diversity``: RMS distance of the x0 latents (latent units);
 - ``perceptual_diversity`` (with ``pairwise``): the given distance on the decoded images (micro-LPIPS on
   micro-world stores, the verdicts' diversity distance), its name in attr ``perceptual_metric``.
 
@@ -40,9 +39,9 @@ def _crossed(ds: xr.Dataset, max_seeds: int | None):
 
 
 def _rms_pairwise(x: np.ndarray) -> np.ndarray:
+    """(n, n) RMS distances of the rows of x (n, ...), from the differences (exact zeros for equal rows)."""
     x = x.reshape(len(x), -1).astype(np.float64)
-    sq = (x**2).sum(1)
-    return np.sqrt(np.maximum(sq[:, None] + sq[None] - 2 * x @ x.T, 0) / x.shape[1])
+    return np.sqrt(np.stack([((x - row) ** 2).mean(1) for row in x]))
 
 
 def _interval(stats: list[PromptStat], population) -> dict:
@@ -60,8 +59,6 @@ def diversity_over_t(ds: xr.Dataset, *, decode=None, pairwise=None, metric: str 
     group's prompts are exactly it (the engine's finite-population case)."""
     if pairwise is not None and decode is None:
         raise ValueError("diversity_over_t: pairwise distances on images need a decoder (decode=...)")
-    from trajlab.verdicts.matching import pixel_pairwise
-
     pairs, seeds = _crossed(ds, max_seeds)
     if len(seeds) < 3 or not pairs:
         raise ValueError(f"diversity_over_t: {len(seeds)} seeds complete for every prompt; needs >= 3")
@@ -76,7 +73,7 @@ def diversity_over_t(ds: xr.Dataset, *, decode=None, pairwise=None, metric: str 
         lat = x0[:, k]
         if decode is not None:
             imgs = (np.clip(np.asarray(decode(lat)), 0, 1) * 255).round().astype(np.uint8)
-            per = {base: pixel_pairwise}
+            per = {base: lambda x: _rms_pairwise(x / 255.0)}
             if pairwise is not None:
                 per["perceptual_diversity"] = pairwise
             blocks = {v: [PromptStat("pairwise", f(imgs[p * n:(p + 1) * n])) for p in range(len(pairs))]
@@ -91,7 +88,7 @@ def diversity_over_t(ds: xr.Dataset, *, decode=None, pairwise=None, metric: str 
         if c in ds.coords and "step" in ds[c].dims:
             coords[c] = ("step", np.asarray(ds[c].isel(step=steps).values, dtype=np.float64))
     res = xr.Dataset({k: ("step", v) for k, v in out.items()}, coords=coords)
-    units = {"pixel_diversity": "RMS grey-level distance, <= 8x8 block means, [0, 1] units",
+    units = {"pixel_diversity": "RMS distance of the decoded images (pixels x channels), [0, 1] units",
              "latent_diversity": "RMS distance of x0 latents (latent units)",
              "perceptual_diversity": metric or "the given image distance"}
     for v in res.data_vars:
@@ -104,58 +101,4 @@ def diversity_over_t(ds: xr.Dataset, *, decode=None, pairwise=None, metric: str 
     return res
 
 
-MAX_STEPS = 8
-"""The report's diversity over t: at most this many steps per group (evenly spaced, first and last kept)."""
-MAX_SEEDS = 8
-"""... and at most this many seeds per prompt."""
-
-
-def report_groups(desc: dict) -> list[str]:
-    """The groups the report draws over t: not hybrids (their axis mixes two grids), no negative prompt, at
-    their model's default guidance (the CFG sweeps have their own section)."""
-    from trajlab.analysis import sweeps as S
-
-    return [n for n, d in desc.items() if d["role"] != "hybrid" and not d["negative_prompt"]
-            and not S._off_default_guidance(d)]
-
-
-def diversity_t_results(groups: dict, desc: dict, decode=None, *, data: dict | None = None,
-                        max_steps: int = MAX_STEPS, max_seeds: int = MAX_SEEDS) -> dict[str, xr.Dataset]:
-    """{group: :func:`diversity_over_t`} of the :func:`report_groups` with x0 predictions: decoded with ``decode``
-    when given, the perceptual distance the verdicts use (micro-LPIPS on micro-world stores;
-    :func:`trajlab.verdicts.reference.diversity_distance`; none when that is the pixel substitute), the world's
-    prompt set as the population when a group's prompts are exactly it."""
-    from trajlab.verdicts.matching import PIXEL_DIVERSITY
-    from trajlab.verdicts.reference import diversity_distance
-
-    pairwise, metric = None, ""
-    if decode is not None:
-        pairwise, metric, _ = diversity_distance(desc, data)
-        if metric == PIXEL_DIVERSITY:
-            pairwise, metric = None, ""
-    population = None
-    if (data or {}).get("prompts") is None:
-        from trajlab.analysis import sweeps as S
-
-        if S.is_micro(desc):
-            from trajlab.models.micro import PROMPTS as population
-    else:
-        population = data["prompts"]
-    out = {}
-    for n in report_groups(desc):
-        ds = groups[n]
-        if "x0_pred" not in ds or ds.sizes.get("step", 0) < 1:
-            continue
-        k = ds.sizes["step"]
-        steps = np.unique(np.linspace(0, k - 1, min(k, max_steps)).round().astype(int))
-        texts = set(desc[n]["prompts"])
-        try:
-            out[n] = diversity_over_t(ds, decode=decode, pairwise=pairwise, metric=metric, steps=steps,
-                                      max_seeds=max_seeds,
-                                      population=population if population and texts == set(population) else None)
-        except ValueError:  # fewer than 3 seeds complete for every prompt: nothing to estimate
-            continue
-    return out
-
-
-__all__ = ["MAX_SEEDS", "MAX_STEPS", "diversity_over_t", "diversity_t_results", "report_groups"]
+__all__ = ["diversity_over_t"]

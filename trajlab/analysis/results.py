@@ -34,7 +34,7 @@ import xarray as xr
 from trajlab.analysis import io
 from trajlab.analysis import sweeps as S
 from trajlab.analysis.distilling import distilling_diversity
-from trajlab.analysis.diversity_t import diversity_t_results
+from trajlab.analysis.diversity_t_results import diversity_t_results
 from trajlab.analysis.labellers import CENTROID_COMPONENTS
 from trajlab.analysis.result_images import filmstrips, image_grids, vae_decoder
 
