@@ -28,8 +28,8 @@ def diversity_t(r, fig) -> list:
                    "sigma_half_final": half}
     return [p("When does each sampler lose its diversity? At every step, the diversity of the groups' x0 predictions "
               "(what the model predicts the image will be, decoded with the VAE): mean over prompts of the mean "
-              f"pairwise distance among a prompt's seeds; {metric + ' and ' if metric else ''}pixels (grey, <= 8x8 "
-              f"block means). 95% bands: {one.attrs.get('interval', '')}. Every group on the same sigma axis (EDM "
+              f"pairwise distance among a prompt's seeds; {metric + ' and ' if metric else ''}pixel RMS (all pixels "
+              f"and channels, [0, 1]). 95% bands: {one.attrs.get('interval', '')}. Every group on the same sigma axis (EDM "
               "sigma at the step's start, decreasing left to right), so few- and many-step samplers line up; "
               "hybrids, negative-prompt and off-default-guidance groups are left to their sections. Table: the "
               "value at the first and last drawn step and the largest sigma at which the x0 diversity already "
