@@ -71,7 +71,8 @@ def test_patching_section_draws_the_map_and_says_the_largest_restoration(tmp_pat
     kinds = [b["kind"] for b in blocks]
     assert kinds.count("fig") == 1 and "table" in kinds
     text = " ".join(b.get("text", "") for b in blocks)
-    assert "Largest restoration: mid_block at step 1" in text and "1.00 [1.00, 1.00] of the gap" in text
+    assert "Largest restoration with the accuracy kept" in text and "mid_block at step 1" in text
+    assert "1.00 [1.00, 1.00] of the gap" in text
     assert "Not run: not this one." in text
     table = next(b for b in blocks if b["kind"] == "table")
     assert len(table["rows"]) == 3  # the applicable cells only

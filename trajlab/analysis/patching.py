@@ -73,7 +73,8 @@ def _gap(cell: list[PromptStat], base: list[PromptStat]) -> list[PromptStat]:
 
 
 def _interval(ref, cand, effect, population) -> dict:
-    return crossed_interval(ref, cand, effect=effect, population=population)
+    with np.errstate(invalid="ignore", divide="ignore"):  # an undefined fraction (no gap) is NaN, not a warning
+        return crossed_interval(ref, cand, effect=effect, population=population)
 
 
 def cell_effects(cell: list[PromptStat], base: list[PromptStat], donor: list[PromptStat], *, effect: str,
@@ -127,12 +128,12 @@ def patching_map(cells: xr.Dataset, baseline: xr.DataArray, teacher: xr.DataArra
             if c_acc is not None and b_acc is not None:
                 out["accuracy"][i, j] = _mean(c_acc)
                 for k, v in cell_effects(c_acc, b_acc, t_acc, effect="difference", population=population).items():
-                    out[f"acc_{k}"][i, j] = v
+                    out[f"acc_{k}"][i, j] = np.clip(v, -1, 1) if k.startswith("effect_ci") else v  # fractions
     keep = {k: v for k, v in cells.coords.items() if set(v.dims) <= {"site", "step"}}
     ds = xr.Dataset({n: (("site", "step"), v) for n, v in out.items()}, coords=keep)
     ds["applicable"] = cells["applicable"]
     ds["why"] = cells["why"]
-    gap = crossed_interval(t_div, b_div, effect="log_ratio", population=population)
+    gap = _interval(t_div, b_div, "log_ratio", population)
     ds.attrs.update(receiver_diversity=_mean(b_div), donor_diversity=_mean(t_div),
                     collapse=gap["estimate"], collapse_ci_low=gap["ci_low"], collapse_ci_high=gap["ci_high"],
                     receiver_accuracy=_mean(b_acc), donor_accuracy=_mean(t_acc), metric=metric,
@@ -140,7 +141,7 @@ def patching_map(cells: xr.Dataset, baseline: xr.DataArray, teacher: xr.DataArra
                     prompts_as=gap.get("prompts_as", ""), interval=gap["method"],
                     collapse_meaning="log ratio receiver / donor of mean pairwise distance (the gap patches close)")
     if b_acc is not None:
-        agap = crossed_interval(t_acc, b_acc, effect="difference", population=population)
+        agap = _interval(t_acc, b_acc, "difference", population)
         ds.attrs.update(accuracy_gap=agap["estimate"], accuracy_gap_ci_low=agap["ci_low"],
                         accuracy_gap_ci_high=agap["ci_high"],
                         accuracy_gap_includes_zero=int(not (agap["ci_low"] > 0 or agap["ci_high"] < 0)))

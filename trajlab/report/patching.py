@@ -8,6 +8,10 @@ import xarray as xr
 
 from trajlab.report.blocks import fmt, none, p, table
 
+ACCURACY_KEPT = 0.05
+"""A cell keeps the accuracy when the lower 95% bound of its accuracy change is above -ACCURACY_KEPT (the
+accuracy-cost margin of the Distilling-Diversity study)."""
+
 
 def _ci(d, var, scale=1.0, digits=2) -> str:
     v, lo, hi = (float(d[f"{var}{s}"]) * scale for s in ("", "_ci_low", "_ci_high"))
@@ -19,13 +23,22 @@ def _summary(ds: xr.Dataset, r: str) -> str:
     text = (f"{d['receiver_label'].values} against the donor: diversity log ratio {_ci(d, 'collapse')} "
             f"(negative: the receiver is less diverse); accuracy {float(d['receiver_accuracy']):.0%} vs "
             f"{float(d['donor_accuracy']):.0%}.")
-    v = d["div_restored"].values
-    if np.isfinite(v).any():
-        i, j = np.unravel_index(np.nanargmax(v), v.shape)
+    v = np.asarray(d["div_restored"].values, dtype=float)
+    lo_acc = np.asarray(d["acc_effect_ci_low"].values, dtype=float)
+    kept = np.where(np.isnan(lo_acc) | (lo_acc >= -ACCURACY_KEPT), v, np.nan)  # accuracy not measured, or kept
+    if np.isfinite(kept).any():
+        i, j = np.unravel_index(np.nanargmax(kept), kept.shape)
         c = d.isel(site=i, step=j)
-        text += (f" Largest restoration: {c['site'].values} at step {j} (donor step {int(d['donor_step'].values[j])}): "
+        text += (f" Largest restoration with the accuracy kept (its change's CI above -{ACCURACY_KEPT:.0%}): "
+                 f"{c['site'].values} at step {j} (donor step {int(d['donor_step'].values[j])}): "
                  f"{_ci(c, 'div_restored')} of the gap, diversity log ratio vs unpatched {_ci(c, 'div_effect')}, "
                  f"accuracy change {_ci(c, 'acc_effect', 100, 0)} pp.")
+    hi_acc = np.asarray(d["acc_effect_ci_high"].values, dtype=float)
+    broken = [f"{d['site'].values[i]} at step {j} ({float(d['acc_effect'].values[i, j]) * 100:+.0f} pp)"
+              for i, j in zip(*np.nonzero(np.nan_to_num(hi_acc, nan=1.0) < 0))]
+    if broken:
+        text += (" Accuracy falls (CI below 0) with " + "; ".join(broken) + ": their diversity gain is broken images "
+                 "(the donor's features from another state), not restoration.")
     na = sorted({str(w) for w, ok in zip(d["why"].values.ravel(), d["applicable"].values.ravel())
                  if not ok and w and "runs" not in str(w)})
     return text + ("".join(f" Not run: {w}." for w in na))
