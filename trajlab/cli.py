@@ -497,7 +497,8 @@ def add_study(sub) -> None:
     d.add_argument("--tiny", action="store_true", help="use the random tiny models even if the micro-world exists")
     d.add_argument("--no-hybrid", action="store_true", help="skip the hybrid k sweep")
     d.add_argument("--no-jacobian", action="store_true",
-                   help="skip the JVP analyses (contraction, covariance propagation) of teacher and students")
+                   help="skip the JVP analyses (contraction, covariance propagation) of teacher and students "
+                        "and the patching map")
     d.add_argument("--no-control", action="store_true", help="skip the guidance-sweep and negative-prompt groups")
 
 
