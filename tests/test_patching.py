@@ -164,3 +164,18 @@ def test_sweep_end_to_end_writes_one_dataset(pipes, tmp_path):
     path = save_dataset(ds, tmp_path / "x_patching.nc")
     back = xr.open_dataset(path)
     assert back["div_effect"].shape == (1, 2, 2) and back.attrs["matching"].startswith("receiver step i")
+
+
+def test_the_teacher_can_receive_a_students_modules(pipes):
+    """The other direction: a CFG teacher on 4 steps takes a 2-step student's mid_block (each teacher step matched to
+    the student step of nearest sigma; the student's single batch enters both CFG halves)."""
+    t, s = side(pipes, "sd0", steps=4), side(pipes, "lcm", scheduler="lcm", steps=2, guidance=4.0)
+    assert t.cfg and not s.cfg
+    texts, seeds = flat()
+    match = P.match_steps(P.step_grid(t)[1], P.step_grid(s)[1])
+    assert match.tolist() == sorted(match.tolist()) and set(match.tolist()) <= {0, 1}
+    _, rec = P.run_side(s, texts, seeds, record={"mid_block": set(match.tolist())})
+    plain, _ = P.run_side(t, texts, seeds)
+    got = P.patched_run(t, s, rec, [("mid_block", i) for i in range(4)], match, texts, seeds)
+    assert got.shape == plain.shape and torch.isfinite(got).all() and not torch.equal(got, plain)
+    assert "custom timesteps" in P.latent_applicable(t)  # DDIM: no hand-off into the teacher
