@@ -116,3 +116,24 @@ def test_analyses_dir_feeds_the_new_results(tmp_path):
     r = analyses_results(tmp_path)
     assert list(r["noise_injections"]) == ["g-dmd"] and list(r["patching"]) == ["micro-sd patching"]
     assert "summary" in r["analyses_files"] and r["analyses_files"].sizes.get("file", 0) == 0
+
+
+def test_covariance_results_plain_false_writes_only_the_injected_propagation(tmp_path):
+    """What the demo runs for micro-turbo and micro-dmd: covariance_results(injections=True, plain=False) writes
+    <group>_noise_injections.nc only (its trace_ratio_initial_only is the plain x_T-only ratio)."""
+    from diffusers import LCMScheduler
+
+    from trajlab.analysis.mechanistic import covariance_results
+    from trajlab.capture import CapturePlan, capture
+    from trajlab.models.exact import build_exact_world
+
+    pipe = build_exact_world("gauss-8d")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    plan = CapturePlan(model="exact:gauss-8d", prompts=["p0"], seeds=list(range(12)), scheduler="lcm", steps=4,
+                       guidance=1.0, images=False, batch_size=12)
+    res = capture(pipe, plan, tmp_path / "s.zarr", progress=False)
+    written = covariance_results(str(tmp_path / "s.zarr"), tmp_path / "out", n_components=4, injections=True,
+                                 plain=False)
+    assert [p.name for p in written] == [f"{res.group}_noise_injections.nc"]
+    inj = analyses_results(tmp_path / "out")["noise_injections"][res.group]
+    assert 0 < float(inj["share_initial"].mean()) < 1 and inj.sizes["injection"] == 3
