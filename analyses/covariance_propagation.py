@@ -1,7 +1,7 @@
 """Does the sampler's Jacobian explain the spread of same-prompt samples? Cov[x_out] vs J Cov[x_T] J^T.
 
     python analyses/covariance_propagation.py STORE [--group G ...] [--model NAME] --out DIR
-        [--components 16] [--probes 16] [--dense-max 256] [--prompts N]
+        [--components 16] [--probes 16] [--dense-max 256] [--prompts N] [--points 4]
 
 Per group and prompt: empirical covariance of final latents (different seeds) vs the propagated
 input_var * J J^T (J of the whole sampler map at the mean latent_0; low-rank randomized SVD for
@@ -32,6 +32,9 @@ def main(argv=None):
                    help="exact dense Jacobians up to this latent size, else randomized SVD + Hutchinson")
     p.add_argument("--prompts", type=int, default=COVARIANCE_DEFAULTS["n_prompts"],
                    help="first N prompts of each group (default: all)")
+    p.add_argument("--points", type=int, default=None,
+                   help="linearisation points per prompt, its first noise samples (default: "
+                        "trajlab.analysis.covariance.DEFAULT_POINTS)")
     a = p.parse_args(argv)
 
     from trajlab.analysis.mechanistic import covariance_results
@@ -49,7 +52,7 @@ def main(argv=None):
                            out / f"{name}_covariance_p{k}.png")
 
     covariance_results(a.store, out, groups=a.group, model=a.model, n_prompts=a.prompts, n_components=a.components,
-                       n_probes=a.probes, dense_max=a.dense_max, seed=a.seed, callback=figures)
+                       n_probes=a.probes, dense_max=a.dense_max, seed=a.seed, max_points=a.points, callback=figures)
 
 
 if __name__ == "__main__":

@@ -149,11 +149,13 @@ def test_jacobian_contraction_script_replays_the_captured_samplers(micro_store, 
 
 def test_covariance_propagation_script(micro_store, tmp_path):
     path, teacher, student = micro_store
+    # one linearisation point per prompt (--points; the default averages J over 4): the script's path end to end
+    # at a quarter of the JVP work (several points: test_covariance.py, test_per_sample_linearisation_works_on_...)
     _script("covariance_propagation").main([str(path), "--out", str(tmp_path), "--components", "2", "--probes", "2",
-                                            "--dense-max", "0"])
+                                            "--dense-max", "0", "--points", "1"])
     for g in (teacher, student):
         res = xr.open_dataset(tmp_path / f"{g}_covariance.nc").load()
-        assert res.sizes["prompt"] == len(PROMPTS)
+        assert res.sizes["prompt"] == len(PROMPTS) and res.attrs["n_points"] == 1
         assert np.all(res["n_samples"].values == N_SEEDS)
         for v in ("trace_ratio", "emp_trace", "pred_trace"):
             assert np.all(np.isfinite(res[v].values) & (res[v].values > 0)), v

@@ -142,12 +142,21 @@ def test_no_traceback_from_subprocess_on_bad_input(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "steps=-3" in r.stderr
 
 
+RESUME_ARGS = ["capture", *TINY, "--prompt", "a cat", "--prompt", "a dog", "--seeds", "0:10", "--batch-size", "2",
+               "--group", "g", "--no-images"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The store of RESUME_ARGS run to the end in one go: the reference both interrupted runs must equal."""
+    full = tmp_path_factory.mktemp("resume") / "full.zarr"
+    assert main([*RESUME_ARGS, "--out", str(full)]) == 0
+    return full
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
-def test_resume_after_kill_equals_uninterrupted_run(sig, tmp_path, capsys):
-    args = ["capture", *TINY, "--prompt", "a cat", "--prompt", "a dog", "--seeds", "0:10", "--batch-size", "2",
-            "--group", "g", "--no-images"]
-    full = tmp_path / "full.zarr"
-    assert main([*args, "--out", str(full)]) == 0
+def test_resume_after_kill_equals_uninterrupted_run(sig, uninterrupted, tmp_path, capsys):
+    args, full = RESUME_ARGS, uninterrupted
     part = tmp_path / "part.zarr"
     env = _env()
     # SIGINT at its default (a parent started in the background may have it ignored, which the child inherits)

@@ -81,7 +81,33 @@ def test_cli_registers_study_commands():
         assert ap.parse_args(cmd).func.__module__ == "trajlab.cli"
 
 
-def test_results_are_datasets_and_the_report_only_renders(demo, tmp_path):
+@pytest.fixture(scope="module")
+def rerendered(demo, tmp_path_factory):
+    """The demo's result files rendered again into a fresh directory (one rendering shared by the two tests that
+    need one), every figure's text extent checked before it is saved: (directory, {figure name: what is drawn
+    outside its area}, [figure names])."""
+    from trajlab.plots._style import text_outside
+    from trajlab.report import blocks, render_report
+
+    out, _ = demo
+    cut, seen = {}, []
+    save = blocks.Figures.__call__
+
+    def check(self, fig, name, caption="", groups=()):
+        seen.append(name)
+        bad = text_outside(fig)
+        if bad:
+            cut[name] = bad
+        return save(self, fig, name, caption, groups)
+
+    d = tmp_path_factory.mktemp("rerendered")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(blocks.Figures, "__call__", check)
+        render_report(out / "report" / "results", d)
+    return d, cut, seen
+
+
+def test_results_are_datasets_and_the_report_only_renders(demo, rerendered):
     import subprocess
     import sys
 
@@ -92,12 +118,11 @@ def test_results_are_datasets_and_the_report_only_renders(demo, tmp_path):
         assert (res / f"{name}.nc").is_file(), name
     assert not (res / "taxonomy.nc").exists()
     grid = next((res / "image_grid").glob("*.nc"))
-    from trajlab.report import load_results, render_report
+    from trajlab.report import load_results
 
     assert next(iter(load_results(res)["image_grid"].values()))["image"].dtype.name == "uint8", grid
     # re-rendering from the result files alone gives the same numbers
-    render_report(res, tmp_path)
-    assert (tmp_path / "tables.json").read_text() == (out / "report" / "tables.json").read_text()
+    assert (rerendered[0] / "tables.json").read_text() == (out / "report" / "tables.json").read_text()
     code = ("import sys, trajlab.report; bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers') "
             "or m.startswith('trajlab.models')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -192,23 +217,11 @@ def test_report_answers_first_and_names_both_commitment_estimators(demo, capsys)
     assert any(line.startswith(f"All {hl['n_comparisons']} comparisons: ") for line in lines)
 
 
-def test_no_figure_text_is_cut(demo, tmp_path, monkeypatch):
+def test_no_figure_text_is_cut(rerendered):
     """Every figure of the report keeps its titles, labels, tick labels and legends inside its own area
-    (checked on the matplotlib figure before it is saved; the PNG is also saved with a tight box)."""
-    from trajlab.plots._style import text_outside
-    from trajlab.report import blocks, render_report
-
-    out, _ = demo
-    cut, seen = {}, []
-    save = blocks.Figures.__call__
-
-    def check(self, fig, name, caption="", groups=()):
-        seen.append(name)
-        bad = text_outside(fig)
-        if bad:
-            cut[name] = bad
-        return save(self, fig, name, caption, groups)
-
-    monkeypatch.setattr(blocks.Figures, "__call__", check)
-    render_report(out / "report" / "results", tmp_path)
+    (checked on the matplotlib figure before it is saved, in the rerendered fixture; the PNG is also saved with
+    a tight box)."""
+    d, cut, seen = rerendered
     assert len(seen) >= 5 and not cut, cut
+    pngs = [p.name for p in d.glob("*.png")]
+    assert all(any(p.endswith(f"_{name}.png") for p in pngs) for name in seen)  # the checked figures were saved
