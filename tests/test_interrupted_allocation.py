@@ -368,11 +368,17 @@ def test_a_process_killed_inside_an_allocation_is_completed_by_the_rerun(first, 
     keys = _writes_of_one_allocation(tmp_path, fail_at, first)
     fail_at.reset()
     n = len(keys)
-    for k in (1, n // 2, n - 2, n):
+    points = (1, n // 2, n - 2, n)
+    procs = {}  # the dying processes write separate stores: started together, then each store is checked in turn
+    for k in points:
+        code = KILL_SCRIPT.format(tests=str(Path(__file__).parent), k=k, later=not first,
+                                  path=str(tmp_path / f"kill{k}.zarr"))
+        procs[k] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+    for k in points:
         path = tmp_path / f"kill{k}.zarr"
-        code = KILL_SCRIPT.format(tests=str(Path(__file__).parent), k=k, later=not first, path=str(path))
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-        assert r.returncode == 137, r.stderr[-2000:]
+        _, err = procs[k].communicate(timeout=300)
+        assert procs[k].returncode == 137, err[-2000:]
         assert "h" not in store.group_names(path) or k >= n - 2
         _rerun(path, "h")
         assert_same(references[0 if first else 1], path)
