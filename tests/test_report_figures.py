@@ -161,14 +161,14 @@ def test_wilson_interval_of_calibration_rates():
 
 
 # -- images ---------------------------------------------------------------------------------------
-def _study():
-    """A teacher, 8 students (more than FILMSTRIP_OTHERS, one of them 1-step, one listing its samples in
-    another order) and 8 other (teacher-sweep, fewer steps) groups."""
+def _study(n_students=8, n_others=8):
+    """A teacher, ``n_students`` students (by default more than FILMSTRIP_OTHERS; student0 1-step, student3 listing
+    its samples in another order) and ``n_others`` other (teacher-sweep, fewer steps) groups."""
     groups = {"teacher": group(IMGS, steps=8, guidance=4.0)}
-    for i in range(8):
+    for i in range(n_students):
         groups[f"student{i}"] = group(IMGS, steps=1 + i % 4, sched="LCMScheduler", model="tiny-lcm", guidance=1.0 + i,
                                       order=[7, 6, 5, 4, 3, 2, 1, 0] if i == 3 else None)
-    for i in range(8):
+    for i in range(n_others):
         groups[f"sweep{i}"] = group(IMGS, steps=6, guidance=5.0 + i)
     return groups
 
@@ -202,7 +202,7 @@ def test_report_grids_label_rows_with_prompt_text_and_filmstrips_name_every_stud
     from trajlab.report.blocks import Figures
     from trajlab.report.labels import group_info
 
-    groups = _study()
+    groups = _study(n_students=4, n_others=1)
     desc = S.describe_all(groups)
     r = {"image_grid": image_grids(groups, desc, 8), "filmstrip": filmstrips(groups, desc, teacher="teacher")}
     assert list(r["image_grid"]["student1"]["prompt_text"].values[:1]) == [PROMPTS[0]]
