@@ -175,7 +175,10 @@ def s3_server(monkeypatch):
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem().mkdir("trajlab")
+    fs = s3fs.S3FileSystem()
+    if fs.exists("trajlab"):  # moto's backend is per process: a bucket outlives the server that made it
+        fs.rm("trajlab", recursive=True)
+    fs.mkdir("trajlab")
     try:
         yield env
     finally:

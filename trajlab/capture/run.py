@@ -271,6 +271,8 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
         claims.close()
         if bar is not None:
             bar.close()
+    if not exists and first_put and group in store.group_names(path):  # every block taken by another process
+        store.check_config(path, group, config)  # that allocated it meanwhile: same config or refuse
     coord.end_group(new_group=not exists, any_put=not first_put)
     size = store.store_bytes(path, group)
     now = store.completed(path, group) if group in store.group_names(path) else np.zeros(n_samples, dtype=bool)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from trajlab.experiments.plans import GRID_KEYS, SCALAR_KEYS, InputError, expand_cell, parse_seeds, plan_group, \
     preflight, read_prompts, run_plans
+from trajlab.verdicts.catalogue import taxonomy
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS_DIR = REPO / "data" / "experiments"
@@ -40,13 +41,9 @@ PROMPTS_DIR = REPO / "data" / "prompts"
 
 KINDS = ("seed_table", "cfg_sweep", "step_consistency", "negative_prompt", "hybrid", "fine_detail", "composition",
          "grid")
-CATEGORIES = {
-    "distributional": ("diversity_collapse", "canonical_bias", "mode_dropping"),
-    "structural": ("fine_detail", "text_rendering", "thin_structures", "counting", "attribute_binding"),
-    "dynamical": ("early_commitment", "step_inconsistency"),
-    "control": ("cfg_over_amplification", "weak_negative_prompt"),
-}
-"""The proposal's failure taxonomy: category -> failure modes."""
+CATEGORIES = taxonomy()
+"""The failure taxonomy prompt suites tag with: category -> failure modes (owned by
+:func:`trajlab.verdicts.catalogue.taxonomy`)."""
 EXPERIMENT_KEYS = {"name", "kind", "description", "offline", "quick", "hybrid", "verdicts"}
 HYBRID_KEYS = {"teacher", "student", "handoff", "teacher_steps", "student_steps", "teacher_guidance",
                "student_guidance", "mechanism", "teacher_scheduler", "student_scheduler", "grid"}

@@ -26,6 +26,27 @@ CATALOGUE: dict[str, FailureMode] = {m.MODE.name: m.MODE for m in (
     step_inconsistency_reinjection, cfg_over_amplification, weak_negative_prompt)}
 
 
+NOT_MEASURED: dict[str, str] = {"text_rendering": "structure", "thin_structures": "structure", "counting": "structure",
+                                "attribute_binding": "structure"}
+"""The research plan's failure modes no shipped world can show yet (no comparison, no verdict): mode -> family.
+Prompt suites may tag prompts with them."""
+SUITE_CATEGORY = {"distribution": "distributional", "structure": "structural", "dynamics": "dynamical",
+                  "control": "control"}
+"""Family -> the category word prompt suites use (``category = "structural"``)."""
+
+
+def taxonomy() -> dict[str, tuple[str, ...]]:
+    """{suite category: failure modes}: every catalogued failure mode (mechanism rows left out) and the
+    :data:`NOT_MEASURED` ones, by family; what a prompt suite's ``category`` / ``failure_mode`` may say."""
+    out: dict[str, list[str]] = {c: [] for c in SUITE_CATEGORY.values()}
+    for m in CATALOGUE.values():
+        if not m.mechanism:
+            out[SUITE_CATEGORY[m.family]].append(m.name)
+    for name, family in NOT_MEASURED.items():
+        out[SUITE_CATEGORY[family]].append(name)
+    return {c: tuple(v) for c, v in out.items()}
+
+
 def get(name: str) -> FailureMode:
     """The failure mode called ``name``; an unknown name is refused with the known ones."""
     if name not in CATALOGUE:
@@ -33,4 +54,4 @@ def get(name: str) -> FailureMode:
     return CATALOGUE[name]
 
 
-__all__ = ["CATALOGUE", "get"]
+__all__ = ["CATALOGUE", "NOT_MEASURED", "SUITE_CATEGORY", "get", "taxonomy"]

@@ -71,8 +71,12 @@ def pixel_pairwise(images: np.ndarray) -> np.ndarray:
 
 
 def nearest(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """(n,) index of the nearest of (k, f) centroids for each row of x (n, f)."""
-    return np.argmin(((x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    """(n,) index of the nearest of (k, f) centroids for each row of x (n, f): the project's one nearest-centroid
+    labeller (:func:`trajlab.analysis.commitment.nearest_centroid_labels`) without a projection."""
+    from trajlab.analysis.commitment import nearest_centroid_labels
+
+    return nearest_centroid_labels(x, {"mean": None, "components": None,
+                                       "centroids": np.asarray(centroids, dtype=np.float64)})
 
 
 def group_info(name: str, ds: xr.Dataset, texts, seeds) -> GroupInfo:
