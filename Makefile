@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 demo: $(STAMP)
 	$(PY) -m trajlab demo --out runs/demo
 
+# two pytest workers (one a core on the 2-core CI), a test file to one worker (its module fixtures built once)
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/capture_overhead.py
