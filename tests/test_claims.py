@@ -137,3 +137,38 @@ def test_two_processes_resuming_one_group_do_each_block_once(reference, tmp_path
     assert sum(written) == N, outs  # never both: each block by one process
     assert_same_store(reference, path)
     assert os.path.exists(path / store.CLAIMS_FILE)
+
+
+def test_the_demo_captures_with_two_processes_into_the_one_process_store(reference, tmp_path, capsys, monkeypatch):
+    """capture_together: a helper process runs the plans in reverse order; claims split the blocks; the store is
+    the one-process store (every chunk byte), and the helper really captured some of it."""
+    from trajlab.experiments import plans as P
+    from trajlab.experiments.demo import capture_together
+
+    seen = []
+    with monkeypatch.context() as m:  # the CLI's plans of ARGS, not run
+        m.setattr(P, "run_plans", lambda plans, out, **kw: seen.extend(plans))
+        assert main([*ARGS, "--out", str(tmp_path / "unused.zarr")]) == 0
+    out = str(tmp_path / "two.zarr")
+    real = P.run_plans
+
+    def after_the_helper_began(plans, path, **kw):  # the helper imports for seconds; tiny-sd captures in one
+        t0 = time.time()
+        while True:
+            try:
+                if store.completed(path, "g").any():
+                    break
+            except (KeyError, FileNotFoundError, store.StoreError):  # not allocated, or being allocated
+                pass
+            assert time.time() - t0 < 300, "the helper process captured nothing in 300 s"
+            time.sleep(0.05)
+        return real(plans, path, **kw)
+
+    monkeypatch.setattr(P, "run_plans", after_the_helper_began)
+    capsys.readouterr()
+    capture_together(seen, out, processes=2, progress=False)
+    assert_same_store(reference, Path(out))
+    helper = Path(f"{out}.helper-1.log").read_text()
+    theirs = next(x for x in helper.splitlines() if x.startswith("captured "))
+    mine = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("captured "))
+    assert int(theirs.split()[1]) + int(mine.split()[1]) == N and int(theirs.split()[1]) > 0, (theirs, mine)

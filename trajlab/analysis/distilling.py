@@ -64,16 +64,17 @@ def _correct(ds: xr.Dataset, idx: np.ndarray, text: str, labeller) -> np.ndarray
     return (np.asarray(labels) == digit).astype(float)
 
 
-def _candidate_rows(groups, teacher, cand, diversity, labeller):
+def _candidate_rows(groups, teacher, cand, diversity, labeller, population=None):
     """(diversity row, accuracy row or None, accuracies) of one candidate against the teacher; ``diversity``:
     (pairwise distance, metric name, features) as :func:`trajlab.verdicts.reference.diversity_distance` gives
-    them; the statistic is the diversity_collapse mode's own (:mod:`trajlab.verdicts.modes.diversity_collapse`)."""
+    them; the statistic is the diversity_collapse mode's own (:mod:`trajlab.verdicts.modes.diversity_collapse`).
+    population: the world's whole prompt set (the intervals then resample seeds only, as the store verdicts do)."""
     pairs = matched(groups[teacher], groups[cand])
     ref_info, cand_info = pair_infos(teacher, cand, groups, pairs)
     comp = diversity_collapse.MODE.comparison(teacher, cand, metric=diversity[1])
     ctx = Context(groups, {}, teacher, [cand], diversity=diversity)
     ref, cnd = diversity_collapse.statistic(ctx, groups[teacher], groups[cand], pairs) if pairs else (None, None)
-    div = evaluate(comp, ref, cnd, ref_info=ref_info, cand_info=cand_info)
+    div = evaluate(comp, ref, cnd, ref_info=ref_info, cand_info=cand_info, population=population)
     if labeller is None:
         return div, None, (np.nan, np.nan)
     a_ref, a_cnd = [], []
@@ -84,7 +85,7 @@ def _candidate_rows(groups, teacher, cand, diversity, labeller):
             a_cnd.append(PromptStat("mean", cb))
     metric, direction, effect, margin = ACCURACY
     comp = Comparison("accuracy_loss", metric, teacher, cand, direction, margin, effect=effect)
-    acc = evaluate(comp, a_ref or None, a_cnd or None, ref_info=ref_info, cand_info=cand_info)
+    acc = evaluate(comp, a_ref or None, a_cnd or None, ref_info=ref_info, cand_info=cand_info, population=population)
     means = (float(np.mean([s() for s in a_ref])) if a_ref else np.nan,
              float(np.mean([s() for s in a_cnd])) if a_cnd else np.nan)
     return div, acc, means
@@ -119,7 +120,8 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
     experiment: when some group carries this experiment tag, only those groups are candidates (the teacher is
     the store's reference teacher either way); None: every student and hybrid group.
     Estimates: diversity log ratio candidate / teacher; accuracy difference candidate - teacher; 95% CIs of the
-    verdict engine (crossed prompt x seed jackknife); decisions Holm-corrected over the study's family.
+    verdict engine (crossed prompt x seed jackknife; seeds only where the prompts are ``data["prompts"]``, the
+    world's whole prompt set, as in the store verdicts); decisions Holm-corrected over the study's family.
     """
     groups = {n: g for n, g in groups.items() if "image" in g}
     desc = S.describe_all(groups)
@@ -137,7 +139,7 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
     features = diversity[2]
     rows, families = [], []
     for n in students + hybrids:
-        div, acc, (ta, ca) = _candidate_rows(groups, teacher, n, diversity, labeller)
+        div, acc, (ta, ca) = _candidate_rows(groups, teacher, n, diversity, labeller, (data or {}).get("prompts"))
         h = desc[n]["hybrid"] or {}
         label = f"hybrid {h['teacher']} -> {h['student']}, k = {h['handoff_step']}" if h else desc[n]["label"]
         rows.append({"candidate": n, "label": label, "kind": "hybrid" if h else "student",

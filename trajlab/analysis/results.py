@@ -348,8 +348,10 @@ def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: 
     coverage = coverage_results(groups, desc)
     say("verdicts (matched comparisons, crossed prompt x seed intervals)")
     verdicts = engine_verdicts(groups, desc, decode, margins=margins)
-    say("Distilling-Diversity study (matched comparisons, bootstrap)")
-    distilling = distilling_diversity(groups, labeller=labeller)
+    say("Distilling-Diversity study (matched comparisons, crossed prompt x seed intervals)")
+    from trajlab.verdicts.reference import micro_data_reference
+
+    distilling = distilling_diversity(groups, labeller=labeller, data=micro_data_reference() if S.is_micro(desc) else None)
     say("diversity over t (x0 predictions per step, crossed CIs)")
     div_t = diversity_t_results(groups, desc, decode)
     say("image grids and filmstrips")

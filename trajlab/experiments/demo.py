@@ -170,14 +170,60 @@ def reinjection_plans(prompts, seeds, *, steps=(1, 2, 4, 8), batch_size: int = 3
     return plans
 
 
+def capture_together(plans, store: str, *, processes: int, progress: bool = True) -> None:
+    """Capture ``plans`` into the local store ``store`` with ``processes`` processes on this machine.
+
+    The other processes run the same plans in reverse order, meeting this one in the middle (their output in
+    ``<store>.helper-I.log``); block claims (:mod:`trajlab.capture.claims`) give each sample block to one process, so every block is computed
+    once, with the same batch and generators as in one process: every group's arrays are those one process
+    writes (the order of the groups in the store follows which process allocated each first).
+    This process prints the progress and the summary, waits for the blocks the others hold (capturing any whose
+    holder died) and validates the store once the others have ended."""
+    import pickle
+    import subprocess
+    import sys
+
+    from trajlab.experiments.plans import run_plans
+
+    helpers = []
+    if processes > 1:
+        spec = Path(f"{store}.plans.pkl")
+        spec.write_bytes(pickle.dumps(plans[::-1]))
+        code = ("import pickle, sys, torch; torch.set_num_threads(1); from trajlab.experiments.plans import run_plans; "
+                "run_plans(pickle.loads(open(sys.argv[1], 'rb').read()), sys.argv[2], progress=False, validate=False)")
+        for i in range(1, processes):
+            log = open(f"{store}.helper-{i}.log", "w")
+            helpers.append((subprocess.Popen([sys.executable, "-c", code, str(spec), store], stdout=log,
+                                             stderr=subprocess.STDOUT), log))
+    done = False
+    try:
+        run_plans(plans, store, progress=progress, validate=False)
+        done = True
+    finally:
+        for proc, log in helpers:
+            try:
+                proc.wait(timeout=300 if done else 0.1)  # done: it ends once the last group is complete
+            except subprocess.TimeoutExpired:  # this process failed or was interrupted: its helpers go too
+                proc.kill()
+                proc.wait()
+            log.close()
+    from trajlab import store as _store
+
+    _store.validate(store)
+
+
 def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = True, teacher_steps: int = 30,
              n_prompts: int | None = None, n_seeds: int | None = None, progress: bool = True,
-             mechanistic: bool = True, control: bool = True, attention: bool = True) -> Path:
+             mechanistic: bool = True, control: bool = True, attention: bool = True,
+             capture_processes: int | None = None) -> Path:
     """Capture the demo study into ``out/study.zarr`` and build ``out/report``; returns index.html's path.
     ``attention``: record the cross-attention maps of the teacher and of micro-turbo and micro-dmd (the students
-    that collapse) for the report's token heat maps."""
+    that collapse) for the report's token heat maps. ``capture_processes``: processes that capture together
+    (:func:`capture_together`; default 1: on the 2-core machine 2 saved 15% of the capture stage, 323 vs 379 s,
+    since one process's writer thread already uses the second core, and the store's group order then follows
+    which process allocated first)."""
     from trajlab.analysis.mechanistic import covariance_results, jacobian_results
-    from trajlab.experiments.plans import preflight, run_plans
+    from trajlab.experiments.plans import preflight
     from trajlab.experiments.reporting import report_store
     from trajlab.models.micro import PROMPTS
 
@@ -226,7 +272,8 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
         (["patching map"] if mechanistic and collapsing else []) + ["analyses and report"]
     stage = _stages(stages, t0)
     stage()
-    run_plans(plans + cplans + hplans, store, progress=progress)
+    capture_together(plans + cplans + hplans, store, progress=progress,
+                     processes=capture_processes or 1)
     analyses = None
     if mechanistic:
         analyses = out / "analyses"

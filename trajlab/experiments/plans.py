@@ -489,12 +489,14 @@ def plan_pipeline(plan, cache: PipelineCache):
     return pipe
 
 
-def run_plans(plans, out: str, progress: bool = True, cache: PipelineCache | None = None, shard=None) -> list:
+def run_plans(plans, out: str, progress: bool = True, cache: PipelineCache | None = None, shard=None,
+              validate: bool = True) -> list:
     """Capture every plan into ``out`` (each model loaded once); print a one-line summary.
 
     Returns the CaptureResults. ``cache`` lets several calls share loaded pipelines. ``shard``: ``"I/N"``
     captures only this shard's sample blocks of every plan (torchrun ranks split them by themselves;
-    see :mod:`trajlab.capture.shard`).
+    see :mod:`trajlab.capture.shard`). ``validate``: validate the store at the end (a caller whose other
+    processes may still be writing validates once they have ended).
     """
     from trajlab import store
     from trajlab.capture.run import capture
@@ -521,7 +523,8 @@ def run_plans(plans, out: str, progress: bool = True, cache: PipelineCache | Non
     for r in results:  # a shard (or a run that shared its group) says whether its group is complete
         if r.by_others or r.shard is not None and (shard is not None or r.shard.startswith("0/")):
             print(r.completeness())
-    store.validate(out)
+    if validate:
+        store.validate(out)
     return results
 
 
