@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/capture_overhead.py
 	$(PY) benchmarks/jvp_cost.py
+	$(PY) benchmarks/tap_overhead.py
 
 train-micro: $(STAMP)
 	$(PY) -m trajlab.models.micro.train --out data/micro

@@ -27,27 +27,37 @@ METHOD = ("two-way (prompt, seed) delete-one jackknife, t interval with df = min
           "(trajlab.analysis.intervals)")
 
 
-def _interval(est: float, tp: np.ndarray, ts: np.ndarray, level: float) -> dict:
+def jackknife_t_interval(est: float, vp: float, vs: float, P: int, S: int, *, level: float = 0.95,
+                         whole_population: bool = False) -> dict:
+    """{se, df, ci_low, ci_high} of ``est`` from the jackknife's prompt and seed components over P prompts x S
+    seeds: V = V_P + V_S with df = min(Satterthwaite, P - 1), or (whole_population) V = V_S with df = S - 1."""
     from scipy.stats import t as student_t
 
-    P, S = tp.size, ts.size
-    vp = np.float64((P - 1) / P * ((tp - tp.mean()) ** 2).sum() if P >= 2 else 0.0)  # numpy: 0 / 0 is NaN, not
-    vs = np.float64((S - 1) / S * ((ts - ts.mean()) ** 2).sum() if S >= 3 else np.nan)  # an exception
-    v = vp + vs
-    with np.errstate(divide="ignore", invalid="ignore"):
-        df = v ** 2 / ((vp ** 2 / (P - 1) if P >= 2 else 0.0) + vs ** 2 / (S - 1)) if S >= 3 else np.nan
-    if P >= 2 and np.isfinite(df):
-        df = min(df, P - 1)
+    if whole_population:
+        v, df = vs, np.float64(S - 1)
+    else:
+        v = vp + vs
+        with np.errstate(divide="ignore", invalid="ignore"):
+            df = v ** 2 / ((vp ** 2 / (P - 1) if P >= 2 else 0.0) + vs ** 2 / (S - 1))
+        if P >= 2:  # Satterthwaite's df is itself estimated from P prompt units; never claim more than P - 1
+            df = min(df, P - 1)
     se = float(np.sqrt(v)) if np.isfinite(v) else np.nan
-    if np.isfinite(se) and se > 0 and np.isfinite(df) and np.isfinite(est):
+    if np.isfinite(se) and se > 0 and np.isfinite(df):
         q = float(student_t.ppf(0.5 + level / 2, df))
         lo, hi = est - q * se, est + q * se
     elif se == 0 and np.isfinite(est):
         lo = hi = est
     else:
         lo = hi = np.nan
-    return {"estimate": float(est), "ci_low": float(lo), "ci_high": float(hi), "se": se,
-            "df": float(df) if np.isfinite(df) else np.nan, "n_prompts": P, "n_seeds": S}
+    return {"se": se, "df": float(df) if np.isfinite(df) else np.nan, "ci_low": float(lo), "ci_high": float(hi)}
+
+
+def _interval(est: float, tp: np.ndarray, ts: np.ndarray, level: float) -> dict:
+    P, S = tp.size, ts.size
+    vp = np.float64((P - 1) / P * ((tp - tp.mean()) ** 2).sum() if P >= 2 else 0.0)  # numpy: 0 / 0 is NaN, not
+    vs = np.float64((S - 1) / S * ((ts - ts.mean()) ** 2).sum() if S >= 3 else np.nan)  # an exception
+    return {"estimate": float(est), **jackknife_t_interval(float(est), vp, vs, P, S, level=level),
+            "n_prompts": P, "n_seeds": S}
 
 
 def _every(x):
@@ -107,4 +117,5 @@ def ci_columns(name: str, r: dict) -> dict:
     return {name: r["estimate"], f"{name}_ci_low": r["ci_low"], f"{name}_ci_high": r["ci_high"]}
 
 
-__all__ = ["LEVEL", "METHOD", "ci_columns", "crossed_mean_ci", "two_way_jackknife", "two_way_jackknife_many"]
+__all__ = ["LEVEL", "METHOD", "ci_columns", "crossed_mean_ci", "jackknife_t_interval", "two_way_jackknife",
+           "two_way_jackknife_many"]

@@ -44,6 +44,7 @@ from typing import Callable, Sequence
 import numpy as np
 import xarray as xr
 
+from trajlab.analysis.intervals import jackknife_t_interval as interval
 from trajlab.metrics.bootstrap import mean_pairwise
 
 DECISIONS = ("supported", "refuted", "inconclusive", "not applicable")
@@ -247,29 +248,6 @@ def crossed_interval(ref: list[PromptStat], cand: list[PromptStat], *, effect: s
             "n_prompts": P, "n_per_prompt": n}
 
 
-def interval(est: float, vp: float, vs: float, P: int, S: int, *, level: float = 0.95,
-             whole_population: bool = False) -> dict:
-    """{se, df, ci_low, ci_high} of ``est`` from the jackknife's prompt and seed components over P prompts x S
-    seeds: V = V_P + V_S with df = min(Satterthwaite, P - 1), or (whole_population) V = V_S with df = S - 1."""
-    from scipy.stats import t as student_t
-
-    if whole_population:
-        v, df = vs, np.float64(S - 1)
-    else:
-        v = vp + vs
-        with np.errstate(divide="ignore", invalid="ignore"):
-            df = v ** 2 / ((vp ** 2 / (P - 1) if P >= 2 else 0.0) + vs ** 2 / (S - 1))
-        if P >= 2:  # Satterthwaite's df is itself estimated from P prompt units; never claim more than P - 1
-            df = min(df, P - 1)
-    se = float(np.sqrt(v)) if np.isfinite(v) else np.nan
-    if np.isfinite(se) and se > 0 and np.isfinite(df):
-        q = float(student_t.ppf(0.5 + level / 2, df))
-        lo, hi = est - q * se, est + q * se
-    elif se == 0 and np.isfinite(est):
-        lo = hi = est
-    else:
-        lo = hi = np.nan
-    return {"se": se, "df": float(df) if np.isfinite(df) else np.nan, "ci_low": float(lo), "ci_high": float(hi)}
 
 
 def one_sided_p(signed_estimate: float, se: float, df: float, threshold: float, side: str) -> float:
