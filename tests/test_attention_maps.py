@@ -91,3 +91,32 @@ def test_one_colour_scale_per_token_row():
     np.testing.assert_allclose(word_mass(r), [[0.2, 0.2]])
     assert plot_word_mass({"t": r}).axes[0].get_xscale() == "log"
     assert pick_steps(30) == [0, 6, 12, 17, 23, 29] and pick_steps(3) == [0, 1, 2]
+
+
+def test_word_mass_is_the_mean_over_samples_with_a_hand_computed_crossed_interval(attention_store):
+    """word_mass[step]: each sample's attention on its prompt's word tokens (summed over them, averaged over the
+    cells), averaged over every sample; its interval is the two-way delete-one jackknife computed here by hand
+    (2 prompts x 3 seeds, balanced): V = V_P + V_S, t with df = min(Satterthwaite, P - 1)."""
+    from scipy.stats import t as student_t
+
+    path, (g8, _) = attention_store
+    r = attention_results(path)[g8]
+    ds = store.open_group(path, g8).load()
+    words = {0: [1, 2], 1: [1, 2, 3]}  # "a cat", "a red dog" between the start and end tokens
+    a = ds.attention.values.astype(np.float64)
+    pidx, seeds = ds.prompt_index.values, ds.seed.values
+    cell = np.stack([a[i][:, words[int(pidx[i])]].sum(1).mean((-2, -1)) for i in range(a.shape[0])])  # (sample, step)
+    grid = np.stack([[cell[(pidx == p) & (seeds == s)][0] for s in (0, 1, 2)] for p in (0, 1)])  # (P, S, step)
+    P, S = 2, 3
+    est = grid.mean((0, 1))
+    tp = np.stack([grid[[q for q in range(P) if q != p]].mean((0, 1)) for p in range(P)])
+    ts = np.stack([grid[:, [q for q in range(S) if q != s]].mean((0, 1)) for s in range(S)])
+    vp = (P - 1) / P * ((tp - tp.mean(0)) ** 2).sum(0)
+    vs = (S - 1) / S * ((ts - ts.mean(0)) ** 2).sum(0)
+    df = np.minimum((vp + vs) ** 2 / (vp ** 2 / (P - 1) + vs ** 2 / (S - 1)), P - 1)
+    half = student_t.ppf(0.975, df) * np.sqrt(vp + vs)
+    np.testing.assert_allclose(r["word_mass"].values, est, rtol=1e-6)
+    np.testing.assert_allclose(r["word_mass_ci_low"].values, np.clip(est - half, 0, 1), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(r["word_mass_ci_high"].values, np.clip(est + half, 0, 1), rtol=1e-5, atol=1e-9)
+    assert (half > 0).all() and (r["word_mass"].values > 0).all() and (r["word_mass"].values < 1).all()
+    np.testing.assert_allclose(token_maps(ds)["word_mass"].values, r["word_mass"].values, rtol=1e-6)

@@ -7,7 +7,9 @@ per group and prompt, the mean map over its seeds at every step, with the tokens
 
 ``attention[sample, step, token, y, x]`` is the mean attention mass latent cell (y, x) gives the token at that
 step (over heads and cross-attention layers); the result's ``attention_mean`` averages it over the complete
-samples (seeds) of each prompt. No torch.
+samples (seeds) of each prompt, and ``word_mass`` (step) is the attention mass on the prompts' word tokens (not
+SOS/EOS/padding; summed over them, averaged over the latent cells, then over every complete sample) with its 95%
+interval for the crossed prompt x seed design (:func:`trajlab.analysis.intervals.crossed_mean_ci`). No torch.
 """
 from __future__ import annotations
 
@@ -18,16 +20,24 @@ VARIABLE = "attention"
 DIMS = ("step", "token", "y", "x")
 
 
-def _maps(read, done, prompt_index, prompts, shape, columns: dict) -> xr.Dataset:
-    """The result Dataset: per prompt the mean of ``read(its complete sample indices)`` (one read per prompt)."""
-    means, counts = [], []
+def _maps(read, done, prompt_index, prompts, shape, columns: dict, seeds=None) -> xr.Dataset:
+    """The result Dataset: per prompt the mean of ``read(its complete sample indices)`` (one read per prompt);
+    with ``seeds`` (sample,) and ``token_text`` in ``columns``, the word mass and its crossed interval per step."""
+    means, counts, mass = [], [], []
+    texts = columns.get("token_text", (None, None))[1]
     for p in prompts:
         idx = np.flatnonzero(done & (prompt_index == p))
         counts.append(idx.size)
-        means.append(np.asarray(read(idx), dtype=np.float32).mean(0) if idx.size else np.full(shape, np.nan, np.float32))
+        a = np.asarray(read(idx), dtype=np.float32) if idx.size else None
+        means.append(a.mean(0) if idx.size else np.full(shape, np.nan, np.float32))
+        if a is not None and texts is not None and seeds is not None:  # (n, step): words summed, cells averaged
+            m = a[:, :, content_tokens(texts[p])].astype(np.float64).sum(2).mean((-2, -1))
+            mass += [(row, p, seeds[i]) for row, i in zip(m, idx)]
     out = xr.Dataset({"attention_mean": (("prompt", *DIMS), np.stack(means)),
                       "n_samples": ("prompt", np.asarray(counts, dtype=np.int64))},
                      coords={"prompt": np.asarray(list(prompts), dtype=np.int64)})
+    if mass:
+        out = out.assign(_word_mass(mass))
     for k, (dims, v) in columns.items():
         v = np.asarray(v)
         if dims[0] == "prompt":
@@ -37,6 +47,19 @@ def _maps(read, done, prompt_index, prompts, shape, columns: dict) -> xr.Dataset
     return out
 
 
+def _word_mass(mass) -> dict:
+    """{word_mass, word_mass_ci_low, word_mass_ci_high} on step from (per-step values, prompt, seed) per sample."""
+    from trajlab.analysis.intervals import METHOD, crossed_mean_ci
+
+    values = np.stack([m for m, _, _ in mass])
+    p, s = np.array([q for _, q, _ in mass]), np.array([q for _, _, q in mass])
+    cis = [crossed_mean_ci(values[:, k], p, s, bounds=(0.0, 1.0)) for k in range(values.shape[1])]
+    attrs = {"long_name": "attention mass on the prompt's word tokens (mean over cells and samples)",
+             "units": "fraction of a latent cell's cross-attention", "interval": METHOD}
+    return {name: ("step", np.array([c[key] for c in cis]), attrs) for name, key in
+            (("word_mass", "estimate"), ("word_mass_ci_low", "ci_low"), ("word_mass_ci_high", "ci_high"))}
+
+
 def _texts(values) -> np.ndarray:
     return np.array(np.asarray(values).tolist(), dtype=str)
 
@@ -44,7 +67,7 @@ def _texts(values) -> np.ndarray:
 def token_maps(ds: xr.Dataset, prompt: int | None = None) -> xr.Dataset:
     """``attention_mean`` (prompt, step, token, y, x): the mean over complete samples of each prompt (or only
     ``prompt``), float32, with ``token_text`` (prompt, token), ``prompt_text``, ``n_samples`` (prompt), sigma and
-    timestep on step."""
+    timestep on step, and ``word_mass`` (step) with ``word_mass_ci_low`` / ``_ci_high`` over those samples."""
     if VARIABLE not in ds:
         raise KeyError(f"this group has no {VARIABLE!r} array: capture it with --attention-maps")
     pidx = np.asarray(ds["prompt_index"].values)
@@ -52,8 +75,9 @@ def token_maps(ds: xr.Dataset, prompt: int | None = None) -> xr.Dataset:
     n = ds.sizes.get("prompt", int(pidx.max()) + 1)
     columns = {k: (ds[k].dims, _texts(ds[k].values)) for k in ("token_text", "prompt_text") if k in ds}
     columns.update({k: (("step",), np.asarray(ds[k].values)) for k in ("sigma", "timestep") if k in ds.coords})
+    seeds = np.asarray(ds["seed"].values) if "seed" in ds.coords else None
     return _maps(lambda idx: ds[VARIABLE].isel(sample=idx).values, done, pidx, range(n) if prompt is None else [prompt],
-                 ds[VARIABLE].shape[1:], columns)
+                 ds[VARIABLE].shape[1:], columns, seeds)
 
 
 def attention_results(store, groups=None) -> dict[str, xr.Dataset]:
@@ -79,7 +103,8 @@ def attention_results(store, groups=None) -> dict[str, xr.Dataset]:
                                                                ("prompt_text", ("prompt",))) if k in g}
         columns.update({k: (("step",), np.asarray(g[k][:])) for k in ("sigma", "timestep") if k in g})
         res = _maps(lambda idx, arr=arr: arr.oindex[np.asarray(idx, dtype=np.int64)], np.asarray(g["complete"][:], bool),
-                    np.asarray(g["prompt_index"][:]), range(g["prompt_text"].shape[0]), arr.shape[1:], columns)
+                    np.asarray(g["prompt_index"][:]), range(g["prompt_text"].shape[0]), arr.shape[1:], columns,
+                    np.asarray(g["seed"][:]))
         res.attrs = {"group": name, "model": str(attrs.get("model", "")), "steps": int(arr.shape[1]),
                      "scheduler_class": str(attrs.get("scheduler_class", "")),
                      "aggregation": str(entry.get("aggregation", "")), "layers": json.dumps(entry.get("layers", ""))}

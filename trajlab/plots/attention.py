@@ -88,8 +88,9 @@ def word_mass(result) -> np.ndarray:
 
 
 def plot_word_mass(results: dict, labels: dict | None = None):
-    """Attention mass on the prompt's word tokens (mean over prompts; bars: min-max over prompts) vs each step's
-    sigma, one line per group, on the shared sigma axis."""
+    """Attention mass on the prompt's word tokens (mean over prompts, seeds and cells; bars: its 95% interval for
+    the crossed prompt x seed design, ``word_mass_ci_*``) vs each step's sigma, one line per group, on the shared
+    sigma axis. A result without ``word_mass`` (written before it existed) draws the range over prompts."""
     import matplotlib.pyplot as plt
 
     from trajlab.plots._style import legend_below, sigma_axis
@@ -97,11 +98,15 @@ def plot_word_mass(results: dict, labels: dict | None = None):
     labels = labels or {}
     fig, ax = plt.subplots(figsize=(6.4, 3.2), layout="constrained")
     for g, r in results.items():
-        m = word_mass(r)
         sigma = np.asarray(r["sigma"].values)
-        mean = np.nanmean(m, axis=0)
-        ax.errorbar(sigma, mean, yerr=np.abs(np.stack([mean - np.nanmin(m, 0), np.nanmax(m, 0) - mean])), marker="o",
-                    ms=3, capsize=2, lw=1, label=labels.get(g, g))
+        if "word_mass" in r:
+            mean = np.asarray(r["word_mass"].values)
+            lo, hi = np.asarray(r["word_mass_ci_low"].values), np.asarray(r["word_mass_ci_high"].values)
+        else:
+            m = word_mass(r)
+            mean, lo, hi = np.nanmean(m, axis=0), np.nanmin(m, 0), np.nanmax(m, 0)
+        ax.errorbar(sigma, mean, yerr=np.abs(np.stack([mean - lo, hi - mean])), marker="o", ms=3, capsize=2, lw=1,
+                    label=labels.get(g, g))
     sigma_axis(ax)
     ax.set_ylabel("attention mass on the\nprompt's word tokens")
     legend_below(fig)

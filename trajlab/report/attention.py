@@ -25,7 +25,8 @@ def attention_blocks(r, fig) -> list:
 
     out.append(fig(plot_word_mass({g: res[g] for g in order}, fig.labels), "attention_word_mass",
                    "how much of each latent cell's attention goes to the prompt's words (not the start/end tokens), "
-                   "per step against its sigma (mean over prompts and cells; bars: the range over prompts)", groups=order))
+                   "per step against its sigma (mean over prompts, seeds and cells; bars: 95% CI, two-way prompt x seed "
+                   "jackknife)", groups=order))
     n_prompts = min(2, first.sizes.get("prompt", 1))
     for prompt in range(n_prompts):
         f = plot_token_maps({g: res[g] for g in order}, fig.labels, prompt=prompt)
