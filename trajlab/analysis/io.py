@@ -67,11 +67,17 @@ def open_groups(store, groups: Iterable[str] | None = None, *, variables: Iterab
         raise KeyError(f"groups {missing} not in store {store}; groups: {list(tree.children)}")
     if isinstance(store, (str, os.PathLike)):  # a missing chunk of a complete sample: an error, never NaN
         check_chunks(store, names)
+    root = None
+    if isinstance(store, (str, os.PathLike)):  # the flags read by zarr at once, not as one dask task a sample
+        from trajlab.store_fs import target, zarr
+
+        root = zarr().open_group(target(store), mode="r", zarr_format=3)
     out = {}
     for name in names:
         ds = tree[name].to_dataset()
         if "complete" in ds:  # (sample,) bool, 1 byte a sample, asked for by every analysis: read once
-            ds["complete"] = ds["complete"].compute()
+            ds["complete"] = (ds["complete"].copy(data=np.asarray(root[name]["complete"][:], dtype=bool))
+                              if root is not None else ds["complete"].compute())
         if complete_only and "complete" in ds:
             ds = ds.isel(sample=np.flatnonzero(np.asarray(ds["complete"].values)))
         if variables is not None:
