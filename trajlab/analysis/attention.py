@@ -23,21 +23,26 @@ DIMS = ("step", "token", "y", "x")
 def _maps(read, done, prompt_index, prompts, shape, columns: dict, seeds=None) -> xr.Dataset:
     """The result Dataset: per prompt the mean of ``read(its complete sample indices)`` (one read per prompt);
     with ``seeds`` (sample,) and ``token_text`` in ``columns``, the word mass and its crossed interval per step."""
-    means, counts, mass = [], [], []
+    means, counts = [], []
+    mass, mass_prompt, mass_seed = [], [], []  # per sample: (step,) word mass, its prompt and seed
     texts = columns.get("token_text", (None, None))[1]
     for p in prompts:
         idx = np.flatnonzero(done & (prompt_index == p))
         counts.append(idx.size)
-        a = np.asarray(read(idx), dtype=np.float32) if idx.size else None
-        means.append(a.mean(0) if idx.size else np.full(shape, np.nan, np.float32))
-        if a is not None and texts is not None and seeds is not None:  # (n, step): words summed, cells averaged
-            m = a[:, :, content_tokens(texts[p])].astype(np.float64).sum(2).mean((-2, -1))
-            mass += [(row, p, seeds[i]) for row, i in zip(m, idx)]
+        if not idx.size:
+            means.append(np.full(shape, np.nan, np.float32))
+            continue
+        a = np.asarray(read(idx), dtype=np.float32)
+        means.append(a.mean(0))
+        if texts is not None and seeds is not None:  # (n, step): words summed, cells averaged
+            mass.append(a[:, :, content_tokens(texts[p])].astype(np.float64).sum(2).mean((-2, -1)))
+            mass_prompt.append(np.full(idx.size, p))
+            mass_seed.append(np.asarray(seeds)[idx])
     out = xr.Dataset({"attention_mean": (("prompt", *DIMS), np.stack(means)),
                       "n_samples": ("prompt", np.asarray(counts, dtype=np.int64))},
                      coords={"prompt": np.asarray(list(prompts), dtype=np.int64)})
     if mass:
-        out = out.assign(_word_mass(mass))
+        out = out.assign(_word_mass(np.concatenate(mass), np.concatenate(mass_prompt), np.concatenate(mass_seed)))
     for k, (dims, v) in columns.items():
         v = np.asarray(v)
         if dims[0] == "prompt":
@@ -47,12 +52,11 @@ def _maps(read, done, prompt_index, prompts, shape, columns: dict, seeds=None) -
     return out
 
 
-def _word_mass(mass) -> dict:
-    """{word_mass, word_mass_ci_low, word_mass_ci_high} on step from (per-step values, prompt, seed) per sample."""
+def _word_mass(values: np.ndarray, p: np.ndarray, s: np.ndarray) -> dict:
+    """{word_mass, word_mass_ci_low, word_mass_ci_high} on step from per-sample values (sample, step) with each
+    sample's prompt and seed (sample,)."""
     from trajlab.analysis.intervals import METHOD, crossed_mean_ci
 
-    values = np.stack([m for m, _, _ in mass])
-    p, s = np.array([q for _, q, _ in mass]), np.array([q for _, _, q in mass])
     cis = [crossed_mean_ci(values[:, k], p, s, bounds=(0.0, 1.0)) for k in range(values.shape[1])]
     attrs = {"long_name": "attention mass on the prompt's word tokens (mean over cells and samples)",
              "units": "fraction of a latent cell's cross-attention", "interval": METHOD}

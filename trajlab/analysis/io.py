@@ -65,17 +65,16 @@ def open_groups(store, groups: Iterable[str] | None = None, *, variables: Iterab
     missing = [n for n in names if n not in tree.children]
     if missing:
         raise KeyError(f"groups {missing} not in store {store}; groups: {list(tree.children)}")
-    if isinstance(store, (str, os.PathLike)):  # a missing chunk of a complete sample: an error, never NaN
-        check_chunks(store, names)
     root = None
-    if isinstance(store, (str, os.PathLike)):  # the flags read by zarr at once, not as one dask task a sample
+    if isinstance(store, (str, os.PathLike)):
         from trajlab.store_fs import target, zarr
 
-        root = zarr().open_group(target(store), mode="r", zarr_format=3)
+        check_chunks(store, names)  # a missing chunk of a complete sample: an error, never NaN
+        root = zarr().open_group(target(store), mode="r", zarr_format=3)  # for the complete flags below
     out = {}
     for name in names:
         ds = tree[name].to_dataset()
-        if "complete" in ds:  # (sample,) bool, 1 byte a sample, asked for by every analysis: read once
+        if "complete" in ds:  # (sample,) bool, asked for by every analysis: read once (not one dask task a sample)
             ds["complete"] = (ds["complete"].copy(data=np.asarray(root[name]["complete"][:], dtype=bool))
                               if root is not None else ds["complete"].compute())
         if complete_only and "complete" in ds:

@@ -291,13 +291,21 @@ def metric_results(groups, desc, *, lpips: bool = True, n_boot: int = N_BOOT, sc
     return table, per_prompt, metrics, labeller, list(notes)
 
 
-def engine_verdicts(groups, desc, decode=None, margins: dict | None = None) -> xr.Dataset:
-    """The failure taxonomy from the verdict engine (:func:`trajlab.verdicts.store.store_verdicts`): real-data modes,
-    ink and spectrum for micro-world stores; x0 decoded with ``decode`` for commitment."""
+def world_data(desc) -> dict | None:
+    """The world's data reference for the verdicts and the Distilling-Diversity study (real-data modes, ink,
+    spectrum and the whole prompt set for micro-world stores; None otherwise)."""
     from trajlab.verdicts.reference import micro_data_reference
+
+    return micro_data_reference() if S.is_micro(desc) else None
+
+
+def engine_verdicts(groups, desc, decode=None, margins: dict | None = None, data: dict | None = None) -> xr.Dataset:
+    """The failure taxonomy from the verdict engine (:func:`trajlab.verdicts.store.store_verdicts`): real-data modes,
+    ink and spectrum for micro-world stores; x0 decoded with ``decode`` for commitment. ``data``: the
+    :func:`world_data` already built (default: built here)."""
     from trajlab.verdicts.store import store_verdicts
 
-    data = micro_data_reference() if S.is_micro(desc) else None
+    data = world_data(desc) if data is None else data
 
     def decode_x0(ds, idx, step):
         img = decode(np.asarray(ds["x0_pred"].isel(sample=idx, step=step).values))
@@ -347,11 +355,10 @@ def compute_all(store, *, model: str | None = None, lpips: bool = True, n_boot: 
     say("mode coverage")
     coverage = coverage_results(groups, desc)
     say("verdicts (matched comparisons, crossed prompt x seed intervals)")
-    verdicts = engine_verdicts(groups, desc, decode, margins=margins)
+    data = world_data(desc)
+    verdicts = engine_verdicts(groups, desc, decode, margins=margins, data=data)
     say("Distilling-Diversity study (matched comparisons, crossed prompt x seed intervals)")
-    from trajlab.verdicts.reference import micro_data_reference
-
-    distilling = distilling_diversity(groups, labeller=labeller, data=micro_data_reference() if S.is_micro(desc) else None)
+    distilling = distilling_diversity(groups, labeller=labeller, data=data)
     say("diversity over t (x0 predictions per step, crossed CIs)")
     div_t = diversity_t_results(groups, desc, decode)
     say("image grids and filmstrips")

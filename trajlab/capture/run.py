@@ -271,11 +271,12 @@ def capture(pipe, plan: CapturePlan, path, *, group: str | None = None, progress
         claims.close()
         if bar is not None:
             bar.close()
-    if not exists and first_put and group in store.group_names(path):  # every block taken by another process
-        store.check_config(path, group, config)  # that allocated it meanwhile: same config or refuse
+    listed = group in store.group_names(path)
+    if not exists and first_put and listed:  # every block taken by another process that allocated the group
+        store.check_config(path, group, config)  # meanwhile: same config or refuse
     coord.end_group(new_group=not exists, any_put=not first_put)
     size = store.store_bytes(path, group)
-    now = store.completed(path, group) if group in store.group_names(path) else np.zeros(n_samples, dtype=bool)
+    now = store.completed(path, group) if listed else np.zeros(n_samples, dtype=bool)
     count = coord.shard.count
     missing = sorted({b % count for b, (s, e) in enumerate(blocks) if not now[s:e].all()}) if count > 1 else []
     by_others = sum(b - a for a, b in claims.by_others)

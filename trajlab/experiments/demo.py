@@ -174,15 +174,17 @@ def capture_together(plans, store: str, *, processes: int, progress: bool = True
     """Capture ``plans`` into the local store ``store`` with ``processes`` processes on this machine.
 
     The other processes run the same plans in reverse order, meeting this one in the middle (their output in
-    ``<store>.helper-I.log``); block claims (:mod:`trajlab.capture.claims`) give each sample block to one process, so every block is computed
-    once, with the same batch and generators as in one process: every group's arrays are those one process
-    writes (the order of the groups in the store follows which process allocated each first).
+    ``<store>.helper-I.log``); block claims (:mod:`trajlab.capture.claims`) give each sample block to one
+    process, so every block is computed once, with the same batch and generators as in one process: every
+    group's arrays are those one process writes (the order of the groups in the store follows which process
+    allocated each first).
     This process prints the progress and the summary, waits for the blocks the others hold (capturing any whose
     holder died) and validates the store once the others have ended."""
     import pickle
     import subprocess
     import sys
 
+    from trajlab import store as _store
     from trajlab.experiments.plans import run_plans
 
     helpers = []
@@ -207,19 +209,17 @@ def capture_together(plans, store: str, *, processes: int, progress: bool = True
                 proc.kill()
                 proc.wait()
             log.close()
-    from trajlab import store as _store
-
     _store.validate(store)
 
 
 def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = True, teacher_steps: int = 30,
              n_prompts: int | None = None, n_seeds: int | None = None, progress: bool = True,
              mechanistic: bool = True, control: bool = True, attention: bool = True,
-             capture_processes: int | None = None) -> Path:
+             capture_processes: int = 1) -> Path:
     """Capture the demo study into ``out/study.zarr`` and build ``out/report``; returns index.html's path.
     ``attention``: record the cross-attention maps of the teacher and of micro-turbo and micro-dmd (the students
     that collapse) for the report's token heat maps. ``capture_processes``: processes that capture together
-    (:func:`capture_together`; default 1: on the 2-core machine 2 saved 15% of the capture stage, 323 vs 379 s,
+    (:func:`capture_together`; 1 by default: on the 2-core machine 2 saved 15% of the capture stage, 323 vs 379 s,
     since one process's writer thread already uses the second core, and the store's group order then follows
     which process allocated first)."""
     from trajlab.analysis.mechanistic import covariance_results, jacobian_results
@@ -272,8 +272,7 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
         (["patching map"] if mechanistic and collapsing else []) + ["analyses and report"]
     stage = _stages(stages, t0)
     stage()
-    capture_together(plans + cplans + hplans, store, progress=progress,
-                     processes=capture_processes or 1)
+    capture_together(plans + cplans + hplans, store, progress=progress, processes=capture_processes)
     analyses = None
     if mechanistic:
         analyses = out / "analyses"

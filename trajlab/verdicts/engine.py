@@ -248,8 +248,6 @@ def crossed_interval(ref: list[PromptStat], cand: list[PromptStat], *, effect: s
             "n_prompts": P, "n_per_prompt": n}
 
 
-
-
 def one_sided_p(signed_estimate: float, se: float, df: float, threshold: float, side: str) -> float:
     """p of H0 "signed effect <= threshold" (side "above": evidence the effect exceeds it) or ">= threshold"
     ("below"), from the t statistic (signed - threshold) / se with df degrees of freedom."""
