@@ -225,3 +225,31 @@ def test_no_figure_text_is_cut(rerendered):
     assert len(seen) >= 5 and not cut, cut
     pngs = [p.name for p in d.glob("*.png")]
     assert all(any(p.endswith(f"_{name}.png") for p in pngs) for name in seen)  # the checked figures were saved
+
+
+def test_mechanistic_helper_process_writes_what_this_process_would(demo, tmp_path):
+    """The demo computes its mechanistic analyses in a second process while the report runs: every file it writes
+    equals the one :func:`mechanistic_analyses` writes in this process (same functions, seeds, thread count)."""
+    import xarray as xr
+
+    from trajlab.experiments.demo import MechanisticHelper, mechanistic_analyses
+
+    out, _ = demo
+    kw = dict(teacher="tiny-sd", student="tiny-lcm", collapsing=(), teacher_steps=8, quick=True, n_prompts=2, seeds=[0, 1, 2])
+    mechanistic_analyses(str(out / "study.zarr"), tmp_path / "here", progress=False, **kw)
+    helper = MechanisticHelper(str(out / "study.zarr"), tmp_path / "there", tmp_path / "there.log", kw)
+    helper.wait()
+    here = sorted(p.relative_to(tmp_path / "here") for p in (tmp_path / "here").rglob("*.nc"))
+    assert here and here == sorted(p.relative_to(tmp_path / "there") for p in (tmp_path / "there").rglob("*.nc"))
+    for rel in here:
+        with xr.open_dataset(tmp_path / "here" / rel) as a, xr.open_dataset(tmp_path / "there" / rel) as b:
+            xr.testing.assert_identical(a.load(), b.load())
+
+
+def test_mechanistic_helper_failure_names_its_log(tmp_path):
+    from trajlab.experiments.demo import MechanisticHelper
+
+    helper = MechanisticHelper(str(tmp_path / "absent.zarr"), tmp_path / "a", tmp_path / "a.log",
+                               dict(teacher="tiny-sd", student="tiny-lcm", quick=True, n_prompts=2, seeds=[0]))
+    with pytest.raises(RuntimeError, match=r"mechanistic analyses failed \(exit 1\); end of .*a\.log"):
+        helper.wait()

@@ -433,7 +433,8 @@ def write_results(results: dict, results_dir) -> Path:
 
 def compute_results(store, out_dir, *, model: str | None = None, lpips: bool = True, n_boot: int = N_BOOT,
                     analyses_dir=None, scorers=None, max_grid: int = MAX_GRID, tags: dict | None = None,
-                    calibration=None, margins: dict | None = None, progress=None, in_memory: bool = False) -> Path:
+                    calibration=None, margins: dict | None = None, progress=None, in_memory: bool = False,
+                    analyses_ready=None) -> Path:
     """Compute every result the report shows and write it to ``out_dir/results``; returns that path.
 
     model: pipeline whose VAE decodes x0 filmstrips (default: a teacher model of the store if
@@ -443,11 +444,15 @@ def compute_results(store, out_dir, *, model: str | None = None, lpips: bool = T
     calibration: a ``trajlab calibrate`` result file (calibration.nc) to show beside the verdicts.
     margins: an experiment's declared verdict margins ({mode: {"margin": m}}).
     in_memory: load the store's groups into memory first (see :func:`compute_all`); default: stream.
+    analyses_ready: a callable run before ``analyses_dir`` is read: it returns once that folder is complete
+    (the demo computes the mechanistic analyses in another process meanwhile).
     """
     from trajlab.analysis.attention import attention_results
 
     results = compute_all(store, model=model, lpips=lpips, n_boot=n_boot, scorers=scorers, max_grid=max_grid,
                           tags=tags, margins=margins, progress=progress, in_memory=in_memory)
+    if analyses_ready is not None:
+        analyses_ready()
     results.update(analyses_results(analyses_dir))
     results["attention"] = attention_results(store)  # {group: token maps} of groups captured with --attention-maps
     if calibration is not None and Path(calibration).is_file():

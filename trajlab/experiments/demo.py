@@ -222,7 +222,6 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
     (:func:`capture_together`; 1 by default: on the 2-core machine 2 saved 15% of the capture stage, 323 vs 379 s,
     since one process's writer thread already uses the second core, and the store's group order then follows
     which process allocated first)."""
-    from trajlab.analysis.mechanistic import covariance_results, jacobian_results
     from trajlab.experiments.plans import preflight
     from trajlab.experiments.reporting import report_store
     from trajlab.models.micro import PROMPTS
@@ -243,15 +242,14 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
     handoff = (0, teacher_steps // 3) if quick else (0, 3, 10)  # k = teacher_steps is the teacher group itself
     plans, hplans = demo_plans(teacher, student, prompts, seeds, teacher_steps=teacher_steps, handoff=handoff,
                                hybrid=hybrid)
-    cplans = []
-    if control:
-        cplans, notes = control_plans(prompts, seeds[: 2 if quick else 8], exclude=plans,
-                                      tiny=teacher == "tiny-sd", quick=quick, teacher_steps=teacher_steps)
-        for n in notes:
-            print(f"note: {n}")
-    splans, shplans = [], []
+    cplans, splans, shplans = [], [], []
     if control and teacher == "micro-sd":
         splans, shplans, notes = distilling_plans(prompts, seeds[: 4 if quick else 16], exclude=plans, quick=quick)
+        for n in notes:
+            print(f"note: {n}")
+    if control:  # a control equal to a study group on more seeds is that group (micro-lcm-lora LCM 4 steps cfg 1)
+        cplans, notes = control_plans(prompts, seeds[: 2 if quick else 8], exclude=plans + splans,
+                                      tiny=teacher == "tiny-sd", quick=quick, teacher_steps=teacher_steps)
         for n in notes:
             print(f"note: {n}")
     hplans += shplans
@@ -268,34 +266,97 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
           + (f"; + Distilling-Diversity study: {len(splans)} student and {len(shplans)} hybrid groups on "
              f"{min(len(seeds), 4 if quick else 16)} seeds" if splans or shplans else ""))
     collapsing = ("micro-turbo", "micro-dmd") if teacher == "micro-sd" else ()  # the students that collapse
-    stages = ["capture"] + (["Jacobian contraction", "covariance propagation"] if mechanistic else []) + \
-        (["patching map"] if mechanistic and collapsing else []) + ["analyses and report"]
+    stages = ["capture", "analyses and report" + (" (Jacobian contraction, covariance propagation" +
+                                                  (", patching map" if collapsing else "") +
+                                                  f" meanwhile in a second process, log {out / 'analyses.log'})"
+                                                  if mechanistic else "")]
     stage = _stages(stages, t0)
     stage()
     capture_together(plans + cplans + hplans, store, progress=progress, processes=capture_processes)
-    analyses = None
+    stage()
+    analyses, helper = None, None
     if mechanistic:
         analyses = out / "analyses"
-        stage()
-        jacobian_results(store, analyses, models=(teacher, student, *collapsing),
-                         experiments=("demo", "distilling_diversity"), **DEMO_JACOBIAN)
-        stage()
-        covariance_results(store, analyses, configs=((teacher, teacher_steps), (student, 1), (student, 4)),
-                           experiments=("demo", ""), n_prompts=1 if quick else 2, n_probes=4 if quick else 16,
-                           max_points=1)
-        if collapsing:  # stochastic students: the covariance with the noise they inject (docs/theory.md §14)
-            covariance_results(store, analyses, configs=(("micro-turbo", 2), ("micro-dmd", 4)),
-                               experiments=("distilling_diversity",), n_prompts=1 if quick else 2, max_points=1,
-                               injections=True, plain=False)
-            stage()
-            from trajlab.experiments.patching import run_patching
-
-            run_patching(analyses, n_prompts=n_prompts, seeds=seeds[:DEMO_PATCHING_SEEDS], receivers=collapsing,
-                         progress=print if progress else None)
-    stage()
-    path = report_store(store, out / "report", model=teacher, analyses_dir=analyses)
+        helper = MechanisticHelper(store, analyses, out / "analyses.log",
+                                   dict(teacher=teacher, student=student, collapsing=collapsing, teacher_steps=teacher_steps,
+                                        quick=quick, n_prompts=n_prompts, seeds=seeds))
+    try:
+        path = report_store(store, out / "report", model=teacher, analyses_dir=analyses,
+                            analyses_ready=helper.wait if helper else None)
+    finally:
+        if helper:
+            helper.stop()
     print_summary(out / "report", time.perf_counter() - t0)
     return path
+
+
+def mechanistic_analyses(store: str, analyses, *, teacher: str, student: str, collapsing=(), teacher_steps: int = 30,
+                         quick: bool = False, n_prompts: int = 10, seeds=(), progress: bool = True) -> None:
+    """The demo's mechanistic analyses of ``store`` into the folder ``analyses``: Jacobian contraction (teacher,
+    student and the ``collapsing`` students), covariance propagation (teacher, student at 1 and 4 steps; the
+    collapsing students with the noise they inject, docs/theory.md §14) and the teacher -> collapsing-student
+    patching map on the first ``DEMO_PATCHING_SEEDS`` of ``seeds``."""
+    from trajlab.analysis.mechanistic import covariance_results, jacobian_results
+
+    t0 = time.perf_counter()
+    jacobian_results(store, analyses, models=(teacher, student, *collapsing),
+                     experiments=("demo", "distilling_diversity"), **DEMO_JACOBIAN)
+    print(f"Jacobian contraction done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    covariance_results(store, analyses, configs=((teacher, teacher_steps), (student, 1), (student, 4)),
+                       experiments=("demo", ""), n_prompts=1 if quick else 2, n_probes=4 if quick else 16,
+                       max_points=1)
+    if collapsing:  # stochastic students: the covariance with the noise they inject (docs/theory.md §14)
+        covariance_results(store, analyses, configs=(("micro-turbo", 2), ("micro-dmd", 4)),
+                           experiments=("distilling_diversity",), n_prompts=1 if quick else 2, max_points=1,
+                           injections=True, plain=False)
+    print(f"covariance propagation done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if collapsing:
+        from trajlab.experiments.patching import run_patching
+
+        run_patching(analyses, n_prompts=n_prompts, seeds=list(seeds)[:DEMO_PATCHING_SEEDS], receivers=collapsing,
+                     progress=print if progress else None)
+        print(f"patching map done ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+class MechanisticHelper:
+    """:func:`mechanistic_analyses` in a second process (same torch thread count, output in ``log``), so that
+    on a machine with a free core they run while the report computes its store-wide results.
+    ``wait()`` blocks until it has ended (raising with the log's tail if it failed) and prints its time;
+    ``stop()`` ends it if it still runs (the caller failed or was interrupted). Its results are the ones
+    this process would compute: the same functions, seeds and thread count, on the finished store."""
+
+    def __init__(self, store: str, analyses, log, kwargs: dict):
+        import json
+        import subprocess
+        import sys
+
+        import torch
+
+        self.log_path, self.t0 = Path(log), time.perf_counter()
+        args = json.dumps({"store": str(store), "analyses": str(analyses), "threads": torch.get_num_threads(),
+                           "kwargs": {**kwargs, "seeds": list(kwargs.get("seeds", ())),
+                                      "collapsing": list(kwargs.get("collapsing", ()))}})
+        code = ("import json, sys, torch; a = json.loads(sys.argv[1]); torch.set_num_threads(a['threads']); "
+                "from trajlab.experiments.demo import mechanistic_analyses; "
+                "mechanistic_analyses(a['store'], a['analyses'], **a['kwargs'])")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, args], stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait(self) -> None:
+        rc = self.proc.wait()
+        self._log.close()
+        if rc != 0:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError(f"the mechanistic analyses failed (exit {rc}); end of {self.log_path}:\n" + "\n".join(tail))
+        print(f"  mechanistic analyses (second process) ended at {time.perf_counter() - self.t0:.0f} s after they "
+              f"began; log {self.log_path}", flush=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if not self._log.closed:
+            self._log.close()
 
 
 def _stages(names, t0):

@@ -10,7 +10,8 @@ from trajlab.report import render_report
 
 
 def report_store(store, out_dir, *, model: str | None = None, analyses_dir=None, lpips: bool = True,
-                 n_boot: int = N_BOOT, scorers=None, calibration=None, margins: dict | None = None) -> Path:
+                 n_boot: int = N_BOOT, scorers=None, calibration=None, margins: dict | None = None,
+                 analyses_ready=None) -> Path:
     """Write ``out_dir/results/*.nc`` (every analysis) and ``out_dir/index.html`` (+ PNGs, tables.json)
     for the store; returns the html path.
 
@@ -19,13 +20,14 @@ def report_store(store, out_dir, *, model: str | None = None, analyses_dir=None,
     scorers: (embedder, lpips_model, labeller, notes) instead of the default scorers.
     calibration: a ``trajlab calibrate`` result (default: the shipped data/calibration/calibration.nc).
     margins: declared verdict margins (default: those of the experiment the store's groups name, if any).
+    analyses_ready: called before ``analyses_dir`` is read (blocks while another process still writes it).
     """
     from trajlab.experiments.configs import CALIBRATION_FILE, prompt_tags, store_margins
 
     results = compute_results(store, out_dir, model=model, lpips=lpips, n_boot=n_boot, analyses_dir=analyses_dir,
                               scorers=scorers, tags=prompt_tags(), calibration=calibration or CALIBRATION_FILE,
                               margins=margins if margins is not None else store_margins(store),
-                              progress=lambda m: print(m, flush=True))
+                              progress=lambda m: print(m, flush=True), analyses_ready=analyses_ready)
     return render_report(results, out_dir)
 
 

@@ -91,14 +91,14 @@ def train_vae(vae, x: torch.Tensor, steps: int, batch: int = 32, lr: float = 3e-
 
 
 def build_unet(seed: int = 0, time_cond_proj_dim: int | None = None):
-    """The shapes UNet: 4x8x8 latents, channels (48, 96), cross-attention at 4x4 and in the mid block."""
+    """The shapes UNet: 4x8x8 latents, channels (48, 96), cross-attention at 8x8, at 4x4 and in the mid block."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=LATENT_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, layers_per_block=1,
-        block_out_channels=UNET_CHANNELS, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=CROSS_DIM, attention_head_dim=8,
+        block_out_channels=UNET_CHANNELS, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=CROSS_DIM, attention_head_dim=8,
         norm_num_groups=16, time_cond_proj_dim=time_cond_proj_dim,
     )
 
