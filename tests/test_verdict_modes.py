@@ -144,6 +144,30 @@ def test_noise_reinjection_share_of_step_inconsistency():
     assert dec == "not applicable" and "share 1 step count" in why
 
 
+def test_a_configuration_captured_twice_is_one_member_of_its_step_family():
+    """The LCM 4-step configuration captured again on the first 8 of the 16 seeds (as a control experiment does)
+    is not a fourth step count: the family pairs 1-2, 2-4, 4-8 as before, not 4-4 (an RMS of 0 that pulled the
+    demo's re-injection effect from +0.99 to +0.70), and keeps the 16-seed group."""
+    seeds = np.arange(16)
+
+    def rows(extra: bool):
+        g = {"teacher": _group(_step_images(seeds, 30, 0.0, 0), seeds, "t-model", "DDIMScheduler")}
+        for k in (1, 2, 4, 8):
+            g[f"lcm{k}"] = _group(_step_images(seeds, k, 0.12, 1), seeds, "s-model", "LCMScheduler", steps=k)
+            g[f"tcd{k}"] = _group(_step_images(seeds, k, 0.03, 2), seeds, "s-model", "TCDScheduler", steps=k)
+        if extra:
+            few = seeds[:8]
+            imgs = _step_images(seeds, 4, 0.12, 1).reshape(len(PROMPTS), 16, 32, 32, 3)[:, :8].reshape(-1, 32, 32, 3)
+            g["lcm4-control"] = _group(imgs, few, "s-model", "LCMScheduler", steps=4)
+        ds = store_verdicts(g)
+        return [(float(e), str(c)) for m, e, c in zip(ds["mode"].values, ds["estimate"].values, ds["candidate"].values)
+                if m == "step_inconsistency_reinjection"]
+
+    (plain, names), (twice, names2) = rows(False)[0], rows(True)[0]
+    assert twice == pytest.approx(plain, abs=1e-12) and plain > 0.9
+    assert names2 == names and "lcm4-control" not in names2
+
+
 def _rows(ds, mode):
     return [(str(r), str(c), str(d), float(e), str(w)) for m, r, c, d, e, w in
             zip(ds["mode"].values, ds["reference"].values, ds["candidate"].values, ds["decision"].values,

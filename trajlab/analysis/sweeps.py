@@ -71,7 +71,9 @@ def describe_all(groups: dict) -> dict[str, dict]:
 def families(desc: dict[str, dict], vary: str) -> dict[tuple, list[str]]:
     """Groups that differ only in ``vary`` (steps | guidance | negative_prompt), hybrids excluded.
 
-    Returns {key: [group names sorted by the varying value]} for families of >= 2 groups.
+    Returns {key: [group names sorted by the varying value]} for families of >= 2 distinct values. Two groups
+    with the same value (the same configuration captured on different seeds) are one member: the one with the
+    most samples (then the first name), so that no consecutive pair compares a configuration with itself.
     """
     keys = ("model", "loras", "scheduler", "steps", "guidance", "negative_prompt", "prompts")
     if vary not in keys:
@@ -82,8 +84,17 @@ def families(desc: dict[str, dict], vary: str) -> dict[tuple, list[str]]:
             continue
         k = tuple((kk, d[kk]) for kk in keys if kk != vary)
         fam.setdefault(k, []).append(n)
-    return {k: sorted(v, key=lambda n: (desc[n][vary] if vary != "negative_prompt" else bool(desc[n][vary]), n))
-            for k, v in fam.items() if len(v) >= 2}
+    def value(n):
+        return desc[n][vary] if vary != "negative_prompt" else bool(desc[n][vary])
+
+    out = {}
+    for k, v in fam.items():
+        one = {}
+        for n in sorted(v, key=lambda n: (-desc[n]["n_samples"], n)):
+            one.setdefault(value(n), n)
+        if len(one) >= 2:
+            out[k] = sorted(one.values(), key=lambda n: (value(n), n))
+    return out
 
 
 # -- matching and distances ---------------------------------------------------------------------
