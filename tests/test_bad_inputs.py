@@ -140,6 +140,7 @@ CASES = [
     ("out-foreign-folder", ("flags", ["OUT:{foreign}"]), ["holds no trajlab store", "notes.txt"]),
     # report
     ("report-n-boot-0", ("report", ["--n-boot", "0"]), ["--n-boot 0"]),
+    ("demo-capture-processes-0", ("demo", ["--capture-processes", "0"]), ["--capture-processes 0", ">= 1"]),
     ("report-out-file", ("report", ["--out", "{afile}"]), ["afile: is a file, not a directory"]),
     ("report-out-unwritable", ("report", ["--out", "/proc/trajlab-report"]), ["not writable"]),
     ("report-no-complete", ("report", ["STORE:{empty_store}"]), ["no complete samples"]),
@@ -188,6 +189,8 @@ def _argv(case, files, tmp_path, monkeypatch):
         return ["capture", "--config", str(cfg), "--out", out, "--quiet"], out
     if kind == "info":
         return ["info", *[a.format(**files) for a in body]], None
+    if kind == "demo":
+        return ["demo", *body, "--out", str(tmp_path / "demo")], None
     if kind == "report":
         args = [a.format(**files) for a in body]
         target = files["empty_store"]

@@ -359,11 +359,14 @@ def cmd_demo(args) -> int:
     from trajlab.experiments.plans import check_writable
 
     check_writable(args.out)
+    if args.capture_processes < 1:
+        raise CliError(f"--capture-processes {args.capture_processes}: must be >= 1")
     _quiet_libraries()
     from trajlab.experiments.demo import run_demo
 
     run_demo(args.out, quick=args.quick, tiny=args.tiny, hybrid=not args.no_hybrid,
-             mechanistic=not args.no_jacobian, control=not args.no_control)  # ends with the summary and the path
+             mechanistic=not args.no_jacobian, control=not args.no_control,
+             capture_processes=args.capture_processes)  # ends with the summary and the path
     return 0
 
 
@@ -500,6 +503,9 @@ def add_study(sub) -> None:
                    help="skip the JVP analyses (contraction, covariance propagation) of teacher and students "
                         "and the patching map")
     d.add_argument("--no-control", action="store_true", help="skip the guidance-sweep and negative-prompt groups")
+    d.add_argument("--capture-processes", type=int, default=2, metavar="N",
+                   help="processes that capture the study together (each sample block computed once, bitwise as "
+                        "one process would; the store's group order then varies); 1 for one process")
 
 
 def add_calibrate(sub) -> None:

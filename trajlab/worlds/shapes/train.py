@@ -26,7 +26,7 @@ from . import clip as C
 from . import teacher as T
 
 STAGES = ("vae", "clip", "teacher")
-FULL = {"vae": 1000, "clip": 200, "teacher": 4000, "images": 8192, "bank": 16384}
+FULL = {"vae": 1000, "clip": 1500, "teacher": 4000, "images": 8192, "bank": 16384}
 QUICK = {"vae": 3, "clip": 3, "teacher": 3, "images": 256, "bank": 256}
 SEEDS = {"images": 1, "bank": 2, "vae": 3, "clip": 4, "unet": 5, "bank_noise": 6, "captions": 7, "train": 8, "held": 9}
 COMMAND = "python -m trajlab.worlds.shapes.train --out data/worlds/shapes"
