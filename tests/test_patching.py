@@ -5,7 +5,7 @@ import pytest
 import torch
 import xarray as xr
 
-from trajlab.analysis.patching import patching_map
+from trajlab.analysis.patching import cell_effects, diversity_stats, patching_map
 from trajlab.experiments import patching as P
 from trajlab.verdicts.matching import pixel_pairwise
 
@@ -179,3 +179,41 @@ def test_the_teacher_can_receive_a_students_modules(pipes):
     got = P.patched_run(t, s, rec, [("mid_block", i) for i in range(4)], match, texts, seeds)
     assert got.shape == plain.shape and torch.isfinite(got).all() and not torch.equal(got, plain)
     assert "custom timesteps" in P.latent_applicable(t)  # DDIM: no hand-off into the teacher
+
+
+def test_map_simultaneous_intervals_are_bonferroni_over_its_cells():
+    """The *_sim_ci are each cell's jackknife t interval widened to level 1 - 0.05 / m over the m applicable cells
+    (recomputed here from the per-cell 95% half-width: scipy's t quantiles, nothing from the module), cover the
+    per-cell interval, and div_raises marks exactly the cells whose simultaneous interval lies above 0."""
+    from scipy.stats import t as student_t
+
+    rng = np.random.default_rng(1)
+    student, teacher = _images(rng, 5), _images(rng, 40)
+    half = np.where(rng.random(student.shape[:2])[..., None, None, None] < 0.5, student, teacher).astype(np.uint8)
+    slight = np.where(rng.random(student.shape[:2])[..., None, None, None] < 0.15, teacher, student).astype(np.uint8)
+    stack = np.stack([student, teacher, half, slight])[:, None]
+    applicable = np.ones((4, 1), bool)
+    cells = xr.Dataset({"images": (("site", "step", "prompt", "seed", "y", "x", "rgb"), stack),
+                        "applicable": (("site", "step"), applicable), "why": (("site", "step"), np.full((4, 1), ""))},
+                       coords={"site": ["none", "all", "half", "slight"], "step": [0],
+                               "prompt": [f"p{i}" for i in range(4)], "seed": np.arange(8)})
+    m = patching_map(cells, _da(student), _da(teacher), pairwise=pixel_pairwise)
+    assert m.attrs["n_cells"] == 4 and "Bonferroni over the 4" in m.attrs["simultaneous"]
+    for s in ("all", "half", "slight"):
+        c = m.sel(site=s, step=0)
+        est, lo, hi = (float(c[f"div_effect{k}"]) for k in ("", "_ci_low", "_ci_high"))
+        slo, shi = float(c["div_effect_sim_ci_low"]), float(c["div_effect_sim_ci_high"])
+        e = cell_effects(diversity_stats(cells["images"].sel(site=s, step=0), pixel_pairwise),
+                         diversity_stats(_da(student), pixel_pairwise), diversity_stats(_da(teacher), pixel_pairwise),
+                         effect="log_ratio")
+        half = student_t.ppf(1 - 0.05 / (2 * 4), e["effect_df"]) * e["effect_se"]
+        assert (slo, shi) == pytest.approx((est - half, est + half), abs=1e-12)
+        assert (hi - est) == pytest.approx(student_t.ppf(0.975, e["effect_df"]) * e["effect_se"], abs=1e-12)
+        assert slo < lo and shi > hi and slo == pytest.approx(2 * est - shi, abs=1e-12)
+        assert bool(c["div_raises"]) == (slo > 0)
+    assert bool(m.sel(site="all", step=0)["div_raises"])  # the donor's whole output: diversity restored
+    assert not bool(m.sel(site="none", step=0)["div_raises"])
+    one = patching_map(cells.isel(site=[1]), _da(student), _da(teacher), pairwise=pixel_pairwise)
+    c1, c4 = one.sel(site="all", step=0), m.sel(site="all", step=0)
+    assert float(c1["div_effect_sim_ci_low"]) == pytest.approx(float(c1["div_effect_ci_low"]), abs=1e-12)  # m = 1
+    assert float(c4["div_effect_sim_ci_low"]) < float(c1["div_effect_sim_ci_low"])  # more cells, wider

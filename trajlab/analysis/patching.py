@@ -22,8 +22,10 @@ and against the donor (how much of the gap the patch closes):
 
 Every ``*_ci_low`` / ``*_ci_high`` is :func:`trajlab.verdicts.engine.crossed_interval` (two-way delete-one
 jackknife over prompts and seeds, t interval; the restored fraction as a ratio of two paired differences,
-linearised by the same jackknife). Intervals are per cell (95%, no multiplicity correction: the map is
-descriptive, no decision is made from it).
+linearised by the same jackknife). Those intervals are per cell (95%). For statements about *which* cells change
+the receiver, ``*_effect_sim_ci_low`` / ``*_effect_sim_ci_high`` are the same intervals at level 1 - 0.05 / m
+(Bonferroni over the m applicable cells of the map: family-wise 95%, valid under any dependence between cells),
+and ``div_raises`` / ``acc_lowers`` mark the cells whose simultaneous interval lies above / below 0.
 """
 from __future__ import annotations
 
@@ -85,7 +87,26 @@ def cell_effects(cell: list[PromptStat], base: list[PromptStat], donor: list[Pro
     e = _interval(base, cell, effect, population)
     r = _interval(_gap(donor, base), _gap(cell, base), "ratio", population)
     return {"effect": e["estimate"], "effect_ci_low": e["ci_low"], "effect_ci_high": e["ci_high"],
+            "effect_se": e["se"], "effect_df": e["df"],
             "restored": r["estimate"], "restored_ci_low": r["ci_low"], "restored_ci_high": r["ci_high"]}
+
+
+FAMILY_LEVEL = 0.95
+"""Family-wise level of the map's simultaneous intervals (Bonferroni over its applicable cells)."""
+
+
+def simultaneous(estimate: np.ndarray, se: np.ndarray, df: np.ndarray, m: int,
+                 level: float = FAMILY_LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) t intervals at level 1 - (1 - level) / m for each cell (arrays of one shape; NaN where se or
+    df is undefined): Bonferroni, so that all m hold together with probability >= ``level``."""
+    from scipy.stats import t as student_t
+
+    if m < 1:
+        nan = np.full(np.shape(estimate), np.nan)
+        return nan, nan.copy()
+    with np.errstate(invalid="ignore"):
+        half = student_t.ppf(1 - (1 - level) / (2 * m), df) * se
+    return estimate - half, estimate + half
 
 
 def _mean(stats) -> float:
@@ -111,8 +132,8 @@ def patching_map(cells: xr.Dataset, baseline: xr.DataArray, teacher: xr.DataArra
     b_div, t_div = diversity_stats(baseline, pairwise), diversity_stats(teacher, pairwise)
     b_acc, t_acc = accuracy_stats(baseline, labeller), accuracy_stats(teacher, labeller)
     sites, steps = cells["site"].values.tolist(), cells["step"].values.tolist()
-    names = [f"{m}_{k}" for m in ("div", "acc") for k in ("effect", "effect_ci_low", "effect_ci_high", "restored",
-                                                          "restored_ci_low", "restored_ci_high")] + \
+    names = [f"{m}_{k}" for m in ("div", "acc") for k in ("effect", "effect_ci_low", "effect_ci_high", "effect_se",
+                                                          "effect_df", "restored", "restored_ci_low", "restored_ci_high")] + \
         ["diversity", "accuracy"]
     out = {n: np.full((len(sites), len(steps)), np.nan) for n in names}
     for i, site in enumerate(sites):
@@ -129,8 +150,21 @@ def patching_map(cells: xr.Dataset, baseline: xr.DataArray, teacher: xr.DataArra
                 out["accuracy"][i, j] = _mean(c_acc)
                 for k, v in cell_effects(c_acc, b_acc, t_acc, effect="difference", population=population).items():
                     out[f"acc_{k}"][i, j] = np.clip(v, -1, 1) if k.startswith("effect_ci") else v  # fractions
+    m = int(np.asarray(cells["applicable"].values, dtype=bool).sum())
+    for k in ("div", "acc"):
+        lo, hi = simultaneous(out[f"{k}_effect"], out[f"{k}_effect_se"], out[f"{k}_effect_df"], m)
+        if k == "acc":  # fractions, as the per-cell accuracy intervals
+            lo, hi = np.clip(lo, -1, 1), np.clip(hi, -1, 1)
+        out[f"{k}_effect_sim_ci_low"], out[f"{k}_effect_sim_ci_high"] = lo, hi
+        del out[f"{k}_effect_se"], out[f"{k}_effect_df"]
     keep = {k: v for k, v in cells.coords.items() if set(v.dims) <= {"site", "step"}}
     ds = xr.Dataset({n: (("site", "step"), v) for n, v in out.items()}, coords=keep)
+    ds["div_raises"] = (("site", "step"), np.nan_to_num(out["div_effect_sim_ci_low"], nan=-np.inf) > 0)
+    ds["acc_lowers"] = (("site", "step"), np.nan_to_num(out["acc_effect_sim_ci_high"], nan=np.inf) < 0)
+    ds["div_raises"].attrs["meaning"] = "the patch raises diversity: simultaneous interval of div_effect above 0"
+    ds["acc_lowers"].attrs["meaning"] = "the patch lowers accuracy: simultaneous interval of acc_effect below 0"
+    ds.attrs.update(simultaneous=f"Bonferroni over the {m} applicable cells: each *_sim_ci at level "
+                                 f"1 - {1 - FAMILY_LEVEL:.2f} / {m}, family-wise {FAMILY_LEVEL:.0%}", n_cells=m)
     ds["applicable"] = cells["applicable"]
     ds["why"] = cells["why"]
     gap = _interval(t_div, b_div, "log_ratio", population)
@@ -151,4 +185,4 @@ def patching_map(cells: xr.Dataset, baseline: xr.DataArray, teacher: xr.DataArra
     return ds
 
 
-__all__ = ["UNITS", "accuracy_stats", "cell_effects", "diversity_stats", "patching_map"]
+__all__ = ["FAMILY_LEVEL", "UNITS", "accuracy_stats", "cell_effects", "diversity_stats", "patching_map", "simultaneous"]

@@ -352,7 +352,7 @@ def patching_sweep(donor: Side, receivers, prompts, seeds, *, sites=DEMO_SITES, 
     Statistics: :func:`trajlab.analysis.patching.patching_map`."""
     import xarray as xr
 
-    from trajlab.analysis.patching import patching_map
+    from trajlab.analysis.patching import FAMILY_LEVEL, patching_map
 
     say = progress or (lambda *_: None)
     t0 = time.perf_counter()
@@ -391,7 +391,9 @@ def patching_sweep(donor: Side, receivers, prompts, seeds, *, sites=DEMO_SITES, 
     ds = xr.concat(maps, dim="receiver", combine_attrs="drop").assign_coords(receiver=[r.model for r in receivers])
     ds.attrs.update(donor=donor.model, donor_label=donor.label(), metric=metric, cfg=cfg, n_prompts=len(prompts),
                     n_seeds=len(seeds), seconds=round(time.perf_counter() - t0, 1), matching=MATCHING,
-                    interval=maps[0].attrs.get("interval", ""), prompts_as=maps[0].attrs.get("prompts_as", ""))
+                    interval=maps[0].attrs.get("interval", ""), prompts_as=maps[0].attrs.get("prompts_as", ""),
+                    simultaneous=f"Bonferroni over each receiver's n_cells applicable cells (family-wise "
+                                 f"{FAMILY_LEVEL:.0%}): div_raises / acc_lowers where that interval clears 0")
     return ds
 
 
@@ -414,6 +416,7 @@ def _receiver_vars(m, r: Side, t, sigma, match, d_t, d_sigma, n_steps):
     for k in ("receiver_diversity", "donor_diversity", "collapse", "collapse_ci_low", "collapse_ci_high",
               "receiver_accuracy", "donor_accuracy", "accuracy_gap", "accuracy_gap_ci_low", "accuracy_gap_ci_high"):
         m[k] = float(m.attrs.get(k, np.nan))
+    m["n_cells"] = int(m.attrs.get("n_cells", 0))  # the Bonferroni family of this receiver's *_sim_ci
     m["receiver_sigma"].attrs["units"] = "EDM sigma at the step's start"
     m["collapse"].attrs["units"] = m.attrs.get("collapse_meaning", "")
     return m

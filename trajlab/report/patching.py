@@ -18,6 +18,14 @@ def _ci(d, var, scale=1.0, digits=2) -> str:
     return f"{v:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]" if np.isfinite(v) else "n/a"
 
 
+def _sim(d, var, digits=3) -> str:
+    """The cell's Bonferroni-simultaneous interval of ``var`` (maps written before it existed: n/a)."""
+    if f"{var}_sim_ci_low" not in d:
+        return "n/a"
+    lo, hi = float(d[f"{var}_sim_ci_low"]), float(d[f"{var}_sim_ci_high"])
+    return f"[{lo:.{digits}f}, {hi:.{digits}f}]" if np.isfinite(lo) else "n/a"
+
+
 def _summary(ds: xr.Dataset, r: str) -> str:
     d = ds.sel(receiver=r)
     text = (f"{d['receiver_label'].values} against the donor: diversity log ratio {_ci(d, 'collapse')} "
@@ -39,6 +47,13 @@ def _summary(ds: xr.Dataset, r: str) -> str:
     if broken:
         text += (" Accuracy falls (CI below 0) with " + "; ".join(broken) + ": their diversity gain is broken images "
                  "(the donor's features from another state), not restoration.")
+    if "div_raises" in d:
+        m = int(d["n_cells"]) if "n_cells" in d else 0
+        up = [f"{d['site'].values[i]} at step {j}" for i, j in zip(*np.nonzero(np.asarray(d["div_raises"].values, bool)))]
+        down = [f"{d['site'].values[i]} at step {j}" for i, j in zip(*np.nonzero(np.asarray(d["acc_lowers"].values, bool)))]
+        text += (f" Taken together (Bonferroni over the {m} cells, family-wise 95%): diversity rises with "
+                 + ("; ".join(up) if up else "no cell") + "; accuracy falls with " + ("; ".join(down) if down else "no cell")
+                 + ".")
     na = sorted({str(w) for w, ok in zip(d["why"].values.ravel(), d["applicable"].values.ravel())
                  if not ok and w and "runs" not in str(w)})
     return text + ("".join(f" Not run: {w}." for w in na))
@@ -56,9 +71,11 @@ def _cells(ds: xr.Dataset) -> xr.Dataset:
                     continue
                 rows.append({"cell": f"{r} | {s} | step {j}", "sigma": float(c["receiver_sigma"]),
                              "donor_step": int(c["donor_step"]), "div_restored": _ci(c, "div_restored"),
-                             "div_effect": _ci(c, "div_effect", digits=3), "acc_effect_pp": _ci(c, "acc_effect", 100, 0),
+                             "div_effect": _ci(c, "div_effect", digits=3),
+                             "div_effect_simultaneous": _sim(c, "div_effect", digits=3),
+                             "acc_effect_pp": _ci(c, "acc_effect", 100, 0),
                              "acc_restored": _ci(c, "acc_restored")})
-    cols = ["sigma", "donor_step", "div_restored", "div_effect", "acc_effect_pp", "acc_restored"]
+    cols = ["sigma", "donor_step", "div_restored", "div_effect", "div_effect_simultaneous", "acc_effect_pp", "acc_restored"]
     return xr.Dataset({c: ("cell", [x[c] for x in rows]) for c in cols}, coords={"cell": [x["cell"] for x in rows]})
 
 
@@ -78,7 +95,8 @@ def patching(r, fig) -> list:
                      f"A CFG donor's module outputs enter as the guided combination u + w (c - u). Diversity: "
                      f"{a.get('metric', '')}; restored = (patched - unpatched) / (donor - unpatched): 0 no change, 1 the "
                      f"donor's diversity. 95% CIs per cell ({a.get('interval', '')}; prompts as {a.get('prompts_as', '')}); "
-                     "descriptive, no multiplicity correction."))
+                     "which cells change the receiver is read from the simultaneous intervals (Bonferroni over the "
+                     "map's cells, family-wise 95%; the table's div_effect_simultaneous)."))
         out += [p(_summary(ds, str(rv))) for rv in ds["receiver"].values]
         out.append(fig(plot_patching_map(ds), "patching_map",
                        "patching map: rows = patched site, columns = receiver step (its sigma and the matched donor "
