@@ -193,3 +193,30 @@ def test_step_arrays_are_checksummed_too(tmp_path):
     assert store.verify(path) == []
     _chunk(path, tap["name"], 1).unlink()
     assert [(d.variable, d.samples) for d in store.verify(path)] == [(tap["name"], (1,))]
+
+
+@pytest.mark.parametrize("coord", ["seed", "prompt_index", "sigma", "prompt_text"])
+def test_an_altered_or_lost_coordinate_is_named(written, coord):
+    """Coordinates carry the design (which seed and prompt a sample is): their crc32s are recorded at allocation,
+    so a coordinate chunk holding other valid values, or lost (it then reads as its fill value), is damage."""
+    import json
+
+    g = zarr.open_group(str(written / "g"), mode="r+")
+    recorded = json.loads(g.attrs[store.COORDINATE_CRC32])
+    assert set(recorded) >= {"seed", "prompt_index", "sigma", "timestep", "step", "sample", "prompt_text"}
+    values = np.asarray(g[coord][...])
+    if coord == "prompt_text":
+        g[coord][...] = np.array(["a", "c"], dtype=values.dtype)
+    else:
+        values = values.copy()
+        values[1] = values[1] + 1
+        g[coord][...] = values
+    damage = store.verify(written)
+    assert [d.variable for d in damage] == [coord] and "coordinate changed since allocation" in damage[0].what
+    assert store.verify(written, data=False) == []  # a metadata-only check reads no values
+
+
+def test_a_deleted_seed_chunk_is_named(written):
+    shutil.rmtree(written / "g" / "seed" / "c")  # the seeds' one chunk: they read as the fill value now
+    damage = store.verify(written)
+    assert [d.variable for d in damage] == ["seed"]

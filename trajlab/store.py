@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 
 # where a store lives, its metadata lock and schema-free zarr calls: re-exported (trajlab.store is the API)
-from trajlab.store_fs import LOCK_FILE, StoreError, exists, is_local, local_path, metadata_lock, note, store_bytes  # noqa: F401
+from trajlab.store_fs import COORDINATE_CRC32, LOCK_FILE, StoreError, values_crc32, exists, is_local, local_path, metadata_lock, note, store_bytes  # noqa: F401
 from trajlab.store_fs import check_remote  # noqa: F401
 from trajlab.store_fs import CLAIMS_FILE, Damage, check_group_name, decode_attr, decode_attrs, group_damage  # noqa: F401
 from trajlab.store_fs import index_ranges, lost_metadata, read_samples, restore_lost, restore_metadata, sample_crc  # noqa: F401
@@ -208,6 +208,7 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
     if layout.step_arrays:
         ds = ds.assign_coords({k: c for a in layout.step_arrays for k, c in a["coords"].items()})
         ds.attrs[STEP_ARRAYS_ATTR] = json.dumps([{"name": a["name"], "dims": list(a["dims"]), **a["attrs"]} for a in layout.step_arrays])
+    ds.attrs[COORDINATE_CRC32] = json.dumps({k: values_crc32(ds[k].values) for k in [*ds.coords, "prompt_text"]})
     leftover_root = is_local(path) and (Path(local_path(path)) / LOCK_FILE).exists() and not exists(path)
     with metadata_lock(path):
         restore_lost(path)  # before the root is re-written without its consolidated copy

@@ -375,6 +375,20 @@ def check_samples(group: str, arrays: dict, samples, *, sums=None, columns=(), r
     return out
 
 
+COORDINATE_CRC32 = "coordinate_crc32"
+"""Group attr: JSON {coordinate: crc32 of its values} recorded at allocation (coordinates never change after it)."""
+
+
+def values_crc32(values) -> int:
+    """crc32 of an array's values: numbers as their C-order bytes, strings UTF-8 joined by NUL."""
+    import zlib
+
+    a = np.asarray(values)
+    if a.dtype.kind in "OUST":
+        return zlib.crc32("\x00".join(str(x) for x in a.ravel().tolist()).encode("utf-8"))
+    return zlib.crc32(np.ascontiguousarray(a).tobytes())
+
+
 def group_damage(path, name: str, group, done, *, coords, arrays, checksum: str | None, data: bool = True) -> list[Damage]:
     """:func:`trajlab.store.damage`'s work, told the schema: ``group`` (zarr, consolidated view) ``name`` of the
     store at ``path``, its complete samples ``done``; ``coords``: arrays every chunk of which must be there;
@@ -383,12 +397,17 @@ def group_damage(path, name: str, group, done, *, coords, arrays, checksum: str 
     columns. A variable no complete sample has written (a hybrid's CFG halves) is no damage."""
     out = [Damage(name, "(group)" if key.count("/") == 1 else key.split("/")[-2], (), "metadata (zarr.json) lost or "
                   "unreadable; the consolidated copy still reads it") for key, _ in lost_metadata(path, name, group.metadata)]
-    for v in coords if data else ():  # (a coordinate chunk equal to its fill value is never stored)
-        try:
-            if v in group:
-                group[v][...]
+    recorded = json.loads(group.attrs.get(COORDINATE_CRC32, "{}"))  # groups allocated before it: none
+    for v in dict.fromkeys([*coords, *recorded]) if data else ():  # (a coordinate chunk equal to its fill value
+        try:                                                        # is never stored: a lost one reads as fill)
+            values = group[v][...] if v in group else None
         except Exception as exc:  # noqa: BLE001
             out.append(Damage(name, v, (), f"coordinate unreadable ({type(exc).__name__}): not repairable by a re-run"))
+            continue
+        if values is not None and v in recorded and values_crc32(values) != recorded[v]:
+            out.append(Damage(name, v, (), f"coordinate changed since allocation (crc32 {values_crc32(values):#010x}, "
+                                           f"recorded {recorded[v]:#010x}; a lost or altered chunk): not repairable "
+                                           "by a re-run"))
     ck = group[checksum] if checksum in group else None
     cols = list(ck.attrs.get("variables", [])) if ck is not None else []
     found = {v: group[v] for v in (cols or arrays) if v in group}
