@@ -398,8 +398,8 @@ def group_damage(path, name: str, group, done, *, coords, arrays, checksum: str 
     out = [Damage(name, "(group)" if key.count("/") == 1 else key.split("/")[-2], (), "metadata (zarr.json) lost or "
                   "unreadable; the consolidated copy still reads it") for key, _ in lost_metadata(path, name, group.metadata)]
     recorded = json.loads(group.attrs.get(COORDINATE_CRC32, "{}"))  # groups allocated before it: none
-    for v in dict.fromkeys([*coords, *recorded]) if data else ():  # (a coordinate chunk equal to its fill value
-        try:                                                        # is never stored: a lost one reads as fill)
+    for v in dict.fromkeys([*coords, *recorded]):  # small, read even without ``data`` (a coordinate chunk equal
+        try:                                         # to its fill value is never stored: a lost one reads as fill)
             values = group[v][...] if v in group else None
         except Exception as exc:  # noqa: BLE001
             out.append(Damage(name, v, (), f"coordinate unreadable ({type(exc).__name__}): not repairable by a re-run"))
