@@ -135,8 +135,27 @@ def test_a_truncated_zarr_json_is_named(written):
 def test_a_lost_root_zarr_json_names_the_groups_it_held(written):
     (written / "zarr.json").unlink()
     for resumable in (False, True):
-        with pytest.raises(store.StoreError, match=r"root zarr.json is missing .* holds groups g: not repairable"):
+        with pytest.raises(store.StoreError, match=r"root zarr.json is missing .* holds groups g: re-run the capture"):
             store.validate(written, resumable=resumable)
+
+
+def test_a_lost_root_is_rebuilt_in_allocation_order_without_a_half_allocated_group(written, capsys):
+    """Groups allocated g, b, a (not name order) are listed in that order again; a group cut short before its arrays
+    were written (only its zarr.json) stays unlisted; the rebuilt store verifies and reads the same data."""
+    layout = store.GroupLayout(2, 3, (2, 4, 4), "float32", VARS)
+    for name in ("b", "a"):
+        store.allocate_group(written, name, layout, timesteps=[3, 2, 1], alpha_bar=[0.1, 0.5, 0.9], seeds=[0, 1],
+                             prompt_index=[0, 0], prompts=["a"], attrs={"config": {}})
+    before = store.open_group(written, "g").load()
+    shutil.copytree(written / "a", written / "half", ignore=shutil.ignore_patterns("latent", "x0_pred", "model_output"))
+    (written / "zarr.json").unlink()
+    assert store.rebuild_root(written) == ["g", "b", "a"]
+    assert "rebuilt from the groups' own metadata, listing g, b, a" in capsys.readouterr().err
+    assert store.group_names(written) == ["g", "b", "a"] and store.verify(written) == []
+    import xarray as xr
+
+    xr.testing.assert_identical(store.open_group(written, "g").load(), before)
+    assert store.rebuild_root(written) == []  # the root is there: nothing to do
 
 
 def test_an_unreadable_complete_flag_reads_as_incomplete(written):

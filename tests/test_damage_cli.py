@@ -127,15 +127,21 @@ def test_report_names_a_chunk_the_analyses_cannot_read(damaged, tmp_path, monkey
     assert "group g, latent: chunk unreadable, truncated or corrupt" in line and "(samples 3)" in line
 
 
-def test_a_deleted_root_zarr_json_is_one_line_everywhere(reference, tmp_path, capsys):
+def test_a_deleted_root_zarr_json_is_one_line_and_the_capture_rerun_rebuilds_it(reference, tmp_path, capsys):
     path = tmp_path / "s.zarr"
     shutil.copytree(reference, path)
     (path / "zarr.json").unlink()
-    for argv in (["info", str(path)], ["info", "--verify", str(path)], [*ARGS, "--out", str(path)]):
+    for argv in (["info", str(path)], ["info", "--verify", str(path)]):
         assert main(argv) == 2, argv
         line = _one_error_line(capsys.readouterr().err)
-        assert "root zarr.json is missing" in line and "holds groups g" in line, line
+        assert "root zarr.json is missing" in line and "holds groups g" in line and "re-run the capture" in line, line
     assert (path / "g" / "latent" / "zarr.json").exists(), "nothing was removed"
+    assert main([*ARGS, "--out", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "captured 0 samples (8 already complete)" in out, out
+    assert "root zarr.json was lost: rebuilt from the groups' own metadata, listing g" in err, err
+    assert_same_store(reference, path)
+    assert main(["info", "--verify", str(path)]) == 0
 
 
 def test_a_hybrid_group_never_writes_its_cfg_halves_and_that_is_no_damage(tmp_path):

@@ -221,6 +221,7 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
                      "interrupted allocation): re-consolidated")
             raise GroupExists(f"group {name!r} already exists in {path}")
         _drop_unlisted(path, root, groups, name)
+        ds.attrs[ALLOCATED_NS] = time.time_ns()  # under the lock: orders the groups if the root list is ever lost
         ds.to_zarr(_target(path), group=name, mode="w-", compute=False, zarr_format=3, consolidated=False,
                    encoding=encoding)
         root.attrs.update({"trajlab_schema": SCHEMA_VERSION, "groups": groups + [name]})  # listed: now it exists
@@ -271,6 +272,44 @@ def _root_for_allocation(path, leftover: bool = False):
         note(f"{path}: the store root was half-created (no group list: an interrupted allocation): completing it")
         root.attrs.update({"trajlab_schema": SCHEMA_VERSION, "groups": []})
     return root
+
+
+ALLOCATED_NS = "allocated_ns"
+"""Group attr: time.time_ns() at its allocation (under the metadata lock, so in the order of the root's list)."""
+
+
+def rebuild_root(path: str | os.PathLike) -> list[str]:
+    """Re-create a local store's lost root ``zarr.json`` from its groups' own metadata; returns the groups listed.
+
+    The root holds only ``trajlab_schema``, the group list and the consolidated copy of the groups' metadata, all
+    of which the groups' own ``zarr.json`` documents still hold: the list is every child group that is a trajlab
+    group with its metadata whole (each array's ``zarr.json`` there: a group whose allocation was cut short
+    before its arrays were written stays unlisted, and the next allocation removes it), in the order of their
+    :data:`ALLOCATED_NS` (groups from before that attr: after them, by name). A no-op (``[]``) when the root is
+    there. One note names what was done."""
+    if not is_local(path) or exists(path):
+        return []
+    folder = Path(local_path(path))
+    zarr = _zarr()
+    found = []
+    with metadata_lock(path):
+        if exists(path):
+            return []
+        for meta in sorted(folder.glob("*/zarr.json")):
+            try:
+                g = zarr.open_group(str(meta.parent), mode="r", zarr_format=3, use_consolidated=False)
+                whole = "trajlab_schema" in g.attrs and all(k in g for k in REQUIRED_VARIABLES)
+            except Exception:  # noqa: BLE001 - an unreadable child is not a group to list
+                whole = False
+            if whole:
+                found.append((int(g.attrs.get(ALLOCATED_NS, 2**63 - 1)), meta.parent.name))
+        names = [n for _, n in sorted(found)]
+        zarr.open_group(_target(path), mode="a", zarr_format=3, use_consolidated=False,
+                        attributes={"trajlab_schema": SCHEMA_VERSION, "groups": names})
+        _consolidate(path)
+    note(f"{path}: its root zarr.json was lost: rebuilt from the groups' own metadata, listing "
+         f"{', '.join(names) if names else 'no group'}")
+    return names
 
 
 def unlisted_groups(path) -> list[str]:
@@ -497,7 +536,8 @@ def validate(path: str | os.PathLike, *, resumable: bool = False) -> None:
         orphans = [g.parent.name for g in folder.glob("*/zarr.json")] if folder and folder.is_dir() else []
         if orphans:  # groups there, the root lost: nothing an allocation ever leaves
             raise StoreError(f"{path}: its root zarr.json is missing (lost or deleted) but it holds groups "
-                             f"{', '.join(sorted(orphans))}: not repairable by a re-run; restore it from a backup")
+                             f"{', '.join(sorted(orphans))}: re-run the capture into it (it rebuilds the root from "
+                             "the groups' own metadata; trajlab.store.rebuild_root)")
         if resumable:
             if is_local(path):
                 if folder.exists() and not folder.is_dir():

@@ -409,6 +409,7 @@ def preflight(plans, out: str) -> None:
     existing = []
     if store.is_local(out) and Path(store.local_path(out)).exists():
         try:  # what an interrupted allocation left is fine: the capture completes or rebuilds it
+            store.rebuild_root(out)  # a lost root zarr.json (groups there): re-created from their metadata
             store.validate(out, resumable=True)
         except store.StoreError as exc:
             raise InputError(f"--out {out}: not a valid trajlab store ({exc})") from None
