@@ -221,7 +221,7 @@ def allocate_group(path: str | os.PathLike, name: str, layout: GroupLayout, *, t
                      "interrupted allocation): re-consolidated")
             raise GroupExists(f"group {name!r} already exists in {path}")
         _drop_unlisted(path, root, groups, name)
-        ds.attrs[ALLOCATED_NS] = time.time_ns()  # under the lock: orders the groups if the root list is ever lost
+        ds.attrs[LIST_POSITION] = len(groups)  # its place in the root's list, should that list ever be lost
         ds.to_zarr(_target(path), group=name, mode="w-", compute=False, zarr_format=3, consolidated=False,
                    encoding=encoding)
         root.attrs.update({"trajlab_schema": SCHEMA_VERSION, "groups": groups + [name]})  # listed: now it exists
@@ -274,8 +274,8 @@ def _root_for_allocation(path, leftover: bool = False):
     return root
 
 
-ALLOCATED_NS = "allocated_ns"
-"""Group attr: time.time_ns() at its allocation (under the metadata lock, so in the order of the root's list)."""
+LIST_POSITION = "list_position"
+"""Group attr: the group's position in the root's group list when it was allocated (under the metadata lock)."""
 
 
 def rebuild_root(path: str | os.PathLike) -> list[str]:
@@ -285,7 +285,7 @@ def rebuild_root(path: str | os.PathLike) -> list[str]:
     of which the groups' own ``zarr.json`` documents still hold: the list is every child group that is a trajlab
     group with its metadata whole (each array's ``zarr.json`` there: a group whose allocation was cut short
     before its arrays were written stays unlisted, and the next allocation removes it), in the order of their
-    :data:`ALLOCATED_NS` (groups from before that attr: after them, by name). A no-op (``[]``) when the root is
+    :data:`LIST_POSITION` (groups from before that attr: after them, by name). A no-op (``[]``) when the root is
     there. One note names what was done."""
     if not is_local(path) or exists(path):
         return []
@@ -302,7 +302,7 @@ def rebuild_root(path: str | os.PathLike) -> list[str]:
             except Exception:  # noqa: BLE001 - an unreadable child is not a group to list
                 whole = False
             if whole:
-                found.append((int(g.attrs.get(ALLOCATED_NS, 2**63 - 1)), meta.parent.name))
+                found.append((int(g.attrs.get(LIST_POSITION, 2**62)), meta.parent.name))
         names = [n for _, n in sorted(found)]
         zarr.open_group(_target(path), mode="a", zarr_format=3, use_consolidated=False,
                         attributes={"trajlab_schema": SCHEMA_VERSION, "groups": names})
