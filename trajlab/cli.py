@@ -1,8 +1,7 @@
 """``python -m trajlab``: argument parsing, printing and exit codes; the work lives in the library.
 
-Every argument is checked before torch, diffusers or a model is imported: bad input costs well
-under a second and prints one line on stderr (exit status 2). Ctrl-C exits 130 with a line saying
-how to resume.
+Every argument is checked before torch, diffusers or a model is imported: bad input costs well under a second and
+prints one line on stderr (exit status 2). Ctrl-C exits 130 with a line saying how to resume.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ EXIT_INTERRUPTED = 130
 DEFAULT_THREADS = 1
 """Intra-op torch threads by default: micro/tiny models gain nothing from more and lose badly when the
 cores are shared (README, "Threads"). Override with ``--threads`` or ``TRAJLAB_THREADS``."""
-
 
 SHARD_HELP = ("capture only sample blocks b with b %% N == I (blocks of --batch-size, prompt-major); run I = 0..N-1 "
               "anywhere into one store (a path, file:// or s3:// URL); re-running a shard resumes it. Under torchrun "
@@ -356,17 +354,15 @@ def cmd_report(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from trajlab.experiments.demo import run_demo  # (imports nothing heavy)
     from trajlab.experiments.plans import check_writable
 
     check_writable(args.out)
     if args.capture_processes < 1:
         raise CliError(f"--capture-processes {args.capture_processes}: must be >= 1")
     _quiet_libraries()
-    from trajlab.experiments.demo import run_demo
-
-    run_demo(args.out, quick=args.quick, tiny=args.tiny, hybrid=not args.no_hybrid,
-             mechanistic=not args.no_jacobian, control=not args.no_control,
-             capture_processes=args.capture_processes)  # ends with the summary and the path
+    run_demo(args.out, quick=args.quick, tiny=args.tiny, hybrid=not args.no_hybrid, mechanistic=not args.no_jacobian,
+             control=not args.no_control, capture_processes=args.capture_processes)  # ends with summary and path
     return 0
 
 
@@ -503,9 +499,8 @@ def add_study(sub) -> None:
                    help="skip the JVP analyses (contraction, covariance propagation) of teacher and students "
                         "and the patching map")
     d.add_argument("--no-control", action="store_true", help="skip the guidance-sweep and negative-prompt groups")
-    d.add_argument("--capture-processes", type=int, default=2, metavar="N",
-                   help="processes that capture the study together (each sample block computed once, bitwise as "
-                        "one process would; the store's group order then varies); 1 for one process")
+    d.add_argument("--capture-processes", type=int, default=2, metavar="N", help="processes that capture together "
+                   "(each sample block once, bitwise as one process; the store's group order varies)")
 
 
 def add_calibrate(sub) -> None:

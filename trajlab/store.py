@@ -58,19 +58,15 @@ from pathlib import Path
 import numpy as np
 
 # where a store lives, its metadata lock and schema-free zarr calls: re-exported (trajlab.store is the API)
-from trajlab.store_fs import COORDINATE_CRC32, LOCK_FILE, StoreError, values_crc32, exists, is_local, local_path, metadata_lock, note, store_bytes  # noqa: F401
-from trajlab.store_fs import check_remote  # noqa: F401
-from trajlab.store_fs import CLAIMS_FILE, Damage, check_group_name, decode_attr, decode_attrs, group_damage  # noqa: F401
-from trajlab.store_fs import index_ranges, lost_metadata, read_samples, restore_lost, restore_metadata, sample_crc  # noqa: F401
-from trajlab.store_fs import encode_attr as _encode_attr
-from trajlab.store_fs import write_metadata as _write_metadata
-from trajlab.store_fs import child_groups as _child_groups
-from trajlab.store_fs import consolidate as _consolidate
-from trajlab.store_fs import target as _target
-from trajlab.store_fs import url_fs as _fs
-from trajlab.store_fs import zarr as _zarr
+from trajlab.store_fs import (CLAIMS_FILE, COORDINATE_CRC32, LOCK_FILE, Damage, StoreError, check_group_name,  # noqa: F401
+                              check_remote, decode_attr, decode_attrs, exists, group_damage, index_ranges, is_local,
+                              local_path, lost_metadata, metadata_lock, note, read_samples, restore_lost,
+                              restore_metadata, sample_crc, store_bytes, values_crc32)
+from trajlab.store_fs import child_groups as _child_groups, consolidate as _consolidate, encode_attr as _encode_attr
+from trajlab.store_fs import target as _target, url_fs as _fs, write_metadata as _write_metadata, zarr as _zarr
 
 SCHEMA_VERSION = 1
+LIST_POSITION = "list_position"  # group attr: its place in the root's group list at allocation (store_groups.rebuild_root)
 STEP_VARIABLES = ("latent", "x0_pred", "model_output", "model_output_uncond", "model_output_cond", "denoised")
 REQUIRED_VARIABLES = ("latent", "x0_pred", "model_output", "final_latent", "complete", "prompt_text")
 STEP_COORDS = ("timestep", "alpha_bar", "sigma")
@@ -273,43 +269,6 @@ def _root_for_allocation(path, leftover: bool = False):
         root.attrs.update({"trajlab_schema": SCHEMA_VERSION, "groups": []})
     return root
 
-
-LIST_POSITION = "list_position"
-"""Group attr: the group's position in the root's group list when it was allocated (under the metadata lock)."""
-
-
-def rebuild_root(path: str | os.PathLike) -> list[str]:
-    """Re-create a local store's lost root ``zarr.json`` from its groups' own metadata; returns the groups listed.
-
-    The root holds only ``trajlab_schema``, the group list and the consolidated copy of the groups' metadata, all
-    of which the groups' own ``zarr.json`` documents still hold: the list is every child group that is a trajlab
-    group with its metadata whole (each array's ``zarr.json`` there: a group whose allocation was cut short
-    before its arrays were written stays unlisted, and the next allocation removes it), in the order of their
-    :data:`LIST_POSITION` (groups from before that attr: after them, by name). A no-op (``[]``) when the root is
-    there. One note names what was done."""
-    if not is_local(path) or exists(path):
-        return []
-    folder = Path(local_path(path))
-    zarr = _zarr()
-    found = []
-    with metadata_lock(path):
-        if exists(path):
-            return []
-        for meta in sorted(folder.glob("*/zarr.json")):
-            try:
-                g = zarr.open_group(str(meta.parent), mode="r", zarr_format=3, use_consolidated=False)
-                whole = "trajlab_schema" in g.attrs and all(k in g for k in REQUIRED_VARIABLES)
-            except Exception:  # noqa: BLE001 - an unreadable child is not a group to list
-                whole = False
-            if whole:
-                found.append((int(g.attrs.get(LIST_POSITION, 2**62)), meta.parent.name))
-        names = [n for _, n in sorted(found)]
-        zarr.open_group(_target(path), mode="a", zarr_format=3, use_consolidated=False,
-                        attributes={"trajlab_schema": SCHEMA_VERSION, "groups": names})
-        _consolidate(path)
-    note(f"{path}: its root zarr.json was lost: rebuilt from the groups' own metadata, listing "
-         f"{', '.join(names) if names else 'no group'}")
-    return names
 
 
 def unlisted_groups(path) -> list[str]:
@@ -537,7 +496,7 @@ def validate(path: str | os.PathLike, *, resumable: bool = False) -> None:
         if orphans:  # groups there, the root lost: nothing an allocation ever leaves
             raise StoreError(f"{path}: its root zarr.json is missing (lost or deleted) but it holds groups "
                              f"{', '.join(sorted(orphans))}: re-run the capture into it (it rebuilds the root from "
-                             "the groups' own metadata; trajlab.store.rebuild_root)")
+                             "the groups' own metadata; trajlab.store_groups.rebuild_root)")
         if resumable:
             if is_local(path):
                 if folder.exists() and not folder.is_dir():

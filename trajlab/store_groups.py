@@ -29,6 +29,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -91,6 +92,41 @@ def missing_pairs(path: str | os.PathLike, name: str, seeds) -> int:
     return sum((p, int(s)) not in have for p in range(len(prompts)) for s in seeds)
 
 
+def rebuild_root(path: str | os.PathLike) -> list[str]:
+    """Re-create a local store's lost root ``zarr.json`` from its groups' own metadata; returns the groups listed.
+
+    The root holds only ``trajlab_schema``, the group list and the consolidated copy of the groups' metadata, all
+    of which the groups' own ``zarr.json`` documents still hold: the list is every child group that is a trajlab
+    group with its metadata whole (each array's ``zarr.json`` there: a group whose allocation was cut short
+    before its arrays were written stays unlisted, and the next allocation removes it), in the order of their
+    :data:`trajlab.store.LIST_POSITION` (groups from before that attr: after them, by name). A no-op (``[]``) when
+    the root is there or no trajlab group is. One note names what was done."""
+    if not store.is_local(path) or store.exists(path):
+        return []
+    folder = Path(store.local_path(path))
+    zarr_ = zarr()
+    found = []
+    for meta in sorted(folder.glob("*/zarr.json")):  # before the lock: a foreign folder is never written to
+        try:
+            g = zarr_.open_group(str(meta.parent), mode="r", zarr_format=3, use_consolidated=False)
+            whole = "trajlab_schema" in g.attrs and all(k in g for k in store.REQUIRED_VARIABLES)
+        except Exception:  # noqa: BLE001 - an unreadable child is not a group to list
+            whole = False
+        if whole:
+            found.append((int(g.attrs.get(store.LIST_POSITION, 2**62)), meta.parent.name))
+    names = [n for _, n in sorted(found)]
+    if not names:  # nothing of trajlab's there: never make it a store
+        return []
+    with store.metadata_lock(path):
+        if store.exists(path):  # another process rebuilt it meanwhile
+            return []
+        zarr_.open_group(target(path), mode="a", zarr_format=3, use_consolidated=False,
+                         attributes={"trajlab_schema": store.SCHEMA_VERSION, "groups": names})
+        consolidate(path)
+    store.note(f"{path}: its root zarr.json was lost: rebuilt from the groups' own metadata, listing {', '.join(names)}")
+    return names
+
+
 def extend_group(path: str | os.PathLike, name: str, seeds) -> int:
     """Grow group ``name`` so that it holds every seed of ``seeds`` for each of its prompts (see the module
     doc); returns how many samples were added (0 when it held them all). Idempotent, under the metadata
@@ -121,6 +157,11 @@ def extend_group(path: str | os.PathLike, name: str, seeds) -> int:
             g["seed"][n_old:] = np.array([s for _, s in new], dtype=np.int64)
             g["prompt_index"][n_old:] = np.array([p for p, _ in new], dtype=np.int64)
         update = {GROWING_ATTR: ""}  # one write: the growth is done exactly when its marker is cleared
+        recorded = attrs.get(store.COORDINATE_CRC32)
+        if recorded:  # the sample coordinates grew: their recorded crc32s follow
+            sums = json.loads(recorded) if isinstance(recorded, str) else dict(recorded)
+            sums.update({k: store.values_crc32(g[k][...]) for k in ("sample", "seed", "prompt_index")})
+            update[store.COORDINATE_CRC32] = json.dumps(sums)
         if new:
             update[SEGMENTS_ATTR] = json.dumps(_segments(attrs) + [n_old])
         config = attrs.get("config")

@@ -399,7 +399,7 @@ def preflight(plans, out: str) -> None:
     from trajlab.capture.plan import PlanError
     from trajlab.models.loading import ModelNotAvailable, check_available
     from trajlab.models.registry import parse_lora
-    from trajlab.store_groups import resolve_group
+    from trajlab.store_groups import rebuild_root, resolve_group
 
     check_writable(out)
     try:  # an s3:// store: endpoint, credentials and bucket answer within seconds, before any model loads
@@ -409,7 +409,7 @@ def preflight(plans, out: str) -> None:
     existing = []
     if store.is_local(out) and Path(store.local_path(out)).exists():
         try:  # what an interrupted allocation left is fine: the capture completes or rebuilds it
-            store.rebuild_root(out)  # a lost root zarr.json (groups there): re-created from their metadata
+            rebuild_root(out)  # a lost root zarr.json (groups there): re-created from their metadata
             store.validate(out, resumable=True)
         except store.StoreError as exc:
             raise InputError(f"--out {out}: not a valid trajlab store ({exc})") from None
