@@ -5,7 +5,7 @@
 * Text encoder: the text tower of shapes-clip (``clip.py``) as a ``CLIPTextModel`` (width 64, 2 layers,
   32-token context), frozen; the real CLIP BPE tokenizer with ``model_max_length`` 32.
 * UNet: ``UNet2DConditionModel`` on 4x8x8 latents, channels (48, 96), cross-attention (to the text
-  encoder's last hidden states) at 4x4 and in the mid block; epsilon prediction on SD's scaled-linear
+  encoder's last hidden states) at 8x8, at 4x4 and in the mid block; epsilon prediction on SD's scaled-linear
   betas (0.00085..0.012, 1000 steps); the caption replaced by "" with probability 0.1 (CFG dropout);
   EMA of the weights is what ships.
 
