@@ -404,8 +404,9 @@ def group_damage(path, name: str, group, done, *, coords, arrays, checksum: str 
         except Exception as exc:  # noqa: BLE001
             out.append(Damage(name, v, (), f"coordinate unreadable ({type(exc).__name__}): not repairable by a re-run"))
             continue
-        if values is not None and v in recorded and values_crc32(values) != recorded[v]:
-            out.append(Damage(name, v, (), f"coordinate changed since allocation (crc32 {values_crc32(values):#010x}, "
+        got = values_crc32(values) if values is not None and v in recorded else None
+        if got is not None and got != recorded[v]:
+            out.append(Damage(name, v, (), f"coordinate changed since allocation (crc32 {got:#010x}, "
                                            f"recorded {recorded[v]:#010x}; a lost or altered chunk): not repairable "
                                            "by a re-run"))
     ck = group[checksum] if checksum in group else None
