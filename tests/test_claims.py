@@ -14,22 +14,24 @@ from pathlib import Path
 import pytest
 
 from trajlab import store
-from trajlab.capture.claims import BlockClaims, NoClaims, claims_for
+from trajlab.capture import claims as C
+from trajlab.capture.claims import BlockClaims, NoClaims, ObjectClaims, claims_for
 from trajlab.cli import main
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_sharding import _env, assert_same_store  # noqa: E402
+from test_sharding import _env, assert_same_store, s3_server  # noqa: E402,F401
 
 ARGS = ["capture", "--model", "tiny-sd", "--steps", "3", "--height", "32", "--width", "32", "--quiet",
         "--prompt", "a cat", "--prompt", "a dog", "--seeds", "0:4", "--batch-size", "1", "--group", "g"]
 N = 8
 
 HOLDER = """
-import sys
+import sys, time
 from trajlab import store
-from trajlab.capture.claims import BlockClaims
+from trajlab.capture import claims as C
 path, ref, starts, mode = sys.argv[1], sys.argv[2], [int(s) for s in sys.argv[3].split(",")], sys.argv[4]
-claims = BlockClaims(path, "g")
+C.HEARTBEAT_S = 0.3
+claims = C.claims_for(path, "g")
 assert all(claims.try_claim(s) for s in starts)
 print("held", flush=True)
 sys.stdin.readline()
@@ -38,13 +40,17 @@ if mode == "write":  # what another process capturing these blocks writes
     for s in starts:
         store.write_samples(path, "g", s, {v: ds[v].values[s:s + 1] for v in ds[store.CHECKSUM].attrs["variables"]})
         store.mark_complete(path, "g", s, s + 1)
+    claims.close()
 print("done", flush=True)
+if mode == "hang":  # alive and holding (heartbeat included), never completing
+    time.sleep(3600)
 """
 
 
-def _holder(path, ref, starts, mode):
+def _holder(path, ref, starts, mode, env=None):
     p = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), str(ref), ",".join(map(str, starts)), mode],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=_env(**(env or {})))
     assert p.stdout.readline().strip() == "held", p.stderr.read()
     return p
 
@@ -70,7 +76,7 @@ def test_a_claim_excludes_other_processes_only(tmp_path):
     finally:
         mine.close()
         holder.kill()
-    assert isinstance(claims_for("s3://bucket/x.zarr", "g"), NoClaims)
+    assert isinstance(claims_for("gs://bucket/x.zarr", "g"), NoClaims)  # no conditional writes known there
 
 
 def _capture_in_thread(path, capsys):
@@ -94,11 +100,17 @@ def _done(path):
         return None
 
 
-@pytest.mark.parametrize("holder_mode", ["write", "exit"], ids=["other-completes-them", "other-dies"])
-def test_a_capture_takes_the_blocks_no_other_process_holds_then_waits(reference, tmp_path, capsys, holder_mode):
-    path = tmp_path / "s.zarr"
+@pytest.mark.parametrize("where", ["local", "s3"])
+@pytest.mark.parametrize("holder_mode", ["write", "exit", "hang"],
+                         ids=["other-completes-them", "other-dies", "other-hangs"])
+def test_a_capture_takes_the_blocks_no_other_process_holds_then_waits(reference, tmp_path, capsys, holder_mode, where,
+                                                                      request, monkeypatch):
+    env = request.getfixturevalue("s3_server") if where == "s3" else {}
+    path = "s3://trajlab/s.zarr" if where == "s3" else tmp_path / "s.zarr"
+    monkeypatch.setattr(C, "STALE_S", 2.0)  # a dead holder's claim object: taken over after 2 s unchanged
+    monkeypatch.setattr(C, "HUNG_MIN_S", (10.0 if where == "s3" else 4.0) if holder_mode == "hang" else 600.0)
     held = [0, 5]
-    holder = _holder(path, reference, held, holder_mode)
+    holder = _holder(path, reference, held, holder_mode, env)
     try:
         t, result = _capture_in_thread(path, capsys)
         free = [s for s in range(N) if s not in held]
@@ -113,14 +125,45 @@ def test_a_capture_takes_the_blocks_no_other_process_holds_then_waits(reference,
     finally:
         holder.kill()
     assert result.get("code") == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     if holder_mode == "write":
         assert f"captured {N - len(held)} samples (0 already complete; {len(held)} captured meanwhile by another " \
                "process)" in out, out
         assert f"group g: complete ({N}/{N} samples)" in out, out
     else:
         assert f"captured {N} samples (0 already complete)" in out, out
+    hung = [x for x in captured.err.splitlines() if "without being completed" in x]
+    assert len(hung) == (len(held) if holder_mode == "hang" else 0), captured.err
+    if holder_mode == "hang":
+        assert "samples 0-0 of group g: held by another process for " in hung[0], hung
     assert_same_store(reference, path)
+
+
+def test_object_store_claims_exclude_each_other_and_a_dead_holder_is_taken_over_once(s3_server, monkeypatch):
+    """Three claimants on one block of an S3 store: one holds it while it beats; once it stops, exactly one of the
+    two waiters takes it over (conditional overwrite), and a released claim is free again."""
+    monkeypatch.setattr(C, "HEARTBEAT_S", 0.2)
+    monkeypatch.setattr(C, "STALE_S", 1.0)
+    url = "s3://trajlab/c.zarr"
+    a, b, c = (ObjectClaims(url, "g") for _ in range(3))
+    try:
+        assert a.try_claim(0) and not b.try_claim(0) and not c.try_claim(0)
+        assert ObjectClaims(url, "h").try_claim(0) and b.try_claim(1), "other groups, other blocks are free"
+        time.sleep(1.5)  # a beats: its claim object changes, so it never looks dead
+        assert not b.try_claim(0) and not c.try_claim(0)
+        a._stop.set()  # a dies: no more beats, its claim object stays
+        time.sleep(0.5)
+        b.try_claim(0), c.try_claim(0)  # each sees the last ETag
+        time.sleep(1.2)
+        won = [b.try_claim(0), c.try_claim(0)]
+        assert sorted(won) == [False, True], won
+        winner = b if won[0] else c
+        winner._release(0)
+        assert a.try_claim(0), "a released claim is free"
+    finally:
+        for x in (a, b, c):
+            x.close()
 
 
 def test_two_processes_resuming_one_group_do_each_block_once(reference, tmp_path):

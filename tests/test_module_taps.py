@@ -267,3 +267,65 @@ def test_a_step_array_that_disagrees_with_its_entry_is_refused_on_open(ddim, tmp
     consolidate(path)
     with pytest.raises(store.StoreError, match="tap.mid_block missing or not"):
         store.validate(path)
+
+
+def test_a_hybrid_is_tapped_in_both_parts_bitwise_neutral_with_each_steps_part_values(tmp_path):
+    """A hybrid (teacher for k steps, then the student) records its taps and attention maps from whichever UNet
+    ran the step: the values equal the modules' outputs (the teacher's CFG rows: the conditional half) recorded
+    with plain forward hooks in an uncaptured run; the trajectory and images are bitwise those without taps."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_hybrid import capture_hybrid
+
+    from trajlab.experiments.hybrid_plans import hybrid_plan
+    from trajlab.models.hybrid import HybridPipeline, HybridSpec
+    from trajlab.models.loading import load_pipeline
+
+    teacher, student = load_pipeline("tiny-sd", scheduler="default"), load_pipeline("tiny-lcm", scheduler="default")
+    spec = HybridSpec("tiny-sd", "tiny-lcm", 2, 6, 3, 5.0, 8.0)
+    prompts, seeds = ["a cat", "a red dog"], [0, 1]
+    out = str(tmp_path / "h.zarr")
+    plain = capture_hybrid(teacher, student, hybrid_plan(spec, prompts, seeds, batch_size=4), out, group="plain").group
+    plan = hybrid_plan(spec, prompts, seeds, batch_size=4)
+    plan.taps, plan.attention_maps = parse_taps(["mid_block"]), True
+    tapped = capture_hybrid(teacher, student, plan, out, group="tapped").group
+    a, b = store.open_group(out, plain).load(), store.open_group(out, tapped).load()
+    for var in ("latent", "x0_pred", "model_output", "final_latent", "image"):
+        np.testing.assert_array_equal(a[var].values, b[var].values, err_msg=var)
+    n_steps = b.sizes["step"]
+    assert b["tap.mid_block"].dims[:2] == ("sample", "step") and b["attention"].dims[:2] == ("sample", "step")
+    assert np.isfinite(b["attention"].values).all() and np.isfinite(b["tap.mid_block"].values).all()
+
+    # the reference: mid_block's output of each UNet call in an uncaptured run of the same hybrid
+    seen = []
+    hooks = [u.mid_block.register_forward_hook(lambda m, a_, o, who=who: seen.append((who, o.detach().clone())))
+             for who, u in (("teacher", teacher.unet), ("student", student.unet))]
+    try:
+        pipe = HybridPipeline(teacher, student, "pipelines")
+        pipe.configure(plan.extra["hybrid"])
+        gens = [torch.Generator().manual_seed(s) for _ in prompts for s in seeds]
+        pipe([p for p in prompts for _ in seeds], generator=gens, output_type="latent")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == n_steps and [w for w, _ in seen] == ["teacher"] * 2 + ["student"] * (n_steps - 2), \
+        [w for w, _ in seen]
+    for step, (who, o) in enumerate(seen):
+        want = o.chunk(2)[1] if o.shape[0] == 8 else o  # the teacher's CFG call: the conditional half
+        np.testing.assert_array_equal(b["tap.mid_block"].isel(step=step).values, want.numpy(), err_msg=f"{who} {step}")
+
+
+def test_a_hybrids_taps_need_the_conditional_branch_and_names_in_both_parts():
+    from trajlab.capture.module_taps import preflight
+    from trajlab.experiments.hybrid_plans import hybrid_plan
+    from trajlab.models.hybrid import HybridSpec
+
+    plan = hybrid_plan(HybridSpec("tiny-sd", "tiny-lcm", 2, 6, 3, 5.0, 8.0), ["a cat"], [0])
+    plan.taps = parse_taps([{"name": "mid_block", "branch": "both"}])
+    with pytest.raises(TapError, match="branch='both' on a hybrid pipeline"):
+        preflight([plan])
+    plan.taps = parse_taps(["mid_blok"])
+    with pytest.raises(TapError, match="mid_block"):
+        preflight([plan])

@@ -464,82 +464,13 @@ def attention_tokens(pipe, prompts) -> tuple[int, list[list[str]]]:
     return n, texts
 
 
-# -- one capture's views: what run.capture plugs in ------------------------------------------------------
-class CaptureViews:
-    """The named taps and attention maps of one capture (one plan on one pipeline): checked against the
-    pipeline's denoiser before anything is written, installed per pipeline call (:meth:`batch`), and turned
-    into the store's step arrays (:meth:`step_arrays`) from the first batch."""
-
-    def __init__(self, pipe, taps: list[dict], attention_maps: bool, prompts):
-        from trajlab.capture.taps import denoiser_of
-
-        self.denoiser = denoiser_of(pipe)
-        if type(self.denoiser).__name__ == "DenoiserSwitch":
-            raise TapError("named taps and attention maps are not supported on hybrid pipelines (two denoisers): "
-                           "capture the teacher's and the student's groups with them")
-        self.taps = [dict(t) for t in taps]
-        check_names([t["name"] for t in self.taps], tappable(self.denoiser))
-        self.n_tokens, self.token_text = (attention_tokens(pipe, prompts) if attention_maps else (None, None))
-        if attention_maps and not cross_attention_layers(self.denoiser):
-            raise TapError(f"{type(self.denoiser).__name__} has no cross-attention layer: no attention maps to record")
-        self.first: ModuleTaps | None = None
-
-    @classmethod
-    def for_plan(cls, pipe, plan) -> CaptureViews | None:
-        """The plan's views, or None when it asks for none."""
-        if not plan.taps and not plan.attention_maps:
-            return None
-        return cls(pipe, plan.taps, plan.attention_maps, plan.prompts)
-
-    def batch(self, recorder, batch_size: int) -> ModuleTaps:
-        """The hooks of one pipeline call of ``batch_size`` samples, feeding ``recorder`` (a context manager)."""
-        taps = ModuleTaps(self.denoiser, self.taps, batch_size, attention_tokens=self.n_tokens)
-        recorder.extras = taps.take
-        if self.first is None:
-            self.first = taps
-        return taps
-
-    def step_arrays(self, records) -> tuple:
-        """The store's step arrays (``GroupLayout.step_arrays``) of every view, shaped from the first batch's records."""
-        import numpy as np
-
-        from trajlab.capture.writer import numpy_dtype
-
-        def step_array(name, dims, shape, dtype, coords, attrs):
-            return {"name": name, "dims": tuple(dims), "shape": tuple(shape), "dtype": dtype, "coords": coords,
-                    "attrs": attrs}
-
-        out = []
-        first = records[0].extra
-        for spec in self.taps:
-            var = TAP_PREFIX + spec["name"]
-            if var not in first:
-                raise TapError(f"tap {spec['name']}: the module did not run before the first scheduler step")
-            t, info = first[var], self.first.info[var]
-            shape = tuple(int(x) for x in t.shape[1:])
-            coords = {}
-            if spec["channels"] is not None:
-                ch = next(d for d in info["dims"] if d.endswith((".channel", ".feature")))
-                coords[ch] = ((ch,), np.asarray(spec["channels"], dtype=np.int64))
-            if info["branch"] == "both":
-                coords["branch"] = (("branch",), np.array(["uncond", "cond"], dtype=object))
-            attrs = {"kind": "tap", "module": spec["name"], "module_class": info["class"], "reduce": spec["reduce"],
-                     "channels": "all" if spec["channels"] is None else ",".join(map(str, spec["channels"])),
-                     "storage": spec["dtype"], "branch": info["branch"]}
-            out.append(step_array(var, info["dims"], shape, str(numpy_dtype(t.dtype)), coords, attrs))
-        if self.n_tokens:
-            if ATTENTION_VARIABLE not in first:
-                raise TapError("no cross-attention layer ran before the first scheduler step")
-            t = first[ATTENTION_VARIABLE]
-            layers = list(cross_attention_layers(self.denoiser))
-            coords = {"token_text": (("prompt", "token"), np.array(self.token_text, dtype=object))}
-            attrs = {"kind": "attention", "layers": ",".join(layers), "n_layers": len(layers), "branch": "cond",
-                     "aggregation": "softmax(QK^T scale) recomputed from to_q/to_k; mean over heads; bilinear upsampling "
-                                    "to the latent grid; mean over layers (DAAM's aggregation, normalised by the "
-                                    "number of heads x layers)"}
-            out.append(step_array(ATTENTION_VARIABLE, ("token", "y", "x"), tuple(int(x) for x in t.shape[1:]),
-                                  ATTENTION_DTYPE, coords, attrs))
-        return tuple(out)
+def check_hybrid_branches(taps) -> None:
+    """A hybrid's teacher runs CFG and its student may not: only the conditional branch means one thing at
+    every step."""
+    bad = [t["name"] for t in taps if t.get("branch", "cond") != "cond"]
+    if bad:
+        raise TapError(f"tap {bad[0]}: branch={next(t['branch'] for t in taps if t['name'] == bad[0])!r} on a hybrid "
+                       "pipeline: its teacher runs CFG and its student may not; use branch cond (the default)")
 
 
 def preflight(plans) -> None:
@@ -549,16 +480,19 @@ def preflight(plans) -> None:
     for plan in plans:
         if not plan.taps and not plan.attention_maps:
             continue
-        if plan.extra.get("hybrid"):
-            raise TapError("named taps and attention maps are not supported on hybrid pipelines (two denoisers): "
-                           "capture the teacher's and the student's groups with them")
-        if plan.model not in trees:
-            from trajlab.models.registry import parse_lora
+        from trajlab.models.registry import parse_lora
 
-            trees[plan.model] = denoiser_skeleton(plan.model, tuple(parse_lora(x) for x in plan.loras))
-        check_names([t["name"] for t in plan.taps], tappable(trees[plan.model]), where=f"{plan.model}: ")
-        if plan.attention_maps and not cross_attention_layers(trees[plan.model]):
-            raise TapError(f"{plan.model}: its denoiser has no cross-attention layer: no attention maps to record")
+        hybrid = plan.extra.get("hybrid") or {}
+        models = [(plan.model, tuple(plan.loras))]
+        if hybrid:  # both parts of a hybrid are tapped: the names must exist in each
+            check_hybrid_branches(plan.taps)
+            models = [(hybrid["teacher"], ()), (hybrid["student"], ())]
+        for model, loras in models:
+            if (model, loras) not in trees:
+                trees[(model, loras)] = denoiser_skeleton(model, tuple(parse_lora(x) for x in loras))
+            check_names([t["name"] for t in plan.taps], tappable(trees[(model, loras)]), where=f"{model}: ")
+            if plan.attention_maps and not cross_attention_layers(trees[(model, loras)]):
+                raise TapError(f"{model}: its denoiser has no cross-attention layer: no attention maps to record")
 
 
 def taps_from_flags(names, *, reduce=None, channels=None, dtype=None, branch=None) -> list[dict]:
@@ -584,6 +518,7 @@ def module_listing(model: str, loras=(), *, depth: int | None = None, grep: str 
         "[--tap-channels 0:8] [--tap-dtype float16] [--tap-branch cond|uncond|both]"]
 
 
-__all__ = ["ATTENTION_VARIABLE", "BRANCHES", "CaptureViews", "DTYPES", "ModuleTaps", "REDUCTIONS", "TAP_PREFIX", "TapError", "TapSpec",
+__all__ = ["ATTENTION_VARIABLE", "BRANCHES", "DTYPES", "ModuleTaps", "REDUCTIONS", "TAP_PREFIX", "TapError", "TapSpec",
            "attention_tokens", "check_names", "cross_attention_layers", "denoiser_skeleton", "describe_modules", "module_listing",
-           "parse_channels", "parse_taps", "preflight", "reduce_output", "tap_dims", "tappable", "taps_from_flags"]
+           "check_hybrid_branches", "parse_channels", "parse_taps", "preflight", "reduce_output", "tap_dims",
+           "tappable", "taps_from_flags"]

@@ -22,7 +22,8 @@ import torch
 from trajlab import store, store_groups
 from trajlab.capture import shard as _shard
 from trajlab.capture.claims import claims_for
-from trajlab.capture.module_taps import CaptureViews, TapError
+from trajlab.capture.module_taps import TapError
+from trajlab.capture.views import CaptureViews
 from trajlab.capture.plan import CapturePlan, PlanError
 from trajlab.capture.records import BatchRecorder, to_host
 from trajlab.capture.taps import tap_pipeline
