@@ -37,3 +37,23 @@ def test_bad_kernel_errors_name_the_problem():
         vendi_from_kernel(2 * np.eye(3))
     with pytest.raises(ValueError, match="shape"):
         vendi_from_kernel(np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("n,d", [(16, 64), (16, 8), (7, 300), (33, 5)])
+@pytest.mark.parametrize("q", [1.0, 2.0, 0.5, np.inf])
+def test_batched_bootstrap_replicates_equal_one_set_at_a_time(n, d, q):
+    """The metric suite's Vendi and CLIP-variance bootstrap (stacked eigendecompositions) gives each resampled
+    set's score as the one-set functions do, duplicates and both the kernel (d >= m) and covariance (d < m)
+    routes included."""
+    from trajlab.metrics import bootstrap as bs
+    from trajlab.metrics.clip import clip_variance, clip_variance_replicates
+    from trajlab.metrics.vendi import vendi_replicates
+
+    rng = np.random.default_rng(n * 100 + d)
+    E = rng.normal(size=(n, d))
+    E[1] = E[4]  # a duplicated sample
+    one = bs.replicates_fn(n, lambda i: vendi_from_features(E[i], q), 200, bs.rng_for(7))
+    batch = bs.replicates_batched(n, lambda i: vendi_replicates(E, i, q), 200, bs.rng_for(7))
+    np.testing.assert_allclose(batch, one, rtol=1e-12, atol=0)
+    cv = bs.replicates_batched(n, lambda i: clip_variance_replicates(E, i), 200, bs.rng_for(8))
+    np.testing.assert_allclose(cv, bs.replicates_fn(n, lambda i: clip_variance(E[i]), 200, bs.rng_for(8)), rtol=1e-12)

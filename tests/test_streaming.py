@@ -168,6 +168,38 @@ def test_report_with_workers_equals_default_scheduler(tmp_path):
     _assert_same_files(ref, tmp_path / "cluster" / R.RESULTS_DIR)
 
 
+def test_a_worker_killed_mid_report_is_one_line_and_changes_nothing(tmp_path, capfd):
+    """A dask worker process SIGKILLed while the report's analyses run on a 2-worker LocalCluster: the results are
+    those of dask's default scheduler, and the restart is one line on stderr, no traceback."""
+    pytest.importorskip("distributed")
+    import os
+    import signal
+    import threading
+    import time
+
+    from trajlab.analysis.cluster import dask_cluster
+    from trajlab.experiments.configs import CALIBRATION_FILE, prompt_tags, store_margins
+
+    tiny = tmp_path / "tiny.zarr"
+    build_store(tiny, n_prompts=2, n_seeds=6, steps=(4, 2))
+    kw = dict(lpips=False, n_boot=20, tags=prompt_tags(), calibration=CALIBRATION_FILE, margins=store_margins(tiny))
+    ref = R.compute_results(tiny, tmp_path / "ref", **kw)
+    capfd.readouterr()
+    with dask_cluster(workers=2) as client:
+        victim = next(iter(client.run(os.getpid).values()))
+        killer = threading.Timer(1.0, lambda: os.kill(victim, signal.SIGKILL))
+        killer.start()
+        t0 = time.monotonic()
+        got = R.compute_results(tiny, tmp_path / "cluster", **kw)
+        killer.join()
+        assert time.monotonic() - t0 > 1.0, "the report ended before the worker was killed: not a mid-report kill"
+    err = capfd.readouterr().err
+    _assert_same_files(ref, got)
+    lines = [x for x in err.splitlines() if x.startswith("dask: ")]
+    assert len(lines) == 1 and "1 worker process(es) died during the analyses" in lines[0], err
+    assert "Traceback" not in err, err[-3000:]
+
+
 @pytest.fixture
 def s3_url(monkeypatch):
     """A bucket on a moto S3 server on 127.0.0.1 (this process's env points s3fs at it); yields its URL."""

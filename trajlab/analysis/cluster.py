@@ -15,9 +15,11 @@ must reach the store by the same path or URL (a shared filesystem, or ``s3://...
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
+import sys
 
-__all__ = ["ClusterError", "check_address", "dask_cluster", "probe_scheduler"]
+__all__ = ["ClusterError", "WorkerLosses", "check_address", "dask_cluster", "probe_scheduler"]
 
 CONNECT_TIMEOUT_S = 10.0
 """Seconds to wait for a scheduler at ``--scheduler ADDRESS`` to answer before giving up."""
@@ -99,6 +101,60 @@ def _distributed():
     return distributed
 
 
+class WorkerLosses(logging.Filter):
+    """While entered: dask.distributed's log records about workers that died (the nanny's restart warnings, a
+    restart that failed, with their tracebacks) are kept off the terminal and counted; :meth:`summary` is the one
+    line that replaces them. Every other record passes."""
+
+    LOSS = re.compile(r"Restarting worker|Failed to (re)?start|Worker process \d+ (was killed|exited)|"
+                      r"KilledWorker|Removing worker|lost|Nanny .* (close|restart)", re.IGNORECASE)
+
+    def __init__(self):
+        super().__init__()
+        self.restarts = self.failed = self.other = 0
+        self._handlers: list = []
+        self._seen: dict = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("distributed") or record.levelno < logging.WARNING:
+            return True
+        msg = record.getMessage()
+        if not self.LOSS.search(msg):
+            return True
+        if id(record) in self._seen:  # one record, several handlers (distributed's own, the root's)
+            return False
+        self._seen[id(record)] = record
+        if "Restarting worker" in msg:
+            self.restarts += 1
+        elif "Failed to restart" in msg:
+            self.failed += 1
+        else:
+            self.other += 1
+        return False
+
+    def __enter__(self):
+        root = logging.getLogger("distributed")
+        self._handlers = list(root.handlers) + list(logging.getLogger().handlers)
+        for h in self._handlers:
+            h.addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handlers:
+            h.removeFilter(self)
+        self._handlers = []
+        return False
+
+    def summary(self) -> str:
+        """One line on the workers lost, or "" when none was."""
+        lost = self.restarts or (1 if self.failed or self.other else 0)
+        if not lost:
+            return ""
+        how = (f"{self.failed} could not be restarted (dask's nanny)" if self.failed else "restarted")
+        return (f"dask: {lost} worker process(es) died during the analyses, {how}; the cluster ran their tasks again, "
+                "so the results are those of an undisturbed run")
+
+
 @contextlib.contextmanager
 def dask_cluster(address: str | None = None, workers: int | None = None, *, threads_per_worker: int = 1,
                  memory_limit: str | int = "auto", timeout: float | None = None):
@@ -133,10 +189,15 @@ def dask_cluster(address: str | None = None, workers: int | None = None, *, thre
         cluster = dist.LocalCluster(n_workers=int(workers), threads_per_worker=threads_per_worker, processes=True,
                                     memory_limit=memory_limit, dashboard_address=":0")
         client = dist.Client(cluster)
+    losses = WorkerLosses()
     try:
-        with dask.config.set(scheduler=client):
+        with dask.config.set(scheduler=client), losses:
             yield client
     finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        with losses:  # closing the cluster logs the dead workers' nannies again
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        line = losses.summary()
+        if line:
+            print(line, file=sys.stderr, flush=True)

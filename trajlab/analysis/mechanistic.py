@@ -35,10 +35,17 @@ def experiment_of(attrs) -> str:
 def analysed_groups(store, out_dir, keep=None, *, groups=None, model: str | None = None, variables=None):
     """(name, dataset, pipeline) of the complete non-hybrid groups of ``store`` (``groups``: only these)
     for which ``keep(dataset)`` holds; pipelines (``model`` overrides the group's attr) resolved once
-    per (model, LoRAs); creates ``out_dir``."""
+    per (model, LoRAs); creates ``out_dir``. ``store``: a path or URL, or the groups already opened by
+    :func:`trajlab.analysis.io.open_groups` with ``complete_only=True`` (several analyses, one validation)."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     pipes = {}
-    for name, ds in io.open_groups(store, groups, variables=variables, complete_only=True).items():
+    if isinstance(store, dict):
+        opened = {n: store[n] for n in (groups or store)}
+        if variables is not None:
+            opened = {n: io.only(ds, variables) for n, ds in opened.items()}
+    else:
+        opened = io.open_groups(store, groups, variables=variables, complete_only=True)
+    for name, ds in opened.items():
         if ds.attrs.get("scheduler_class") == "SwitchScheduler" or (keep is not None and not keep(ds)):
             continue
         key = (model,) if model else (str(ds.attrs.get("model", "")), str(ds.attrs.get("loras", "")))

@@ -296,9 +296,11 @@ def mechanistic_analyses(store: str, analyses, *, teacher: str, student: str, co
     student and the ``collapsing`` students), covariance propagation (teacher, student at 1 and 4 steps; the
     collapsing students with the noise they inject, docs/theory.md §14) and the teacher -> collapsing-student
     patching map on the first ``DEMO_PATCHING_SEEDS`` of ``seeds``."""
+    from trajlab.analysis import io
     from trajlab.analysis.mechanistic import covariance_results, jacobian_results
 
     t0 = time.perf_counter()
+    store = io.open_groups(store, complete_only=True)  # opened and validated once for every analysis below
     jacobian_results(store, analyses, models=(teacher, student, *collapsing),
                      experiments=("demo", "distilling_diversity"), **DEMO_JACOBIAN)
     print(f"Jacobian contraction done ({time.perf_counter() - t0:.0f} s)", flush=True)

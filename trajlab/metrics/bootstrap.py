@@ -95,6 +95,14 @@ def replicates_fn(n: int, fn: Callable[[np.ndarray], float], n_boot: int = 1000,
     return np.array([fn(row) for row in idx], dtype=np.float64)
 
 
+def replicates_batched(n: int, fn: Callable[[np.ndarray], np.ndarray], n_boot: int = 1000,
+                       rng: np.random.Generator | None = None) -> np.ndarray:
+    """(n_boot,) replicates of a statistic computed for all resampled index sets at once: ``fn(idx)`` takes
+    idx (n_boot, n) and returns (n_boot,); the same index sets as :func:`replicates_fn` for the same ``rng``."""
+    rng = rng if rng is not None else rng_for(0)
+    return np.asarray(fn(resample_indices(n, n_boot, rng)), dtype=np.float64)
+
+
 def bootstrap_ci(values, statistic: Callable = np.mean, n_boot: int = 1000, level: float = 0.95,
                  seed: int = 0) -> tuple[float, float, float]:
     """(estimate, low, high) for a per-sample statistic of values (n,), percentile bootstrap."""

@@ -73,6 +73,14 @@ def clip_variance(image_emb) -> float:
     return float(np.sum((e - e.mean(0)) ** 2) / (e.shape[0] - 1))
 
 
+def clip_variance_replicates(image_emb, idx) -> np.ndarray:
+    """(B,) :func:`clip_variance` of the resampled embedding sets ``image_emb[idx[b]]`` (idx (B, m), m >= 2)."""
+    e = unit(image_emb, "image_emb")[np.asarray(idx)]  # (B, m, D)
+    if e.ndim != 3 or e.shape[1] < 2:
+        raise ValueError(f"idx selects {e.shape[1:2]} embeddings per set; a variance needs m >= 2")
+    return np.sum((e - e.mean(axis=1, keepdims=True)) ** 2, axis=(1, 2)) / (e.shape[1] - 1)
+
+
 # --- building embedders -------------------------------------------------------------------
 
 def _model_device(model) -> torch.device:

@@ -23,11 +23,11 @@ import numpy as np
 import xarray as xr
 
 from trajlab.metrics import bootstrap as bs
-from trajlab.metrics.clip import Embedder, clip_scores, clip_variance, unit
+from trajlab.metrics.clip import Embedder, clip_scores, clip_variance, clip_variance_replicates, unit
 from trajlab.metrics.detail import high_freq_fraction
 from trajlab.metrics.images import check_image_var, load_images, prompt_samples, prompt_texts
 from trajlab.metrics.lpips_diversity import lpips_pairwise
-from trajlab.metrics.vendi import vendi_from_features
+from trajlab.metrics.vendi import vendi_from_features, vendi_replicates
 from trajlab.metrics.world_lpips import micro_lpips_pairwise
 
 UNITS = {"lpips_diversity": "LPIPS", "clip_variance": "unit-embedding squared distance",
@@ -103,9 +103,9 @@ def metric_suite(ds: xr.Dataset, reference: xr.Dataset | None = None, embedder: 
         if embedder is not None:
             E = d["emb"]
             record("clip_variance", p, clip_variance(E),
-                   bs.replicates_fn(n, lambda i: clip_variance(E[i]), n_boot, rng(p, "clip_variance")))
+                   bs.replicates_batched(n, lambda i: clip_variance_replicates(E, i), n_boot, rng(p, "clip_variance")))
             record("vendi", p, vendi_from_features(E),
-                   bs.replicates_fn(n, lambda i: vendi_from_features(E[i]), n_boot, rng(p, "vendi")))
+                   bs.replicates_batched(n, lambda i: vendi_replicates(E, i), n_boot, rng(p, "vendi")))
             if texts is not None:
                 if p not in texts:
                     raise ValueError(f"no prompt text for prompt_index {p}; have {len(texts)} texts")
