@@ -106,7 +106,34 @@ def test_latent_patch_is_the_hybrid_and_step_0_the_receiver(pipes):
     with pytest.raises(ValueError, match="runs alone"):
         P.patched_run(r, d, {}, [(P.LATENT, 1), ("mid_block", 0)], match, texts, seeds)
     euler = side(pipes, "sd0", scheduler="euler-ancestral-trailing", steps=2, guidance=1.0)
-    assert "custom timesteps" in P.latent_applicable(euler)
+    assert "custom timesteps" in P.latent_applicable(euler) and P.latent_method(euler) == "own grid"
+    assert P.latent_method(r) == "hybrid"
+
+
+@pytest.mark.parametrize("scheduler", ["euler-ancestral-trailing", "ddim"])
+def test_own_grid_latent_patch_known_answers(pipes, scheduler):
+    """A receiver whose scheduler takes no custom timesteps (Euler ancestral: Turbo; DDIM) gets the donor's state
+    on its own grid: patched with its own recorded latents it is itself (Euler: to rounding, through x0 + sigma eps;
+    DDIM: bitwise), at step 0 it is itself bitwise, and another donor's state changes it."""
+    r = side(pipes, "sd0", scheduler=scheduler, steps=3, guidance=1.0)
+    texts, seeds = flat()
+    plain, rec = P.run_side(r, texts, seeds, record={P.LATENT: {0, 1, 2}})
+    assert torch.equal(rec[(P.LATENT, 0)][0], P.run_side(r, texts, seeds, record={P.LATENT: {0}})[1][(P.LATENT, 0)][0])
+    same = np.arange(3)
+    assert torch.equal(P.patched_run(r, r, rec, [(P.LATENT, 0)], same, texts, seeds), plain)
+    for i in (1, 2):
+        got = P.patched_run(r, r, rec, [(P.LATENT, i)], same, texts, seeds)
+        if scheduler == "ddim":
+            assert torch.equal(got, plain)
+        else:
+            torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+    d = side(pipes, "sd1", steps=6, guidance=4.0)
+    match = P.match_steps(P.step_grid(r)[1], P.step_grid(d)[1])
+    _, drec = P.run_side(d, texts, seeds, record={P.LATENT: set(match.tolist())})
+    other = P.patched_run(r, d, drec, [(P.LATENT, 1)], match, texts, seeds)
+    assert torch.isfinite(other).all() and not torch.allclose(other, plain, atol=1e-3)
+    with pytest.raises(ValueError, match="was not recorded"):
+        P.patched_run(r, d, {}, [(P.LATENT, 1)], match, texts, seeds)
 
 
 def test_unknown_site_names_the_nearest_modules(pipes):
@@ -178,7 +205,7 @@ def test_the_teacher_can_receive_a_students_modules(pipes):
     plain, _ = P.run_side(t, texts, seeds)
     got = P.patched_run(t, s, rec, [("mid_block", i) for i in range(4)], match, texts, seeds)
     assert got.shape == plain.shape and torch.isfinite(got).all() and not torch.equal(got, plain)
-    assert "custom timesteps" in P.latent_applicable(t)  # DDIM: no hand-off into the teacher
+    assert "custom timesteps" in P.latent_applicable(t)  # DDIM: no hand-off into the teacher; its own grid instead
 
 
 def test_map_simultaneous_intervals_are_bonferroni_over_its_cells():

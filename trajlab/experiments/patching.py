@@ -19,9 +19,12 @@ The latent (site ``"latent"``) at receiver step i is the teacher-first-k hybrid 
 :class:`trajlab.models.hybrid.HybridPipeline` runs the donor's first j(i) steps, hands its state x at
 tau = t_j(i) to the receiver, which is told tau and finishes its own grid below it
 (:func:`trajlab.models.hybrid.handoff_grid`); k = 0 (step 0 of any receiver: the seed's noise) is the
-unpatched receiver. It needs a receiver scheduler that takes custom timesteps on the variance-preserving
-latent scale (LCM, DDIM-like); for others (Euler ancestral: Turbo) the latent cells are not applicable, with
-the reason.
+unpatched receiver. That needs a receiver scheduler that takes custom timesteps on the variance-preserving
+latent scale (LCM). Any other receiver (Euler ancestral: Turbo; DDIM: the teacher) keeps its own grid: its
+latent entering step i is replaced by the donor's entering step j(i), converted to the receiver's scale (an
+Euler-type latent x0 + sigma eps gets the donor's state as x0 + sigma_j eps: its content and noise level kept,
+entered at the receiver's sigma_i, which the matching makes the nearest); its step noise stays its own. Which
+way each receiver took: ``latent_method`` in the map.
 
 Classifier-free guidance. A CFG model evaluates a doubled batch [unconditional; conditional]. A donor with CFG
 patched into a receiver without it gives each module output as the guided combination u + w (c - u) (w: the
@@ -117,16 +120,40 @@ def check_sites(unet, sites) -> None:
 
 
 def latent_applicable(side: Side) -> str:
-    """Why the latent cannot be handed to this receiver (the hybrid's hand-off), or "" when it can."""
+    """Why the latent cannot be handed to this receiver by the hybrid (the receiver told the donor's timestep), or
+    "" when it can; where it cannot, the latent patch is made on the receiver's own grid (:func:`latent_method`)."""
     s = side.pipe.scheduler
     if "timesteps" not in inspect.signature(type(s).set_timesteps).parameters:
-        return (f"{type(s).__name__} takes no custom timesteps: the hybrid hand-off (latent patch) needs one; the "
-                "Distilling-Diversity hybrids run this student under LCM")
-    c = copy.deepcopy(s)
-    c.set_timesteps(side.steps)
-    if abs(float(c.init_noise_sigma) - 1.0) > 1e-6:
-        return f"{type(s).__name__} samples on a scaled latent (init_noise_sigma {float(c.init_noise_sigma):.3g})"
+        return f"{type(s).__name__} takes no custom timesteps"
+    if _scaled(side):
+        return f"{type(s).__name__} samples on a scaled latent (init_noise_sigma {float(_init_sigma(side)):.3g})"
     return ""
+
+
+def latent_method(side: Side) -> str:
+    """How a latent patch enters this receiver: "hybrid" (the hand-off, the receiver told the donor's timestep) or
+    "own grid" (the receiver keeps its grid; its state at step i is replaced by the donor's at j(i))."""
+    return "own grid" if latent_applicable(side) else "hybrid"
+
+
+def _init_sigma(side: Side) -> float:
+    c = copy.deepcopy(side.pipe.scheduler)
+    c.set_timesteps(side.steps)
+    return float(c.init_noise_sigma)
+
+
+def _scaled(side: Side) -> bool:
+    """Whether the side's scheduler keeps its latent as x0 + sigma eps (Euler-type) rather than on the
+    variance-preserving scale sqrt(abar) x0 + sqrt(1 - abar) eps."""
+    return abs(_init_sigma(side) - 1.0) > 1e-6
+
+
+def _vp_factor(side: Side, step: int) -> float:
+    """latent_vp = factor * the side's latent at the start of ``step``: sqrt(abar(t)) = 1 / sqrt(1 + sigma^2) for
+    a scaled latent, 1 on the VP scale."""
+    if not _scaled(side):
+        return 1.0
+    return float(1.0 / np.sqrt(1.0 + step_grid(side)[1][step] ** 2))
 
 
 # -- one run --------------------------------------------------------------------------------------
@@ -207,12 +234,25 @@ def run_side(side: Side, prompts, seeds, *, record=None, patch=None, device: str
     def output_dtype(o):
         return o.dtype if isinstance(o, torch.Tensor) else output_dtype(o[0])
 
-    sites = set(record or ()) | {s for s, _ in (patch or {})}
+    sites = (set(record or ()) | {s for s, _ in (patch or {})}) - {LATENT}
+
+    def at_start(step, latent):  # the latent entering ``step``: recorded, or replaced by a patch
+        key = (LATENT, step)
+        if record and step in record.get(LATENT, ()):
+            out[key] = [latent.detach().clone()]
+        if patch and key in patch:
+            new = patch[key](latent, 0)
+            _same_shapes(new, latent, LATENT)
+            return new.to(dtype=latent.dtype)
+        return latent
+
     try:
         handles.append(unet.register_forward_pre_hook(count))
         handles += [modules[s].register_forward_hook(hook_for(s)) for s in sorted(sites)]
         with torch.no_grad():
-            final = sample(sched, guided_model(unet, cond), latents, extra_step_kwargs=step_kwargs(sched, gens))
+            latents = at_start(0, latents)
+            final = sample(sched, guided_model(unet, cond), latents, extra_step_kwargs=step_kwargs(sched, gens),
+                           callback=lambda i, t, x: at_start(i + 1, x))
     finally:
         for h in handles:
             h.remove()
@@ -250,10 +290,20 @@ def patched_run(receiver: Side, donor: Side, donor_record: dict, patches, match,
     if lat:
         if len(patches) != 1:
             raise ValueError("a latent patch runs alone (the hybrid hand-off); got " + repr(patches))
-        why = latent_applicable(receiver)
-        if why:
-            raise ValueError(f"latent patch of {receiver.model}: {why}")
-        return run_latent_patch(donor, receiver, int(match[lat[0][1]]), prompts, seeds, device=device)
+        i = int(lat[0][1])
+        if latent_method(receiver) == "hybrid":
+            return run_latent_patch(donor, receiver, int(match[i]), prompts, seeds, device=device)
+        if i == 0:  # the seed's noise, the same for both
+            return run_side(receiver, prompts, seeds, device=device)[0]
+        j = int(match[i])
+        if (LATENT, j) not in donor_record:
+            raise ValueError(f"latent patch of {receiver.model} at step {i}: the donor's latent at its step {j} was not "
+                             "recorded (run_side(record={'latent': ...}))")
+        # the donor's state on the VP scale, then on the receiver's: x0 + sigma_j eps for a scaled receiver (the
+        # donor's content and noise level kept), as it is for a VP one
+        scale = _vp_factor(donor, j) * (float(np.sqrt(1.0 + step_grid(donor)[1][j] ** 2)) if _scaled(receiver) else 1.0)
+        x = donor_record[(LATENT, j)][0]
+        return run_side(receiver, prompts, seeds, patch={(LATENT, i): lambda _x, _c: x * scale}, device=device)[0]
     check_sites(receiver.pipe.unet, {s for s, _ in patches})
     def replace(site, j):
         calls = donor_record[(site, j)]
@@ -281,7 +331,7 @@ def decode_images(side: Side, latents) -> np.ndarray:
 
 
 __all__ = ["CFG_MODES", "DEMO_DONOR", "DEMO_RECEIVERS", "DEMO_SITES", "LATENT", "Side", "check_sites",
-           "decode_images", "latent_applicable", "load_side", "match_steps", "patched_run", "run_latent_patch",
+           "decode_images", "latent_applicable", "latent_method", "load_side", "match_steps", "patched_run", "run_latent_patch",
            "run_side", "step_grid"]
 
 
@@ -321,15 +371,11 @@ def _receiver_cells(donor, receiver, sites, steps, match, recs, texts, seeds_fla
     images = np.zeros((len(sites), n_steps, *base.shape), dtype=np.uint8)
     ok = np.zeros((len(sites), n_steps), dtype=bool)
     why = np.full((len(sites), n_steps), "", dtype=object)
-    lat_why = latent_applicable(receiver)
     for a, site in enumerate(sites):
         for i in range(n_steps):
             if i not in steps:
                 why[a, i] = (f"{receiver.model} runs {receiver.steps} steps" if i >= receiver.steps
                              else "step not in the sweep")
-                continue
-            if site == LATENT and lat_why:
-                why[a, i] = lat_why
                 continue
             t = time.perf_counter()
             lat = torch.cat([patched_run(receiver, donor, recs[k], [(site, i)], match, texts[b], seeds_flat[b],
@@ -369,7 +415,9 @@ def patching_sweep(donor: Side, receivers, prompts, seeds, *, sites=DEMO_SITES, 
         check_sites(r.pipe.unet, modules)
         t, sg = step_grid(r)
         grids[r.model] = (t, sg, match_steps(sg, d_sigma), sorted(set(range(r.steps) if steps is None else steps)))
-    record = {s: {int(g[2][i]) for g in grids.values() for i in g[3] if i < len(g[2])} for s in modules}
+    own_grid = LATENT in sites and any(latent_method(r) == "own grid" for r in receivers)
+    record = {s: {int(g[2][i]) for g in grids.values() for i in g[3] if i < len(g[2])}
+              for s in modules + ([LATENT] if own_grid else [])}
     donor_images, recs = _donor_pass(donor, record, texts, seeds_flat, batches, device)
     say(f"patching: donor {donor.label()} recorded {modules} at its steps "
         f"{sorted(set().union(*record.values())) if record else []} ({time.perf_counter() - t0:.0f} s)")
@@ -399,7 +447,9 @@ def patching_sweep(donor: Side, receivers, prompts, seeds, *, sites=DEMO_SITES, 
 
 MATCHING = ("receiver step i (starting sigma_i) <- donor step j(i) with the nearest starting sigma on a log scale, "
             "ties to the noisier; latent at step i = the hybrid with k = j(i) (the receiver told the donor's "
-            "timestep)")
+            "timestep) where the receiver's scheduler takes custom timesteps on the VP scale (LCM), else on the "
+            "receiver's own grid: its state entering step i replaced by the donor's entering j(i) (as x0 + sigma eps "
+            "for Euler-type receivers)")
 
 
 def _receiver_vars(m, r: Side, t, sigma, match, d_t, d_sigma, n_steps):
@@ -411,6 +461,7 @@ def _receiver_vars(m, r: Side, t, sigma, match, d_t, d_sigma, n_steps):
         return np.concatenate([np.asarray(a, dtype=float), np.full(pad, fill)])
 
     m = m.assign(receiver_timestep=("step", padded(t)), receiver_sigma=("step", padded(sigma)),
+                 latent_method=latent_method(r),
                  donor_step=("step", padded(match, -1)), donor_timestep=("step", padded(d_t[match])),
                  donor_sigma=("step", padded(d_sigma[match])), receiver_label=r.label(), receiver_steps=r.steps)
     for k in ("receiver_diversity", "donor_diversity", "collapse", "collapse_ci_low", "collapse_ci_high",
