@@ -228,21 +228,24 @@ def test_no_figure_text_is_cut(rerendered):
 
 
 def test_mechanistic_helper_process_writes_what_this_process_would(demo, tmp_path):
-    """The demo computes its mechanistic analyses in a second process while the report runs: every file it writes
-    equals the one :func:`mechanistic_analyses` writes in this process (same functions, seeds, thread count)."""
+    """The demo computes its mechanistic analyses in a second process while the report runs: the Jacobian
+    contraction files that process wrote (the demo's analyses folder) equal the ones this process computes with the
+    demo's settings (same functions, seeds, thread count); the covariance files are there too. (The Jacobian only:
+    the tiny pipelines' covariance costs a minute more and goes through the same process boundary.)"""
     import xarray as xr
 
-    from trajlab.experiments.demo import MechanisticHelper, mechanistic_analyses
+    from trajlab.analysis.mechanistic import jacobian_results
+    from trajlab.experiments.demo import QUICK_JACOBIAN
 
     out, _ = demo
-    kw = dict(teacher="tiny-sd", student="tiny-lcm", collapsing=(), teacher_steps=8, quick=True, n_prompts=2, seeds=[0, 1, 2])
-    mechanistic_analyses(str(out / "study.zarr"), tmp_path / "here", progress=False, **kw)
-    helper = MechanisticHelper(str(out / "study.zarr"), tmp_path / "there", tmp_path / "there.log", kw)
-    helper.wait()
+    there = out / "analyses"
+    jacobian_results(str(out / "study.zarr"), tmp_path / "here", models=("tiny-sd", "tiny-lcm"),
+                     experiments=("demo", "distilling_diversity"), **QUICK_JACOBIAN)
     here = sorted(p.relative_to(tmp_path / "here") for p in (tmp_path / "here").rglob("*.nc"))
-    assert here and here == sorted(p.relative_to(tmp_path / "there") for p in (tmp_path / "there").rglob("*.nc"))
+    assert here and here == sorted(p.relative_to(there) for p in there.rglob("*_contraction.nc"))
+    assert len(list(there.glob("*_covariance.nc"))) == 3
     for rel in here:
-        with xr.open_dataset(tmp_path / "here" / rel) as a, xr.open_dataset(tmp_path / "there" / rel) as b:
+        with xr.open_dataset(tmp_path / "here" / rel) as a, xr.open_dataset(there / rel) as b:
             xr.testing.assert_identical(a.load(), b.load())
 
 

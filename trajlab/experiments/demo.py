@@ -24,6 +24,10 @@ from pathlib import Path
 
 DEMO_JACOBIAN = {"samples": 1, "n_probes": 4, "n_power_iter": 3}
 """The demo's (CPU-cheap) Jacobian settings; every other default: trajlab.analysis.mechanistic."""
+QUICK_JACOBIAN = {"samples": 1, "n_probes": 2, "n_power_iter": 1}
+QUICK_COVARIANCE = {"n_prompts": 1, "n_probes": 2, "n_components": 4}
+"""``--quick``'s settings (a smoke run: the numbers are rough; the tiny pipelines' 4x32x32 latents make the full
+demo's settings cost ~2 min there)."""
 DEMO_PATCHING_SEEDS = 8
 """Seeds per prompt of the demo's patching map (its runs are its own, not the store's: ~50 s on 10 prompts)."""
 
@@ -181,8 +185,6 @@ def capture_together(plans, store: str, *, processes: int, progress: bool = True
     This process prints the progress and the summary, waits for the blocks the others hold (capturing any whose
     holder died) and validates the store once the others have ended."""
     import pickle
-    import subprocess
-    import sys
 
     from trajlab import store as _store
     from trajlab.experiments.plans import run_plans
@@ -191,25 +193,29 @@ def capture_together(plans, store: str, *, processes: int, progress: bool = True
     if processes > 1:
         spec = Path(f"{store}.plans.pkl")
         spec.write_bytes(pickle.dumps(plans[::-1]))
-        code = ("import pickle, sys, torch; torch.set_num_threads(1); from trajlab.experiments.plans import run_plans; "
-                "run_plans(pickle.loads(open(sys.argv[1], 'rb').read()), sys.argv[2], progress=False, validate=False)")
-        for i in range(1, processes):
-            log = open(f"{store}.helper-{i}.log", "w")
-            helpers.append((subprocess.Popen([sys.executable, "-c", code, str(spec), store], stdout=log,
-                                             stderr=subprocess.STDOUT), log))
+        helpers = [HelperProcess(f"capture helper {i}", "trajlab.experiments.demo:capture_plans_file",
+                                 {"spec": str(spec), "store": store}, f"{store}.helper-{i}.log")
+                   for i in range(1, processes)]
     done = False
     try:
         run_plans(plans, store, progress=progress, validate=False)
         done = True
     finally:
-        for proc, log in helpers:
-            try:
-                proc.wait(timeout=300 if done else 0.1)  # done: it ends once the last group is complete
-            except subprocess.TimeoutExpired:  # this process failed or was interrupted: its helpers go too
-                proc.kill()
-                proc.wait()
-            log.close()
+        for h in helpers:
+            if done:  # it ends once the last group is complete
+                h.wait(timeout=300)
+            else:  # this process failed or was interrupted: its helpers go too
+                h.stop()
     _store.validate(store)
+
+
+def capture_plans_file(spec: str, store: str) -> None:
+    """A capture helper's work (:func:`capture_together`): the pickled plans in ``spec``, into ``store``."""
+    import pickle
+
+    from trajlab.experiments.plans import run_plans
+
+    run_plans(pickle.loads(Path(spec).read_bytes()), store, progress=False, validate=False)
 
 
 def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = True, teacher_steps: int = 30,
@@ -266,32 +272,38 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
           + (f"; + Distilling-Diversity study: {len(splans)} student and {len(shplans)} hybrid groups on "
              f"{min(len(seeds), 4 if quick else 16)} seeds" if splans or shplans else ""))
     collapsing = ("micro-turbo", "micro-dmd") if teacher == "micro-sd" else ()  # the students that collapse
-    stages = ["capture", "analyses and report" + (" (Jacobian contraction, covariance propagation" +
-                                                  (", patching map" if collapsing else "") +
-                                                  f" meanwhile in a second process, log {out / 'analyses.log'})"
-                                                  if mechanistic else "")]
+    stages = ["capture" + (f" (the patching map alongside at the lowest priority, log {out / 'patching.log'})"
+                           if mechanistic and collapsing else ""),
+              "analyses and report" + (" (Jacobian contraction, covariance propagation meanwhile in a second process, "
+                                       f"log {out / 'analyses.log'})" if mechanistic else "")]
     stage = _stages(stages, t0)
     stage()
-    capture_together(plans + cplans + hplans, store, progress=progress, processes=capture_processes)
-    stage()
-    analyses, helper = None, None
-    if mechanistic:
-        analyses = out / "analyses"
-        helper = MechanisticHelper(store, analyses, out / "analyses.log",
-                                   dict(teacher=teacher, student=student, collapsing=collapsing, teacher_steps=teacher_steps,
-                                        quick=quick, n_prompts=n_prompts, seeds=seeds))
+    analyses = out / "analyses" if mechanistic else None
+    patching = None
+    if mechanistic and collapsing:  # no store needed: runs at the lowest priority on what the capture leaves idle
+        analyses.mkdir(parents=True, exist_ok=True)
+        patching = PatchingHelper(analyses, out / "patching.log", n_prompts=n_prompts,
+                                  seeds=seeds[:DEMO_PATCHING_SEEDS], receivers=collapsing)
+    helpers = Helpers(patching)
     try:
+        capture_together(plans + cplans + hplans, store, progress=progress, processes=capture_processes)
+        stage()
+        if mechanistic:
+            helpers.helpers.append(MechanisticHelper(
+                store, analyses, out / "analyses.log",
+                dict(teacher=teacher, student=student, collapsing=collapsing, teacher_steps=teacher_steps,
+                     quick=quick, n_prompts=n_prompts, seeds=seeds, patching=False)))
         path = report_store(store, out / "report", model=teacher, analyses_dir=analyses,
-                            analyses_ready=helper.wait if helper else None)
+                            analyses_ready=helpers.wait if helpers.helpers else None)
     finally:
-        if helper:
-            helper.stop()
+        helpers.stop()
     print_summary(out / "report", time.perf_counter() - t0)
     return path
 
 
 def mechanistic_analyses(store: str, analyses, *, teacher: str, student: str, collapsing=(), teacher_steps: int = 30,
-                         quick: bool = False, n_prompts: int = 10, seeds=(), progress: bool = True) -> None:
+                         quick: bool = False, n_prompts: int = 10, seeds=(), progress: bool = True,
+                         patching: bool = True) -> None:
     """The demo's mechanistic analyses of ``store`` into the folder ``analyses``: Jacobian contraction (teacher,
     student and the ``collapsing`` students), covariance propagation (teacher, student at 1 and 4 steps; the
     collapsing students with the noise they inject, docs/theory.md §14) and the teacher -> collapsing-student
@@ -302,56 +314,59 @@ def mechanistic_analyses(store: str, analyses, *, teacher: str, student: str, co
     t0 = time.perf_counter()
     store = io.open_groups(store, complete_only=True)  # opened and validated once for every analysis below
     jacobian_results(store, analyses, models=(teacher, student, *collapsing),
-                     experiments=("demo", "distilling_diversity"), **DEMO_JACOBIAN)
+                     experiments=("demo", "distilling_diversity"), **(QUICK_JACOBIAN if quick else DEMO_JACOBIAN))
     print(f"Jacobian contraction done ({time.perf_counter() - t0:.0f} s)", flush=True)
     covariance_results(store, analyses, configs=((teacher, teacher_steps), (student, 1), (student, 4)),
-                       experiments=("demo", ""), n_prompts=1 if quick else 2, n_probes=4 if quick else 16,
-                       max_points=1)
+                       experiments=("demo", ""), max_points=1,
+                       **(QUICK_COVARIANCE if quick else {"n_prompts": 2, "n_probes": 16}))
     if collapsing:  # stochastic students: the covariance with the noise they inject (docs/theory.md §14)
         covariance_results(store, analyses, configs=(("micro-turbo", 2), ("micro-dmd", 4)),
                            experiments=("distilling_diversity",), n_prompts=1 if quick else 2, max_points=1,
                            injections=True, plain=False)
     print(f"covariance propagation done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    if collapsing:
-        from trajlab.experiments.patching import run_patching
-
-        run_patching(analyses, n_prompts=n_prompts, seeds=list(seeds)[:DEMO_PATCHING_SEEDS], receivers=collapsing,
-                     progress=print if progress else None)
+    if collapsing and patching:
+        demo_patching(analyses, n_prompts=n_prompts, seeds=list(seeds)[:DEMO_PATCHING_SEEDS], receivers=collapsing)
         print(f"patching map done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-class MechanisticHelper:
-    """:func:`mechanistic_analyses` in a second process (same torch thread count, output in ``log``), so that
-    on a machine with a free core they run while the report computes its store-wide results.
-    ``wait()`` blocks until it has ended (raising with the log's tail if it failed) and prints its time;
-    ``stop()`` ends it if it still runs (the caller failed or was interrupted). Its results are the ones
-    this process would compute: the same functions, seeds and thread count, on the finished store."""
+class HelperProcess:
+    """A function of this package run in another Python process (``module:function`` called with the keyword
+    arguments ``kwargs``, JSON; the same torch thread count), its output in ``log``; ``nice``: its scheduling
+    priority (19: it runs on what the others leave idle). ``wait(timeout)`` blocks until it has ended (raising,
+    with the log's tail, if it failed) and says how long it ran; ``stop()`` ends it if it still runs (the caller
+    failed or was interrupted). The demo's one way to use the second core."""
 
-    def __init__(self, store: str, analyses, log, kwargs: dict):
+    def __init__(self, what: str, target: str, kwargs: dict, log, *, nice: int = 0):
         import json
+        import os
         import subprocess
         import sys
 
         import torch
 
-        self.log_path, self.t0 = Path(log), time.perf_counter()
-        args = json.dumps({"store": str(store), "analyses": str(analyses), "threads": torch.get_num_threads(),
-                           "kwargs": {**kwargs, "seeds": list(kwargs.get("seeds", ())),
-                                      "collapsing": list(kwargs.get("collapsing", ()))}})
-        code = ("import json, sys, torch; a = json.loads(sys.argv[1]); torch.set_num_threads(a['threads']); "
-                "from trajlab.experiments.demo import mechanistic_analyses; "
-                "mechanistic_analyses(a['store'], a['analyses'], **a['kwargs'])")
+        self.what, self.log_path, self.t0 = what, Path(log), time.perf_counter()
+        module, function = target.split(":")
+        args = json.dumps({"threads": torch.get_num_threads(), "kwargs": kwargs}, default=list)
+        code = (f"import json, sys, torch; a = json.loads(sys.argv[1]); torch.set_num_threads(a['threads']); "
+                f"from {module} import {function}; {function}(**a['kwargs'])")
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-c", code, args], stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-c", code, args], stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
 
-    def wait(self) -> None:
-        rc = self.proc.wait()
+    def wait(self, timeout: float | None = None) -> None:
+        import subprocess
+
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise RuntimeError(f"the {self.what} did not end within {timeout:g} s; log {self.log_path}") from None
         self._log.close()
         if rc != 0:
             tail = self.log_path.read_text(errors="replace").splitlines()[-15:]
-            raise RuntimeError(f"the mechanistic analyses failed (exit {rc}); end of {self.log_path}:\n" + "\n".join(tail))
-        print(f"  mechanistic analyses (second process) ended at {time.perf_counter() - self.t0:.0f} s after they "
-              f"began; log {self.log_path}", flush=True)
+            raise RuntimeError(f"the {self.what} failed (exit {rc}); end of {self.log_path}:\n" + "\n".join(tail))
+        print(f"  {self.what} (another process) ended at {time.perf_counter() - self.t0:.0f} s after they began; "
+              f"log {self.log_path}", flush=True)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -359,6 +374,45 @@ class MechanisticHelper:
             self.proc.wait()
         if not self._log.closed:
             self._log.close()
+
+
+def MechanisticHelper(store: str, analyses, log, kwargs: dict) -> HelperProcess:
+    """:func:`mechanistic_analyses` of ``store`` into ``analyses`` in another process (:class:`HelperProcess`), so
+    that on a machine with a free core they run while the report computes its store-wide results; its results
+    are the ones this process would compute: the same functions, seeds and thread count, on the finished store."""
+    return HelperProcess("mechanistic analyses", "trajlab.experiments.demo:mechanistic_analyses",
+                         {"store": str(store), "analyses": str(analyses), **kwargs}, log)
+
+
+def PatchingHelper(analyses, log, *, n_prompts: int, seeds, receivers) -> HelperProcess:
+    """The demo's patching map (:func:`trajlab.experiments.patching.run_patching`: its own runs, no store) in
+    another process at the lowest priority, started with the capture: it uses the time the capture processes
+    leave a core idle."""
+    return HelperProcess("patching map", "trajlab.experiments.demo:demo_patching",
+                         {"analyses": str(analyses), "n_prompts": n_prompts, "seeds": list(seeds),
+                          "receivers": list(receivers)}, log, nice=19)
+
+
+def demo_patching(analyses, *, n_prompts: int, seeds, receivers) -> None:
+    """The demo's teacher -> ``receivers`` patching map into ``analyses`` (what :class:`PatchingHelper` runs)."""
+    from trajlab.experiments.patching import run_patching
+
+    run_patching(analyses, n_prompts=n_prompts, seeds=list(seeds), receivers=tuple(receivers), progress=print)
+
+
+class Helpers:
+    """Several :class:`HelperProcess` waited for (``wait``: each in turn) and stopped together."""
+
+    def __init__(self, *helpers):
+        self.helpers = [h for h in helpers if h is not None]
+
+    def wait(self) -> None:
+        for h in self.helpers:
+            h.wait()
+
+    def stop(self) -> None:
+        for h in self.helpers:
+            h.stop()
 
 
 def _stages(names, t0):
@@ -410,4 +464,5 @@ def print_summary(report_dir, elapsed: float) -> None:
     print(f"report: {path.as_uri()}")
 
 
-__all__ = ["control_plans", "demo_plans", "distilling_plans", "micro_available", "reinjection_plans", "run_demo"]
+__all__ = ["HelperProcess", "Helpers", "MechanisticHelper", "PatchingHelper", "capture_together", "control_plans", "demo_plans",
+           "distilling_plans", "mechanistic_analyses", "micro_available", "reinjection_plans", "run_demo"]
