@@ -356,6 +356,7 @@ class HelperProcess:
     def wait(self, timeout: float | None = None) -> None:
         import subprocess
 
+        t = time.perf_counter()
         try:
             rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -365,8 +366,8 @@ class HelperProcess:
         if rc != 0:
             tail = self.log_path.read_text(errors="replace").splitlines()[-15:]
             raise RuntimeError(f"the {self.what} failed (exit {rc}); end of {self.log_path}:\n" + "\n".join(tail))
-        print(f"  {self.what} (another process) ended at {time.perf_counter() - self.t0:.0f} s after they began; "
-              f"log {self.log_path}", flush=True)
+        print(f"  {self.what} (another process, started {t - self.t0:.0f} s before this wait): done, waited "
+              f"{time.perf_counter() - t:.0f} s for it; log {self.log_path}", flush=True)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
