@@ -215,7 +215,7 @@ class ObjectClaims(_Claims):
     def _put(self, start: int, **cond) -> bool:
         try:
             out = self._fs.pipe_file(self._key(start), self._body(), **cond)
-        except (FileExistsError, FileNotFoundError, PermissionError):
+        except (FileExistsError, FileNotFoundError):  # held by another / released meanwhile (If-Match)
             return False
         except OSError as exc:  # 412 Precondition Failed on If-Match: another process took it over first
             if exc.errno == errno.EINVAL or "PreconditionFailed" in str(exc):
