@@ -338,7 +338,6 @@ class HelperProcess:
 
     def __init__(self, what: str, target: str, kwargs: dict, log, *, nice: int = 0):
         import json
-        import os
         import subprocess
         import sys
 
@@ -347,11 +346,10 @@ class HelperProcess:
         self.what, self.log_path, self.t0 = what, Path(log), time.perf_counter()
         module, function = target.split(":")
         args = json.dumps({"threads": torch.get_num_threads(), "kwargs": kwargs}, default=list)
-        code = (f"import json, sys, torch; a = json.loads(sys.argv[1]); torch.set_num_threads(a['threads']); "
-                f"from {module} import {function}; {function}(**a['kwargs'])")
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-c", code, args], stdout=self._log, stderr=subprocess.STDOUT,
-                                     preexec_fn=(lambda: os.nice(nice)) if nice else None)
+        code = (f"import json, os, sys, torch; os.nice({int(nice)}); a = json.loads(sys.argv[1]); "
+                f"torch.set_num_threads(a['threads']); from {module} import {function}; {function}(**a['kwargs'])")
+        self._log = open(self.log_path, "w")  # the child lowers its own priority: no preexec_fn beside threads
+        self.proc = subprocess.Popen([sys.executable, "-c", code, args], stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float | None = None) -> None:
         import subprocess
