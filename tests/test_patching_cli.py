@@ -1,5 +1,5 @@
 """`trajlab experiment patching`: refused arguments in one line before any model loads, and a small run end to end on
-the shipped micro-world (one dataset, one figure, the latent of an Euler-ancestral receiver not applicable)."""
+the shipped micro-world (one dataset, one figure, the latent of an Euler-ancestral receiver patched on its own grid)."""
 import subprocess
 import sys
 
@@ -37,7 +37,7 @@ def test_patching_command_end_to_end(tmp_path, capsys):
     assert (out / "micro-sd_patching.png").stat().st_size > 5000
     turbo = ds.sel(receiver="micro-turbo")
     assert turbo["applicable"].sel(site="mid_block").values.all()
-    assert not turbo["applicable"].sel(site="latent").values.any()
-    assert "custom timesteps" in str(turbo["why"].sel(site="latent", step=1).values)
+    assert turbo["applicable"].sel(site="latent").values.all() and str(turbo["latent_method"].values) == "own grid"
+    assert float(turbo["div_restored"].sel(site="latent", step=0)) == 0.0  # step 0: the seed's noise, the receiver
     assert turbo["donor_step"].values.tolist() == [0, 14]  # nearest log sigma on the teacher's 30 DDIM steps
     assert float(turbo["collapse"]) < 0  # Turbo is less diverse than the teacher on these seeds too

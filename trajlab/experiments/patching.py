@@ -434,7 +434,7 @@ def patching_sweep(donor: Side, receivers, prompts, seeds, *, sites=DEMO_SITES, 
                                    "seed": list(seeds)})
         m = patching_map(cells, _images_da(base, prompts, seeds), _images_da(donor_images, prompts, seeds),
                          pairwise=pairwise, metric=metric, labeller=labeller, population=population)
-        maps.append(_receiver_vars(m, r, t, sg, match, d_t, d_sigma, n_steps))
+        maps.append(_receiver_vars(m, r, t, sg, match, d_t, d_sigma, n_steps, latent_method(r)))
         say(f"patching: {r.label()} done ({time.perf_counter() - t0:.0f} s)")
     ds = xr.concat(maps, dim="receiver", combine_attrs="drop").assign_coords(receiver=[r.model for r in receivers])
     ds.attrs.update(donor=donor.model, donor_label=donor.label(), metric=metric, cfg=cfg, n_prompts=len(prompts),
@@ -452,16 +452,16 @@ MATCHING = ("receiver step i (starting sigma_i) <- donor step j(i) with the near
             "for Euler-type receivers)")
 
 
-def _receiver_vars(m, r: Side, t, sigma, match, d_t, d_sigma, n_steps):
+def _receiver_vars(m, r: Side, t, sigma, match, d_t, d_sigma, n_steps, latent: str = ""):
     """``m`` (site, step) with the receiver's grid, the matched donor steps and its per-receiver scalars as
-    variables (padded to ``n_steps``)."""
+    variables (padded to ``n_steps``); ``latent``: how its latent cells were patched (:func:`latent_method`)."""
     pad = n_steps - len(t)
 
     def padded(a, fill=np.nan):
         return np.concatenate([np.asarray(a, dtype=float), np.full(pad, fill)])
 
     m = m.assign(receiver_timestep=("step", padded(t)), receiver_sigma=("step", padded(sigma)),
-                 latent_method=latent_method(r),
+                 latent_method=latent,
                  donor_step=("step", padded(match, -1)), donor_timestep=("step", padded(d_t[match])),
                  donor_sigma=("step", padded(d_sigma[match])), receiver_label=r.label(), receiver_steps=r.steps)
     for k in ("receiver_diversity", "donor_diversity", "collapse", "collapse_ci_low", "collapse_ci_high",
