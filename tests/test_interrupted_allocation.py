@@ -15,6 +15,7 @@ from zarr.storage import LocalStore
 from trajlab import store
 
 sys.path.insert(0, str(Path(__file__).parent))
+from test_sharding import s3_server  # noqa: E402,F401
 from test_store import _allocate  # noqa: E402
 
 
@@ -385,89 +386,55 @@ def test_a_process_killed_inside_an_allocation_is_completed_by_the_rerun(first, 
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["first-group", "later-group"])
-def test_an_allocation_on_s3_failing_at_any_write_is_completed_by_the_rerun(first, monkeypatch, capsys):
+def test_an_allocation_on_s3_failing_at_any_write_is_completed_by_the_rerun(first, s3_server, monkeypatch, capsys):
     """The same on the S3 test server (moto): an allocation cut off at each kind of write (a kill, a lost connection:
     the write raises) is completed by the re-run into the objects an uninterrupted allocation writes."""
-    pytest.importorskip("moto.server")
     import s3fs
     from zarr.storage import FsspecStore
 
-    server = _s3(monkeypatch)
-    try:
-        original = FsspecStore.set
-        state = {"k": None, "n": 0, "keys": []}
+    original = FsspecStore.set
+    state = {"k": None, "n": 0, "keys": []}
 
-        async def _set(self, key, value, byte_range=None):
-            state["n"] += 1
-            state["keys"].append(key)
-            if state["k"] is not None and state["n"] == state["k"]:
-                state["k"] = None
-                raise Killed(f"write {key}")
-            return await original(self, key, value, byte_range)
+    async def _set(self, key, value, byte_range=None):
+        state["n"] += 1
+        state["keys"].append(key)
+        if state["k"] is not None and state["n"] == state["k"]:
+            state["k"] = None
+            raise Killed(f"write {key}")
+        return await original(self, key, value, byte_range)
 
-        monkeypatch.setattr(FsspecStore, "set", _set)
-        fs = s3fs.S3FileSystem()
-
-        def objects(url):
-            root = url.removeprefix("s3://")
-            return {k[len(root):]: fs.cat(k) for k in fs.find(root) if not k.endswith(store.LOCK_FILE)}
-
-        ref = "s3://trajlab/ref.zarr"
-        if not first:
-            _allocate(ref)
-        state.update(n=0, keys=[])
-        _allocate(ref, name="h")
-        keys = list(state["keys"])
-        assert len(keys) > 30, keys  # root, group, ~13 arrays, coordinate chunks, listing, consolidation
-        want = objects(ref)
-        notes = set()
-        for k in _points(keys):
-            url = f"s3://trajlab/k{k}.zarr"
-            if not first:
-                _allocate(url)
-            state.update(k=k, n=0)
-            with pytest.raises((Killed, OSError)):
-                _allocate(url, name="h")
-            state.update(k=None)
-            capsys.readouterr()
-            store.validate(url, resumable=True)
-            _rerun(url, "h")
-            err = capsys.readouterr().err.strip().splitlines()
-            assert len(err) <= 1 and all(e.startswith("trajlab: note: ") for e in err), (k, err)
-            notes.update(e.split(": ", 3)[-1] for e in err)
-            got = objects(url)
-            assert sorted(got) == sorted(want), (k, sorted(set(got) ^ set(want)))
-            assert [x for x in want if want[x] != got[x]] == [], k
-            assert store.group_names(url) == store.group_names(ref)
-        assert "half-allocated" in " | ".join(sorted(notes)), notes
-    finally:
-        server()
-
-
-def _s3(monkeypatch):
-    """A moto S3 server with an empty bucket ``trajlab`` for this process; returns its stop function."""
-    import logging
-    import socket
-
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
-        monkeypatch.setenv(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()
+    monkeypatch.setattr(FsspecStore, "set", _set)
     fs = s3fs.S3FileSystem()
-    if fs.exists("trajlab"):
-        fs.rm("trajlab", recursive=True)
-    fs.mkdir("trajlab")
 
-    def stop():
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
-    return stop
+    def objects(url):
+        root = url.removeprefix("s3://")
+        return {k[len(root):]: fs.cat(k) for k in fs.find(root) if not k.endswith(store.LOCK_FILE)}
+
+    ref = "s3://trajlab/ref.zarr"
+    if not first:
+        _allocate(ref)
+    state.update(n=0, keys=[])
+    _allocate(ref, name="h")
+    keys = list(state["keys"])
+    assert len(keys) > 30, keys  # root, group, ~13 arrays, coordinate chunks, listing, consolidation
+    want = objects(ref)
+    notes = set()
+    for k in _points(keys):
+        url = f"s3://trajlab/k{k}.zarr"
+        if not first:
+            _allocate(url)
+        state.update(k=k, n=0)
+        with pytest.raises((Killed, OSError)):
+            _allocate(url, name="h")
+        state.update(k=None)
+        capsys.readouterr()
+        store.validate(url, resumable=True)
+        _rerun(url, "h")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) <= 1 and all(e.startswith("trajlab: note: ") for e in err), (k, err)
+        notes.update(e.split(": ", 3)[-1] for e in err)
+        got = objects(url)
+        assert sorted(got) == sorted(want), (k, sorted(set(got) ^ set(want)))
+        assert [x for x in want if want[x] != got[x]] == [], k
+        assert store.group_names(url) == store.group_names(ref)
+    assert "half-allocated" in " | ".join(sorted(notes)), notes
