@@ -5,6 +5,8 @@ part that ran it. The hooks themselves: :mod:`trajlab.capture.module_taps`."""
 
 from __future__ import annotations
 
+import contextlib
+
 from trajlab.capture.module_taps import (ATTENTION_DTYPE, ATTENTION_VARIABLE, TAP_PREFIX, ModuleTaps, TapError,
                                          attention_tokens, check_hybrid_branches, check_names, cross_attention_layers,
                                          tappable)
@@ -46,20 +48,14 @@ class SwitchTaps:
         return out
 
     def __enter__(self):
-        entered = []
-        try:
+        with contextlib.ExitStack() as stack:  # a part that fails to hook unhooks those before it
             for part in self.parts:
-                entered.append(part.__enter__())
-        except BaseException:
-            for part in entered:
-                part.__exit__(None, None, None)
-            raise
+                stack.enter_context(part)
+            self._hooked = stack.pop_all()
         return self
 
     def __exit__(self, *exc):
-        for part in self.parts:
-            part.__exit__(*exc)
-        return False
+        return self._hooked.__exit__(*exc)
 
 
 # -- one capture's views: what run.capture plugs in ------------------------------------------------------
@@ -72,9 +68,10 @@ class CaptureViews:
         from trajlab.capture.taps import denoiser_of
 
         self.denoiser = denoiser_of(pipe)
+        self.hybrid = type(self.denoiser).__name__ == "DenoiserSwitch"
         self.parts = switch_parts(self.denoiser)
         self.taps = [dict(t) for t in taps]
-        if len(self.parts) > 1:
+        if self.hybrid:  # teacher steps with CFG, student steps maybe without, even on one shared UNet
             check_hybrid_branches(self.taps)
         for part in self.parts:
             check_names([t["name"] for t in self.taps], tappable(part))
@@ -93,7 +90,7 @@ class CaptureViews:
 
     def batch(self, recorder, batch_size: int) -> ModuleTaps:
         """The hooks of one pipeline call of ``batch_size`` samples, feeding ``recorder`` (a context manager)."""
-        if len(self.parts) > 1:
+        if self.hybrid:  # the shape check across steps holds for a one-UNet (LoRA) hybrid too
             taps = SwitchTaps(self.parts, self.taps, batch_size, attention_tokens=self.n_tokens)
         else:
             taps = ModuleTaps(self.parts[0], self.taps, batch_size, attention_tokens=self.n_tokens)

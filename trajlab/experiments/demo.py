@@ -325,7 +325,8 @@ def mechanistic_analyses(store: str, analyses, *, teacher: str, student: str, co
                            injections=True, plain=False)
     print(f"covariance propagation done ({time.perf_counter() - t0:.0f} s)", flush=True)
     if collapsing and patching:
-        demo_patching(analyses, n_prompts=n_prompts, seeds=list(seeds)[:DEMO_PATCHING_SEEDS], receivers=collapsing)
+        demo_patching(analyses, n_prompts=n_prompts, seeds=list(seeds)[:DEMO_PATCHING_SEEDS], receivers=collapsing,
+                      progress=progress)
         print(f"patching map done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
@@ -392,11 +393,12 @@ def PatchingHelper(analyses, log, *, n_prompts: int, seeds, receivers) -> Helper
                           "receivers": list(receivers)}, log, nice=19)
 
 
-def demo_patching(analyses, *, n_prompts: int, seeds, receivers) -> None:
+def demo_patching(analyses, *, n_prompts: int, seeds, receivers, progress: bool = True) -> None:
     """The demo's teacher -> ``receivers`` patching map into ``analyses`` (what :class:`PatchingHelper` runs)."""
     from trajlab.experiments.patching import run_patching
 
-    run_patching(analyses, n_prompts=n_prompts, seeds=list(seeds), receivers=tuple(receivers), progress=print)
+    run_patching(analyses, n_prompts=n_prompts, seeds=list(seeds), receivers=tuple(receivers),
+                 progress=print if progress else None)
 
 
 class Helpers:
