@@ -151,7 +151,7 @@ def test_lcm_distill_loss_falls(shipped_teacher):
     frozen_target = copy.deepcopy(student).eval()
     assert student.time_embedding.cond_proj.weight.abs().max() == 0
     before = _lcm_eval(student, teacher, frozen_target, z, y, bank, ids, empty, True)
-    losses = LCM.consistency_distill(student, teacher, z, y, bank, ids, empty, steps=10, batch=32, lr=1e-5, w_range=(3.0, 3.0), ema_decay=1.0)
+    losses = LCM.consistency_distill(student, teacher, z, T.LabelPrompts(y, bank, ids, empty), steps=10, batch=32, lr=1e-5, w_range=(3.0, 3.0), ema_decay=1.0)
     after = _lcm_eval(student, teacher, frozen_target, z, y, bank, ids, empty, True)
     assert len(losses) == 10 and all(torch.isfinite(torch.tensor(losses)))
     assert after < 0.98 * before, (before, after)
@@ -165,7 +165,7 @@ def test_lora_distill_loss_falls_and_base_is_frozen(shipped_teacher):
     frozen_target = copy.deepcopy(student).eval()
     base = {k: v.clone() for k, v in student.state_dict().items() if "lora_" not in k}
     before = _lcm_eval(student, teacher, frozen_target, z, y, bank, ids, empty, False)
-    LCM.consistency_distill(student, teacher, z, y, bank, ids, empty, steps=10, batch=32, lr=1e-3, w_range=(3.0, 3.0),
+    LCM.consistency_distill(student, teacher, z, T.LabelPrompts(y, bank, ids, empty), steps=10, batch=32, lr=1e-3, w_range=(3.0, 3.0),
                             w_embedding=False, params=LO.lora_parameters(wrapped), ema_decay=1.0)
     after = _lcm_eval(student, teacher, frozen_target, z, y, bank, ids, empty, False)
     assert after < 0.98 * before, (before, after)

@@ -68,7 +68,7 @@ def test_vae_and_unet_shapes():
 def test_caption_sampler_follows_the_grammar_and_drops_for_cfg(tiny_text):
     _, te, tok = tiny_text
     scenes = W.sample_scenes(200, 3)
-    cs = T.CaptionSampler(scenes, te, tok, seed=0, p_drop=0.25)
+    cs = T.ScenePrompts(scenes, te, tok, seed=0, p_drop=0.25)
     texts = cs.texts(range(200)) + cs.texts(range(200))
     empty = [t for t in texts if t == ""]
     assert 0.15 < len(empty) / len(texts) < 0.35
@@ -91,7 +91,7 @@ def test_teacher_training_resumes_to_the_same_weights(tmp_path, tiny_text):
 
     def go(ckpt):
         unet = T.build_unet(seed=1)
-        cs = T.CaptionSampler(scenes, te, tok, seed=2)
+        cs = T.ScenePrompts(scenes, te, tok, seed=2)
         return T.train_unet(unet, z, cs, steps=4, batch=4, seed=3, checkpoint=ckpt, every=2)
 
     ema_a, losses_a = go(tmp_path / "a.ckpt")

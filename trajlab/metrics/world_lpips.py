@@ -69,6 +69,24 @@ def load_micro_lpips(directory: str | Path | None = None) -> MicroLPIPS:
     return MicroLPIPS(net.eval())
 
 
+SHAPES_NAME = "shapes_lpips"
+SHAPES_DESCRIPTION = "shapes-LPIPS (attribute-judge conv features, uniform layer weights; not human-calibrated)"
+
+
+def load_shapes_lpips(directory: str | Path | None = None) -> MicroLPIPS:
+    """The same LPIPS-style distance on the shapes world's attribute judge (``trajlab.worlds.shapes.judge``, weights
+    in ``data/worlds/shapes/judge.safetensors`` unless ``directory``): its three conv-BN-ReLU stages (24 @ 32x32,
+    48 @ 16x16, 96 @ 8x8) sit at the same indices :data:`LAYERS` of its ``nn.Sequential``. Units "shapes-LPIPS":
+    distances in the representation an attribute reader learnt in that world (shape, colour, size, stripes,
+    position), in [0, 6]; not comparable with micro-LPIPS or AlexNet LPIPS."""
+    from trajlab.worlds.shapes.judge import load_judge
+
+    net = load_judge(directory).model
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return MicroLPIPS(net.eval(), name=SHAPES_NAME, description=SHAPES_DESCRIPTION)
+
+
 def _prepare(images) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float32 (N, 3, 32, 32) in [-1, 1]."""
     x = np.asarray(images)
@@ -144,5 +162,5 @@ def micro_lpips_diversity(model: MicroLPIPS, images) -> float:
     return mean_pairwise(micro_lpips_pairwise(model, images))
 
 
-__all__ = ["DESCRIPTION", "LAYERS", "MicroLPIPS", "NAME", "UNITS", "load_micro_lpips", "micro_lpips_distance",
+__all__ = ["DESCRIPTION", "LAYERS", "MicroLPIPS", "NAME", "UNITS", "load_micro_lpips", "load_shapes_lpips", "micro_lpips_distance",
            "micro_lpips_diversity", "micro_lpips_features", "micro_lpips_pairwise"]

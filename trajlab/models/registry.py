@@ -89,6 +89,28 @@ SEED_SYSTEMS = {
 """Each real system of the research plan -> its offline analogue in the micro-world (same recipe in miniature,
 loaded the same way: a LoRA where the real one is a LoRA, a UNet swap where it is one)."""
 
+_SHAPES = "world:shapes/shapes-sd"
+SHAPES_STUDENTS = [
+    ModelSpec("shapes-lcm", "world:shapes/shapes-lcm", "LatentConsistencyModelPipeline", "lcm", 4, 4.0, role="student",
+              notes="shapes-world LCM (full UNet, w-embedding) distilled from shapes-sd"),
+    ModelSpec("shapes-lcm-lora", _SHAPES, "StableDiffusionPipeline", "lcm", 4, 1.0, role="student",
+              loras=(Lora("world:shapes/shapes-lcm-lora"),), notes="shapes-world LCM-LoRA (PEFT, diffusers LoRA file) on shapes-sd"),
+    ModelSpec("shapes-pcm", _SHAPES, "StableDiffusionPipeline", "tcd-trailing", 4, 1.0, role="student",
+              loras=(Lora("world:shapes/shapes-pcm"),), notes="shapes-world PCM LoRA (4 phases, adversarial consistency loss)"),
+    ModelSpec("shapes-tlcm", _SHAPES, "StableDiffusionPipeline", "tcd-trailing", 4, 1.0, role="student",
+              loras=(Lora("world:shapes/shapes-tlcm"),), notes="shapes-world TLCM: data-free multistep LCD, PEFT adapter"),
+    ModelSpec("shapes-turbo", "world:shapes/shapes-turbo", "StableDiffusionPipeline", "euler-ancestral-trailing", 1, 0.0, role="student",
+              notes="shapes-world ADD student at ADD's weighting (adversarial 1 : distillation 2.5); 1-4 steps, guidance 0"),
+    ModelSpec("shapes-turbo-distill-heavy", "world:shapes/shapes-turbo-distill-heavy", "StableDiffusionPipeline",
+              "euler-ancestral-trailing", 1, 0.0, role="student",
+              notes="ablation: ADD at adversarial 0.05 : distillation 2.5 (regression-heavy)"),
+    ModelSpec("shapes-dmd2", _SHAPES, "StableDiffusionPipeline", "lcm", 4, 1.0, unet="world:shapes/shapes-dmd2", role="student",
+              notes="shapes-world DMD2 generator (GAN term, 5 fake-score updates per step), UNet swapped into shapes-sd"),
+    ModelSpec("shapes-dmd2-no-gan", _SHAPES, "StableDiffusionPipeline", "lcm", 4, 1.0, unet="world:shapes/shapes-dmd2-no-gan",
+              role="student", notes="ablation: DMD2 without its GAN term"),
+]
+"""The shapes world's students (``trajlab.worlds.shapes.students``), loaded as their real counterparts are."""
+
 BUILTIN_MODELS = [
     ModelSpec("tiny-sd", "builtin:tiny-sd", "StableDiffusionPipeline", "ddim", 30, 5.0, role="test",
               notes="random tiny SD (tests, demos, benchmarks)"),
@@ -115,6 +137,7 @@ BUILTIN_MODELS = [
               notes="micro-world DMD2 generator (UNet swapped into micro-sd, LCM scheduler): 1-4 steps"),
     ModelSpec("shapes-sd", "world:shapes/shapes-sd", "StableDiffusionPipeline", "ddim", 30, 4.0,
               notes="shapes-world teacher (compositional scenes, attribute judge; data/worlds/shapes)"),
+    *SHAPES_STUDENTS,
 ]
 
 

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from .teacher import NUM_TRAIN_TIMESTEPS, alphas_cumprod, ema_step, one_cycle, text_rows
+from .teacher import NUM_TRAIN_TIMESTEPS, alphas_cumprod, ema_step, one_cycle
 
 NUM_DDIM_TIMESTEPS = 50
 TIMESTEP_SCALING = 10.0
@@ -58,12 +58,12 @@ def x0_from_eps(eps: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> torch.Te
     return (x - (1 - a).sqrt() * eps) / a.sqrt()
 
 
-def consistency_distill(student, teacher, latents: torch.Tensor, labels: torch.Tensor, text_bank: torch.Tensor, text_ids, empty_id: int,
-                        steps: int, batch: int = 64, lr: float = 2e-4, w_range: tuple[float, float] = (1.0, 7.0), w_embedding: bool = True,
+def consistency_distill(student, teacher, latents: torch.Tensor, prompts, steps: int, batch: int = 64, lr: float = 2e-4, w_range: tuple[float, float] = (1.0, 7.0), w_embedding: bool = True,
                         ema_decay: float = 0.95, huber_c: float = 0.001, params=None, p_drop: float = 0.0, seed: int = 0, log=None, name: str = "lcm", device: str = "cpu"):
     """Train ``student`` in place by latent consistency distillation from ``teacher`` (frozen).
 
-    latents: (N, 4, 8, 8) scaled latents; text_bank / text_ids / empty_id as in ``train_teacher``.
+    latents: (N, 4, 8, 8) scaled latents; prompts: their conditions (``teacher.LabelPrompts`` or a world's
+    equivalent: cond(idx, g, p_drop), uncond(cond)).
     w_range: guidance weight w (pipeline guidance_scale = w + 1). params: the trainable parameters
     (default: all of the student's; LoRA passes its own). The target network is an EMA copy of the
     student. Returns the per-step losses.
@@ -80,17 +80,16 @@ def consistency_distill(student, teacher, latents: torch.Tensor, labels: torch.T
     tdim = student.config.time_cond_proj_dim
     if w_embedding and tdim is None:
         raise ValueError("consistency_distill: w_embedding=True needs student.config.time_cond_proj_dim, got None")
-    text_bank = text_bank.to(device)
     student.train()
     losses = []
     for step in range(steps):
         idx = torch.randint(0, len(latents), (batch,), generator=g)
-        rows = text_rows(labels[idx], text_ids, empty_id, g, p_drop)
+        cond = prompts.cond(idx, g, p_drop)
         j = torch.randint(0, len(grid), (batch,), generator=g)
         w = w_range[0] + (w_range[1] - w_range[0]) * torch.rand(batch, generator=g)
         noise = torch.randn(latents[idx].shape, generator=g)
-        cond = text_bank[rows.to(device)]
-        loss = lcm_loss(student, teacher, target, latents[idx].to(device), cond, text_bank[empty_id].expand_as(cond), j.to(device), w.to(device),
+        cond = cond.to(device)
+        loss = lcm_loss(student, teacher, target, latents[idx].to(device), cond, prompts.uncond(cond), j.to(device), w.to(device),
                         noise.to(device), ab, w_embedding=w_embedding, huber_c=huber_c)
         ema_step(loss, opt, sched, params, target, student, ema_decay)
         losses.append(loss.item())

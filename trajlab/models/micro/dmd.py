@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .distill import x0_from_eps
 from .pcm import guided_eps
-from .teacher import alphas_cumprod, one_cycle, text_rows
+from .teacher import alphas_cumprod, one_cycle
 
 GEN_TIMESTEPS = (999, 759, 499, 259)
 
@@ -59,11 +59,12 @@ def fake_score_loss(fake, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     return F.mse_loss(fake(x, t, encoder_hidden_states=cond).sample, noise)
 
 
-def train_dmd(gen, teacher, labels, text_bank, text_ids, empty_id: int, steps: int, *, batch: int = 32, lr: float = 5e-5, fake_lr: float = 2e-4,
+def train_dmd(gen, teacher, prompts, steps: int, *, batch: int = 32, lr: float = 5e-5, fake_lr: float = 2e-4,
               fake_updates: int = 2, w: float = 3.0, seed: int = 0, log=None, name: str = "dmd"):
     """Train generator ``gen`` (full UNet) in place by DMD2 from the frozen ``teacher``; CPU.
 
-    labels (N,): the digit prompts to draw (no images are used). Returns {"loss": generator losses,
+    prompts: the prompt conditions to draw from (``teacher.LabelPrompts`` or a world's equivalent; no image is
+    used). Returns {"loss": generator losses,
     "grad": mean |DMD gradient|, "fake_loss": fake-score losses} per generator step.
     """
     g = torch.Generator().manual_seed(seed)
@@ -78,9 +79,9 @@ def train_dmd(gen, teacher, labels, text_bank, text_ids, empty_id: int, steps: i
     out = {"loss": [], "grad": [], "fake_loss": []}
     shape = (batch, 4, 8, 8)
     for step in range(steps):
-        idx = torch.randint(0, len(labels), (batch,), generator=g)
-        cond = text_bank[text_rows(labels[idx], text_ids, empty_id, g, 0.0)]
-        uncond = text_bank[empty_id].expand_as(cond)
+        idx = torch.randint(0, len(prompts), (batch,), generator=g)
+        cond = prompts.cond(idx, g)
+        uncond = prompts.uncond(cond)
         t_gen = ts[torch.randint(0, len(ts), (batch,), generator=g)]
         x = generator_inputs(gen, torch.randn(shape, generator=g), torch.randn(shape, generator=g), t_gen, cond, ab)
         a = ab[t_gen].view(-1, 1, 1, 1)

@@ -23,7 +23,7 @@ TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.
 class LoRA(nn.Module):
     """base(x) + scale * B(A(x)) for an nn.Linear or nn.Conv2d ``base`` (frozen); B starts at zero."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float | None = None):
+    def __init__(self, base: nn.Module, r: int, alpha: float | None = None, generator: torch.Generator | None = None):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.scale = (alpha if alpha is not None else r) / r
@@ -35,25 +35,27 @@ class LoRA(nn.Module):
             self.lora_B = nn.Conv2d(r, base.out_channels, 1, bias=False)
         else:
             raise TypeError(f"LoRA: base must be nn.Linear or nn.Conv2d, got {type(base).__name__}")
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=5**0.5)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5**0.5, generator=generator)
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x, *args, **kwargs):
         return self.base(x) + self.scale * self.lora_B(self.lora_A(x))
 
 
-def inject_lora(unet: nn.Module, r: int = 8, targets=TARGETS) -> dict[str, LoRA]:
+def inject_lora(unet: nn.Module, r: int = 8, targets=TARGETS, seed: int = 0) -> dict[str, LoRA]:
     """Wrap every Linear/Conv2d of ``unet`` whose name ends with a target suffix (in place).
 
-    Freezes all base weights. Returns {module name: LoRA wrapper}.
+    Freezes all base weights. The A factors are drawn from ``seed`` (the same adapter every run).
+    Returns {module name: LoRA wrapper}.
     """
+    g = torch.Generator().manual_seed(seed)
     unet.requires_grad_(False)
     names = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and any(n == t or n.endswith("." + t) for t in targets)]
     wrapped = {}
     for n in names:
         parent_name, _, child = n.rpartition(".")
         parent = unet.get_submodule(parent_name) if parent_name else unet
-        w = LoRA(getattr(parent, child), r)
+        w = LoRA(getattr(parent, child), r, generator=g)
         setattr(parent, child, w)
         wrapped[n] = w
     if not wrapped:

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .distill import NUM_DDIM_TIMESTEPS, ddim_grid, x0_from_eps
-from .teacher import NUM_TRAIN_TIMESTEPS, alphas_cumprod, ema_step, one_cycle, text_rows
+from .teacher import NUM_TRAIN_TIMESTEPS, alphas_cumprod, ema_step, one_cycle
 
 EDGES = (0, 259, 499, 759)
 """Lower phase edges (timesteps) of the 4-phase split: TCD/LCM's 4-step trailing timesteps are 999, 759, 499, 259."""
@@ -99,13 +99,36 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
     return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
 
 
-def train_phased(student, teacher, latents, labels, text_bank, text_ids, empty_id: int, steps: int, params, *, batch: int = 32, lr: float = 1e-3,
-                 w: float = 3.0, adv_weight: float = 0.1, edges=EDGES, ema_decay: float = 0.95, seed: int = 0, log=None, name: str = "pcm"):
+class Adversary:
+    """PCM's adversarial consistency loss around a discriminator ``disc(x, s, cond) -> (B,) logits`` (an nn.Module
+    whose parameters are its trainable ones): hinge loss, AdamW(lr, betas (0, 0.99)). The digit world's is a
+    ``LatentDiscriminator``; the shapes world's reads frozen teacher features."""
+
+    def __init__(self, disc: nn.Module, lr: float = 2e-4):
+        self.disc = disc
+        self.opt = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.0, 0.99))
+
+    def d_step(self, real, fake, s, cond) -> float:
+        d_loss = hinge_d_loss(self.disc(real, s, cond), self.disc(fake.detach(), s, cond))
+        self.opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt.step()
+        return d_loss.item()
+
+    def g_loss(self, fake, s, cond) -> torch.Tensor:
+        return -self.disc(fake, s, cond).mean()
+
+
+def train_phased(student, teacher, latents, prompts, steps: int, params, *, batch: int = 32, lr: float = 1e-3,
+                 w: float = 3.0, adv_weight: float = 0.1, edges=EDGES, ema_decay: float = 0.95, seed: int = 0, log=None, name: str = "pcm",
+                 adversary=None):
     """Train ``student`` in place by phased consistency distillation (+ adversarial consistency loss if adv_weight > 0).
 
-    latents: (N, 4, 8, 8) scaled latents (real for PCM, teacher-generated for TLCM); labels (N,);
-    text_bank (T, 77, C) / text_ids / empty_id as in ``teacher.train_teacher``; params: trainable
+    latents: (N, 4, 8, 8) scaled latents (real for PCM, teacher-generated for TLCM); prompts: their
+    conditions (``teacher.LabelPrompts`` or a world's equivalent); params: trainable
     parameters (LoRA factors). w: baked CFG weight of the teacher (guidance_scale = w + 1). CPU only.
+    adversary: the adversarial consistency loss's discriminator, an object with ``d_step(real, fake, s, cond) -> float``
+    (one discriminator update) and ``g_loss(fake, s, cond)``; default (adv_weight > 0): ``Adversary(LatentDiscriminator)``.
     Returns {"loss": per-step consistency losses, "d_loss": per-step discriminator losses}.
     """
     g = torch.Generator().manual_seed(seed)
@@ -115,27 +138,23 @@ def train_phased(student, teacher, latents, labels, text_bank, text_ids, empty_i
     params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = one_cycle(opt, lr, steps, 0.05)
-    disc = LatentDiscriminator(seed=seed) if adv_weight > 0 else None
-    d_opt = torch.optim.AdamW(disc.parameters(), lr=2e-4, betas=(0.0, 0.99)) if disc is not None else None
+    if adv_weight > 0 and adversary is None:
+        adversary = Adversary(LatentDiscriminator(seed=seed))
     student.train()
     out = {"loss": [], "d_loss": []}
     for step in range(steps):
         idx = torch.randint(0, len(latents), (batch,), generator=g)
-        cond = text_bank[text_rows(labels[idx], text_ids, empty_id, g, 0.0)]
-        uncond = text_bank[empty_id].expand_as(cond)
+        cond = prompts.cond(idx, g)
+        uncond = prompts.uncond(cond)
         j = torch.randint(0, NUM_DDIM_TIMESTEPS, (batch,), generator=g)
         noise = torch.randn(latents[idx].shape, generator=g)
         loss, pred, s = phased_consistency_loss(student, teacher, target, latents[idx], cond, uncond, j, w, noise, ab, edges)
         total = loss
-        if disc is not None:
+        if adv_weight > 0:
             a_s = ab[s].view(-1, 1, 1, 1)
             real = a_s.sqrt() * latents[idx] + (1 - a_s).sqrt() * torch.randn(pred.shape, generator=g)
-            d_loss = hinge_d_loss(disc(real, s, cond), disc(pred.detach(), s, cond))
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
-            total = loss + adv_weight * (-disc(pred, s, cond).mean())
-            out["d_loss"].append(d_loss.item())
+            out["d_loss"].append(adversary.d_step(real, pred, s, cond))
+            total = loss + adv_weight * adversary.g_loss(pred, s, cond)
         ema_step(total, opt, sched, params, target, student, ema_decay)
         out["loss"].append(loss.item())
         if log is not None and (step % 100 == 0 or step == steps - 1):

@@ -7,7 +7,8 @@
 
 Each ``stage_<name>(ctx, steps, log)`` trains from fixed seeds on the CPU, writes ``<out>/micro-<name>``
 and returns (losses, extra dict for train_log.json). ``ctx`` (built by ``train.student_context``): out (Path),
-sd (the micro-sd pipeline), teacher (its frozen UNet), bank / text_ids / empty (prompt text bank), z / zy (real latents, labels).
+sd (the micro-sd pipeline), teacher (its frozen UNet), bank / text_ids / empty (prompt text bank), z / zy (real latents, labels),
+prompts (``teacher.LabelPrompts`` of z).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def stage_pcm(ctx: dict, steps: int, log=None):
 
     student = copy.deepcopy(ctx["teacher"])
     wrapped = LO.inject_lora(student, r=PCM["rank"])
-    res = train_phased(student, ctx["teacher"], ctx["z"], ctx["zy"], ctx["bank"], ctx["text_ids"], ctx["empty"], steps, LO.lora_parameters(wrapped),
+    res = train_phased(student, ctx["teacher"], ctx["z"], ctx["prompts"], steps, LO.lora_parameters(wrapped),
                        batch=PCM["batch"], lr=PCM["lr"], w=W, adv_weight=PCM["adv_weight"], seed=PCM["seed"], log=log, name="pcm")
     folder = ctx["out"] / "micro-pcm"
     LO.save_lora(wrapped, folder)
@@ -57,7 +58,7 @@ def stage_tlcm(ctx: dict, steps: int, log=None):
         log(f"tlcm: {len(z)} teacher-generated latents in {gen_s:.1f} s (no real digit)")
     student = copy.deepcopy(ctx["teacher"])
     params = add_peft_adapter(student, r=TLCM["rank"])
-    res = train_phased(student, ctx["teacher"], z, zy, ctx["bank"], ctx["text_ids"], ctx["empty"], steps, params,
+    res = train_phased(student, ctx["teacher"], z, T.LabelPrompts(zy, ctx["bank"], ctx["text_ids"], ctx["empty"]), steps, params,
                        batch=TLCM["batch"], lr=TLCM["lr"], w=W, adv_weight=0.0, seed=TLCM["seed"], log=log, name="tlcm")
     folder = ctx["out"] / "micro-tlcm"
     save_peft_adapter(student, folder)
@@ -75,7 +76,7 @@ def stage_turbo(ctx: dict, steps: int, log=None):
     from .turbo import STUDENT_TIMESTEPS, train_add
 
     student = copy.deepcopy(ctx["teacher"]).requires_grad_(True)
-    res = train_add(student, ctx["teacher"], ctx["z"], ctx["zy"], ctx["bank"], ctx["text_ids"], ctx["empty"], steps, batch=TURBO["batch"], lr=TURBO["lr"],
+    res = train_add(student, ctx["teacher"], ctx["z"], ctx["prompts"], steps, batch=TURBO["batch"], lr=TURBO["lr"],
                     w=W, adv_weight=TURBO["adv_weight"], distill_weight=TURBO["distill_weight"], seed=TURBO["seed"], log=log, name="turbo")
     sd = ctx["sd"]
     pipe = T.make_sd_pipeline(student, sd.vae, sd.text_encoder, sd.tokenizer)
@@ -92,7 +93,7 @@ def stage_dmd(ctx: dict, steps: int, log=None):
     from .dmd import GEN_TIMESTEPS, train_dmd
 
     gen = copy.deepcopy(ctx["teacher"]).requires_grad_(True)
-    res = train_dmd(gen, ctx["teacher"], ctx["zy"], ctx["bank"], ctx["text_ids"], ctx["empty"], steps, batch=DMD["batch"], lr=DMD["lr"],
+    res = train_dmd(gen, ctx["teacher"], ctx["prompts"], steps, batch=DMD["batch"], lr=DMD["lr"],
                     fake_lr=DMD["fake_lr"], fake_updates=DMD["fake_updates"], w=W, seed=DMD["seed"], log=log, name="dmd")
     folder = ctx["out"] / "micro-dmd"
     copy.deepcopy(gen).to(torch.float16).save_pretrained(str(folder), safe_serialization=True)

@@ -159,6 +159,38 @@ def text_rows(labels: torch.Tensor, text_ids: list[list[int]], empty_id: int, g:
     return torch.where(drop, torch.full_like(rows, empty_id), rows)
 
 
+class LabelPrompts:
+    """The prompt side of a distillation loop over class-labelled latents (the digit world).
+
+    labels (N,) int64 aligned with the loop's latents; text_bank (T, L, C) text-encoder states of every
+    paraphrase; text_ids[d] the rows paraphrasing label d; empty_id the row of "". Loops call
+    ``cond(idx, g)`` -> (B, L, C) states of a random paraphrase of each drawn latent's label,
+    ``uncond(cond)`` -> the "" states broadcast like cond, and ``real(idx, g)`` -> (B,) indices of real
+    latents that fit the same prompts (another latent of the same digit). All draws come from ``g``.
+    """
+
+    def __init__(self, labels: torch.Tensor, text_bank: torch.Tensor, text_ids: list[list[int]], empty_id: int):
+        self.labels, self.text_bank, self.text_ids, self.empty_id = labels, text_bank, text_ids, empty_id
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def cond(self, idx: torch.Tensor, g: torch.Generator, p_drop: float = 0.0) -> torch.Tensor:
+        return self.text_bank[text_rows(self.labels[idx], self.text_ids, self.empty_id, g, p_drop)]
+
+    def uncond(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.text_bank[self.empty_id].to(cond.device).expand_as(cond)
+
+    def real(self, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        out = torch.empty(len(idx), dtype=torch.long)
+        wanted = self.labels[idx]
+        for d in wanted.unique():
+            pool = (self.labels == d).nonzero().squeeze(1)
+            sel = (wanted == d).nonzero().squeeze(1)
+            out[sel] = pool[torch.randint(0, len(pool), (len(sel),), generator=g)]
+        return out
+
+
 def make_sd_pipeline(unet, vae, text_encoder, tokenizer):
     """A ``StableDiffusionPipeline`` with SD's DDIM scheduler and no safety checker."""
     from diffusers import StableDiffusionPipeline

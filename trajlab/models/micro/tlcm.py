@@ -57,7 +57,7 @@ def add_peft_adapter(unet, r: int = 8, adapter_name: str = ADAPTER_NAME):
     return params
 
 
-def save_peft_adapter(unet, directory: str | Path, adapter_name: str = ADAPTER_NAME) -> Path:
+def save_peft_adapter(unet, directory: str | Path, adapter_name: str = ADAPTER_NAME, base: str = "micro-sd") -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (fp16, keys ``base_model.model.<module>.lora_A/B.weight``)."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -70,7 +70,7 @@ def save_peft_adapter(unet, directory: str | Path, adapter_name: str = ADAPTER_N
     cfg = unet.peft_config[adapter_name].to_dict()
     cfg["target_modules"] = sorted(cfg["target_modules"]) if isinstance(cfg["target_modules"], (set, list)) else cfg["target_modules"]
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-    cfg["base_model_name_or_path"] = "micro-sd"
+    cfg["base_model_name_or_path"] = base
     cfg["inference_mode"] = True
     (directory / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
     return directory

@@ -151,7 +151,7 @@ def run(out: Path, stages=STAGES, quick: bool = False, device: str = "cpu") -> d
     if "lcm" in stages:
         t0 = time.time()
         student = LCM.student_from_teacher(teacher, LCM_TIME_COND_DIM)
-        losses = LCM.consistency_distill(student, teacher, z, zy, bank, text_ids, empty, n["lcm"], w_range=LCM_W_RANGE, w_embedding=True, seed=6, log=_log, name="lcm", device=device)
+        losses = LCM.consistency_distill(student, teacher, z, T.LabelPrompts(zy, bank, text_ids, empty), n["lcm"], w_range=LCM_W_RANGE, w_embedding=True, seed=6, log=_log, name="lcm", device=device)
         pipe = LCM.make_lcm_pipeline(student, sd.vae, sd.text_encoder, sd.tokenizer)
         T.save_pipeline(pipe, out / "micro-lcm", {"pipeline": "LatentConsistencyModelPipeline", "scheduler": "LCMScheduler", "steps": 4,
                                                    "guidance": T.DEFAULT_GUIDANCE, "guidance_range_trained": [1 + LCM_W_RANGE[0], 1 + LCM_W_RANGE[1]],
@@ -166,7 +166,7 @@ def run(out: Path, stages=STAGES, quick: bool = False, device: str = "cpu") -> d
         student = copy.deepcopy(teacher)
         wrapped = LO.inject_lora(student, r=LORA_RANK)
         w = T.DEFAULT_GUIDANCE - 1
-        losses = LCM.consistency_distill(student, teacher, z, zy, bank, text_ids, empty, n["lora"], lr=1e-3, w_range=(w, w), w_embedding=False,
+        losses = LCM.consistency_distill(student, teacher, z, T.LabelPrompts(zy, bank, text_ids, empty), n["lora"], lr=1e-3, w_range=(w, w), w_embedding=False,
                                          params=LO.lora_parameters(wrapped), seed=7, log=_log, name="lora", device=device)
         folder = out / "micro-lcm-lora"
         LO.save_lora(wrapped, folder)
@@ -198,7 +198,8 @@ def student_context(out: Path, aug_copies: int, seed: int = 5) -> dict:
     bank, text_ids, empty = _text_bank(sd.text_encoder, sd.tokenizer)
     split = D.load_split()
     z, zy = _latent_bank(sd.vae, split["x_train"], split["y_train"], aug_copies, seed=seed)
-    return {"out": out, "sd": sd, "teacher": sd.unet.requires_grad_(False).eval(), "bank": bank, "text_ids": text_ids, "empty": empty, "z": z, "zy": zy}
+    return {"out": out, "sd": sd, "teacher": sd.unet.requires_grad_(False).eval(), "bank": bank, "text_ids": text_ids, "empty": empty, "z": z, "zy": zy,
+            "prompts": T.LabelPrompts(zy, bank, text_ids, empty)}
 
 
 def main(argv=None) -> None:

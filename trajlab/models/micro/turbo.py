@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .distill import x0_from_eps
 from .pcm import guided_eps, hinge_d_loss
-from .teacher import alphas_cumprod, one_cycle, text_rows
+from .teacher import alphas_cumprod, one_cycle
 
 STUDENT_TIMESTEPS = (999, 749, 499, 249)
 
@@ -88,11 +88,11 @@ def distill_loss(teacher, x0_hat, t2, noise2, cond, uncond, w: float, ab) -> tor
     return (a * (x0_hat - x0_t) ** 2).mean()
 
 
-def train_add(student, teacher, latents, labels, text_bank, text_ids, empty_id: int, steps: int, *, batch: int = 32, lr: float = 5e-5,
+def train_add(student, teacher, latents, prompts, steps: int, *, batch: int = 32, lr: float = 5e-5,
               w: float = 3.0, adv_weight: float = 0.05, distill_weight: float = 1.0, seed: int = 0, log=None, name: str = "turbo"):
     """Train ``student`` (full UNet) in place by ADD from the frozen ``teacher``; CPU.
 
-    latents: (N, 4, 8, 8) real scaled latents; labels (N,). Returns {"loss": generator losses,
+    latents: (N, 4, 8, 8) real scaled latents; prompts: their conditions (cond, uncond, real). Returns {"loss": generator losses,
     "distill": distillation losses, "d_loss": discriminator losses} (per step).
     """
     import copy
@@ -110,11 +110,11 @@ def train_add(student, teacher, latents, labels, text_bank, text_ids, empty_id: 
     out = {"loss": [], "distill": [], "d_loss": []}
     for step in range(steps):
         idx = torch.randint(0, len(latents), (batch,), generator=g)
-        cond = text_bank[text_rows(labels[idx], text_ids, empty_id, g, 0.0)]
-        uncond = text_bank[empty_id].expand_as(cond)
+        cond = prompts.cond(idx, g)
+        uncond = prompts.uncond(cond)
         t = ts[torch.randint(0, len(ts), (batch,), generator=g)]
         x0_hat = add_student_x0(student, latents[idx], t, torch.randn(latents[idx].shape, generator=g), cond, ab)
-        real_idx = _same_label(labels, labels[idx], g)  # real latents of the same digits
+        real_idx = prompts.real(idx, g)  # real latents that fit the same prompts
         d_loss = hinge_d_loss(disc(features(latents[real_idx], cond), cond), disc([f.detach() for f in features(x0_hat.detach(), cond)], cond))
         d_opt.zero_grad(set_to_none=True)
         d_loss.backward()
@@ -134,12 +134,3 @@ def train_add(student, teacher, latents, labels, text_bank, text_ids, empty_id: 
     student.eval()
     return out
 
-
-def _same_label(labels: torch.Tensor, wanted: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """(B,) random indices into labels (N,) with labels[i] == wanted[b] (real latents of the prompted digits)."""
-    out = torch.empty(len(wanted), dtype=torch.long)
-    for d in wanted.unique():
-        pool = (labels == d).nonzero().squeeze(1)
-        sel = (wanted == d).nonzero().squeeze(1)
-        out[sel] = pool[torch.randint(0, len(pool), (len(sel),), generator=g)]
-    return out

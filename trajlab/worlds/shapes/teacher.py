@@ -109,23 +109,48 @@ def latent_bank(vae, x: torch.Tensor, seed: int) -> torch.Tensor:
     return A.encode(vae, x, generator=g) * vae.config.scaling_factor
 
 
-class CaptionSampler:
-    """Per step: a caption per scene from ``world.caption`` (its own seeded stream), "" with probability
-    ``p_drop``; returns the frozen text encoder's last hidden states."""
+class ScenePrompts:
+    """Captions of the world's scenes as a training loop's prompt conditions.
+
+    scenes: the scenes behind the loop's latents (index i of one is index i of the other). Every call
+    draws a fresh ``world.caption`` per scene from its own seeded stream (``rng``), "" with probability
+    ``p_drop``, and returns the frozen text encoder's last hidden states (B, 32, 64). The distillation
+    loops (``trajlab.models.micro``: distill, pcm, turbo, dmd) call ``cond(idx, g, p_drop)``,
+    ``uncond(cond)`` (the "" states like cond) and ``real(idx, g)`` (real latents fitting the drawn
+    captions: the captioned scenes themselves); ``g`` is not used, captions come from ``rng``.
+    """
 
     def __init__(self, scenes: list[dict], text_encoder, tokenizer, seed: int, p_drop: float = P_DROP):
         self.scenes, self.te, self.tok, self.p_drop = scenes, text_encoder.eval(), tokenizer, p_drop
         self.rng = np.random.default_rng(seed)
+        self._empty = None
 
-    def texts(self, idx) -> list[str]:
-        return ["" if self.rng.random() < self.p_drop else W.caption(self.scenes[int(i)], self.rng) for i in idx]
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def texts(self, idx, p_drop: float | None = None) -> list[str]:
+        p = self.p_drop if p_drop is None else p_drop
+        return ["" if self.rng.random() < p else W.caption(self.scenes[int(i)], self.rng) for i in idx]
 
     @torch.no_grad()
     def __call__(self, idx) -> torch.Tensor:
         return MT.encode_prompts(self.te, self.tok, self.texts(idx))
 
+    @torch.no_grad()
+    def cond(self, idx, g=None, p_drop: float = 0.0) -> torch.Tensor:
+        return MT.encode_prompts(self.te, self.tok, self.texts(idx, p_drop))
 
-def train_unet(unet, latents: torch.Tensor, captions: CaptionSampler, steps: int, batch: int = 64, lr: float = 1e-3,
+    @torch.no_grad()
+    def uncond(self, cond: torch.Tensor) -> torch.Tensor:
+        if self._empty is None:
+            self._empty = MT.encode_prompts(self.te, self.tok, [""])
+        return self._empty.to(cond.device).expand_as(cond)
+
+    def real(self, idx, g=None) -> torch.Tensor:
+        return torch.as_tensor(idx)
+
+
+def train_unet(unet, latents: torch.Tensor, captions: ScenePrompts, steps: int, batch: int = 64, lr: float = 1e-3,
                ema_decay: float = 0.999, seed: int = 0, log=None, checkpoint: Path | None = None, every: int = 200):
     """Epsilon-prediction training with CFG dropout; returns (ema_unet, losses).
 

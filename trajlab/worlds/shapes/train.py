@@ -1,10 +1,11 @@
-"""Retrain the shapes world's teacher (shapes-sd) from fixed seeds on the CPU.
+"""Retrain the shapes world (teacher shapes-sd, then its students) from fixed seeds on the CPU.
 
-    python -m trajlab.worlds.shapes.train --out data/worlds/shapes [--quick] [--stages vae,clip,teacher] [--threads 1]
+    python -m trajlab.worlds.shapes.train --out data/worlds/shapes [--quick] [--stages vae,clip,teacher,lcm,...] [--threads 1]
 
 Stages run in order; each reads what it needs from ``--out`` (so a later stage can be rerun alone):
 ``vae`` -> shapes-vae/, ``clip`` -> shapes-clip/, ``teacher`` -> shapes-sd/ (a StableDiffusionPipeline folder
-with that VAE and the CLIP's text tower). Every stage is timed (wall and CPU seconds, threads, load average)
+with that VAE and the CLIP's text tower), then one stage per student (``students.STAGES``: shapes-<name>/,
+distilled from the shipped shapes-sd). Every stage is timed (wall and CPU seconds, threads, load average)
 into ``<out>/train_log.json``. The teacher stage checkpoints every 200 steps to ``--checkpoint`` (default
 under runs/, git-ignored) and resumes from it when rerun. The judge is trained separately
 (``python -m trajlab.worlds.shapes.judge``).
@@ -23,11 +24,13 @@ import numpy as np
 import torch
 
 from . import clip as C
+from . import students as S
 from . import teacher as T
 
-STAGES = ("vae", "clip", "teacher")
-FULL = {"vae": 1000, "clip": 1500, "teacher": 4000, "images": 8192, "bank": 16384}
-QUICK = {"vae": 3, "clip": 3, "teacher": 3, "images": 256, "bank": 256}
+STUDENTS = tuple(S.STAGES)
+STAGES = ("vae", "clip", "teacher", *STUDENTS)
+FULL = {"vae": 1000, "clip": 1500, "teacher": 4000, "images": 8192, "bank": 16384, "student_bank": 8192, **S.FULL_STEPS}
+QUICK = {"vae": 3, "clip": 3, "teacher": 3, "images": 256, "bank": 256, "student_bank": 64, **{k: 2 for k in STUDENTS}}
 SEEDS = {"images": 1, "bank": 2, "vae": 3, "clip": 4, "unet": 5, "bank_noise": 6, "captions": 7, "train": 8, "held": 9}
 COMMAND = "python -m trajlab.worlds.shapes.train --out data/worlds/shapes"
 
@@ -113,7 +116,7 @@ def run(out: Path, stages=STAGES, quick: bool = False, checkpoint: Path | None =
             z = T.latent_bank(vae, xb, SEEDS["bank_noise"])
             t_bank = time.perf_counter() - t_bank
             del xb
-            captions = T.CaptionSampler(bank_scenes, text_encoder, tokenizer, seed=SEEDS["captions"])
+            captions = T.ScenePrompts(bank_scenes, text_encoder, tokenizer, seed=SEEDS["captions"])
             unet = T.build_unet(seed=SEEDS["unet"])
             ema, losses = T.train_unet(unet, z, captions, n["teacher"], seed=SEEDS["train"], log=_log, checkpoint=checkpoint)
             T.save_teacher(ema, vae, text_encoder, tokenizer, out / "shapes-sd",
@@ -124,6 +127,15 @@ def run(out: Path, stages=STAGES, quick: bool = False, checkpoint: Path | None =
         walls["teacher"] = tm.wall
         _record(out, "teacher", losses, tm, n_latents=len(z), latent_bank_s=round(t_bank, 1), batch=64, lr=1e-3, ema_decay=0.999,
                 cfg_dropout=T.P_DROP, seed=SEEDS["train"])
+
+    students = [s for s in STUDENTS if s in stages]
+    if students:
+        ctx = S.context(out, n["student_bank"])
+        for name in students:
+            with _Timer() as tm:
+                losses, extra = S.STAGES[name](ctx, n[name], _log)
+            walls[name] = tm.wall
+            _record(out, name, losses, tm, **extra)
     return walls
 
 
