@@ -293,9 +293,12 @@ def metric_results(groups, desc, *, lpips: bool = True, n_boot: int = N_BOOT, sc
 
 def world_data(desc) -> dict | None:
     """The world's data reference for the verdicts and the Distilling-Diversity study (real-data modes, ink,
-    spectrum and the whole prompt set for micro-world stores; None otherwise)."""
-    from trajlab.verdicts.reference import micro_data_reference
+    spectrum and the whole prompt set for micro-world stores; the attribute judge and shapes-LPIPS for shapes-world
+    stores; None otherwise)."""
+    from trajlab.verdicts.reference import micro_data_reference, shapes_data_reference
 
+    if S.is_shapes(desc):
+        return shapes_data_reference()
     return micro_data_reference() if S.is_micro(desc) else None
 
 

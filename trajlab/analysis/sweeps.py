@@ -437,6 +437,12 @@ def hybrid_sweep(groups: dict[str, xr.Dataset], table: xr.Dataset | None = None)
 
 
 # -- scorers ------------------------------------------------------------------------------------
+def is_shapes(desc: dict[str, dict]) -> bool:
+    """A store of the shapes world (trajlab.worlds.shapes): a group of one of its models (or a hybrid of them)."""
+    return any(d["model"].startswith("shapes-") or (d["hybrid"] or {}).get("teacher", "").startswith("shapes-")
+               for d in desc.values())
+
+
 def is_micro(desc: dict[str, dict]) -> bool:
     return any(d["model"].startswith("micro-") or (d["hybrid"] or {}).get("teacher", "").startswith("micro-")
                for d in desc.values())

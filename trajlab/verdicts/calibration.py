@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
-from trajlab.verdicts.catalogue import CATALOGUE
+from trajlab.verdicts.catalogue import CATALOGUE, PIXEL_MODES
 from trajlab.verdicts.reference import data_reference
 from trajlab.verdicts.store import store_verdicts
 
@@ -341,7 +341,7 @@ def solve_magnitudes(modes=None, factors=FACTORS, progress=None) -> dict:
     world = make_world(DEMO_SIZES["pairs"][0])
     data = world_data(world)
     out = {}
-    for mode in modes or CATALOGUE:
+    for mode in modes or PIXEL_MODES:
         curve = effect_curve(world, data, mode)
         out[mode] = [magnitude_for(curve, f * CATALOGUE[mode].margin) for f in factors]
         if progress is not None:
@@ -361,7 +361,7 @@ def run_calibration(*, n_replicates: int = 100, modes=None, factors=FACTORS, fam
     """
     world = make_world(DEMO_SIZES["pairs"][0])
     data = world_data(world)
-    modes = list(modes or CATALOGUE)
+    modes = list(modes or PIXEL_MODES)
     t0 = time.perf_counter()
     magnitudes = magnitudes or solve_magnitudes(modes, factors)
     bad = {m: len(magnitudes.get(m, ())) for m in modes if len(magnitudes.get(m, ())) != len(factors)}

@@ -12,22 +12,30 @@ step_inconsistency             dynamics      RMS between consecutive step counts
 step_inconsistency_reinjection dynamics      the same, LCM / TCD gamma 0 (mechanism row)       increase   log ratio   0.1
 cfg_over_amplification         control       |ink - data ink| / data ink, matched guidance     increase   log ratio   0.1
 weak_negative_prompt           control       RMS(with negative - without), matched guidance    decrease   log ratio   0.1
+alignment_loss (shapes)        control       every stated attribute read right (judge, 0/1)    decrease   difference  0.05
+compositional_fragility (sh.)  structure     binding and relation read right (judge, 0/1)      decrease   difference  0.05
+texture_loss (shapes)          structure     stated stripes read right (judge, 0/1)            decrease   difference  0.05
 =============================  ============  ================================================  =========  ==========  ======
+
+The last three are read by the shapes world's attribute judge (``FailureMode.world == "shapes"``): applicable to
+that world's stores, "not applicable" (with the reason) elsewhere, calibrated in its generator world.
 """
 from __future__ import annotations
 
 from trajlab.verdicts.mode import FailureMode
-from trajlab.verdicts.modes import (canonical_bias, cfg_over_amplification, diversity_collapse, early_commitment,
-                                    fine_detail, mode_dropping, step_inconsistency, step_inconsistency_reinjection,
-                                    weak_negative_prompt)
+from trajlab.verdicts.modes import (alignment_loss, canonical_bias, cfg_over_amplification, compositional_fragility,
+                                    diversity_collapse, early_commitment, fine_detail, mode_dropping, step_inconsistency,
+                                    step_inconsistency_reinjection, texture_loss, weak_negative_prompt)
 
 CATALOGUE: dict[str, FailureMode] = {m.MODE.name: m.MODE for m in (
     diversity_collapse, canonical_bias, mode_dropping, fine_detail, early_commitment, step_inconsistency,
-    step_inconsistency_reinjection, cfg_over_amplification, weak_negative_prompt)}
+    step_inconsistency_reinjection, cfg_over_amplification, weak_negative_prompt, alignment_loss,
+    compositional_fragility, texture_loss)}
 
+PIXEL_MODES = tuple(n for n, m in CATALOGUE.items() if m.world == "any")
+"""The modes calibrated in the pixel world (:mod:`trajlab.verdicts.calibration`)."""
 
-NOT_MEASURED: dict[str, str] = {"text_rendering": "structure", "thin_structures": "structure", "counting": "structure",
-                                "attribute_binding": "structure"}
+NOT_MEASURED: dict[str, str] = {"text_rendering": "structure", "thin_structures": "structure", "counting": "structure"}
 """The research plan's failure modes no shipped world can show yet (no comparison, no verdict): mode -> family.
 Prompt suites may tag prompts with them."""
 SUITE_CATEGORY = {"distribution": "distributional", "structure": "structural", "dynamics": "dynamical",
@@ -54,4 +62,4 @@ def get(name: str) -> FailureMode:
     return CATALOGUE[name]
 
 
-__all__ = ["CATALOGUE", "NOT_MEASURED", "SUITE_CATEGORY", "get", "taxonomy"]
+__all__ = ["CATALOGUE", "NOT_MEASURED", "PIXEL_MODES", "SUITE_CATEGORY", "get", "taxonomy"]

@@ -42,6 +42,12 @@ class FailureMode:
     requires: tuple[str, ...] = ("same_prompts", "same_n", "paired_seeds")
     mechanism: bool = False
     """True for a row that explains another failure (not a failure itself)."""
+    uses_modes: bool = False
+    """True when its rows read ``Context.modes`` (the k-means modes of each prompt)."""
+    world: str = "any"
+    """"any": judged on every store and calibrated in the pixel world (:mod:`trajlab.verdicts.calibration`);
+    "shapes": read by the shapes world's attribute judge, applicable to its stores only and calibrated in its
+    generator world (:mod:`trajlab.verdicts.calibration_shapes`)."""
 
     def __post_init__(self):
         if self.family not in FAMILIES:

@@ -93,6 +93,20 @@ def micro_data_reference() -> dict:
                           prompts=PROMPTS)
 
 
+def shapes_data_reference() -> dict:
+    """The shapes world's reference for the verdicts: its attribute judge (alignment, composition, texture modes),
+    shapes-LPIPS for diversity (the judge's conv features). No real-data modes, ink or band here: those modes
+    fall back to the teacher's own samples or say why not. Its prompts are a sample of a grammar, not a whole
+    prompt set."""
+    from trajlab.metrics import world_lpips as WL
+    from trajlab.worlds.shapes.judge import load_judge
+
+    model = WL.load_shapes_lpips()
+    return {"judge": load_judge(), "note": "shapes world: attribute judge (trajlab.worlds.shapes.judge), shapes-LPIPS diversity",
+            "diversity": ((lambda images: WL.micro_lpips_pairwise(model, images)),
+                          f"mean pairwise {WL.SHAPES_DESCRIPTION} within prompt", WL.SHAPES_DESCRIPTION)}
+
+
 def diversity_distance(desc: dict, data: dict | None) -> tuple:
     """(pairwise(uint8 images (n, H, W, 3)) -> (n, n) distances, metric name, features name):
     ``data["diversity"]`` when given, micro-LPIPS on micro-world stores (the shipped labeller), else the
@@ -111,5 +125,5 @@ def diversity_distance(desc: dict, data: dict | None) -> tuple:
     return pixel_pairwise, PIXEL_DIVERSITY, FEATURES
 
 
-__all__ = ["band_fraction", "data_band", "data_reference", "diversity_distance", "micro_data_reference",
+__all__ = ["band_fraction", "data_band", "data_reference", "diversity_distance", "micro_data_reference", "shapes_data_reference",
            "modes_of_group", "reference_modes_from"]

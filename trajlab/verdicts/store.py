@@ -11,8 +11,9 @@ from trajlab.verdicts.mode import Context
 from trajlab.verdicts.reference import diversity_distance, modes_of_group
 
 
-def store_context(groups: dict[str, xr.Dataset], *, data: dict | None = None, decode=None) -> Context | None:
-    """The Context the modes read, or None when there is no teacher group with images."""
+def store_context(groups: dict[str, xr.Dataset], *, data: dict | None = None, decode=None, need_modes: bool = True) -> Context | None:
+    """The Context the modes read, or None when there is no teacher group with images. need_modes: False when no
+    mode that reads ``Context.modes`` will run (its k-means clustering is then skipped)."""
     desc = S.describe_all(groups)
     teacher = S.pick_teacher(desc)
     if teacher is None:
@@ -20,7 +21,7 @@ def store_context(groups: dict[str, xr.Dataset], *, data: dict | None = None, de
     students = [n for n, d in desc.items() if d["role"] == "student" and d["has_images"] and not d["negative_prompt"]
                 and not S._off_default_guidance(d) and d["prompts"] == desc[teacher]["prompts"]]
     data = dict(data or {})
-    modes = data.get("modes") or modes_of_group(groups[teacher], matched(groups[teacher], groups[teacher]))
+    modes = data.get("modes") or (modes_of_group(groups[teacher], matched(groups[teacher], groups[teacher])) if need_modes else {})
     diversity = diversity_distance(desc, data) if students else (pixel_pairwise, PIXEL_DIVERSITY, FEATURES)
     return Context(groups, desc, teacher, students, data=data, decode=decode, modes=modes, diversity=diversity)
 
@@ -40,7 +41,8 @@ def store_verdicts(groups: dict[str, xr.Dataset], *, data: dict | None = None, d
     sampling variance; :func:`trajlab.verdicts.engine.crossed_interval`).
     Returns :func:`trajlab.verdicts.engine.verdict_dataset` with attrs ``teacher``, ``features``.
     """
-    ctx = store_context(groups, data=data, decode=decode)
+    run = [m for n, m in CATALOGUE.items() if modes is None or n in modes]
+    ctx = store_context(groups, data=data, decode=decode, need_modes=any(m.uses_modes for m in run))
     if ctx is None:
         return verdict_dataset([], alpha=alpha).assign_attrs(note="no teacher group with images: nothing to compare")
     rows = []

@@ -34,4 +34,4 @@ MODE = FailureMode(
     name="canonical_bias", family="distribution", metric="fraction of samples in the prompt's most populous mode",
     direction="increase", effect="difference", margin=0.05,
     reference="the reference teacher group, matched on (prompt, seed)",
-    planted="mode weights w -> (1 - m) w + m e_canonical", rows=rows, plant=lambda m: {"canonical": m})
+    planted="mode weights w -> (1 - m) w + m e_canonical", rows=rows, uses_modes=True, plant=lambda m: {"canonical": m})

@@ -78,5 +78,5 @@ MODE = FailureMode(
     metric=f"mean log sigma of commitment, {ESTIMATOR}, on the candidate's sigma levels",
     direction="increase", effect="difference", margin=0.1,
     reference="the reference teacher group read at its sigma levels nearest the candidate's",
-    planted="the student's denoiser evaluated at sigma (1 - m)", rows=rows, plant=lambda m: {"warp": m},
+    planted="the student's denoiser evaluated at sigma (1 - m)", rows=rows, uses_modes=True, plant=lambda m: {"warp": m},
     requires=("same_prompts", "same_n", "paired_seeds", "shared_sigma_axis"))

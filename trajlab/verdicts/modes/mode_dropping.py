@@ -24,4 +24,4 @@ MODE = FailureMode(
     name="mode_dropping", family="distribution", metric="fraction of samples in the prompt's rarest mode",
     direction="decrease", effect="difference", margin=0.03,
     reference="the reference teacher group, matched on (prompt, seed)",
-    planted="the rarest mode's weight x (1 - m), renormalised", rows=rows, plant=lambda m: {"drop": m})
+    planted="the rarest mode's weight x (1 - m), renormalised", rows=rows, uses_modes=True, plant=lambda m: {"drop": m})

@@ -231,11 +231,41 @@ def stage_pcm(ctx: dict, steps: int, log=None):
     adversary = Adversary(FeatureCritic(ctx["teacher"], seed=r["seed"]), lr=r["adv_lr"])
     res = train_phased(student, ctx["teacher"], ctx["z"], ctx["prompts"], steps, params, batch=r["batch"], lr=r["lr"], w=r["w"],
                        adv_weight=r["adv_weight"], ema_decay=r["ema_decay"], seed=r["seed"], log=log, name="pcm", adversary=adversary)
+    by_phase = critic_accuracy_by_phase(adversary.disc, student, ctx, r["w"])
+    if log:
+        log(f"pcm: discriminator accuracy by phase edge (held-out, 0.5 = chance): {by_phase}")
     folder = save_lora(student, ctx["out"] / "shapes-pcm")
     MT.write_trajlab_json(folder, base="shapes-sd", scheduler="TCDScheduler", timestep_spacing="trailing", eta=0.0, steps=4,
                           steps_supported=[1, 2, 4, 8], guidance=1.0, baked_guidance=T.DEFAULT_GUIDANCE, phase_lower_edges=list(EDGES),
                           format="diffusers LoRA (save_lora_weights from a PEFT adapter)", **_info("pcm", steps))
-    return res["loss"], _d_summary(res["d_loss"])
+    return res["loss"], {**_d_summary(res["d_loss"]), "critic_accuracy_by_phase_edge": by_phase}
+
+
+@torch.no_grad()
+def critic_accuracy_by_phase(critic, student, ctx: dict, w: float, n: int = 128, seed: int = 99) -> dict:
+    """Held-out accuracy of PCM's trained discriminator at each phase edge s: mean of P(D(real) > 0) and
+    P(D(student's edge prediction) < 0), real = a held-out scene latent forward-noised to s (0.5 = chance).
+    The hinge loss averaged over phases hides that the noisy edges (259-759) are near chance by design."""
+    from trajlab.models.micro.pcm import SKIP, phased_consistency_loss
+
+    scenes, x = T.scene_images(n, seed)
+    z0 = T.latent_bank(ctx["sd"].vae, x, seed + 1)
+    prompts = T.ScenePrompts(scenes, ctx["sd"].text_encoder, ctx["sd"].tokenizer, seed=seed + 2, p_drop=0.0)
+    cond = prompts.cond(range(n))
+    g = torch.Generator().manual_seed(seed + 3)
+    ab = MT.alphas_cumprod()
+    grid = LCM.ddim_grid()
+    out = {}
+    for lo, hi in zip(EDGES, (*EDGES[1:], MT.NUM_TRAIN_TIMESTEPS)):
+        js = [j for j, t in enumerate(grid.tolist()) if lo < t <= hi and t - SKIP >= lo] or [j for j, t in enumerate(grid.tolist()) if lo < t <= hi]
+        j = torch.tensor(js)[torch.randint(0, len(js), (n,), generator=g)]
+        noise = torch.randn(z0.shape, generator=g)
+        _, pred, s = phased_consistency_loss(student, ctx["teacher"], student, z0, cond, prompts.uncond(cond), j, w, noise, ab)
+        a_s = ab[s].view(-1, 1, 1, 1)
+        real = a_s.sqrt() * z0 + (1 - a_s).sqrt() * torch.randn(z0.shape, generator=g)
+        acc = 0.5 * float((critic(real, s, cond) > 0).float().mean() + (critic(pred, s, cond) < 0).float().mean())
+        out[str(lo)] = round(acc, 3)
+    return out
 
 
 def _d_summary(d_losses: list[float], chance: float = 2.0) -> dict:

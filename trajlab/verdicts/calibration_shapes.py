@@ -1,0 +1,204 @@
+"""Calibration of the judge-read failure modes (``FailureMode.world == "shapes"``) through the store-verdict code.
+
+The world: the shapes world's own generator. A sampler is the exact conditional law of a fully stated prompt
+(every attribute and, for two objects, the relation stated; the free parts, the line two objects sit on and
+the position jitter, from the world's priors): the scene is drawn and rendered (``world.render``), nothing is
+learnt. **A seed is one stream of uniforms used under every prompt** (``world.sample_scenes(1, seed)``), so
+groups have the crossed prompt x seed structure of a capture. Images are read by the shipped attribute judge,
+so the metric (judge errors included) is the one the verdicts use on captured stores.
+
+Rendered scenes are read perfectly by the judge, so a world of exact draws would have no variation at all; like
+the real teacher (which gets 64% of one-object prompts all right), every sampler here errs at a base rate: with
+probability ``BASE`` each of the three error kinds below happens to a sample (uniforms of its own (seed, prompt)).
+The null student (m = 0) is the teacher's sampler on the teacher's own seed with probability ``RHO`` (decided once
+per seed, for every prompt) and on a fresh seed otherwise: the same law, correlated outputs, true effect 0.
+Planted failures (each mode's ``FailureMode.plant``, per sample with probability m, on top of the base errors):
+``violate`` (object 1's stated colour changed), ``swap`` (the two objects' colours swapped), ``unstripe`` (striped
+objects rendered solid).
+
+Design: the study's (``trajlab.worlds.shapes.study``): the 8 one-object and 8 two-object prompts of
+``quality`` x 16 seeds, each mode's rows on the prompts it applies to, Holm family of size :data:`FAMILY` (the
+study's students and step counts against the teacher). Magnitudes are solved so that the true effect (the
+statistic on :data:`TRUTH_SEEDS` seeds) is factor x margin; pass rule as the pixel world's.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import xarray as xr
+
+from trajlab.verdicts.calibration import FACTORS, PASS_RULE, magnitude_for
+from trajlab.verdicts.catalogue import CATALOGUE
+from trajlab.verdicts.store import store_verdicts
+
+RHO = 0.5
+BASE = 0.25
+"""Probability of each error kind in every sampler's output (the teacher's too)."""
+N_SEEDS = 16
+FAMILY = 11
+"""Rows of one mode in the study: LCM 1/2/4/8, LCM-LoRA, PCM, TLCM, Turbo, Turbo distill-heavy, DMD2, DMD2 no-GAN."""
+TRUTH_SEEDS = 160
+KNOB_GRID = np.array([0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9])
+SHAPES_MODES = tuple(n for n, m in CATALOGUE.items() if m.world == "shapes")
+
+
+def prompts() -> list[str]:
+    from trajlab.worlds.shapes.quality import SINGLE_FULL, TWO_FULL
+
+    return list(SINGLE_FULL) + list(TWO_FULL)
+
+
+def scene_for(prompt: str, seed: int) -> dict:
+    """A scene from the exact law of a fully stated ``prompt`` (free parts from the priors), seeded: the same seed
+    draws the same uniforms under every prompt."""
+    from trajlab.worlds.shapes import world as W
+
+    spec = W.parse(prompt)
+    priors = {k: dict(v) for k, v in W.PRIORS.items()}
+    priors["count"] = {len(spec["objects"]): 1.0}
+    if spec.get("relation"):
+        priors["relation"] = {spec["relation"]: 1.0}
+    scene = W.sample_scenes(1, seed, priors=priors)[0]
+    for o, so in zip(spec["objects"], scene["objects"]):
+        for a in ("shape", "colour", "size", "texture"):
+            if o[a] is None:
+                raise ValueError(f"calibration prompt {prompt!r} leaves {a} out; expected every attribute stated")
+            so[a] = o[a]
+        if len(spec["objects"]) == 1 and o["position"]:
+            r0, c0 = W.position_cell(so["position"])
+            r1, c1 = W.position_cell(o["position"])
+            so["x"] += W.GRID[c1] - W.GRID[c0]
+            so["y"] += W.GRID[r1] - W.GRID[r0]
+            so["position"] = o["position"]
+    return scene
+
+
+def plant(scene: dict, knobs: dict, u: np.ndarray) -> dict:
+    """Errors on one scene: each knob (violate, swap, unstripe) is the probability of its kind; u: three uniforms."""
+    from trajlab.worlds.shapes import world as W
+
+    objs = [dict(o) for o in scene["objects"]]
+    if knobs.get("violate", 0) > u[0]:
+        objs[0]["colour"] = W.COLOURS[(W.COLOURS.index(objs[0]["colour"]) + 1) % len(W.COLOURS)]
+    if knobs.get("swap", 0) > u[1] and len(objs) == 2:
+        objs[0]["colour"], objs[1]["colour"] = objs[1]["colour"], objs[0]["colour"]
+    if knobs.get("unstripe", 0) > u[2]:
+        for o in objs:
+            o["texture"] = "solid"
+    return {**scene, "objects": objs}
+
+
+def group(texts: list[str], seeds, *, role: str, knobs: dict | None = None) -> xr.Dataset:
+    """One group in the store schema (samples ordered (prompt, seed)): rendered scenes of each prompt's law."""
+    from trajlab.worlds.shapes import world as W
+
+    base = {"violate": BASE, "swap": BASE, "unstripe": BASE}
+    scenes = []
+    for i, t in enumerate(texts):
+        for s in seeds:
+            s = int(s)
+            if role != "teacher" and np.random.default_rng([s, 7]).random() >= RHO:
+                s += 10 ** 7  # the null student's fresh seed (decided once per seed)
+            sc = plant(scene_for(t, s), base, np.random.default_rng([s, i, 11]).random(3))
+            if role != "teacher":
+                sc = plant(sc, knobs or {}, np.random.default_rng([int(s), i, 13]).random(3))
+            scenes.append(sc)
+    n = len(seeds)
+    ds = xr.Dataset(
+        {"image": (("sample", "h", "w", "rgb"), W.render_batch(scenes)),
+         "x0_pred": (("sample", "step", "d"), np.zeros((len(scenes), 1, 1), np.float32)),
+         "prompt_index": ("sample", np.repeat(np.arange(len(texts)), n)), "seed": ("sample", np.tile(np.asarray(seeds), len(texts))),
+         "prompt_text": ("prompt", list(texts))},
+        coords={"sigma": ("step", [0.0])})
+    ds.attrs.update(model=f"calibration-shapes-{role}", scheduler_class="DDIMScheduler" if role == "teacher" else "LCMScheduler",
+                    guidance=1.0, negative_prompt="", pipeline_class="ExactWorldPipeline", steps=30 if role == "teacher" else 4, extra={})
+    return ds
+
+
+def verdict(data: dict, mode: str, seeds, knobs: dict, family: int = FAMILY) -> dict:
+    """The store verdict of ``mode`` (one row) on a teacher group and a student group planted with ``knobs``."""
+    texts = prompts()
+    ds = store_verdicts({"teacher": group(texts, seeds, role="teacher"), "student": group(texts, seeds, role="student", knobs=knobs)},
+                        data=data, modes={mode}, holm_family=family)
+    rows = [i for i in range(ds.sizes["comparison"]) if ds["mode"].values[i] == mode]
+    if len(rows) != 1:
+        raise RuntimeError(f"shapes calibration of {mode}: expected one row, got {len(rows)}")
+    return {k: ds[k].values[rows[0]].item() for k in ("decision", "estimate", "ci_low", "ci_high", "why")}
+
+
+def true_effect(data: dict, mode: str, m: float, n_seeds: int = TRUTH_SEEDS) -> float:
+    """The signed effect (failure direction positive) of magnitude m on ``n_seeds`` seeds disjoint from the replicates'."""
+    fm = CATALOGUE[mode]
+    sign = 1.0 if fm.direction == "increase" else -1.0
+    return sign * float(verdict(data, mode, list(range(10 ** 6, 10 ** 6 + n_seeds)), fm.plant(m))["estimate"])
+
+
+def data_reference() -> dict:
+    """What the verdicts read in this world: the shipped judge (no diversity or real-data modes are judged here)."""
+    from trajlab.worlds.shapes.judge import load_judge
+
+    return {"judge": load_judge(), "note": "shapes generator world (calibration)"}
+
+
+def run(*, n_replicates: int = 100, modes=SHAPES_MODES, factors=FACTORS, progress=print) -> xr.Dataset:
+    """P(supported) per mode and factor (true effect / margin), the Dataset shape of the pixel world's calibration."""
+    t0 = time.perf_counter()
+    data = data_reference()
+    modes = list(modes)
+    f = np.asarray(factors, dtype=float)
+    mags = np.full((len(modes), len(f)), np.nan)
+    truth = np.full_like(mags, np.nan)
+    for i, mode in enumerate(modes):
+        curve = np.array([true_effect(data, mode, float(m)) for m in KNOB_GRID])
+        mags[i] = [magnitude_for(curve, x * CATALOGUE[mode].margin, KNOB_GRID) for x in f]
+        truth[i] = [true_effect(data, mode, k) if np.isfinite(k) else np.nan for k in mags[i]]
+        if progress:
+            progress(f"shapes calibration: {mode}: magnitudes {np.round(mags[i], 3).tolist()}, true effects {np.round(truth[i], 4).tolist()}")
+    sup = np.zeros_like(mags)
+    for r in range(n_replicates):
+        seeds = list(range(r * N_SEEDS, (r + 1) * N_SEEDS))
+        for i, mode in enumerate(modes):
+            for j, k in enumerate(mags[i]):
+                if np.isfinite(k):
+                    sup[i, j] += verdict(data, mode, seeds, CATALOGUE[mode].plant(float(k)))["decision"] == "supported"
+        if progress and (r + 1) % 10 == 0:
+            progress(f"shapes calibration: {r + 1}/{n_replicates} replicates ({time.perf_counter() - t0:.0f} s)")
+    rate = np.where(np.isfinite(mags), sup / n_replicates, np.nan)
+    ds = xr.Dataset({"supported_rate": (("mode", "factor"), rate), "magnitude": (("mode", "factor"), mags),
+                     "true_effect": (("mode", "factor"), np.abs(truth))}, coords={"mode": modes, "factor": f})
+    ds["fpr_max"] = ds["supported_rate"].sel(factor=f[f <= 1]).max("factor", skipna=False)
+    ds["power_2x"] = ds["supported_rate"].sel(factor=2.0)
+    ds["ok"] = (ds["fpr_max"] <= 0.05) & (ds["power_2x"] >= 0.8)
+    ds["margin"] = ("mode", [CATALOGUE[m].margin for m in modes])
+    ds.attrs.update(n_replicates=n_replicates, n_prompts=len(prompts()), n_seeds=N_SEEDS, rho=RHO, rule=PASS_RULE, holm_family=FAMILY,
+                    wall_s=round(time.perf_counter() - t0, 1),
+                    source="trajlab.verdicts.calibration_shapes: store_verdicts on rendered shapes-world groups with shared seeds, read by the shipped judge")
+    return ds
+
+
+def summary_line(ds: xr.Dataset) -> str:
+    return f"shapes calibration: {int(ds['ok'].sum())}/{ds.sizes['mode']} judge-read failure modes with {PASS_RULE}"
+
+
+def main(argv=None) -> None:
+    import argparse
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(prog="python -m trajlab.verdicts.calibration_shapes", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="data/calibration", help="folder for shapes.nc and shapes.csv (default data/calibration)")
+    ap.add_argument("--replicates", type=int, default=100)
+    a = ap.parse_args(argv)
+    if a.replicates < 1:
+        raise SystemExit(f"--replicates {a.replicates}: expected >= 1")
+    ds = run(n_replicates=a.replicates)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ds.to_netcdf(out / "shapes.nc")
+    ds[["supported_rate", "magnitude", "true_effect"]].to_dataframe().to_csv(out / "shapes.csv")
+    print(ds["supported_rate"].to_pandas().round(3).to_string())
+    print(summary_line(ds))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Rows of the modes read by a world's attribute judge (the shapes world's): per-sample flags of the final images.
+
+``ctx.data["judge"]``: an object with ``read(uint8 images (n, H, W, 3)) -> readings`` (``trajlab.worlds.shapes.judge``);
+a store without one gets one "not applicable" row per mode that says so (candidate "every student"). Readings are cached per (group, sample) in ``ctx.cache``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from trajlab.verdicts.engine import PromptStat, not_applicable
+from trajlab.verdicts.modes._pairs import teacher_vs_students
+
+NO_JUDGE = "no attribute judge for this world (the shapes world has one: trajlab.worlds.shapes.judge)"
+
+
+def readings(ctx, ds, idx) -> list[dict]:
+    """The judge's readings of ``ds``'s final images at sample positions idx (cached per group and sample)."""
+    cache = ctx.cache.setdefault("judge_readings", {})
+    key = id(ds)
+    have = cache.setdefault(key, {})
+    todo = [int(i) for i in idx if int(i) not in have]
+    if todo:
+        for i, r in zip(todo, ctx.data["judge"].read(np.asarray(ds["image"].isel(sample=todo).values))):
+            have[i] = r
+    return [have[int(i)] for i in idx]
+
+
+def judge_rows(ctx, mode, flag, applies, what: str) -> list:
+    """One row per student: per sample ``flag(prompt, reading) -> bool`` on the matched prompts for which
+    ``applies(prompt)``; ``what`` names those prompts in the not-applicable reason."""
+    if ctx.data.get("judge") is None:  # one row says why, not one per student
+        return [not_applicable(mode.comparison(ctx.teacher, "every student"), NO_JUDGE)] if ctx.students else []
+    missing = None
+    texts = [str(t) for t in ctx.groups[ctx.teacher]["prompt_text"].values]
+    if not any(_applies(applies, t) for t in texts):
+        missing = f"no {what} in the store's prompts"
+
+    def statistic(ctx, ref_ds, cand_ds, pairs):
+        keep = [p for p in pairs if _applies(applies, p[0])]
+        for ds, k in ((ref_ds, 1), (cand_ds, 2)):  # one batched read per group
+            readings(ctx, ds, [i for p in keep for i in p[k]])
+        out = ([], [])
+        for p in keep:
+            for side, ds, idx in ((0, ref_ds, p[1]), (1, cand_ds, p[2])):
+                vals = [float(bool(flag(p[0], r))) for r in readings(ctx, ds, idx)]
+                out[side].append(PromptStat("mean", np.asarray(vals), prompt=p[0]))
+        return out
+
+    return teacher_vs_students(ctx, mode, statistic, missing=missing)
+
+
+def _applies(applies, prompt: str) -> bool:
+    try:
+        return bool(applies(prompt))
+    except ValueError:  # outside the world's grammar
+        return False
