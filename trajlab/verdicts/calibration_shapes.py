@@ -177,6 +177,59 @@ def run(*, n_replicates: int = 100, modes=SHAPES_MODES, factors=FACTORS, progres
     return ds
 
 
+NULL_MODELS = (("shapes-sd", 30), ("shapes-lcm", 4))
+
+
+def network_group(model: str, steps: int, texts: list[str], seeds, *, role: str) -> xr.Dataset:
+    """A group in the store schema sampled by a shipped network (registry ``model`` at ``steps``, its recommended
+    scheduler and guidance; sample (prompt, seed) from ``torch.Generator().manual_seed(seed)``)."""
+    import torch
+
+    from trajlab.models import registry as reg
+    from trajlab.models.loading import load_pipeline
+
+    spec = reg.get(model)
+    pipe = load_pipeline(model)
+    images = []
+    for t in texts:
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        im = pipe([t] * len(gens), num_inference_steps=steps, guidance_scale=spec.guidance, generator=gens, height=32, width=32,
+                  output_type="np").images
+        images.append(np.clip(np.rint(im * 255), 0, 255).astype(np.uint8))
+    n = len(seeds)
+    ds = xr.Dataset(
+        {"image": (("sample", "h", "w", "rgb"), np.concatenate(images)),
+         "x0_pred": (("sample", "step", "d"), np.zeros((len(texts) * n, 1, 1), np.float32)),
+         "prompt_index": ("sample", np.repeat(np.arange(len(texts)), n)), "seed": ("sample", np.tile(np.asarray(seeds), len(texts))),
+         "prompt_text": ("prompt", list(texts))},
+        coords={"sigma": ("step", [0.0])})
+    ds.attrs.update(model=f"null-{role}", scheduler_class="DDIMScheduler" if role == "teacher" else "LCMScheduler", guidance=1.0,
+                    negative_prompt="", pipeline_class="StableDiffusionPipeline", steps=steps, extra={})
+    return ds
+
+
+def real_nulls(models=NULL_MODELS, n_seeds: int = N_SEEDS, progress=print) -> list[dict]:
+    """Real-network nulls: each shipped network against itself on other seeds (seeds n..2n-1 relabelled 0..n-1, so
+    samples pair by position but share no noise), every judge-read mode, the study's design. The true effect is 0:
+    "supported" here is a false positive of the verdict code on real outputs."""
+    data = data_reference()
+    texts = prompts()
+    out = []
+    for model, steps in models:
+        ref = network_group(model, steps, texts, list(range(n_seeds)), role="teacher")
+        other = network_group(model, steps, texts, list(range(n_seeds, 2 * n_seeds)), role="student")
+        other = other.assign(seed=ref["seed"])  # pair position j with position j: independent noises, same law
+        ds = store_verdicts({"teacher": ref, "student": other}, data=data, modes=set(SHAPES_MODES), holm_family=FAMILY)
+        for i in range(ds.sizes["comparison"]):
+            row = {"model": f"{model} {steps} steps", "mode": str(ds["mode"].values[i]), "decision": str(ds["decision"].values[i]),
+                   "estimate": float(ds["estimate"].values[i]), "ci95": [float(ds["ci_low"].values[i]), float(ds["ci_high"].values[i])]}
+            out.append(row)
+            if progress:
+                progress(f"shapes real null: {row['model']} vs itself on other seeds: {row['mode']} {row['decision']} "
+                         f"{row['estimate']:+.3f} [{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}]")
+    return out
+
+
 def summary_line(ds: xr.Dataset) -> str:
     return f"shapes calibration: {int(ds['ok'].sum())}/{ds.sizes['mode']} judge-read failure modes with {PASS_RULE}"
 
@@ -188,12 +241,20 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m trajlab.verdicts.calibration_shapes", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data/calibration", help="folder for shapes.nc and shapes.csv (default data/calibration)")
     ap.add_argument("--replicates", type=int, default=100)
+    ap.add_argument("--nulls-only", action="store_true", help="only the real-network nulls (shapes-sd, shapes-lcm vs themselves)")
     a = ap.parse_args(argv)
     if a.replicates < 1:
         raise SystemExit(f"--replicates {a.replicates}: expected >= 1")
-    ds = run(n_replicates=a.replicates)
+    import json
+
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    nulls = real_nulls()
+    (out / "shapes_real_nulls.json").write_text(json.dumps(nulls, indent=1) + "\n")
+    print(f"shapes real-network nulls supported: {sum(r['decision'] == 'supported' for r in nulls)}/{len(nulls)}")
+    if a.nulls_only:
+        return
+    ds = run(n_replicates=a.replicates)
     ds.to_netcdf(out / "shapes.nc")
     ds[["supported_rate", "magnitude", "true_effect"]].to_dataframe().to_csv(out / "shapes.csv")
     print(ds["supported_rate"].to_pandas().round(3).to_string())

@@ -82,15 +82,20 @@ FULL_STEPS = {"lcm": 800, "lcm-lora": 800, "pcm": 600, "tlcm": 600, "turbo": 500
 
 
 def context(out: Path, n_bank: int, seed: int = 30) -> dict:
-    """What every student stage needs: the shipped shapes-sd (pipeline, frozen teacher UNet), real latents, prompts."""
+    """What every student stage needs: the shipped shapes-sd (pipeline, frozen teacher UNet), real latents and their scenes."""
     from diffusers import StableDiffusionPipeline
 
     sd = StableDiffusionPipeline.from_pretrained(str(Path(out) / "shapes-sd"), torch_dtype=torch.float32)
     sd.set_progress_bar_config(disable=True)
     scenes, x = T.scene_images(n_bank, seed)
     z = T.latent_bank(sd.vae, x, seed + 1)
-    prompts = T.ScenePrompts(scenes, sd.text_encoder, sd.tokenizer, seed=seed + 2, p_drop=0.0)
-    return {"out": Path(out), "sd": sd, "teacher": sd.unet.requires_grad_(False).eval(), "z": z, "scenes": scenes, "prompts": prompts}
+    return {"out": Path(out), "sd": sd, "teacher": sd.unet.requires_grad_(False).eval(), "z": z, "scenes": scenes}
+
+
+def scene_prompts(ctx: dict, seed: int) -> T.ScenePrompts:
+    """Captions of the context's scenes from a stream of the stage's own seed: a stage's result does not depend on
+    which stages ran before it in the same process."""
+    return T.ScenePrompts(ctx["scenes"], ctx["sd"].text_encoder, ctx["sd"].tokenizer, seed=seed, p_drop=0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +141,7 @@ def _info(name: str, steps: int, **extra) -> dict:
 def stage_lcm(ctx: dict, steps: int, log=None):
     r = RECIPES["lcm"]
     student = LCM.student_from_teacher(ctx["teacher"], r["time_cond_proj_dim"])
-    losses = LCM.consistency_distill(student, ctx["teacher"], ctx["z"], ctx["prompts"], steps, batch=r["batch"], lr=r["lr"],
+    losses = LCM.consistency_distill(student, ctx["teacher"], ctx["z"], scene_prompts(ctx, r["seed"]), steps, batch=r["batch"], lr=r["lr"],
                                      w_range=tuple(r["w_range"]), w_embedding=True, ema_decay=r["ema_decay"], huber_c=r["huber_c"],
                                      seed=r["seed"], log=log, name="lcm")
     sd = ctx["sd"]
@@ -151,7 +156,7 @@ def stage_lcm_lora(ctx: dict, steps: int, log=None):
     r = RECIPES["lcm-lora"]
     student = copy.deepcopy(ctx["teacher"])
     params = add_lora(student, r["rank"], r["seed"])
-    losses = LCM.consistency_distill(student, ctx["teacher"], ctx["z"], ctx["prompts"], steps, batch=r["batch"], lr=r["lr"],
+    losses = LCM.consistency_distill(student, ctx["teacher"], ctx["z"], scene_prompts(ctx, r["seed"]), steps, batch=r["batch"], lr=r["lr"],
                                      w_range=(r["w"], r["w"]), w_embedding=False, ema_decay=r["ema_decay"], huber_c=r["huber_c"],
                                      params=params, seed=r["seed"], log=log, name="lcm-lora")
     folder = save_lora(student, ctx["out"] / "shapes-lcm-lora")
@@ -229,7 +234,7 @@ def stage_pcm(ctx: dict, steps: int, log=None):
     student = copy.deepcopy(ctx["teacher"])
     params = add_lora(student, r["rank"], r["seed"])
     adversary = Adversary(FeatureCritic(ctx["teacher"], seed=r["seed"]), lr=r["adv_lr"])
-    res = train_phased(student, ctx["teacher"], ctx["z"], ctx["prompts"], steps, params, batch=r["batch"], lr=r["lr"], w=r["w"],
+    res = train_phased(student, ctx["teacher"], ctx["z"], scene_prompts(ctx, r["seed"]), steps, params, batch=r["batch"], lr=r["lr"], w=r["w"],
                        adv_weight=r["adv_weight"], ema_decay=r["ema_decay"], seed=r["seed"], log=log, name="pcm", adversary=adversary)
     by_phase = critic_accuracy_by_phase(adversary.disc, student, ctx, r["w"])
     if log:
@@ -343,7 +348,7 @@ def stage_turbo(ctx: dict, steps: int, log=None, name: str = "turbo"):
 
     r = RECIPES[name]
     student = copy.deepcopy(ctx["teacher"]).requires_grad_(True)
-    res = train_add(student, ctx["teacher"], ctx["z"], ctx["prompts"], steps, FeatureCritic(ctx["teacher"], seed=r["seed"]), r, log=log, name=name)
+    res = train_add(student, ctx["teacher"], ctx["z"], scene_prompts(ctx, r["seed"]), steps, FeatureCritic(ctx["teacher"], seed=r["seed"]), r, log=log, name=name)
     sd = ctx["sd"]
     pipe = MT.make_sd_pipeline(student, sd.vae, sd.text_encoder, sd.tokenizer)
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(dict(sd.scheduler.config), timestep_spacing="trailing")
@@ -412,7 +417,7 @@ class BottleneckClassifier(nn.Module):
 def stage_dmd2(ctx: dict, steps: int, log=None, name: str = "dmd2"):
     r = RECIPES[name]
     gen = copy.deepcopy(ctx["teacher"]).requires_grad_(True)
-    res = train_dmd2(gen, ctx["teacher"], ctx["z"], ctx["prompts"], steps, r, log=log, name=name)
+    res = train_dmd2(gen, ctx["teacher"], ctx["z"], scene_prompts(ctx, r["seed"]), steps, r, log=log, name=name)
     folder = ctx["out"] / f"shapes-{name}"
     copy.deepcopy(gen).to(torch.float16).save_pretrained(str(folder), safe_serialization=True)
     MT.write_trajlab_json(folder, base="shapes-sd", component="unet", scheduler="LCMScheduler", steps=4, steps_supported=[1, 2, 4],
