@@ -10,11 +10,11 @@ here is each recipe's knobs (``RECIPES``), the PEFT adapters and the discriminat
 
 | folder | paper | what is trained | how it loads |
 |---|---|---|---|
-| shapes-lcm | LCM (Luo et al. 2023) | full UNet + w-embedding (``time_cond_proj_dim``), w ~ U[1, 7] | ``LatentConsistencyModelPipeline.from_pretrained`` |
+| shapes-lcm | LCM (Luo et al. 2023) | full UNet + w-embedding (``time_cond_proj_dim``), w ~ U[1, 7] | UNet swapped into shapes-sd (as lcm-sdxl) |
 | shapes-lcm-lora | LCM-LoRA (Luo et al. 2023b) | PEFT LoRA (rank 16), online target | ``pipe.load_lora_weights`` on shapes-sd |
 | shapes-pcm | PCM (Wang et al. 2024) | PEFT LoRA, 4 phases + adversarial consistency loss (weight 0.1) | ``pipe.load_lora_weights`` |
 | shapes-tlcm | TLCM (Xie et al. 2024) | PEFT adapter, multistep LCD on teacher-generated latents (no real data) | PEFT adapter folder |
-| shapes-turbo | ADD (Sauer et al. 2023) | full UNet, adversarial 1 : distillation 2.5 (ADD's lambda) | ``StableDiffusionPipeline`` folder |
+| shapes-turbo | ADD (Sauer et al. 2023) | full UNet, adversarial 1 : distillation 2.5 (ADD's lambda) | UNet swapped into shapes-sd |
 | shapes-dmd2 | DMD2 (Yin et al. 2024) | full UNet generator, fake score 5 updates per generator update, GAN head on the fake score's bottleneck | UNet folder swapped into shapes-sd |
 
 Ablations (shipped beside them, compared in the demo): ``turbo-distill-heavy`` (adversarial 0.05 : distillation
@@ -128,6 +128,15 @@ def save_lora(unet, folder: Path) -> Path:
     return folder
 
 
+def save_unet(unet, folder: Path, **info) -> Path:
+    """A full-UNet student as its UNet folder (fp16 safetensors) + ``trajlab.json``: loaded into shapes-sd's pipeline in
+    place of its UNet (``DiffusionPipeline.from_pretrained(base, unet=...)``, as lcm-sdxl and DMD2's UNet load), so the
+    text encoder, VAE and tokenizer are not shipped again. info: recommended scheduler, steps, guidance, recipe."""
+    copy.deepcopy(unet).to(torch.float16).save_pretrained(str(folder), safe_serialization=True)
+    MT.write_trajlab_json(folder, base="shapes-sd", component="unet", **info)
+    return folder
+
+
 def _info(name: str, steps: int, **extra) -> dict:
     r = RECIPES[name]
     return {"teacher": "shapes-sd", "world": "shapes", "recipe": name, "paper": r["paper"], "train_steps": steps,
@@ -144,11 +153,8 @@ def stage_lcm(ctx: dict, steps: int, log=None):
     losses = LCM.consistency_distill(student, ctx["teacher"], ctx["z"], scene_prompts(ctx, r["seed"]), steps, batch=r["batch"], lr=r["lr"],
                                      w_range=tuple(r["w_range"]), w_embedding=True, ema_decay=r["ema_decay"], huber_c=r["huber_c"],
                                      seed=r["seed"], log=log, name="lcm")
-    sd = ctx["sd"]
-    pipe = LCM.make_lcm_pipeline(student, sd.vae, sd.text_encoder, sd.tokenizer)
-    MT.save_pipeline(pipe, ctx["out"] / "shapes-lcm", {"pipeline": "LatentConsistencyModelPipeline", "scheduler": "LCMScheduler", "steps": 4,
-                                                       "steps_supported": [1, 2, 4, 8], "guidance": T.DEFAULT_GUIDANCE,
-                                                       "height": 32, "width": 32, **_info("lcm", steps)})
+    save_unet(student, ctx["out"] / "shapes-lcm", scheduler="LCMScheduler", steps=4, steps_supported=[1, 2, 4, 8], guidance=T.DEFAULT_GUIDANCE,
+              guidance_input="w-embedding (time_cond_proj_dim): guidance_scale - 1 is the UNet's w, no CFG batch", **_info("lcm", steps))
     return losses, {}
 
 
@@ -344,18 +350,11 @@ class FixedPrompts:
 
 
 def stage_turbo(ctx: dict, steps: int, log=None, name: str = "turbo"):
-    from diffusers import EulerAncestralDiscreteScheduler
-
     r = RECIPES[name]
     student = copy.deepcopy(ctx["teacher"]).requires_grad_(True)
     res = train_add(student, ctx["teacher"], ctx["z"], scene_prompts(ctx, r["seed"]), steps, FeatureCritic(ctx["teacher"], seed=r["seed"]), r, log=log, name=name)
-    sd = ctx["sd"]
-    pipe = MT.make_sd_pipeline(student, sd.vae, sd.text_encoder, sd.tokenizer)
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(dict(sd.scheduler.config), timestep_spacing="trailing")
-    MT.save_pipeline(pipe, ctx["out"] / f"shapes-{name}", {"pipeline": "StableDiffusionPipeline", "scheduler": "EulerAncestralDiscreteScheduler",
-                                                           "timestep_spacing": "trailing", "steps": 1, "steps_supported": [1, 2, 4],
-                                                           "guidance": 0.0, "student_timesteps": list(STUDENT_TIMESTEPS), "height": 32,
-                                                           "width": 32, **_info(name, steps)})
+    save_unet(student, ctx["out"] / f"shapes-{name}", scheduler="EulerAncestralDiscreteScheduler", timestep_spacing="trailing", steps=1,
+              steps_supported=[1, 2, 4], guidance=0.0, student_timesteps=list(STUDENT_TIMESTEPS), **_info(name, steps))
     return res["loss"], {"distill_last": res["distill"][-1], **_d_summary(res["d_loss"])}
 
 
@@ -418,10 +417,8 @@ def stage_dmd2(ctx: dict, steps: int, log=None, name: str = "dmd2"):
     r = RECIPES[name]
     gen = copy.deepcopy(ctx["teacher"]).requires_grad_(True)
     res = train_dmd2(gen, ctx["teacher"], ctx["z"], scene_prompts(ctx, r["seed"]), steps, r, log=log, name=name)
-    folder = ctx["out"] / f"shapes-{name}"
-    copy.deepcopy(gen).to(torch.float16).save_pretrained(str(folder), safe_serialization=True)
-    MT.write_trajlab_json(folder, base="shapes-sd", component="unet", scheduler="LCMScheduler", steps=4, steps_supported=[1, 2, 4],
-                          guidance=1.0, generator_timesteps=list(GEN_TIMESTEPS), real_score_guidance=T.DEFAULT_GUIDANCE, **_info(name, steps))
+    save_unet(gen, ctx["out"] / f"shapes-{name}", scheduler="LCMScheduler", steps=4, steps_supported=[1, 2, 4], guidance=1.0,
+              generator_timesteps=list(GEN_TIMESTEPS), real_score_guidance=T.DEFAULT_GUIDANCE, **_info(name, steps))
     extra = {"grad_last": res["grad"][-1], "fake_loss_last": res["fake_loss"][-1]}
     if r["gan"]:
         extra.update(_d_summary(res["d_loss"], chance=2 * float(np.log(2))))
