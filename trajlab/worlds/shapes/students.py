@@ -147,14 +147,23 @@ def _info(name: str, steps: int, **extra) -> dict:
 # stages: (ctx, steps, log) -> (losses, extra record)
 
 
+def lcm_info(steps: int) -> dict:
+    return dict(scheduler="LCMScheduler", steps=4, steps_supported=[1, 2, 4, 8], guidance=T.DEFAULT_GUIDANCE,
+                guidance_input="w-embedding (time_cond_proj_dim): guidance_scale - 1 is the UNet's w, no CFG batch", **_info("lcm", steps))
+
+
+def turbo_info(name: str, steps: int) -> dict:
+    return dict(scheduler="EulerAncestralDiscreteScheduler", timestep_spacing="trailing", steps=1, steps_supported=[1, 2, 4], guidance=0.0,
+                student_timesteps=list(STUDENT_TIMESTEPS), **_info(name, steps))
+
+
 def stage_lcm(ctx: dict, steps: int, log=None):
     r = RECIPES["lcm"]
     student = LCM.student_from_teacher(ctx["teacher"], r["time_cond_proj_dim"])
     losses = LCM.consistency_distill(student, ctx["teacher"], ctx["z"], scene_prompts(ctx, r["seed"]), steps, batch=r["batch"], lr=r["lr"],
                                      w_range=tuple(r["w_range"]), w_embedding=True, ema_decay=r["ema_decay"], huber_c=r["huber_c"],
                                      seed=r["seed"], log=log, name="lcm")
-    save_unet(student, ctx["out"] / "shapes-lcm", scheduler="LCMScheduler", steps=4, steps_supported=[1, 2, 4, 8], guidance=T.DEFAULT_GUIDANCE,
-              guidance_input="w-embedding (time_cond_proj_dim): guidance_scale - 1 is the UNet's w, no CFG batch", **_info("lcm", steps))
+    save_unet(student, ctx["out"] / "shapes-lcm", **lcm_info(steps))
     return losses, {}
 
 
@@ -353,8 +362,7 @@ def stage_turbo(ctx: dict, steps: int, log=None, name: str = "turbo"):
     r = RECIPES[name]
     student = copy.deepcopy(ctx["teacher"]).requires_grad_(True)
     res = train_add(student, ctx["teacher"], ctx["z"], scene_prompts(ctx, r["seed"]), steps, FeatureCritic(ctx["teacher"], seed=r["seed"]), r, log=log, name=name)
-    save_unet(student, ctx["out"] / f"shapes-{name}", scheduler="EulerAncestralDiscreteScheduler", timestep_spacing="trailing", steps=1,
-              steps_supported=[1, 2, 4], guidance=0.0, student_timesteps=list(STUDENT_TIMESTEPS), **_info(name, steps))
+    save_unet(student, ctx["out"] / f"shapes-{name}", **turbo_info(name, steps))
     return res["loss"], {"distill_last": res["distill"][-1], **_d_summary(res["d_loss"])}
 
 
