@@ -1,7 +1,7 @@
 """Rows of the modes read by a world's attribute judge (the shapes world's): per-sample flags of the final images.
 
 ``ctx.data["judge"]``: an object with ``read(uint8 images (n, H, W, 3)) -> readings`` (``trajlab.worlds.shapes.judge``);
-a store without one gets one "not applicable" row per mode that says so (candidate "every student"). Readings are cached per (group, sample) in ``ctx.cache``.
+a store without one gets one "not applicable" row per mode that says so (its candidate: every student group, " / "-joined). Readings are cached per (group, sample) in ``ctx.cache``.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def judge_rows(ctx, mode, flag, applies, what: str) -> list:
     """One row per student: per sample ``flag(prompt, reading) -> bool`` on the matched prompts for which
     ``applies(prompt)``; ``what`` names those prompts in the not-applicable reason."""
     if ctx.data.get("judge") is None:  # one row says why, not one per student
-        return [not_applicable(mode.comparison(ctx.teacher, "every student"), NO_JUDGE)] if ctx.students else []
+        return [not_applicable(mode.comparison(ctx.teacher, " / ".join(ctx.students)), NO_JUDGE)] if ctx.students else []
     missing = None
     texts = [str(t) for t in ctx.groups[ctx.teacher]["prompt_text"].values]
     if not any(_applies(applies, t) for t in texts):
