@@ -242,6 +242,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="data/calibration", help="folder for shapes.nc and shapes.csv (default data/calibration)")
     ap.add_argument("--replicates", type=int, default=100)
     ap.add_argument("--nulls-only", action="store_true", help="only the real-network nulls (shapes-sd, shapes-lcm vs themselves)")
+    ap.add_argument("--skip-nulls", action="store_true", help="only the generator-world calibration")
     a = ap.parse_args(argv)
     if a.replicates < 1:
         raise SystemExit(f"--replicates {a.replicates}: expected >= 1")
@@ -249,9 +250,10 @@ def main(argv=None) -> None:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    nulls = real_nulls()
-    (out / "shapes_real_nulls.json").write_text(json.dumps(nulls, indent=1) + "\n")
-    print(f"shapes real-network nulls supported: {sum(r['decision'] == 'supported' for r in nulls)}/{len(nulls)}")
+    if not a.skip_nulls:
+        nulls = real_nulls()
+        (out / "shapes_real_nulls.json").write_text(json.dumps(nulls, indent=1) + "\n")
+        print(f"shapes real-network nulls supported: {sum(r['decision'] == 'supported' for r in nulls)}/{len(nulls)}")
     if a.nulls_only:
         return
     ds = run(n_replicates=a.replicates)
