@@ -98,15 +98,22 @@ def finding(row: dict, teacher: str = "") -> dict:
             "claim": claim, "effect": effect, "ci": ci, "n": n, "sentence": sentence, "score": score}
 
 
+SEVERAL_STUDENTS = "several students"
+"""The student of a row whose candidate lists groups of different models (e.g. a judge-read mode's one
+not-applicable row in a world without a judge)."""
+
+
 def headline(rows: list[dict], student_of: dict, teacher: str = "") -> dict:
     """{"students": [{student, findings (supported, largest first), counts {decision: n}}], "counts":
     {decision: n}}; ``student_of``: {candidate group: student name} (rows of other candidates: the
-    candidate's label)."""
+    candidate's label). A row of :data:`SEVERAL_STUDENTS` counts in the total only."""
     per: dict = {}
     total = {d: 0 for d in DECISION_ORDER}
     for r in rows:
         total[r["decision"]] = total.get(r["decision"], 0) + 1
         s = student_of.get(r.get("candidate_group"), r.get("candidate", ""))
+        if s == SEVERAL_STUDENTS:  # one row about every student (a mode this world cannot measure): in the total only
+            continue
         e = per.setdefault(s, {"student": s, "findings": [], "counts": {d: 0 for d in DECISION_ORDER}})
         e["counts"][r["decision"]] = e["counts"].get(r["decision"], 0) + 1
         if r["decision"] == "supported":
@@ -125,4 +132,4 @@ def counts_text(counts: dict, skip=()) -> str:
                      if d not in skip and (counts.get(d, 0) or d == "supported"))
 
 
-__all__ = ["DECISION_ORDER", "PHRASES", "counts_text", "effect_text", "finding", "headline", "magnitude", "n_text"]
+__all__ = ["DECISION_ORDER", "PHRASES", "SEVERAL_STUDENTS", "counts_text", "effect_text", "finding", "headline", "magnitude", "n_text"]

@@ -7,7 +7,7 @@ import math
 
 import xarray as xr
 
-from trajlab.report.headline import PHRASES, effect_text, n_text
+from trajlab.report.headline import PHRASES, SEVERAL_STUDENTS, effect_text, n_text
 from trajlab.report.labels import group_of, label_of
 
 
@@ -61,6 +61,9 @@ def verdict_rows(v: xr.Dataset, info: dict | None = None, teacher: str = "", cal
         d = info.get(g, {})
         h = d.get("hybrid")
         student = f"{h['teacher']} → {h['student']} hybrids" if h else d.get("model", label_of(x["candidate"], info))
+        parts = str(x["candidate"]).split(" / ")
+        if len({info.get(q, {}).get("model", q) for q in parts}) > 1:
+            student = SEVERAL_STUDENTS
         row = {"mode": x["mode"], "reference": label_of(x["reference"], info),
                "candidate": label_of(x["candidate"], info), "reference_group": x["reference"],
                "candidate_group": x["candidate"], "effect": effect, "decision": x["decision"], "evidence": evidence,
