@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .distill import x0_from_eps
 from .pcm import guided_eps
-from .teacher import alphas_cumprod, one_cycle
+from .teacher import alphas_cumprod, one_cycle, optimizer_step
 
 GEN_TIMESTEPS = (999, 759, 499, 259)
 
@@ -95,11 +95,7 @@ def train_dmd(gen, teacher, prompts, steps: int, *, batch: int = 32, lr: float =
             f_opt.step()
         t = torch.randint(20, 981, (batch,), generator=g)
         loss, gmag = dmd_loss(x0_hat, teacher, fake, t, torch.randn(shape, generator=g), cond, uncond, w, ab)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, gen.parameters())
         out["loss"].append(loss.item()), out["grad"].append(gmag), out["fake_loss"].append(f_loss.item())
         if log is not None and (step % 100 == 0 or step == steps - 1):
             log(f"{name} step {step} loss {loss.item():.5f} |grad| {gmag:.4f} fake_loss {f_loss.item():.4f}")

@@ -97,14 +97,20 @@ def ema_update(target, source, decay: float) -> None:
             pt.lerp_(ps, 1 - decay)
 
 
-def ema_step(loss, opt, sched, params, target, student, ema_decay: float, max_norm: float = 1.0) -> None:
-    """One consistency-distillation update: backward ``loss``, clip ``params``' grad norm to ``max_norm``,
-    optimizer and schedule step, then the EMA target ``target`` <- ``student`` (decay ``ema_decay``)."""
+def optimizer_step(loss, opt, sched, params, max_norm: float = 1.0) -> None:
+    """Backward ``loss``, clip ``params``' grad norm to ``max_norm``, optimizer step, then schedule step (if any)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, max_norm)
     opt.step()
-    sched.step()
+    if sched is not None:
+        sched.step()
+
+
+def ema_step(loss, opt, sched, params, target, student, ema_decay: float, max_norm: float = 1.0) -> None:
+    """One consistency-distillation update: :func:`optimizer_step`, then the EMA target ``target`` <- ``student``
+    (decay ``ema_decay``)."""
+    optimizer_step(loss, opt, sched, params, max_norm)
     ema_update(target, student, ema_decay)
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .distill import x0_from_eps
 from .pcm import guided_eps, hinge_d_loss
-from .teacher import alphas_cumprod, one_cycle
+from .teacher import alphas_cumprod, one_cycle, optimizer_step
 
 STUDENT_TIMESTEPS = (999, 749, 499, 249)
 
@@ -123,11 +123,7 @@ def train_add(student, teacher, latents, prompts, steps: int, *, batch: int = 32
         l_dist = distill_loss(teacher, x0_hat, t2, torch.randn(x0_hat.shape, generator=g), cond, uncond, w, ab)
         l_adv = -disc(features(x0_hat, cond), cond).mean()
         loss = adv_weight * l_adv + distill_weight * l_dist
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        optimizer_step(loss, opt, sched, student.parameters())
         out["loss"].append(loss.item()), out["distill"].append(l_dist.item()), out["d_loss"].append(d_loss.item())
         if log is not None and (step % 100 == 0 or step == steps - 1):
             log(f"{name} step {step} loss {loss.item():.5f} distill {l_dist.item():.5f} d_loss {d_loss.item():.4f}")

@@ -38,7 +38,7 @@ from trajlab.models.micro import distill as LCM
 from trajlab.models.micro import teacher as MT
 from trajlab.models.micro.dmd import GEN_TIMESTEPS, dmd_loss, fake_score_loss, generator_inputs
 from trajlab.models.micro.pcm import EDGES, Adversary, train_phased
-from trajlab.models.micro.turbo import STUDENT_TIMESTEPS, add_student_x0, distill_loss
+from trajlab.models.micro.turbo import STUDENT_TIMESTEPS, FeatureDiscriminator, add_student_x0, distill_loss
 
 from . import teacher as T
 
@@ -181,32 +181,6 @@ def stage_lcm_lora(ctx: dict, steps: int, log=None):
     return losses, {}
 
 
-class FeatureDiscriminator(nn.Module):
-    """Trainable heads on frozen UNet features: one conv head per feature map, per-location logits averaged,
-    plus a projection term with the pooled prompt states (as ADD's and PCM's discriminators).
-
-    forward(feats: list of (B, C_i, H_i, W_i), cond (B, L, C)) -> (B,) logits.
-    """
-
-    def __init__(self, channels, cond_dim: int, hidden: int = 64, seed: int = 0):
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.heads = nn.ModuleList(nn.Sequential(nn.Conv2d(c, hidden, 3, padding=1), nn.SiLU(), nn.Conv2d(hidden, hidden, 1)) for c in channels)
-            self.out = nn.ModuleList(nn.Conv2d(hidden, 1, 1) for _ in channels)
-            self.c_embed = nn.ModuleList(nn.Linear(cond_dim, hidden) for _ in channels)
-
-    def forward(self, feats: list[torch.Tensor], cond: torch.Tensor) -> torch.Tensor:
-        if len(feats) != len(self.heads):
-            raise ValueError(f"FeatureDiscriminator: got {len(feats)} feature maps, expected {len(self.heads)}")
-        c = cond.mean(1)
-        total = 0
-        for f, head, out, emb in zip(feats, self.heads, self.out, self.c_embed):
-            h = head(f)
-            total = total + out(h).mean((1, 2, 3)) + (h.mean((2, 3)) * emb(c)).sum(1) / h.shape[1] ** 0.5
-        return total
-
-
 class UNetFeatures:
     """Frozen copy of a UNet read at its down blocks and mid block: ``__call__(x, t (B,), cond) -> [features]``.
 
@@ -232,13 +206,16 @@ class UNetFeatures:
 
 
 class FeatureCritic(nn.Module):
-    """A discriminator ``(x (B, 4, 8, 8), t (B,), cond) -> (B,) logits``: trainable ``FeatureDiscriminator`` heads on the
+    """A discriminator ``(x (B, 4, 8, 8), t (B,), cond) -> (B,) logits``: trainable ``FeatureDiscriminator`` heads (the
+    digit world's ADD heads: a conv head per feature map, per-location logits averaged, a projection on the pooled
+    prompt states) on the
     features of a frozen copy of ``unet`` at timestep t (its parameters are the heads' only)."""
 
     def __init__(self, unet, seed: int = 0):
         super().__init__()
         self.__dict__["features"] = UNetFeatures(unet)  # not a submodule: its weights stay frozen and out of parameters()
-        self.heads = FeatureDiscriminator(self.features.channels, unet.config.cross_attention_dim, seed=seed)
+        with torch.random.fork_rng(devices=[]):  # the heads' init reseeds the global generator: keep that local
+            self.heads = FeatureDiscriminator(self.features.channels, unet.config.cross_attention_dim, seed=seed)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self.heads(self.features(x, t, cond), cond)
@@ -392,11 +369,7 @@ def train_add(student, teacher, latents, prompts, steps: int, critic: "FeatureCr
         l_dist = distill_loss(teacher, x0_hat, t2, torch.randn(x0_hat.shape, generator=g), cond, uncond, W_TEACHER, ab)
         l_adv = adversary.g_loss(x0_hat, zero, cond)
         loss = r["adv_weight"] * l_adv + r["distill_weight"] * l_dist
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        MT.optimizer_step(loss, opt, sched, student.parameters())
         for k, v in (("loss", loss.item()), ("distill", l_dist.item()), ("adv", l_adv.item()), ("d_loss", d_loss)):
             out[k].append(v)
         if log is not None and (step % 50 == 0 or step == steps - 1):
@@ -487,11 +460,7 @@ def train_dmd2(gen, teacher, latents, prompts, steps: int, r: dict, log=None, na
             fake.requires_grad_(True)
             loss = loss + r["gen_gan_weight"] * gan
             out["gan"].append(gan.item()), out["d_loss"].append(d_loss.item())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gen.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        MT.optimizer_step(loss, opt, sched, gen.parameters())
         out["loss"].append(loss.item()), out["grad"].append(gmag), out["fake_loss"].append(f_loss.item())
         if log is not None and (step % 25 == 0 or step == steps - 1):
             extra = f" gan {out['gan'][-1]:.3f} d {out['d_loss'][-1]:.3f}" if r["gan"] else ""
