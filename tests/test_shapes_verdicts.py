@@ -67,3 +67,35 @@ def test_a_mode_skips_prompts_it_does_not_apply_to(data):
     groups = {"teacher": CS.group(texts, list(range(4)), role="teacher"), "student": CS.group(texts, list(range(4)), role="student")}
     ds = store_verdicts(groups, data=data, modes={"compositional_fragility"})
     assert ds["decision"].values[0] == "not applicable" and "two-object prompt" in ds["why"].values[0]
+
+
+def test_a_captured_shapes_store_gets_judge_rows(tmp_path):
+    """End to end: shapes-sd and shapes-lcm captured by the CLI into one store; the store's verdict reference is the
+    shapes world's (judge, shapes-LPIPS), and every judge-read mode gives a row with an estimate for the student."""
+    import subprocess
+    import sys
+
+    from trajlab import store as ST
+    from trajlab.analysis import sweeps as SW
+    from trajlab.analysis.results import world_data
+
+    out = tmp_path / "s.zarr"
+    from trajlab.worlds.shapes.quality import SINGLE_FULL, TWO_FULL
+
+    prompts = list(SINGLE_FULL[:4]) + list(TWO_FULL[:4])  # >= 4 prompts for every mode (the verdicts' minimum)
+    for model, steps in (("shapes-sd", 10), ("shapes-lcm", 4)):
+        argv = [sys.executable, "-m", "trajlab", "capture", "--model", model, "--steps", str(steps), "--seeds", "0:8",
+                "--out", str(out), "--quiet"] + [a for p in prompts for a in ("--prompt", p)]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+    groups = {n: ST.open_group(out, n) for n in ST.group_names(out)}
+    data = world_data(SW.describe_all(groups))
+    assert data is not None and data.get("judge") is not None and "shapes-LPIPS" in data["diversity"][1]
+    ds = store_verdicts(groups, data=data, modes=set(CS.SHAPES_MODES) | {"diversity_collapse"})
+    rows = {str(m): i for i, m in enumerate(ds["mode"].values)}
+    assert set(CS.SHAPES_MODES) <= set(rows)
+    for m in CS.SHAPES_MODES:
+        i = rows[m]
+        assert ds["decision"].values[i] in ("supported", "refuted", "inconclusive"), (m, str(ds["why"].values[i]))
+        assert np.isfinite(ds["estimate"].values[i])
+    assert "shapes-LPIPS" in str(ds["metric"].values[rows["diversity_collapse"]])
