@@ -31,7 +31,7 @@ bench: $(STAMP)
 train-micro: $(STAMP)
 	$(PY) -m trajlab.models.micro.train --out data/micro
 
-# the shapes world (trajlab/worlds/shapes): judge, then VAE, CLIP and the shapes-sd teacher, 1 CPU thread, fixed seeds
+# the shapes world (trajlab/worlds/shapes): judge, then VAE, CLIP, the shapes-sd teacher and its eight students, 1 CPU thread, fixed seeds
 train-world: $(STAMP)
 	$(PY) -m trajlab.worlds.shapes.judge --out data/worlds/shapes
 	$(PY) -m trajlab.worlds.shapes.train --out data/worlds/shapes
