@@ -46,9 +46,8 @@ def store_verdicts(groups: dict[str, xr.Dataset], *, data: dict | None = None, d
     if ctx is None:
         return verdict_dataset([], alpha=alpha).assign_attrs(note="no teacher group with images: nothing to compare")
     rows = []
-    for name, mode in CATALOGUE.items():
-        if modes is None or name in modes:
-            rows += mode.rows(ctx)
+    for mode in run:
+        rows += mode.rows(ctx)
     for r in rows:
         r["margin"] = float(((margins or {}).get(r["mode"]) or {}).get("margin", r["margin"]))
     ds = verdict_dataset(decide(rows, alpha, family=holm_family), alpha=alpha)

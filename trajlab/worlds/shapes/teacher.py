@@ -132,9 +132,9 @@ class ScenePrompts:
         p = self.p_drop if p_drop is None else p_drop
         return ["" if self.rng.random() < p else W.caption(self.scenes[int(i)], self.rng) for i in idx]
 
-    @torch.no_grad()
     def __call__(self, idx) -> torch.Tensor:
-        return MT.encode_prompts(self.te, self.tok, self.texts(idx))
+        """The teacher's training conditions: ``cond`` at this sampler's own ``p_drop``."""
+        return self.cond(idx, p_drop=self.p_drop)
 
     @torch.no_grad()
     def cond(self, idx, g=None, p_drop: float = 0.0) -> torch.Tensor:
