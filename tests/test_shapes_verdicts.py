@@ -1,5 +1,6 @@
-"""The judge-read failure modes (alignment_loss, compositional_fragility, texture_loss): one clear row where a world
-has no judge, rows per student on shapes-world groups, and their generator-world calibration's parts."""
+"""The shapes world's failure modes (judge-read: alignment_loss, compositional_fragility, texture_loss, the prior modes
+and weak_negative_attribute; palette-read: cfg_off_palette): one clear row where a world has no judge, rows per
+student on shapes-world groups, and their generator-world calibration's parts."""
 
 import numpy as np
 import pytest
@@ -18,10 +19,15 @@ def data():
     return CS.data_reference()
 
 
+STRUCTURE = ("alignment_loss", "compositional_fragility", "texture_loss")
+
+
 def test_judge_modes_are_declared_for_the_shapes_world_only():
-    assert set(CS.SHAPES_MODES) == {"alignment_loss", "compositional_fragility", "texture_loss"}
+    assert set(CS.SHAPES_MODES) == set(STRUCTURE) | set(CS.PRIOR_MODES) | set(CS.CONTROL_MODES)
     assert not set(CS.SHAPES_MODES) & set(PIXEL_MODES)
-    assert all(CATALOGUE[m].effect == "difference" and CATALOGUE[m].direction == "decrease" for m in CS.SHAPES_MODES)
+    assert all(CATALOGUE[m].effect == "difference" and CATALOGUE[m].direction == "decrease" for m in STRUCTURE)
+    assert CATALOGUE["canonical_bias_prior"].direction == "increase" and CATALOGUE["cfg_off_palette"].direction == "increase"
+    assert CATALOGUE["mode_dropping_prior"].direction == "decrease" == CATALOGUE["weak_negative_attribute"].direction
 
 
 def test_generator_scenes_follow_their_prompts(data):
@@ -45,14 +51,23 @@ def test_no_judge_gives_one_row_per_mode_that_says_why():
     g = CS.group(CS.prompts()[:3], list(range(4)), role="teacher")
     s = CS.group(CS.prompts()[:3], list(range(4)), role="student")
     ds = store_verdicts({"teacher": g, "student": s}, modes=set(CS.SHAPES_MODES))
-    assert ds.sizes["comparison"] == 3
+    assert ds.sizes["comparison"] == 5  # no guidance > 1 and no negative prompt here: no control rows at all
     assert set(ds["decision"].values) == {"not applicable"}
     assert all("no attribute judge" in w for w in ds["why"].values)
+    # with guidance > 1 and negative-prompt groups but no judge or palette: one row each, saying why
+    kw = dict(guidance=4.0)
+    groups = {"teacher": CS.group(CS.prompts()[:3], list(range(4)), role="teacher", **kw),
+              "student": CS.group(CS.prompts()[:3], list(range(4)), role="student", **kw),
+              "student-neg": CS.group(CS.prompts()[:3], list(range(4)), role="student", negative=CS.NEGATIVE, **kw)}
+    ds = store_verdicts(groups, modes=set(CS.CONTROL_MODES))
+    why = dict(zip(ds["mode"].values, ds["why"].values))
+    assert set(why) == set(CS.CONTROL_MODES) and set(ds["decision"].values) == {"not applicable"}
+    assert "no palette" in why["cfg_off_palette"] and "no attribute judge" in why["weak_negative_attribute"]
 
 
 def test_planted_failures_are_detected_and_the_null_is_centred(data):
     seeds = list(range(16))
-    for mode in CS.SHAPES_MODES:
+    for mode in STRUCTURE:
         null = CS.verdict(data, mode, seeds, CATALOGUE[mode].plant(0.0))
         assert null["decision"] != "supported" and null["ci_low"] <= 0 <= null["ci_high"], (mode, null)
         big = CS.verdict(data, mode, list(range(48)), CATALOGUE[mode].plant(0.9))  # 16 seeds: composition underpowered
@@ -99,3 +114,48 @@ def test_a_captured_shapes_store_gets_judge_rows(tmp_path):
         assert ds["decision"].values[i] in ("supported", "refuted", "inconclusive"), (m, str(ds["why"].values[i]))
         assert np.isfinite(ds["estimate"].values[i])
     assert "shapes-LPIPS" in str(ds["metric"].values[rows["diversity_collapse"]])
+
+
+@pytest.mark.parametrize("mode,m", [("canonical_bias_prior", 1.0), ("cfg_off_palette", 0.5), ("weak_negative_attribute", 1.0)])
+def test_prior_and_control_modes_find_planted_failures_and_centre_the_null(data, mode, m):
+    """At the demo's design (left-out prompts; the controls' guidance and negative groups) the null interval covers 0
+    and is not supported; a large planted failure moves the estimate in the failure's direction (supported where the
+    design has the power: canonical bias at 48 seeds, the palette distance at the controls' 8)."""
+    fm = CATALOGUE[mode]
+    sign = 1 if fm.direction == "increase" else -1
+    n = CS.design(mode)[0]
+    null = CS.verdict(data, mode, list(range(n)), fm.plant(0.0))
+    assert null["decision"] != "supported" and null["ci_low"] <= 0 <= null["ci_high"], null
+    big = CS.verdict(data, mode, list(range(48 if mode == "canonical_bias_prior" else n)), fm.plant(m))
+    assert sign * big["estimate"] > 2 * fm.margin, big
+    if mode != "weak_negative_attribute":  # 6 prompts x 8 seeds of {-1, 0, 1} removals: wide, by design
+        assert big["decision"] == "supported", big
+
+
+def test_mode_dropping_prior_reads_the_rare_colour(data):
+    """Every left-out rare colour replaced (m = 1): the student's rare share is 0, so the estimate is minus the
+    teacher's share, which is the rare colour's share of the judged slots (near its prior, 4%)."""
+    from trajlab.worlds.shapes.scores import rare_value_counts
+
+    seeds = list(range(32))
+    texts = CS.prompts("mode_dropping_prior")
+    g = CS.group(texts, seeds, role="teacher")
+    reads = data["judge"].read(g["image"].values)
+    counts = np.array([rare_value_counts(t, r) for t, r in zip(np.repeat(texts, len(seeds)), reads)])
+    big = CS.verdict(data, "mode_dropping_prior", seeds, CATALOGUE["mode_dropping_prior"].plant(1.0))
+    per_prompt = [c[:, 0].sum() / c[:, 1].sum() for c in np.split(counts, len(texts)) if c[:, 1].sum() > 0]
+    assert len(per_prompt) == 4  # "a red shape" and the red/blue relation state every colour
+    teacher_share = np.mean(per_prompt)
+    assert 0.005 < teacher_share < 0.15
+    assert 0.8 * teacher_share <= -big["estimate"] <= teacher_share + 1e-9, (big, teacher_share)
+
+
+def test_a_negative_outside_the_grammar_is_not_applicable(data):
+    kw = dict(guidance=4.0)
+    texts, seeds = CS.prompts("weak_negative_attribute"), list(range(4))
+    groups = {"teacher": CS.group(texts, seeds, role="teacher", **kw),
+              "teacher-neg": CS.group(texts, seeds, role="teacher", negative="blurry, low quality", **kw),
+              "student": CS.group(texts, seeds, role="student", **kw),
+              "student-neg": CS.group(texts, seeds, role="student", negative="blurry, low quality", **kw)}
+    ds = store_verdicts(groups, data=data, modes={"weak_negative_attribute"})
+    assert ds["decision"].values[0] == "not applicable" and "outside the world's grammar" in ds["why"].values[0]

@@ -287,3 +287,40 @@ def test_shipped_judge_meets_095_on_fresh_heldout_scenes():
     assert key(judge.read(x)) == key(reads[:8])
     with pytest.raises(ValueError, match="no attribute 'material'"):
         judge.read_attribute(S.render_batch(scenes[:2]), "material")
+
+
+def test_prior_mode_and_rare_value_counts_on_exact_readings():
+    """Readings whose histograms are exactly the prior of 'a shape': the share at the most probable value is the
+    mean over the five left-out attributes of the prior's largest probability (position: the most probable row x
+    column, from the world's PRIORS table); the rare share is the rare colour's prior, and moves with it."""
+    from trajlab.worlds.shapes.scores import prior_mode_counts, rare_value_counts
+
+    reads = _exact_readings()
+    P = S.PRIORS
+    tops = [max(P[a].values()) for a in ("shape", "colour", "size", "texture")]
+    tops.append(max(P["row"].values()) * max(P["column"].values()))
+    c = np.array([prior_mode_counts("a shape", r) for r in reads])
+    assert (c[:, 1] == 5).all() and c[:, 0].sum() / c[:, 1].sum() == pytest.approx(np.mean(tops))
+    r = np.array([rare_value_counts("a shape", x) for x in reads])
+    assert (r[:, 1] == 1).all() and r[:, 0].mean() == pytest.approx(P["colour"]["purple"])
+    assert rare_value_counts("a red shape", reads[0]) == (0, 0)  # the colour is stated: no rare value left out
+    two = {**reads[0], "count": 2}
+    assert prior_mode_counts("a shape", two) == (0, 0) == rare_value_counts("a shape", two)  # count read wrong
+
+
+def test_off_palette_is_zero_on_renders_and_matches_a_brute_force_distance():
+    """The palette distance of a rendered scene is ~0; for arbitrary colours it equals a brute-force minimum over
+    finely sampled background-to-colour blends (and stripe shades), computed here without the projection."""
+    from trajlab.worlds.shapes.scores import off_palette
+
+    assert off_palette(S.world.render_batch(S.world.sample_scenes(16, 3))).max() < 0.5
+    rng = np.random.default_rng(0)
+    px = rng.integers(0, 256, size=(1, 4, 5, 3)).astype(np.uint8)
+    t = np.linspace(0, 1, 20001)[:, None]
+    bg = np.asarray(S.world.BACKGROUND, float)
+    ends = [np.asarray(c, float) * k for c in S.world.RGB.values() for k in (1.0, S.world.STRIPE_DARK)]
+    pts = np.concatenate([bg + t * (e - bg) for e in ends])
+    brute = np.sqrt(((px.reshape(-1, 1, 3).astype(float) - pts[None]) ** 2).sum(-1)).min(1).mean()
+    assert off_palette(px)[0] == pytest.approx(brute, abs=0.05)
+    with pytest.raises(ValueError, match="off_palette: images shape"):
+        off_palette(np.zeros((4, 4, 3), np.uint8))

@@ -361,8 +361,8 @@ def cmd_demo(args) -> int:
     if args.capture_processes < 1:
         raise CliError(f"--capture-processes {args.capture_processes}: must be >= 1")
     _quiet_libraries()
-    run_demo(args.out, quick=args.quick, tiny=args.tiny, hybrid=not args.no_hybrid, mechanistic=not args.no_jacobian,
-             control=not args.no_control, capture_processes=args.capture_processes)  # ends with summary and path
+    run_demo(args.out, world=args.world, quick=args.quick, tiny=args.tiny, hybrid=not args.no_hybrid, mechanistic=not
+             args.no_jacobian, control=not args.no_control, capture_processes=args.capture_processes)  # ends: summary, path
     return 0
 
 
@@ -484,16 +484,16 @@ def add_study(sub) -> None:
     r.add_argument("--scheduler", metavar="ADDRESS", default=None,
                    help="run the analyses on an existing dask.distributed scheduler (tcp://HOST:PORT, as printed "
                         "by `dask scheduler`); its workers must reach the store by the same path or URL")
-    r.add_argument("--workers", type=int, metavar="N", default=None,
-                   help="run the analyses on a local dask cluster of N worker processes (default: dask's "
-                        "threaded scheduler in this process)")
-
-    d = _sub(sub, "demo", "the micro-world study end to end on the CPU (report at OUT/report)", """examples:
-  trajlab demo --out runs/demo            # what `make demo` runs
-  trajlab demo --out runs/q --quick       # 4 prompts x 8 seeds, about 2 minutes""", cmd_demo)
+    r.add_argument("--workers", type=int, metavar="N", default=None, help="run the analyses on a local dask "
+                   "cluster of N worker processes (default: dask's threaded scheduler in this process)")
+    d = _sub(sub, "demo", "a trained world's study end to end on the CPU (report at OUT/report)", """examples:
+  trajlab demo --out runs/demo              # what `make demo` runs: the shapes world
+  trajlab demo --out runs/d --world micro   # the digit world's study; --quick: fewer prompts and seeds""", cmd_demo)
     d.add_argument("--out", required=True, help="output directory (study.zarr, analyses/, report/)")
+    d.add_argument("--world", choices=("shapes", "micro"), default="shapes",
+                   help="shapes (default): teacher vs every shapes-world student, judged; micro: the digit world")
     d.add_argument("--quick", action="store_true", help="fewer prompts and seeds")
-    d.add_argument("--tiny", action="store_true", help="use the random tiny models even if the micro-world exists")
+    d.add_argument("--tiny", action="store_true", help="the random tiny models (digit world's design) in any case")
     d.add_argument("--no-hybrid", action="store_true", help="skip the hybrid k sweep")
     d.add_argument("--no-jacobian", action="store_true",
                    help="skip the JVP analyses (contraction, covariance propagation) of teacher and students "

@@ -32,8 +32,10 @@ from trajlab.verdicts.reference import diversity_distance
 
 ACCURACY = ("prompted-digit accuracy (labeller)", "decrease", "difference", 0.05)
 """metric, direction, effect, margin of the accuracy cost of a student or hybrid."""
+JUDGE_ACCURACY = "prompt accuracy (attribute judge: every stated attribute read right)"
+"""The accuracy metric on a world with an attribute judge (``data["judge"]``, the shapes world)."""
 
-ROW_VARS = ("candidate", "label", "kind", "hybrid_pair", "handoff_step", "nfe", "div_estimate", "div_ci_low",
+ROW_VARS = ("candidate", "reference", "label", "kind", "hybrid_pair", "handoff_step", "nfe", "div_estimate", "div_ci_low",
             "div_ci_high", "div_decision", "div_why", "acc_estimate", "acc_ci_low", "acc_ci_high", "acc_decision",
             "acc_why", "teacher_accuracy", "candidate_accuracy")
 
@@ -57,10 +59,17 @@ def unet_evals(d: dict) -> float:
 
 
 def _correct(ds: xr.Dataset, idx: np.ndarray, text: str, labeller) -> np.ndarray | None:
+    """Per sample 0/1: ``labeller`` (images -> (labels, probs)) read the prompt's digit; or, for a judge (an object
+    with ``read``), every attribute the prompt states read right. None where the prompt has nothing to check."""
+    images = np.asarray(ds["image"].isel(sample=idx).values)
+    if hasattr(labeller, "read"):
+        from trajlab.worlds.shapes.scores import alignment
+
+        return np.array([float(alignment(text, r)) for r in labeller.read(images)])
     digit = S.prompt_digit(text)
     if digit is None:
         return None
-    labels, _ = labeller(np.asarray(ds["image"].isel(sample=idx).values))
+    labels, _ = labeller(images)
     return (np.asarray(labels) == digit).astype(float)
 
 
@@ -84,7 +93,8 @@ def _candidate_rows(groups, teacher, cand, diversity, labeller, population=None)
             a_ref.append(PromptStat("mean", ca))
             a_cnd.append(PromptStat("mean", cb))
     metric, direction, effect, margin = ACCURACY
-    comp = Comparison("accuracy_loss", metric, teacher, cand, direction, margin, effect=effect)
+    comp = Comparison("accuracy_loss", JUDGE_ACCURACY if hasattr(labeller, "read") else metric, teacher, cand,
+                      direction, margin, effect=effect)
     acc = evaluate(comp, a_ref or None, a_cnd or None, ref_info=ref_info, cand_info=cand_info, population=population)
     means = (float(np.mean([s() for s in a_ref])) if a_ref else np.nan,
              float(np.mean([s() for s in a_cnd])) if a_cnd else np.nan)
@@ -115,8 +125,11 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
     """The study over a store's image groups (dims ``row``: one per student or hybrid; ``pair``: per hybrid
     (teacher -> student) pair). Empty, with a ``note``, without a teacher or a student.
 
-    labeller: uint8 images (N, H, W, 3) -> (labels, probs) for the accuracy cost (None: not measured).
-    data: as for :func:`failure_modes.store_verdicts` (optional ``diversity`` distance).
+    labeller: uint8 images (N, H, W, 3) -> (labels, probs) for the accuracy cost (default: ``data["judge"]``'s
+    alignment where the world has an attribute judge; None: not measured).
+    data: as for :func:`failure_modes.store_verdicts` (optional ``diversity`` distance; optional ``ablations``:
+    (recipe model, ablation model) pairs, each compared directly, recipe against ablation, in rows of kind
+    "ablation" whose reference is the ablation's group).
     experiment: when some group carries this experiment tag, only those groups are candidates (the teacher is
     the store's reference teacher either way); None: every student and hybrid group.
     Estimates: diversity log ratio candidate / teacher; accuracy difference candidate - teacher; 95% CIs of the
@@ -137,12 +150,19 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
         return xr.Dataset(attrs={"note": "needs a teacher group and a student or hybrid group with images"})
     diversity = diversity_distance(desc, data)
     features = diversity[2]
+    if labeller is None:
+        labeller = (data or {}).get("judge")
+    by_model = {desc[n]["model"]: n for n in students}
+    ablations = [(by_model[a], by_model[b]) for a, b in (data or {}).get("ablations", ()) if a in by_model and b in by_model]
     rows, families = [], []
-    for n in students + hybrids:
-        div, acc, (ta, ca) = _candidate_rows(groups, teacher, n, diversity, labeller, (data or {}).get("prompts"))
+    for ref, n in [(teacher, n) for n in students + hybrids] + [(b, a) for a, b in ablations]:
+        div, acc, (ta, ca) = _candidate_rows(groups, ref, n, diversity, labeller, (data or {}).get("prompts"))
         h = desc[n]["hybrid"] or {}
         label = f"hybrid {h['teacher']} -> {h['student']}, k = {h['handoff_step']}" if h else desc[n]["label"]
-        rows.append({"candidate": n, "label": label, "kind": "hybrid" if h else "student",
+        kind = "hybrid" if h else ("student" if ref == teacher else "ablation")
+        if kind == "ablation":
+            label = f"{desc[n]['model']} against its ablation {desc[ref]['model']}"
+        rows.append({"candidate": n, "reference": ref, "label": label, "kind": kind,
                      "hybrid_pair": f"{h['teacher']} -> {h['student']}" if h else "", "handoff_step": h.get("handoff_step", -1),
                      "nfe": unet_evals(desc[n]), "teacher_accuracy": ta, "candidate_accuracy": ca})
         families += [div] + ([acc] if acc is not None else [])
@@ -156,23 +176,25 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
                 r = next(decided)
             row.update({f"{prefix}_{k}": r.get(k) for k in ("estimate", "ci_low", "ci_high", "decision", "why")})
     ds = xr.Dataset({v: ("row", [r[v] for r in rows]) for v in ROW_VARS}, coords={"row": np.arange(len(rows))})
+    ds["teacher_accuracy"].attrs["meaning"] = "the reference's accuracy: the teacher's, or for an ablation row the ablation's"
     pairs = sorted({r["hybrid_pair"] for r in rows if r["kind"] == "hybrid"})
     restored = [restored_from([r["handoff_step"] for r in rows if r["hybrid_pair"] == p],
                               [r["div_decision"] for r in rows if r["hybrid_pair"] == p]) for p in pairs]
     ds = ds.assign({"collapse_unsupported_from_k": ("pair", [r[0] for r in restored]),
                     "equivalent_from_k": ("pair", [r[1] for r in restored])}).assign_coords(pair=pairs)
+    acc_metric = JUDGE_ACCURACY if hasattr(labeller, "read") else ACCURACY[0]
     for v in ("div_estimate", "div_ci_low", "div_ci_high"):
-        ds[v].attrs["units"] = "log ratio (candidate / teacher) of mean pairwise distance within prompt"
+        ds[v].attrs["units"] = "log ratio (candidate / reference) of mean pairwise distance within prompt"
     for v in ("acc_estimate", "acc_ci_low", "acc_ci_high"):
-        ds[v].attrs["units"] = "difference (candidate - teacher) of prompted-digit accuracy"
+        ds[v].attrs["units"] = f"difference (candidate - reference) of {acc_metric}"
     ds["nfe"].attrs["units"] = "UNet evaluations per sample (a CFG step counts 2)"
     ds["collapse_unsupported_from_k"].attrs["meaning"] = ("smallest k from which no larger k has diversity collapse "
                                                           "supported (absence of evidence, not restoration)")
     ds["equivalent_from_k"].attrs["meaning"] = "smallest k from which every larger k is refuted within the margin"
     ds.attrs.update(teacher=teacher, features=features, alpha=alpha, margin_diversity=diversity_collapse.MODE.margin,
-                    margin_accuracy=ACCURACY[3], multiplicity="Holm over the study's comparisons (its own family)",
+                    margin_accuracy=ACCURACY[3], accuracy_metric=acc_metric, multiplicity="Holm over the study's comparisons (its own family)",
                     question_3="commitment: the taxonomy's early_commitment rows and the x0 filmstrips")
     return ds
 
 
-__all__ = ["ACCURACY", "EXPERIMENT", "distilling_diversity", "restored_from", "unet_evals"]
+__all__ = ["ACCURACY", "EXPERIMENT", "JUDGE_ACCURACY", "distilling_diversity", "restored_from", "unet_evals"]

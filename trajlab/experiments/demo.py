@@ -19,6 +19,7 @@ tiny-sd / tiny-lcm pipelines, with a printed note, when the micro-world weights 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -30,6 +31,27 @@ QUICK_COVARIANCE = {"n_prompts": 1, "n_probes": 2, "n_components": 4}
 demo's settings cost ~2 min there)."""
 DEMO_PATCHING_SEEDS = 8
 """Seeds per prompt of the demo's patching map (its runs are its own, not the store's: ~50 s on 10 prompts)."""
+
+
+@dataclass
+class DemoDesign:
+    """What a demo captures and analyses: plans of the study (``plans``), controls and students (``cplans``), hybrids
+    (``hplans``); the teacher and student of the step sweep; ``collapsing``: students whose Jacobians and attention
+    maps are recorded; ``injected``: (model, steps) run through covariance propagation with their injected noise;
+    ``patching``: whether the teacher -> collapsing patching map runs; ``line``: the one-line description."""
+
+    teacher: str
+    student: str
+    prompts: list
+    seeds: list
+    plans: list
+    cplans: list = field(default_factory=list)
+    hplans: list = field(default_factory=list)
+    collapsing: tuple = ()
+    injected: tuple = ()
+    patching: bool = False
+    line: str = ""
+    notes: list = field(default_factory=list)
 
 
 def micro_available() -> bool:
@@ -122,15 +144,18 @@ def control_plans(prompts, seeds, *, exclude=(), tiny: bool = False, quick: bool
     return plans, list(dict.fromkeys(notes))
 
 
-def distilling_plans(prompts, seeds, *, exclude=(), quick: bool = False, batch_size: int = 32):
+def distilling_plans(prompts, seeds, *, exclude=(), quick: bool = False, batch_size: int = 32,
+                     model_map: dict | None = None):
     """(grid plans, hybrid plans, notes) of the Distilling-Diversity experiment (data/experiments/
-    distilling_diversity.toml, offline models; ``quick``: its quick hand-offs) on the demo's prompts and
-    ``seeds``, tagged "distilling_diversity". Plans equal to one in ``exclude`` on a superset of the seeds
-    (the demo's teacher) are left out; so are students whose weights are not shipped, with a note."""
+    distilling_diversity.toml, offline models, then ``model_map``'s substitutions (the shapes world's students);
+    ``quick``: its quick hand-offs) on the demo's prompts and ``seeds``, tagged "distilling_diversity". Plans
+    equal to one in ``exclude`` on a superset of the seeds (the demo's teacher) are left out; so are students
+    whose weights are not shipped, with a note."""
     from trajlab.experiments.configs import build_plans, load_experiment
     from trajlab.models.loading import ModelNotAvailable, check_available
 
-    ps, hps, notes = build_plans(load_experiment("distilling_diversity"), offline=True, quick=quick, seeds=list(seeds))
+    ps, hps, notes = build_plans(load_experiment("distilling_diversity"), offline=True, quick=quick, seeds=list(seeds),
+                                 model_map=model_map)
     seen = {_content_key(p) for p in exclude if set(seeds) <= set(p.seeds)}
     missing = set()
     for p in ps + hps:
@@ -147,8 +172,8 @@ def distilling_plans(prompts, seeds, *, exclude=(), quick: bool = False, batch_s
             continue
         seen.add(_content_key(p))
         (hplans if student else plans).append(p)
-    notes += [f"Distilling-Diversity study without {m}: its weights are not in data/micro (make train-micro)"
-              for m in sorted(missing)]
+    notes += [f"Distilling-Diversity study without {m}: its weights are not shipped "
+              f"({'make train-world' if m.startswith('shapes-') else 'make train-micro'})" for m in sorted(missing)]
     return plans, hplans, notes
 
 
@@ -157,8 +182,9 @@ REINJECTION_STUDENT = "micro-lcm-lora"
 the same weights run under LCM's sampler and under TCD at gamma = eta = 0 (the pipeline's default)."""
 
 
-def reinjection_plans(prompts, seeds, *, steps=(1, 2, 4, 8), batch_size: int = 32):
-    """Grid plans of the noise re-injection control (tag "demo-control"): ``REINJECTION_STUDENT`` at each
+def reinjection_plans(prompts, seeds, *, steps=(1, 2, 4, 8), batch_size: int = 32, student: str = REINJECTION_STUDENT):
+    """Grid plans of the noise re-injection control (tag "demo-control"): ``student`` (a StableDiffusionPipeline
+    LCM-LoRA; default ``REINJECTION_STUDENT``) at each
     step count with the "lcm" scheduler (fresh noise after every step) and with "tcd" at gamma 0
     (deterministic re-noising with the model's own epsilon). Step inconsistency of the two families,
     matched by (prompt, seed), separates the share due to fresh noise (failure_modes)."""
@@ -167,7 +193,7 @@ def reinjection_plans(prompts, seeds, *, steps=(1, 2, 4, 8), batch_size: int = 3
     plans = []
     for scheduler in ("lcm", "tcd"):
         for k in steps:
-            p = resolve_plan(model=REINJECTION_STUDENT, scheduler=scheduler, steps=k, guidance=None,
+            p = resolve_plan(model=student, scheduler=scheduler, steps=k, guidance=None,
                              negative_prompt=None, prompts=list(prompts), seeds=list(seeds), batch_size=batch_size)
             p.extra["experiment"] = "demo-control"
             plans.append(p)
@@ -218,30 +244,20 @@ def capture_plans_file(spec: str, store: str) -> None:
     run_plans(pickle.loads(Path(spec).read_bytes()), store, progress=False, validate=False)
 
 
-def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = True, teacher_steps: int = 30,
-             n_prompts: int | None = None, n_seeds: int | None = None, progress: bool = True,
-             mechanistic: bool = True, control: bool = True, attention: bool = True,
-             capture_processes: int = 1) -> Path:
-    """Capture the demo study into ``out/study.zarr`` and build ``out/report``; returns index.html's path.
-    ``attention``: record the cross-attention maps of the teacher and of micro-turbo and micro-dmd (the students
-    that collapse) for the report's token heat maps. ``capture_processes``: processes that capture together
-    (:func:`capture_together`; 1 by default: on the 2-core machine 2 saved 15% of the capture stage, 323 vs 379 s,
-    since one process's writer thread already uses the second core, and the store's group order then follows
-    which process allocated first)."""
-    from trajlab.experiments.plans import preflight
-    from trajlab.experiments.reporting import report_store
+def micro_design(*, quick: bool = False, tiny: bool = False, hybrid: bool = True, teacher_steps: int = 30,
+                 n_prompts: int | None = None, n_seeds: int | None = None, control: bool = True) -> DemoDesign:
+    """The digit world's demo groups (module docstring; the random tiny pipelines when ``tiny`` or when the
+    micro-world is not shipped)."""
     from trajlab.models.micro import PROMPTS
 
-    t0 = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    notes = []
     if not tiny and micro_available():
         teacher, student = "micro-sd", "micro-lcm"
     else:
         teacher, student = "tiny-sd", "tiny-lcm"
-        print("note: " + ("--tiny given" if tiny else "the micro-world (data/micro) is not available") +
-              ": running the demo on the RANDOM tiny-sd / tiny-lcm pipelines; numbers and images carry no meaning "
-              "beyond exercising the pipeline")
+        notes.append(("--tiny given" if tiny else "the micro-world (data/micro) is not available") +
+                     ": running the demo on the RANDOM tiny-sd / tiny-lcm pipelines; numbers and images carry no "
+                     "meaning beyond exercising the pipeline")
     n_prompts = n_prompts or (4 if quick else 10)
     n_seeds = n_seeds or (8 if quick else 16)
     prompts, seeds = list(PROMPTS[:n_prompts]), list(range(n_seeds))
@@ -250,50 +266,88 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
                                hybrid=hybrid)
     cplans, splans, shplans = [], [], []
     if control and teacher == "micro-sd":
-        splans, shplans, notes = distilling_plans(prompts, seeds[: 4 if quick else 16], exclude=plans, quick=quick)
-        for n in notes:
-            print(f"note: {n}")
+        splans, shplans, n = distilling_plans(prompts, seeds[: 4 if quick else 16], exclude=plans, quick=quick)
+        notes += n
     if control:  # a control equal to a study group on more seeds is that group (micro-lcm-lora LCM 4 steps cfg 1)
-        cplans, notes = control_plans(prompts, seeds[: 2 if quick else 8], exclude=plans + splans,
-                                      tiny=teacher == "tiny-sd", quick=quick, teacher_steps=teacher_steps)
-        for n in notes:
-            print(f"note: {n}")
-    hplans += shplans
-    cplans += splans
-    if attention:  # cross-attention maps of the teacher and the collapsing students (+~14 s capture, ~6 s report)
-        for p in plans[:1] + [p for p in splans if p.model in ("micro-turbo", "micro-dmd")]:
-            p.attention_maps = True
-    store = str(out / "study.zarr")
-    preflight(plans + cplans + hplans, store)
-    print(f"demo: {teacher} ({teacher_steps} DDIM steps) vs {student} (1/2/4/8 steps)"
-          + (f" + hybrid k in {sorted(set(handoff))}" if hybrid else "") + f"; {n_prompts} prompts x {n_seeds} seeds"
-          + (f"; + {len(cplans) - len(splans)} guidance-sweep / negative-prompt / noise re-injection groups on "
-             f"{min(len(seeds), 2 if quick else 8)} seeds" if cplans else "")
-          + (f"; + Distilling-Diversity study: {len(splans)} student and {len(shplans)} hybrid groups on "
-             f"{min(len(seeds), 4 if quick else 16)} seeds" if splans or shplans else ""))
+        cplans, n = control_plans(prompts, seeds[: 2 if quick else 8], exclude=plans + splans,
+                                  tiny=teacher == "tiny-sd", quick=quick, teacher_steps=teacher_steps)
+        notes += n
     collapsing = ("micro-turbo", "micro-dmd") if teacher == "micro-sd" else ()  # the students that collapse
+    for p in plans[:1] + [p for p in splans if p.model in collapsing]:  # cross-attention maps (+~14 s, ~6 s report)
+        p.attention_maps = True
+    line = (f"demo: {teacher} ({teacher_steps} DDIM steps) vs {student} (1/2/4/8 steps)"
+            + (f" + hybrid k in {sorted(set(handoff))}" if hybrid else "") + f"; {n_prompts} prompts x {n_seeds} seeds"
+            + (f"; + {len(cplans)} guidance-sweep / negative-prompt / noise re-injection groups on "
+               f"{min(len(seeds), 2 if quick else 8)} seeds" if cplans else "")
+            + (f"; + Distilling-Diversity study: {len(splans)} student and {len(shplans)} hybrid groups on "
+               f"{min(len(seeds), 4 if quick else 16)} seeds" if splans or shplans else ""))
+    return DemoDesign(teacher, student, prompts, seeds, plans, cplans=cplans + splans, hplans=hplans + shplans,
+                      collapsing=collapsing, injected=(("micro-turbo", 2), ("micro-dmd", 4)) if collapsing else (),
+                      patching=bool(collapsing), line=line, notes=notes)
+
+
+WORLDS = ("shapes", "micro")
+"""The demo's worlds: the shapes world (the default: every failure of the taxonomy can happen there) and the digit
+world (micro-*; the random tiny pipelines with ``tiny``)."""
+
+
+def run_demo(out, *, world: str = "shapes", quick: bool = False, tiny: bool = False, hybrid: bool = True,
+             teacher_steps: int = 30, n_prompts: int | None = None, n_seeds: int | None = None, progress: bool = True,
+             mechanistic: bool = True, control: bool = True, capture_processes: int = 1) -> Path:
+    """Capture the demo study of ``world`` into ``out/study.zarr`` and build ``out/report``; returns index.html's
+    path. The teacher's and the collapsing students' cross-attention maps are recorded for the report's token heat
+    maps. ``capture_processes``: processes that capture together (:func:`capture_together`; 1 by default: on the
+    2-core machine 2 saved 15% of the digit world's capture stage, 323 vs 379 s, since one process's writer thread
+    already uses the second core, and the store's group order then follows which process allocated first)."""
+    from trajlab.experiments.plans import preflight
+    from trajlab.experiments.reporting import report_store
+
+    if world not in WORLDS:
+        raise ValueError(f"run_demo: world={world!r}; expected one of {WORLDS}")
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = dict(quick=quick, hybrid=hybrid, teacher_steps=teacher_steps, n_prompts=n_prompts, n_seeds=n_seeds,
+              control=control)
+    if world == "shapes" and not tiny:
+        from trajlab.experiments.shapes_demo import shapes_available, shapes_design
+
+        if not shapes_available():
+            raise FileNotFoundError("the shapes world is not in data/worlds/shapes (make train-world), or run "
+                                    "`trajlab demo --world micro`")
+        design = shapes_design(**kw)
+    else:
+        design = micro_design(tiny=tiny, **kw)
+    for n in dict.fromkeys(design.notes):
+        print(f"note: {n}")
+    groups = design.plans + design.cplans + design.hplans
+    store = str(out / "study.zarr")
+    preflight(groups, store)
+    print(design.line)
+    patch = mechanistic and design.patching
     stages = ["capture" + (f" (the patching map alongside at the lowest priority, log {out / 'patching.log'})"
-                           if mechanistic and collapsing else ""),
+                           if patch else ""),
               "analyses and report" + (" (Jacobian contraction, covariance propagation meanwhile in a second process, "
                                        f"log {out / 'analyses.log'})" if mechanistic else "")]
     stage = _stages(stages, t0)
     stage()
     analyses = out / "analyses" if mechanistic else None
     patching = None
-    if mechanistic and collapsing:  # no store needed: runs at the lowest priority on what the capture leaves idle
+    if patch:  # no store needed: runs at the lowest priority on what the capture leaves idle
         analyses.mkdir(parents=True, exist_ok=True)
-        patching = PatchingHelper(analyses, out / "patching.log", n_prompts=n_prompts,
-                                  seeds=seeds[:DEMO_PATCHING_SEEDS], receivers=collapsing)
+        patching = PatchingHelper(analyses, out / "patching.log", n_prompts=len(design.prompts),
+                                  seeds=design.seeds[:DEMO_PATCHING_SEEDS], receivers=design.collapsing)
     helpers = Helpers(patching)
     try:
-        capture_together(plans + cplans + hplans, store, progress=progress, processes=capture_processes)
+        capture_together(groups, store, progress=progress, processes=capture_processes)
         stage()
         if mechanistic:
             helpers.helpers.append(MechanisticHelper(
                 store, analyses, out / "analyses.log",
-                dict(teacher=teacher, student=student, collapsing=collapsing, teacher_steps=teacher_steps,
-                     quick=quick, n_prompts=n_prompts, seeds=seeds, patching=False)))
-        path = report_store(store, out / "report", model=teacher, analyses_dir=analyses,
+                dict(teacher=design.teacher, student=design.student, collapsing=design.collapsing,
+                     injected=[list(c) for c in design.injected], teacher_steps=teacher_steps, quick=quick,
+                     n_prompts=len(design.prompts), seeds=design.seeds, patching=False)))
+        path = report_store(store, out / "report", model=design.teacher, analyses_dir=analyses,
                             analyses_ready=helpers.wait if helpers.helpers else None)
     finally:
         helpers.stop()
@@ -303,10 +357,11 @@ def run_demo(out, *, quick: bool = False, tiny: bool = False, hybrid: bool = Tru
 
 def mechanistic_analyses(store: str, analyses, *, teacher: str, student: str, collapsing=(), teacher_steps: int = 30,
                          quick: bool = False, n_prompts: int = 10, seeds=(), progress: bool = True,
-                         patching: bool = True) -> None:
+                         patching: bool = True, injected=None) -> None:
     """The demo's mechanistic analyses of ``store`` into the folder ``analyses``: Jacobian contraction (teacher,
     student and the ``collapsing`` students), covariance propagation (teacher, student at 1 and 4 steps; the
-    collapsing students with the noise they inject, docs/theory.md §14) and the teacher -> collapsing-student
+    ``injected`` (model, steps) configurations with the noise they inject, docs/theory.md §14; default: the digit
+    world's micro-turbo 2 and micro-dmd 4 when there are collapsing students) and the teacher -> collapsing-student
     patching map on the first ``DEMO_PATCHING_SEEDS`` of ``seeds``."""
     from trajlab.analysis import io
     from trajlab.analysis.mechanistic import covariance_results, jacobian_results
@@ -319,8 +374,10 @@ def mechanistic_analyses(store: str, analyses, *, teacher: str, student: str, co
     covariance_results(store, analyses, configs=((teacher, teacher_steps), (student, 1), (student, 4)),
                        experiments=("demo", ""), max_points=1,
                        **(QUICK_COVARIANCE if quick else {"n_prompts": 2, "n_probes": 16}))
-    if collapsing:  # stochastic students: the covariance with the noise they inject (docs/theory.md §14)
-        covariance_results(store, analyses, configs=(("micro-turbo", 2), ("micro-dmd", 4)),
+    if injected is None:
+        injected = (("micro-turbo", 2), ("micro-dmd", 4)) if collapsing else ()
+    if injected:  # stochastic students: the covariance with the noise they inject (docs/theory.md §14)
+        covariance_results(store, analyses, configs=tuple((m, int(k)) for m, k in injected),
                            experiments=("distilling_diversity",), n_prompts=1 if quick else 2, max_points=1,
                            injections=True, plain=False)
     print(f"covariance propagation done ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -465,5 +522,5 @@ def print_summary(report_dir, elapsed: float) -> None:
     print(f"report: {path.as_uri()}")
 
 
-__all__ = ["HelperProcess", "Helpers", "MechanisticHelper", "PatchingHelper", "capture_together", "control_plans", "demo_plans",
-           "distilling_plans", "mechanistic_analyses", "micro_available", "reinjection_plans", "run_demo"]
+__all__ = ["WORLDS", "DemoDesign", "HelperProcess", "Helpers", "MechanisticHelper", "PatchingHelper", "capture_together", "control_plans", "demo_plans",
+           "distilling_plans", "mechanistic_analyses", "micro_available", "micro_design", "reinjection_plans", "run_demo"]

@@ -264,7 +264,7 @@ def hybrid(r, fig) -> list:
                         *_ci_cols(hyb, ["label_accuracy"])], labels=fig.labels)]
 
 
-_DISTILLING_COLS = ("kind", "hybrid_pair", "handoff_step", "nfe", "div_estimate", "div_ci_low", "div_ci_high",
+_DISTILLING_COLS = ("kind", "reference", "hybrid_pair", "handoff_step", "nfe", "div_estimate", "div_ci_low", "div_ci_high",
                     "div_decision", "acc_estimate", "acc_ci_low", "acc_ci_high", "acc_decision", "teacher_accuracy",
                     "candidate_accuracy")
 
@@ -282,8 +282,9 @@ def distilling(r, fig) -> list:
     out = [p(f"Gandikota & Bau's questions, each candidate against the teacher "
              f"{fig.labels.get(str(d.attrs.get('teacher', '')), d.attrs.get('teacher', ''))} on matched "
              f"(prompt, seed) pairs: (1) diversity, {d.attrs.get('features', '')}, log ratio (margin "
-             f"{d.attrs.get('margin_diversity')}); accuracy cost, prompted-digit accuracy difference (margin "
-             f"{d.attrs.get('margin_accuracy')}); (2) hybrids (the teacher for the first k of its steps, then the "
+             f"{d.attrs.get('margin_diversity')}); accuracy cost, {d.attrs.get('accuracy_metric', 'accuracy')} "
+             f"difference (margin {d.attrs.get('margin_accuracy')}); rows of kind \"ablation\" compare a student "
+             "with its causal ablation instead of the teacher; (2) hybrids (the teacher for the first k of its steps, then the "
              f"student) against k and against compute; 95% paired bootstrap CIs, {d.attrs.get('multiplicity', '')}. "
              "(3) Commitment: the Commitment section (x0-mode stability, the early_commitment verdicts) and the "
              "x0-prediction filmstrips.")]

@@ -16,10 +16,21 @@ Planted failures (each mode's ``FailureMode.plant``, per sample with probability
 ``violate`` (object 1's stated colour changed), ``swap`` (the two objects' colours swapped), ``unstripe`` (striped
 objects rendered solid).
 
-Design: the study's (``trajlab.worlds.shapes.study``): the 8 one-object and 8 two-object prompts of
-``quality`` x 16 seeds, each mode's rows on the prompts it applies to, Holm family of size :data:`FAMILY` (the
-study's students and step counts against the teacher). Magnitudes are solved so that the true effect (the
-statistic on :data:`TRUTH_SEEDS` seeds) is factor x margin; pass rule as the pixel world's.
+The prior and control modes (``canonical_bias_prior``, ``mode_dropping_prior``, ``cfg_off_palette``,
+``weak_negative_attribute``) run on the demo's six prompts that leave attributes out (their left-out attributes
+drawn from the exact prior), with their own knobs: ``canonical`` (every left-out attribute but the position set to
+its most probable value), ``drop_rare`` (a left-out rare colour replaced by the most probable one), ``saturate``
+(colours pushed from mid-grey by 1.6) and ``neg_weaken``. The control modes' groups carry guidance 4 (a CFG branch)
+and every image gets pixel noise of SD ``NOISE`` (its own (seed, prompt) stream: a network's images are never
+exactly on the palette). For ``weak_negative_attribute`` there are four groups: teacher and student, each without
+and with the negative "a striped shape", which removes a striped texture with probability ``NEG_EFFICACY`` for the
+teacher and (1 - m) times that for the student.
+
+Design: the demo's. The judge-read structure modes: the 8 one-object and 8 two-object prompts of ``quality`` x 16
+seeds, Holm family of size :data:`FAMILY` (the students and step counts against the teacher); the prior modes: the
+six left-out prompts x 16 seeds, the same family; the control modes: the six prompts x 8 seeds (the demo's
+controls), family 1 (one student guidance sweep). Magnitudes are solved so that the true effect (the statistic on
+:data:`TRUTH_SEEDS` seeds) is factor x margin; pass rule as the pixel world's.
 """
 from __future__ import annotations
 
@@ -41,16 +52,36 @@ FAMILY = 11
 TRUTH_SEEDS = 160
 KNOB_GRID = np.array([0.0, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9])
 SHAPES_MODES = tuple(n for n, m in CATALOGUE.items() if m.world == "shapes")
+PRIOR_MODES = ("canonical_bias_prior", "mode_dropping_prior")
+CONTROL_MODES = ("cfg_off_palette", "weak_negative_attribute")
+CONTROL_SEEDS = 8
+CONTROL_GUIDANCE = 4.0
+NOISE = 6.0
+"""SD of the pixel noise on every image of the control modes' groups (0-255 units)."""
+NEG_EFFICACY = 0.8
+"""P(the teacher's negative "a striped shape" renders a striped object solid)."""
+NEGATIVE = "a striped shape"
 
 
-def prompts() -> list[str]:
+def prompts(mode: str | None = None) -> list[str]:
+    """The calibration prompts of ``mode``: the study's fully stated ones, or the demo's six texture-free left-out
+    prompts for the prior and control modes."""
+    if mode in PRIOR_MODES + CONTROL_MODES:
+        from trajlab.experiments.shapes_demo import leaves_texture_out, shapes_prompts
+
+        return [p for p in shapes_prompts() if leaves_texture_out(p)]
     from trajlab.worlds.shapes.quality import SINGLE_FULL, TWO_FULL
 
     return list(SINGLE_FULL) + list(TWO_FULL)
 
 
+def design(mode: str) -> tuple[int, int]:
+    """(seeds per prompt, Holm family size) of ``mode`` in the demo."""
+    return (CONTROL_SEEDS, 1) if mode in CONTROL_MODES else (N_SEEDS, FAMILY)
+
+
 def scene_for(prompt: str, seed: int) -> dict:
-    """A scene from the exact law of a fully stated ``prompt`` (free parts from the priors), seeded: the same seed
+    """A scene from the exact law of ``prompt`` (left-out and free parts from the priors), seeded: the same seed
     draws the same uniforms under every prompt."""
     from trajlab.worlds.shapes import world as W
 
@@ -62,9 +93,10 @@ def scene_for(prompt: str, seed: int) -> dict:
     scene = W.sample_scenes(1, seed, priors=priors)[0]
     for o, so in zip(spec["objects"], scene["objects"]):
         for a in ("shape", "colour", "size", "texture"):
-            if o[a] is None:
-                raise ValueError(f"calibration prompt {prompt!r} leaves {a} out; expected every attribute stated")
-            so[a] = o[a]
+            if o[a] is not None:
+                so[a] = o[a]
+            else:
+                so.setdefault("free", []).append(a)
         if len(spec["objects"]) == 1 and o["position"]:
             r0, c0 = W.position_cell(so["position"])
             r1, c1 = W.position_cell(o["position"])
@@ -75,11 +107,23 @@ def scene_for(prompt: str, seed: int) -> dict:
 
 
 def plant(scene: dict, knobs: dict, u: np.ndarray) -> dict:
-    """Errors on one scene: each knob (violate, swap, unstripe) is the probability of its kind; u: three uniforms."""
+    """Errors on one scene: each knob (violate, swap, unstripe, canonical, drop_rare, neg) is the probability of its
+    kind; u: six uniforms. ``free``: an object's left-out attributes (canonical, drop_rare act on them only)."""
     from trajlab.worlds.shapes import world as W
 
     objs = [dict(o) for o in scene["objects"]]
-    if knobs.get("violate", 0) > u[0]:
+    if knobs.get("canonical", 0) > u[3]:
+        for o in objs:
+            for a in o.get("free", ()):
+                o[a] = max(W.PRIORS[a], key=W.PRIORS[a].get)
+    if knobs.get("drop_rare", 0) > u[4]:
+        for o in objs:
+            if "colour" in o.get("free", ()) and o["colour"] == W.RARE_COLOUR:
+                o["colour"] = max(W.PRIORS["colour"], key=W.PRIORS["colour"].get)
+    if knobs.get("neg", 0) > u[5]:
+        for o in objs:
+            o["texture"] = "solid"
+    if knobs.get("violate", 0) > u[0] and "colour" not in objs[0].get("free", ()):  # a stated colour read wrong
         objs[0]["colour"] = W.COLOURS[(W.COLOURS.index(objs[0]["colour"]) + 1) % len(W.COLOURS)]
     if knobs.get("swap", 0) > u[1] and len(objs) == 2:
         objs[0]["colour"], objs[1]["colour"] = objs[1]["colour"], objs[0]["colour"]
@@ -89,23 +133,45 @@ def plant(scene: dict, knobs: dict, u: np.ndarray) -> dict:
     return {**scene, "objects": objs}
 
 
-def group(texts: list[str], seeds, *, role: str, knobs: dict | None = None) -> xr.Dataset:
-    """One group in the store schema (samples ordered (prompt, seed)): rendered scenes of each prompt's law."""
+def group(texts: list[str], seeds, *, role: str, knobs: dict | None = None, guidance: float = 1.0,
+          negative: str = "", noise: float = 0.0) -> xr.Dataset:
+    """One group in the store schema (samples ordered (prompt, seed)): rendered scenes of each prompt's law, the
+    base errors, the planted ``knobs`` (a student's), then ``saturate`` and pixel noise of SD ``noise`` on the
+    images. With a ``negative`` the teacher's law removes stripes with probability ``NEG_EFFICACY`` and the
+    student's with (1 - neg_weaken) times that, on the same uniforms."""
     from trajlab.worlds.shapes import world as W
 
+    knobs = dict(knobs or {})
     base = {"violate": BASE, "swap": BASE, "unstripe": BASE}
-    scenes = []
+    if negative:
+        base["neg"] = NEG_EFFICACY * (1 - (knobs.pop("neg_weaken", 0.0) if role != "teacher" else 0.0))
+    scenes, sat = [], []
     for i, t in enumerate(texts):
         for s in seeds:
             s = int(s)
             if role != "teacher" and np.random.default_rng([s, 7]).random() >= RHO:
                 s += 10 ** 7  # the null student's fresh seed (decided once per seed)
-            sc = plant(scene_for(t, s), base, np.random.default_rng([s, i, 11]).random(3))
+            sc = plant(scene_for(t, s), base, np.random.default_rng([s, i, 11]).random(6))
+            u = np.random.default_rng([int(s), i, 13]).random(7)
             if role != "teacher":
-                sc = plant(sc, knobs or {}, np.random.default_rng([int(s), i, 13]).random(3))
+                sc = plant(sc, knobs, u[:6])
             scenes.append(sc)
-    return final_images_group(W.render_batch(scenes), texts, seeds, model=f"calibration-shapes-{role}", role=role,
-                              pipeline_class="ExactWorldPipeline", steps=30 if role == "teacher" else 4)
+            sat.append(role != "teacher" and knobs.get("saturate", 0) > u[6])
+    images = W.render_batch(scenes)
+    if any(sat) or noise:
+        x = images.astype(np.float64)
+        x[np.asarray(sat)] = 128.0 + 1.6 * (x[np.asarray(sat)] - 128.0)
+        if noise:
+            k = 0
+            for i in range(len(texts)):
+                for s in seeds:
+                    s = int(s) + (10 ** 7 if role != "teacher" and np.random.default_rng([int(s), 7]).random() >= RHO else 0)
+                    x[k] += np.random.default_rng([s, i, 17]).normal(0.0, noise, x[k].shape)
+                    k += 1
+        images = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+    ds = final_images_group(images, texts, seeds, model=f"calibration-shapes-{role}", role=role,
+                            pipeline_class="ExactWorldPipeline", steps=30 if role == "teacher" else 4)
+    return ds.assign_attrs(guidance=guidance, negative_prompt=negative)
 
 
 def final_images_group(images: np.ndarray, texts: list[str], seeds, *, model: str, role: str, pipeline_class: str,
@@ -124,11 +190,24 @@ def final_images_group(images: np.ndarray, texts: list[str], seeds, *, model: st
     return ds
 
 
-def verdict(data: dict, mode: str, seeds, knobs: dict, family: int = FAMILY) -> dict:
+def groups_for(mode: str, seeds, knobs: dict) -> dict[str, xr.Dataset]:
+    """The calibration groups of ``mode``: teacher and planted student (and, for weak_negative_attribute, both again
+    with the negative prompt)."""
+    texts = prompts(mode)
+    if mode not in CONTROL_MODES:
+        return {"teacher": group(texts, seeds, role="teacher"), "student": group(texts, seeds, role="student", knobs=knobs)}
+    kw = dict(guidance=CONTROL_GUIDANCE, noise=NOISE)
+    out = {"teacher": group(texts, seeds, role="teacher", **kw), "student": group(texts, seeds, role="student", knobs=knobs, **kw)}
+    if mode == "weak_negative_attribute":
+        out["teacher-neg"] = group(texts, seeds, role="teacher", negative=NEGATIVE, **kw)
+        out["student-neg"] = group(texts, seeds, role="student", knobs=knobs, negative=NEGATIVE, **kw)
+    return out
+
+
+def verdict(data: dict, mode: str, seeds, knobs: dict, family: int | None = None) -> dict:
     """The store verdict of ``mode`` (one row) on a teacher group and a student group planted with ``knobs``."""
-    texts = prompts()
-    ds = store_verdicts({"teacher": group(texts, seeds, role="teacher"), "student": group(texts, seeds, role="student", knobs=knobs)},
-                        data=data, modes={mode}, holm_family=family)
+    ds = store_verdicts(groups_for(mode, seeds, knobs), data=data, modes={mode},
+                        holm_family=design(mode)[1] if family is None else family)
     rows = [i for i in range(ds.sizes["comparison"]) if ds["mode"].values[i] == mode]
     if len(rows) != 1:
         raise RuntimeError(f"shapes calibration of {mode}: expected one row, got {len(rows)}")
@@ -145,8 +224,9 @@ def true_effect(data: dict, mode: str, m: float, n_seeds: int = TRUTH_SEEDS) -> 
 def data_reference() -> dict:
     """What the verdicts read in this world: the shipped judge (no diversity or real-data modes are judged here)."""
     from trajlab.worlds.shapes.judge import load_judge
+    from trajlab.worlds.shapes.scores import off_palette
 
-    return {"judge": load_judge(), "note": "shapes generator world (calibration)"}
+    return {"judge": load_judge(), "off_palette": off_palette, "note": "shapes generator world (calibration)"}
 
 
 def run(*, n_replicates: int = 100, modes=SHAPES_MODES, factors=FACTORS, progress=print) -> xr.Dataset:
@@ -165,8 +245,9 @@ def run(*, n_replicates: int = 100, modes=SHAPES_MODES, factors=FACTORS, progres
             progress(f"shapes calibration: {mode}: magnitudes {np.round(mags[i], 3).tolist()}, true effects {np.round(truth[i], 4).tolist()}")
     sup = np.zeros_like(mags)
     for r in range(n_replicates):
-        seeds = list(range(r * N_SEEDS, (r + 1) * N_SEEDS))
         for i, mode in enumerate(modes):
+            n = design(mode)[0]
+            seeds = list(range(r * n, (r + 1) * n))
             for j, k in enumerate(mags[i]):
                 if np.isfinite(k):
                     sup[i, j] += verdict(data, mode, seeds, CATALOGUE[mode].plant(float(k)))["decision"] == "supported"
@@ -179,47 +260,100 @@ def run(*, n_replicates: int = 100, modes=SHAPES_MODES, factors=FACTORS, progres
     ds["power_2x"] = ds["supported_rate"].sel(factor=2.0)
     ds["ok"] = (ds["fpr_max"] <= 0.05) & (ds["power_2x"] >= 0.8)
     ds["margin"] = ("mode", [CATALOGUE[m].margin for m in modes])
-    ds.attrs.update(n_replicates=n_replicates, n_prompts=len(prompts()), n_seeds=N_SEEDS, rho=RHO, rule=PASS_RULE, holm_family=FAMILY,
+    ds["n_prompts"] = ("mode", [len(prompts(m)) for m in modes])
+    ds["n_seeds"] = ("mode", [design(m)[0] for m in modes])
+    ds["holm_family"] = ("mode", [design(m)[1] for m in modes])
+    ds.attrs.update(n_replicates=n_replicates, rho=RHO, rule=PASS_RULE,
                     wall_s=round(time.perf_counter() - t0, 1),
                     source="trajlab.verdicts.calibration_shapes: store_verdicts on rendered shapes-world groups with shared seeds, read by the shipped judge")
     return ds
 
 
 NULL_MODELS = (("shapes-sd", 30), ("shapes-lcm", 4))
+NULL_CONTROL = ("shapes-sd", 30)
+"""The control modes' real null: the teacher at guidance 4, without and with the negative, against itself."""
 
 
-def network_group(model: str, steps: int, texts: list[str], seeds, *, role: str) -> xr.Dataset:
+def network_group(model: str, steps: int, texts: list[str], seeds, *, role: str, guidance: float | None = None,
+                  negative: str = "") -> xr.Dataset:
     """A group in the store schema sampled by a shipped network (registry ``model`` at ``steps``, its recommended
-    scheduler and guidance; sample (prompt, seed) from ``torch.Generator().manual_seed(seed)``)."""
+    scheduler, its guidance unless given; sample (prompt, seed) from ``torch.Generator().manual_seed(seed)``)."""
     from trajlab.models import registry as reg
     from trajlab.models.loading import load_pipeline
     from trajlab.worlds.shapes.quality import sample
 
-    spec = reg.get(model)
+    w = reg.get(model).guidance if guidance is None else guidance
     pipe = load_pipeline(model)
-    images = np.concatenate([sample(pipe, t, len(seeds), steps, spec.guidance, seeds=seeds) for t in texts])
-    return final_images_group(images, texts, seeds, model=f"null-{role}", role=role, pipeline_class="StableDiffusionPipeline", steps=steps)
+    images = np.concatenate([sample(pipe, t, len(seeds), steps, w, seeds=seeds, negative_prompt=negative or None)
+                             for t in texts])
+    ds = final_images_group(images, texts, seeds, model=f"null-{model}", role=role,
+                            pipeline_class="StableDiffusionPipeline", steps=steps)
+    return ds.assign_attrs(guidance=float(w), negative_prompt=negative)
+
+
+def _null_rows(label: str, ref: dict, other: dict, modes, data, progress) -> list[dict]:
+    """store_verdicts of groups ``ref`` (seeds 0..n-1) against ``other`` (seeds n..2n-1 relabelled 0..n-1, so that
+    samples pair by position but share no noise), as a store of both."""
+    groups = dict(ref)
+    for name, ds in other.items():
+        groups[name] = ds.assign(seed=next(iter(ref.values()))["seed"])
+    ds = store_verdicts(groups, data=data, modes=set(modes), holm_family={m: design(m)[1] for m in modes})
+    out = []
+    for i in range(ds.sizes["comparison"]):
+        row = {"model": label, "mode": str(ds["mode"].values[i]), "decision": str(ds["decision"].values[i]),
+               "estimate": float(ds["estimate"].values[i]), "ci95": [float(ds["ci_low"].values[i]), float(ds["ci_high"].values[i])]}
+        out.append(row)
+        if progress:
+            progress(f"shapes real null: {row['model']} vs itself on other seeds: {row['mode']} {row['decision']} "
+                     f"{row['estimate']:+.3f} [{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}]")
+    return out
 
 
 def real_nulls(models=NULL_MODELS, n_seeds: int = N_SEEDS, progress=print) -> list[dict]:
-    """Real-network nulls: each shipped network against itself on other seeds (seeds n..2n-1 relabelled 0..n-1, so
-    samples pair by position but share no noise), every judge-read mode, the study's design. The true effect is 0:
+    """Real-network nulls: each shipped network against itself on other seeds, every shapes mode at the demo's
+    design: the structure modes on the fully stated prompts, the prior modes on the left-out prompts (16 seeds), the
+    control modes with the teacher at guidance 4 without and with the negative (8 seeds). The true effect is 0:
     "supported" here is a false positive of the verdict code on real outputs."""
     data = data_reference()
-    texts = prompts()
+    structure = [m for m in SHAPES_MODES if m not in PRIOR_MODES + CONTROL_MODES]
     out = []
     for model, steps in models:
-        ref = network_group(model, steps, texts, list(range(n_seeds)), role="teacher")
-        other = network_group(model, steps, texts, list(range(n_seeds, 2 * n_seeds)), role="student")
-        other = other.assign(seed=ref["seed"])  # pair position j with position j: independent noises, same law
-        ds = store_verdicts({"teacher": ref, "student": other}, data=data, modes=set(SHAPES_MODES), holm_family=FAMILY)
-        for i in range(ds.sizes["comparison"]):
-            row = {"model": f"{model} {steps} steps", "mode": str(ds["mode"].values[i]), "decision": str(ds["decision"].values[i]),
-                   "estimate": float(ds["estimate"].values[i]), "ci95": [float(ds["ci_low"].values[i]), float(ds["ci_high"].values[i])]}
-            out.append(row)
-            if progress:
-                progress(f"shapes real null: {row['model']} vs itself on other seeds: {row['mode']} {row['decision']} "
-                         f"{row['estimate']:+.3f} [{row['ci95'][0]:+.3f}, {row['ci95'][1]:+.3f}]")
+        for modes in (structure, list(PRIOR_MODES)):
+            texts = prompts(modes[0])
+            ref = network_group(model, steps, texts, list(range(n_seeds)), role="teacher")
+            other = network_group(model, steps, texts, list(range(n_seeds, 2 * n_seeds)), role="student")
+            out += _null_rows(f"{model} {steps} steps", {"teacher": ref}, {"student": other}, modes, data, progress)
+    model, steps = NULL_CONTROL
+    texts, n = prompts(CONTROL_MODES[0]), CONTROL_SEEDS
+    groups = {}
+    for role, seeds in (("teacher", range(n)), ("student", range(n, 2 * n))):
+        for neg in ("", NEGATIVE):
+            groups[f"{role}{'-neg' if neg else ''}"] = network_group(model, steps, texts, list(seeds), role=role,
+                                                                    guidance=CONTROL_GUIDANCE, negative=neg)
+    ref = {k: v for k, v in groups.items() if k.startswith("teacher")}
+    other = {k: v for k, v in groups.items() if k.startswith("student")}
+    out += _null_rows(f"{model} {steps} steps, guidance {CONTROL_GUIDANCE:g}", ref, other, CONTROL_MODES, data, progress)
+    return out
+
+
+def merged(new: xr.Dataset, path) -> xr.Dataset:
+    """``new``'s modes with the other modes of the calibration file at ``path`` (when there is one, at the same
+    replicate count); the design of a row kept from the file is this module's (:func:`design`)."""
+    from pathlib import Path
+
+    if not Path(path).exists():
+        return new
+    with xr.open_dataset(path) as f:
+        old = f.load()
+    keep = [m for m in old["mode"].values.tolist() if m not in new["mode"].values.tolist()]
+    if not keep or old.attrs.get("n_replicates") != new.attrs["n_replicates"]:
+        return new
+    old = old.sel(mode=keep)
+    for k, fn in (("n_prompts", lambda m: len(prompts(m))), ("n_seeds", lambda m: design(m)[0]), ("holm_family", lambda m: design(m)[1])):
+        old[k] = ("mode", [fn(m) for m in keep])
+    out = xr.concat([old[list(new.data_vars)], new], dim="mode")
+    out.attrs = dict(new.attrs, wall_s=f"{new.attrs['wall_s']} (modes {', '.join(new['mode'].values.tolist())}); "
+                                       f"the others: {old.attrs.get('wall_s')}")
     return out
 
 
@@ -236,9 +370,15 @@ def main(argv=None) -> None:
     ap.add_argument("--replicates", type=int, default=100)
     ap.add_argument("--nulls-only", action="store_true", help="only the real-network nulls (shapes-sd, shapes-lcm vs themselves)")
     ap.add_argument("--skip-nulls", action="store_true", help="only the generator-world calibration")
+    ap.add_argument("--modes", default=",".join(SHAPES_MODES),
+                    help="comma-separated modes to calibrate (default: all); their rows replace those in OUT/shapes.nc")
     a = ap.parse_args(argv)
     if a.replicates < 1:
         raise SystemExit(f"--replicates {a.replicates}: expected >= 1")
+    modes = [m for m in a.modes.split(",") if m]
+    bad = [m for m in modes if m not in SHAPES_MODES]
+    if bad or not modes:
+        raise SystemExit(f"--modes: {bad[0] if bad else a.modes!r} is not a shapes mode (they are {', '.join(SHAPES_MODES)})")
     import json
 
     out = Path(a.out)
@@ -249,7 +389,7 @@ def main(argv=None) -> None:
         print(f"shapes real-network nulls supported: {sum(r['decision'] == 'supported' for r in nulls)}/{len(nulls)}")
     if a.nulls_only:
         return
-    ds = run(n_replicates=a.replicates)
+    ds = merged(run(n_replicates=a.replicates, modes=modes), out / "shapes.nc")
     ds.to_netcdf(out / "shapes.nc")
     ds[["supported_rate", "magnitude", "true_effect"]].to_dataframe().to_csv(out / "shapes.csv")
     print(ds["supported_rate"].to_pandas().round(3).to_string())

@@ -15,22 +15,30 @@ weak_negative_prompt           control       RMS(with negative - without), match
 alignment_loss (shapes)        control       every stated attribute read right (judge, 0/1)    decrease   difference  0.05
 compositional_fragility (sh.)  structure     binding and relation read right (judge, 0/1)      decrease   difference  0.05
 texture_loss (shapes)          structure     stated stripes read right (judge, 0/1)            decrease   difference  0.05
+canonical_bias_prior (shapes)  distribution  left-out attributes at the exact prior's mode     increase   difference  0.05
+mode_dropping_prior (shapes)   distribution  left-out attributes at a rare value (share)       decrease   difference  0.03
+cfg_off_palette (shapes)       control       RGB distance to the palette, matched guidance     increase   log ratio   0.1
+weak_negative_attribute (sh.)  control       negated attribute removed (judge), matched w      decrease   difference  0.05
 =============================  ============  ================================================  =========  ==========  ======
 
-The last three are read by the shapes world's attribute judge (``FailureMode.world == "shapes"``): applicable to
-that world's stores, "not applicable" (with the reason) elsewhere, calibrated in its generator world.
+The last seven are the shapes world's (``FailureMode.world == "shapes"``), read by its attribute judge or its
+palette: applicable to that world's stores, "not applicable" (with the reason) elsewhere, calibrated in its
+generator world.
 """
 from __future__ import annotations
 
 from trajlab.verdicts.mode import FailureMode
-from trajlab.verdicts.modes import (alignment_loss, canonical_bias, cfg_over_amplification, compositional_fragility,
-                                    diversity_collapse, early_commitment, fine_detail, mode_dropping, step_inconsistency,
-                                    step_inconsistency_reinjection, texture_loss, weak_negative_prompt)
+from trajlab.verdicts.modes import (alignment_loss, canonical_bias, canonical_bias_prior, cfg_off_palette,
+                                    cfg_over_amplification, compositional_fragility, diversity_collapse, early_commitment,
+                                    fine_detail, mode_dropping, mode_dropping_prior, step_inconsistency,
+                                    step_inconsistency_reinjection, texture_loss, weak_negative_attribute,
+                                    weak_negative_prompt)
 
 CATALOGUE: dict[str, FailureMode] = {m.MODE.name: m.MODE for m in (
     diversity_collapse, canonical_bias, mode_dropping, fine_detail, early_commitment, step_inconsistency,
     step_inconsistency_reinjection, cfg_over_amplification, weak_negative_prompt, alignment_loss,
-    compositional_fragility, texture_loss)}
+    compositional_fragility, texture_loss, canonical_bias_prior, mode_dropping_prior, cfg_off_palette,
+    weak_negative_attribute)}
 
 PIXEL_MODES = tuple(n for n, m in CATALOGUE.items() if m.world == "any")
 """The modes calibrated in the pixel world (:mod:`trajlab.verdicts.calibration`)."""

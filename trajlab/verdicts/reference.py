@@ -94,15 +94,19 @@ def micro_data_reference() -> dict:
 
 
 def shapes_data_reference() -> dict:
-    """The shapes world's reference for the verdicts: its attribute judge (alignment, composition, texture modes),
-    shapes-LPIPS for diversity (the judge's conv features). No real-data modes, ink or band here: those modes
+    """The shapes world's reference for the verdicts: its attribute judge (alignment, composition, texture, prior and
+    negative-prompt modes), its palette distance (cfg_off_palette), shapes-LPIPS for diversity (the judge's conv features). No real-data modes, ink or band here: those modes
     fall back to the teacher's own samples or say why not. Its prompts are a sample of a grammar, not a whole
     prompt set."""
     from trajlab.metrics import world_lpips as WL
     from trajlab.worlds.shapes.judge import load_judge
+    from trajlab.worlds.shapes.scores import off_palette
 
     model = WL.load_shapes_lpips()
-    return {"judge": load_judge(), "note": "shapes world: attribute judge (trajlab.worlds.shapes.judge), shapes-LPIPS diversity",
+    from trajlab.worlds.shapes.students import ABLATIONS
+
+    return {"judge": load_judge(), "off_palette": off_palette, "ablations": ABLATIONS,
+            "note": "shapes world: attribute judge (trajlab.worlds.shapes.judge), shapes-LPIPS diversity",
             "diversity": ((lambda images: WL.micro_lpips_pairwise(model, images)),
                           f"mean pairwise {WL.SHAPES_DESCRIPTION} within prompt", WL.SHAPES_DESCRIPTION)}
 

@@ -28,6 +28,28 @@ def readings(ctx, ds, idx) -> list[dict]:
 def judge_rows(ctx, mode, flag, applies, what: str) -> list:
     """One row per student: per sample ``flag(prompt, reading) -> bool`` on the matched prompts for which
     ``applies(prompt)``; ``what`` names those prompts in the not-applicable reason."""
+    return _judged_rows(ctx, mode, applies, what,
+                        lambda p, rs: PromptStat("mean", np.asarray([float(bool(flag(p, r))) for r in rs]), prompt=p))
+
+
+def judge_share_rows(ctx, mode, counts, applies, what: str) -> list:
+    """As :func:`judge_rows` for a share of parts of samples: ``counts(prompt, reading) -> (hits, parts)`` per
+    sample; a prompt's statistic on a set of seed positions is sum(hits) / sum(parts) over them (NaN when no part
+    is there: that prompt drops out of the mean over prompts)."""
+    def stat(p, rs):
+        c = np.asarray([counts(p, r) for r in rs], dtype=np.float64).reshape(len(rs), 2)
+
+        def share(idx):
+            parts = c[idx, 1].sum()
+            return c[idx, 0].sum() / parts if parts > 0 else np.nan
+
+        return PromptStat("fn", data=c, fn=share, prompt=p)
+
+    return _judged_rows(ctx, mode, applies, what, stat)
+
+
+def _judged_rows(ctx, mode, applies, what, stat_of) -> list:
+    """Rows of a judge-read mode: ``stat_of(prompt, readings of its matched samples) -> PromptStat`` per side."""
     if ctx.data.get("judge") is None:  # one row says why, not one per student
         return [not_applicable(mode.comparison(ctx.teacher, " / ".join(ctx.students)), NO_JUDGE)] if ctx.students else []
     missing = None
@@ -39,12 +61,7 @@ def judge_rows(ctx, mode, flag, applies, what: str) -> list:
         keep = [p for p in pairs if _applies(applies, p[0])]
         for ds, k in ((ref_ds, 1), (cand_ds, 2)):  # one batched read per group
             readings(ctx, ds, [i for p in keep for i in p[k]])
-        out = ([], [])
-        for p in keep:
-            for side, ds, idx in ((0, ref_ds, p[1]), (1, cand_ds, p[2])):
-                vals = [float(bool(flag(p[0], r))) for r in readings(ctx, ds, idx)]
-                out[side].append(PromptStat("mean", np.asarray(vals), prompt=p[0]))
-        return out
+        return tuple([stat_of(p[0], readings(ctx, ds, p[k])) for p in keep] for ds, k in ((ref_ds, 1), (cand_ds, 2)))
 
     return teacher_vs_students(ctx, mode, statistic, missing=missing)
 

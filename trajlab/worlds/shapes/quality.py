@@ -60,14 +60,16 @@ COMMAND = "python -m trajlab.worlds.shapes.quality"
 
 
 @torch.no_grad()
-def sample(pipe, prompt: str, n: int, steps: int, guidance: float, batch: int = 64, seeds=None) -> np.ndarray:
+def sample(pipe, prompt: str, n: int, steps: int, guidance: float, batch: int = 64, seeds=None,
+           negative_prompt: str | None = None) -> np.ndarray:
     """uint8 (n, 32, 32, 3): sample j from seed j (from ``seeds[j]`` when given, n = len(seeds))."""
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
     out = []
     for i in range(0, len(seeds), batch):
         gens = [torch.Generator().manual_seed(j) for j in seeds[i:i + batch]]
         im = pipe([prompt] * len(gens), height=32, width=32, num_inference_steps=steps, guidance_scale=guidance,
-                  generator=gens, output_type="np").images
+                  generator=gens, output_type="np",
+                  negative_prompt=None if negative_prompt is None else [negative_prompt] * len(gens)).images
         out.append(np.clip(np.rint(im * 255), 0, 255).astype(np.uint8))
     return np.concatenate(out)
 

@@ -181,6 +181,71 @@ def rare_colour_share(prompts: list[str], readings: list[dict]) -> dict:
             "exact": float(np.mean(exact)) if n else float("nan"), "n": n}
 
 
+def _free_slots(prompt: str, reading: dict):
+    """(exact law, read value) of every left-out (object slot, attribute) of ``prompt`` in ``reading``; none when
+    the object count is read wrong (slots then have no owner)."""
+    dist = _dist(prompt)
+    if reading["count"] != dist["count"]:
+        return []
+    return [(slot[a], reading["objects"][k][a]) for k, slot in enumerate(dist["slots"])
+            for a in _free_attributes(slot, SLOT_ATTRIBUTES)]
+
+
+def prior_mode_counts(prompt: str, reading: dict) -> tuple[int, int]:
+    """(hits, parts): parts are the left-out (slot, attribute) pairs whose exact law has one most probable value
+    (the canonical output); hits those read as it. (0, 0) when the count is read wrong."""
+    hits = parts = 0
+    for law, value in _free_slots(prompt, reading):
+        top = max(law.values())
+        modes = [v for v, p in law.items() if p == top]
+        if len(modes) == 1:
+            parts += 1
+            hits += value == modes[0]
+    return hits, parts
+
+
+def rare_values(law: dict) -> set:
+    """Values of an exact law rarer than half the uniform share over its support (the rare colour, 5% of 6)."""
+    support = [v for v, p in law.items() if p > 0]
+    return {v for v in support if law[v] < 0.5 / len(support)}
+
+
+def rare_value_counts(prompt: str, reading: dict) -> tuple[int, int]:
+    """(hits, parts): parts are the left-out (slot, attribute) pairs whose exact law has a rare value
+    (:func:`rare_values`); hits those read as one. (0, 0) when the count is read wrong."""
+    hits = parts = 0
+    for law, value in _free_slots(prompt, reading):
+        rare = rare_values(law)
+        if rare:
+            parts += 1
+            hits += value in rare
+    return hits, parts
+
+
+def _palette_segments() -> tuple[np.ndarray, np.ndarray]:
+    """(starts (k, 3), directions (k, 3)): the background-to-colour segments of every palette colour and of its
+    stripes' dark shade (anti-aliased edges blend a colour with the background: on the segment)."""
+    colours = [np.asarray(c, np.float64) for c in W.RGB.values()]
+    ends = np.stack(colours + [c * W.STRIPE_DARK for c in colours])
+    b = np.asarray(W.BACKGROUND, np.float64)
+    return np.broadcast_to(b, ends.shape).copy(), ends - b
+
+
+def off_palette(images: np.ndarray) -> np.ndarray:
+    """Per image, the mean over pixels of the RGB distance (0-255 units) to the world's palette: the nearest point
+    on a background-to-colour segment (:func:`_palette_segments`); a rendered scene scores ~0 (two overlapping
+    objects' shared edge pixels aside), colours pushed past the palette (CFG over-amplification) score high.
+    images: uint8 (n, H, W, 3) -> (n,) float64."""
+    x = np.asarray(images, np.float64)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"off_palette: images shape {x.shape}; expected (n, H, W, 3)")
+    a, d = _palette_segments()
+    px = x.reshape(-1, 1, 3) - a[None]  # (P, k, 3)
+    t = np.clip((px * d[None]).sum(-1) / (d * d).sum(-1)[None], 0.0, 1.0)
+    dist = np.sqrt(((px - t[..., None] * d[None]) ** 2).sum(-1)).min(1)
+    return dist.reshape(x.shape[0], -1).mean(1)
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval for k successes out of n."""
     if n == 0:

@@ -78,6 +78,9 @@ RECIPES: dict[str, dict] = {
     "dmd2-no-gan": {"paper": "ablation of DMD2's GAN term", "batch": 16, "lr": 5e-5, "fake_lr": 2e-4, "fake_updates": 5, "gan": False,
                     "gen_gan_weight": 0.0, "d_gan_weight": 0.0, "seed": 26, "departures": ["no GAN term, otherwise dmd2"]},
 }
+ABLATIONS = (("shapes-turbo", "shapes-turbo-distill-heavy"), ("shapes-dmd2", "shapes-dmd2-no-gan"))
+"""(paper recipe, causal ablation) registry models: ADD's adversarial : distillation weighting vs a regression-heavy
+one (the canonical-bias sketch); DMD2 with vs without its GAN term."""
 FULL_STEPS = {"lcm": 800, "lcm-lora": 800, "pcm": 600, "tlcm": 600, "turbo": 500, "turbo-distill-heavy": 500, "dmd2": 250, "dmd2-no-gan": 250}
 
 
