@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# the shapes world's study (teacher vs every student, both ablations, hybrids, controls); WORLD=micro: the digit world's
+WORLD ?= shapes
 demo: $(STAMP)
-	$(PY) -m trajlab demo --out runs/demo
+	$(PY) -m trajlab demo --out runs/demo --world $(WORLD)
 
 # two pytest workers (one a core on the 2-core CI), a test file to one worker (its module fixtures built once)
 TEST_WORKERS ?= 2

@@ -148,6 +148,8 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
         students, hybrids = [n for n in students if n in tagged], [n for n in hybrids if n in tagged]
     if teacher is None or not (students or hybrids):
         return xr.Dataset(attrs={"note": "needs a teacher group and a student or hybrid group with images"})
+    # final images in memory, once per group: the comparisons read them prompt by prompt (a dask compute each)
+    groups = {n: g.assign(image=g["image"].load()) if n in {teacher, *students, *hybrids} else g for n, g in groups.items()}
     diversity = diversity_distance(desc, data)
     features = diversity[2]
     if labeller is None:

@@ -50,6 +50,8 @@ class DemoDesign:
     collapsing: tuple = ()
     injected: tuple = ()
     patching: bool = False
+    covariance: dict | None = None
+    """Covariance-propagation settings of the teacher and the step sweep's student (default: the digit world's)."""
     line: str = ""
     notes: list = field(default_factory=list)
 
@@ -345,7 +347,8 @@ def run_demo(out, *, world: str = "shapes", quick: bool = False, tiny: bool = Fa
             helpers.helpers.append(MechanisticHelper(
                 store, analyses, out / "analyses.log",
                 dict(teacher=design.teacher, student=design.student, collapsing=design.collapsing,
-                     injected=[list(c) for c in design.injected], teacher_steps=teacher_steps, quick=quick,
+                     injected=[list(c) for c in design.injected], covariance=design.covariance,
+                     teacher_steps=teacher_steps, quick=quick,
                      n_prompts=len(design.prompts), seeds=design.seeds, patching=False)))
         path = report_store(store, out / "report", model=design.teacher, analyses_dir=analyses,
                             analyses_ready=helpers.wait if helpers.helpers else None)
@@ -357,7 +360,7 @@ def run_demo(out, *, world: str = "shapes", quick: bool = False, tiny: bool = Fa
 
 def mechanistic_analyses(store: str, analyses, *, teacher: str, student: str, collapsing=(), teacher_steps: int = 30,
                          quick: bool = False, n_prompts: int = 10, seeds=(), progress: bool = True,
-                         patching: bool = True, injected=None) -> None:
+                         patching: bool = True, injected=None, covariance: dict | None = None) -> None:
     """The demo's mechanistic analyses of ``store`` into the folder ``analyses``: Jacobian contraction (teacher,
     student and the ``collapsing`` students), covariance propagation (teacher, student at 1 and 4 steps; the
     ``injected`` (model, steps) configurations with the noise they inject, docs/theory.md §14; default: the digit
@@ -373,7 +376,7 @@ def mechanistic_analyses(store: str, analyses, *, teacher: str, student: str, co
     print(f"Jacobian contraction done ({time.perf_counter() - t0:.0f} s)", flush=True)
     covariance_results(store, analyses, configs=((teacher, teacher_steps), (student, 1), (student, 4)),
                        experiments=("demo", ""), max_points=1,
-                       **(QUICK_COVARIANCE if quick else {"n_prompts": 2, "n_probes": 16}))
+                       **(QUICK_COVARIANCE if quick else covariance or {"n_prompts": 2, "n_probes": 16}))
     if injected is None:
         injected = (("micro-turbo", 2), ("micro-dmd", 4)) if collapsing else ()
     if injected:  # stochastic students: the covariance with the noise they inject (docs/theory.md §14)

@@ -46,6 +46,9 @@ NEGATIVE_GUIDANCE = (4.0,)
 COLLAPSING = ("shapes-turbo-distill-heavy", "shapes-dmd2")
 """The students whose cross-attention maps and Jacobians the demo records beside the teacher's."""
 INJECTED = (("shapes-turbo-distill-heavy", 1), ("shapes-dmd2", 4))
+COVARIANCE = {"n_prompts": 2, "n_probes": 8}
+"""Covariance propagation of the teacher and shapes-lcm: 8 probes (the digit world's 16 took the teacher's 30 CFG
+steps 139 s here, past the 10-minute budget)."""
 BATCH = 64
 """Samples per batch: 64 captures ~20% more samples a second than 32 on the CPU (32x32 images)."""
 """Stochastic students whose covariance propagation is run with the noise they inject (docs/theory.md §14)."""
@@ -136,7 +139,7 @@ def shapes_design(*, quick: bool = False, hybrid: bool = True, control: bool = T
                f"hybrids on the same; + {len(cplans)} guidance / negative-prompt / re-injection groups on "
                f"{len(cprompts)} texture-free prompts x {min(len(seeds), 2 if quick else 8)} seeds" if control else ""))
     return DemoDesign(TEACHER, STUDENT, prompts, seeds, plans, cplans=splans + cplans, hplans=shplans,
-                      collapsing=COLLAPSING, injected=INJECTED, patching=False, line=line)
+                      collapsing=COLLAPSING, injected=INJECTED, patching=False, covariance=COVARIANCE, line=line)
 
 
 def _spread(prompts: list[str], n: int) -> list[str]:

@@ -25,6 +25,15 @@ PHRASES = {  # mode: (what the % / pp measures, phrase with {x} = the magnitude 
     "canonical_bias": ("pp", "{x} more samples in a prompt's most common mode than {ref}"),
     "mode_dropping": ("pp", "{x} fewer samples in a prompt's rarest mode than {ref}"),
     "early_commitment": ("sigma", "commits to its final mode at {x} higher noise than {ref} (x0-mode stability)"),
+    "alignment_loss": ("pp", "{x} fewer samples with every stated attribute right than {ref} (attribute judge)"),
+    "compositional_fragility": ("pp", "{x} fewer two-object samples with attributes bound and the relation right "
+                                      "than {ref} (attribute judge)"),
+    "texture_loss": ("pp", "{x} fewer samples with the stated stripes than {ref} (attribute judge)"),
+    "canonical_bias_prior": ("pp", "{x} more left-out attributes at the exact prior's most probable value than {ref}"),
+    "mode_dropping_prior": ("pp", "{x} fewer left-out attributes at a rare value (the rare colour) than {ref}"),
+    "cfg_off_palette": ("pct", "{x} further off the palette than {ref} at the same guidance"),
+    "weak_negative_attribute": ("pp", "a negative prompt removes the attribute it names in {x} fewer samples than "
+                                      "{ref}'s"),
 }
 
 
