@@ -39,13 +39,14 @@ def test_every_student_folder_is_written_with_its_recipe(trained):
         info = json.loads((folder / "trajlab.json").read_text())
         assert info["recipe"] == name and info["departures"] == ST.RECIPES[name]["departures"] and info["departures"]
         assert log[name]["steps"] == 2 and np.isfinite(log[name]["last_loss"])
-    # the LoRA students are diffusers LoRA files (save_lora_weights of a PEFT adapter, as diffusers' LCM-LoRA script
-    # writes them: attention factors as lora.down/up, the rest as lora_A/B), TLCM a PEFT adapter folder
+    # the LoRA students are diffusers LoRA files (save_lora_weights of a PEFT adapter, PEFT keys), TLCM a PEFT
+    # adapter folder
     from safetensors.torch import load_file
 
     for name in ("lcm-lora", "pcm"):
         keys = list(load_file(str(trained / f"shapes-{name}" / "pytorch_lora_weights.safetensors")))
-        assert keys and all(k.startswith("unet.") and any(t in k for t in (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.")) for k in keys), keys[:3]
+        assert keys and all(k.startswith("unet.") and any(t in k for t in (".lora_A.", ".lora_B.")) for k in keys), keys[:3]
+        assert any(".attn1.to_q." in k for k in keys) and any(".attn2.to_k." in k for k in keys)
     cfg = json.loads((trained / "shapes-tlcm" / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == "shapes-sd" and cfg["r"] == ST.RECIPES["tlcm"]["rank"]
 
@@ -66,6 +67,13 @@ def test_students_load_through_the_registry_and_sample(trained, name, monkeypatc
         ref = base(["a small red striped circle at the top left"], num_inference_steps=spec.steps, guidance_scale=spec.guidance,
                    generator=torch.Generator().manual_seed(0), height=32, width=32, output_type="np").images
         assert np.abs(out - ref).max() > 0
+        # and every factor of the file was loaded (the attention projections too): none silently dropped
+        from safetensors.torch import load_file
+
+        f = "adapter_model" if name == "tlcm" else "pytorch_lora_weights"
+        saved = load_file(str(trained / f"shapes-{name}" / f"{f}.safetensors"))
+        loaded = [n for n, _ in pipe.unet.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+        assert len(loaded) == len(saved) and any(".attn1.to_q.lora_A." in n for n in loaded), (len(loaded), len(saved))
 
 
 def test_lora_students_leave_the_teacher_weights_alone(trained):

@@ -120,13 +120,17 @@ def add_lora(unet, rank: int, seed: int, targets=LORA_TARGETS, adapter_name: str
 
 
 def save_lora(unet, folder: Path) -> Path:
-    """``StableDiffusionPipeline.save_lora_weights`` of the unet's PEFT adapter (diffusers keys), as diffusers' LCM-LoRA script."""
+    """``StableDiffusionPipeline.save_lora_weights`` of the unet's PEFT adapter, in PEFT keys (``unet.<module>.lora_A``
+    / ``lora_B``), the format diffusers' ``load_lora_weights`` reads back whole. (Converted first with
+    ``convert_state_dict_to_diffusers``, as diffusers' LCM-LoRA script does, the attention projections become
+    ``lora.down`` / ``lora.up`` beside ``lora_A`` / ``lora_B`` elsewhere, and diffusers 0.42 loads that mixed file
+    without its attention factors, warning only: the first shipped LCM-LoRA and PCM files lost them so, until their
+    keys were renamed.)"""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.to(torch.float16) for k, v in convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)).items()}
+    state = {k: v.to(torch.float16) for k, v in get_peft_model_state_dict(unet).items()}
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=state, safe_serialization=True)
     return folder
 
