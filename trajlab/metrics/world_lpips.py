@@ -63,10 +63,14 @@ def load_micro_lpips(directory: str | Path | None = None) -> MicroLPIPS:
     from trajlab.models.micro import MICRO_DIR
     from trajlab.models.micro.labeller import load_labeller_module
 
-    net = load_labeller_module(MICRO_DIR / "labeller" if directory is None else directory)
+    return MicroLPIPS(_frozen(load_labeller_module(MICRO_DIR / "labeller" if directory is None else directory)))
+
+
+def _frozen(net):
+    """``net`` in eval mode with gradients off (the distances never train it)."""
     for p in net.parameters():
         p.requires_grad_(False)
-    return MicroLPIPS(net.eval())
+    return net.eval()
 
 
 SHAPES_NAME = "shapes_lpips"
@@ -81,10 +85,7 @@ def load_shapes_lpips(directory: str | Path | None = None) -> MicroLPIPS:
     position), in [0, 6]; not comparable with micro-LPIPS or AlexNet LPIPS."""
     from trajlab.worlds.shapes.judge import load_judge
 
-    net = load_judge(directory).model
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return MicroLPIPS(net.eval(), name=SHAPES_NAME, description=SHAPES_DESCRIPTION)
+    return MicroLPIPS(_frozen(load_judge(directory).model), name=SHAPES_NAME, description=SHAPES_DESCRIPTION)
 
 
 def _prepare(images) -> torch.Tensor:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from trajlab.verdicts.engine import evaluate, not_applicable
-from trajlab.verdicts.matching import matched, pair_infos, per_sample_stats
+from trajlab.verdicts.engine import not_applicable
+from trajlab.verdicts.matching import per_sample_stats
 from trajlab.verdicts.mode import FailureMode
-from trajlab.verdicts.modes.cfg_over_amplification import config, find
+from trajlab.verdicts.modes.cfg_over_amplification import guidance_comparison, guidance_pairs, matched_row
 
 NO_PALETTE = "no palette for this world's images (the shapes world has one: trajlab.worlds.shapes.scores.off_palette)"
 
@@ -29,27 +29,16 @@ def statistic(ctx, ref_ds, cand_ds, pairs):
 
 
 def rows(ctx):
-    desc, t = ctx.desc, ctx.desc[ctx.teacher]
-    plain = {n: d for n, d in desc.items() if d["role"] == "student" and not d["negative_prompt"] and d["has_images"]}
-    configs = [k for k in sorted({config(d) for d in plain.values()})
-               if any(d["guidance"] > 1 for d in plain.values() if config(d) == k)]
-    if configs and ctx.data.get("off_palette") is None:  # one row says why
+    pairs = guidance_pairs(ctx)
+    if pairs and ctx.data.get("off_palette") is None:  # one row says why
         return [not_applicable(MODE.comparison(ctx.teacher, " / ".join(ctx.students)), NO_PALETTE)]
     out = []
-    for key in configs:
-        w = max(d["guidance"] for d in plain.values() if config(d) == key)
-        cand = find(desc, key[0], key[2], key[3], w)
-        ref = find(desc, t["model"], t["scheduler"], t["steps"], w)
-        comp = MODE.comparison(ref or f"{t['model']} {t['scheduler']} {t['steps']} steps at guidance {w:g} "
-                                      "(not captured)", cand)
-        if ref is None:
-            out.append(not_applicable(comp, f"no teacher group at guidance {w:g} with the reference's scheduler "
-                                            f"and steps ({t['scheduler']}, {t['steps']})"))
+    for w, ref, cand in pairs:
+        comp, missing = guidance_comparison(MODE, ctx, w, ref, cand)
+        if missing:
+            out.append(not_applicable(comp, missing))
             continue
-        pairs = matched(ctx.groups[ref], ctx.groups[cand])
-        r, c = statistic(ctx, ctx.groups[ref], ctx.groups[cand], pairs) if pairs else (None, None)
-        ri, ci = pair_infos(ref, cand, ctx.groups, pairs)
-        out.append(evaluate(comp, r, c, ref_info=ri, cand_info=ci, population=ctx.population))
+        out.append(matched_row(ctx, comp, ref, cand, statistic))
     return out
 
 

@@ -34,29 +34,50 @@ def statistic(ctx, ref_ds, cand_ds, pairs):
                             lambda ds, idx, text: np.abs(features(ds, idx).mean(1) - ink(text)) / ink(text))
 
 
-def rows(ctx):
+def guidance_pairs(ctx) -> list[tuple[float, str | None, str]]:
+    """[(w, reference group or None, candidate group)]: each student configuration (model, loras, scheduler, steps)
+    without a negative prompt at its highest guidance w > 1, and the teacher model at w under the reference
+    teacher's scheduler and steps (None when not captured)."""
     desc, t = ctx.desc, ctx.desc[ctx.teacher]
     plain = {n: d for n, d in desc.items() if d["role"] == "student" and not d["negative_prompt"] and d["has_images"]}
     out = []
     for key in sorted({config(d) for d in plain.values()}):
         ws = sorted({d["guidance"] for d in plain.values() if config(d) == key and d["guidance"] > 1})
-        if not ws:
-            continue
-        cand = find(desc, key[0], key[2], key[3], ws[-1])
-        ref = find(desc, t["model"], t["scheduler"], t["steps"], ws[-1])
-        comp = MODE.comparison(ref or f"{t['model']} {t['scheduler']} {t['steps']} steps at guidance {ws[-1]:g} "
-                                      "(not captured)", cand)
+        if ws:
+            out.append((ws[-1], find(desc, t["model"], t["scheduler"], t["steps"], ws[-1]),
+                        find(desc, key[0], key[2], key[3], ws[-1])))
+    return out
+
+
+def guidance_comparison(mode, ctx, w, ref, cand):
+    """(comparison, reason it is not applicable or None) of a :func:`guidance_pairs` pair."""
+    t = ctx.desc[ctx.teacher]
+    comp = mode.comparison(ref or f"{t['model']} {t['scheduler']} {t['steps']} steps at guidance {w:g} (not captured)",
+                           cand)
+    return comp, None if ref is not None else (f"no teacher group at guidance {w:g} with the reference's scheduler and "
+                                               f"steps ({t['scheduler']}, {t['steps']})")
+
+
+def rows(ctx):
+    out = []
+    for w, ref, cand in guidance_pairs(ctx):
+        comp, missing = guidance_comparison(MODE, ctx, w, ref, cand)
         if "ink" not in ctx.data:
             out.append(not_applicable(comp, "no real-data ink mass to measure the distortion against"))
-        elif ref is None:
-            out.append(not_applicable(comp, f"no teacher group at guidance {ws[-1]:g} with the reference's scheduler "
-                                            f"and steps ({t['scheduler']}, {t['steps']})"))
+        elif missing:
+            out.append(not_applicable(comp, missing))
         else:
-            pairs = matched(ctx.groups[ref], ctx.groups[cand])
-            r, c = statistic(ctx, ctx.groups[ref], ctx.groups[cand], pairs) if pairs else (None, None)
-            ri, ci = pair_infos(ref, cand, ctx.groups, pairs)
-            out.append(evaluate(comp, r, c, ref_info=ri, cand_info=ci, population=ctx.population))
+            out.append(matched_row(ctx, comp, ref, cand, statistic))
     return out
+
+
+def matched_row(ctx, comp, ref: str, cand: str, statistic) -> dict:
+    """The evaluated row of ``comp`` on groups ``ref`` and ``cand`` matched on (prompt, seed):
+    ``statistic(ctx, ref_ds, cand_ds, pairs) -> (ref stats, cand stats)``."""
+    pairs = matched(ctx.groups[ref], ctx.groups[cand])
+    r, c = statistic(ctx, ctx.groups[ref], ctx.groups[cand], pairs) if pairs else (None, None)
+    ri, ci = pair_infos(ref, cand, ctx.groups, pairs)
+    return evaluate(comp, r, c, ref_info=ri, cand_info=ci, population=ctx.population)
 
 
 MODE = FailureMode(

@@ -18,7 +18,7 @@ from trajlab.verdicts.engine import evaluate, not_applicable
 from trajlab.verdicts.matching import group_info, matched, paired_values
 from trajlab.verdicts.mode import FailureMode
 from trajlab.verdicts.modes._judge import NO_JUDGE, readings
-from trajlab.verdicts.modes.cfg_over_amplification import find
+from trajlab.verdicts.modes.weak_negative_prompt import negative_groups, negative_pair
 
 
 def negated(negative: str) -> list[tuple[str, str]]:
@@ -44,18 +44,13 @@ def removals(ctx, with_neg: str, without: str, pairs_attr, skip) -> dict:
 
 
 def rows(ctx):
-    desc, t = ctx.desc, ctx.desc[ctx.teacher]
-    negs = sorted(n for n, d in desc.items() if d["role"] == "student" and d["negative_prompt"] and d["has_images"])
+    negs = negative_groups(ctx)
     if negs and ctx.data.get("judge") is None:  # one row says why, not one per group
         return [not_applicable(MODE.comparison(ctx.teacher, " / ".join(negs)), NO_JUDGE)]
     out = []
     for neg in negs:
-        d = desc[neg]
-        plain = find(desc, d["model"], d["scheduler"], d["steps"], d["guidance"])
-        tneg = find(desc, t["model"], t["scheduler"], t["steps"], d["guidance"], negative=True)
-        tplain = find(desc, t["model"], t["scheduler"], t["steps"], d["guidance"])
-        comp = MODE.comparison(tneg or f"{t['model']} {t['scheduler']} {t['steps']} steps at guidance "
-                                       f"{d['guidance']:g} with a negative prompt (not captured)", neg)
+        d = ctx.desc[neg]
+        comp, plain, tneg, tplain = negative_pair(MODE, ctx, neg)
         try:
             attrs = negated(d["negative_prompt"])
         except ValueError as exc:

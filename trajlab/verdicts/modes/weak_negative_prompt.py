@@ -26,16 +26,28 @@ def named_by(negative: str, prompts) -> set:
     return {t for t in prompts if t == negative or (_digit(t) is not None and _digit(t) == _digit(negative))}
 
 
+def negative_groups(ctx) -> list[str]:
+    """The student groups with a negative prompt (and images), by name."""
+    return sorted(n for n, d in ctx.desc.items() if d["role"] == "student" and d["negative_prompt"] and d["has_images"])
+
+
+def negative_pair(mode, ctx, neg: str):
+    """(comparison, the student's group without the negative, the teacher's with and without it) at ``neg``'s
+    guidance, the teacher's under the reference teacher's scheduler and steps (None where not captured)."""
+    desc, t, d = ctx.desc, ctx.desc[ctx.teacher], ctx.desc[neg]
+    plain = find(desc, d["model"], d["scheduler"], d["steps"], d["guidance"])
+    tneg = find(desc, t["model"], t["scheduler"], t["steps"], d["guidance"], negative=True)
+    tplain = find(desc, t["model"], t["scheduler"], t["steps"], d["guidance"])
+    comp = mode.comparison(tneg or f"{t['model']} {t['scheduler']} {t['steps']} steps at guidance "
+                                   f"{d['guidance']:g} with a negative prompt (not captured)", neg)
+    return comp, plain, tneg, tplain
+
+
 def rows(ctx):
-    desc, t = ctx.desc, ctx.desc[ctx.teacher]
     out = []
-    for neg in sorted(n for n, d in desc.items() if d["role"] == "student" and d["negative_prompt"] and d["has_images"]):
-        d = desc[neg]
-        plain = find(desc, d["model"], d["scheduler"], d["steps"], d["guidance"])
-        tneg = find(desc, t["model"], t["scheduler"], t["steps"], d["guidance"], negative=True)
-        tplain = find(desc, t["model"], t["scheduler"], t["steps"], d["guidance"])
-        comp = MODE.comparison(tneg or f"{t['model']} {t['scheduler']} {t['steps']} steps at guidance "
-                                       f"{d['guidance']:g} with a negative prompt (not captured)", neg)
+    for neg in negative_groups(ctx):
+        d = ctx.desc[neg]
+        comp, plain, tneg, tplain = negative_pair(MODE, ctx, neg)
         cand_info = group_info(neg, ctx.groups[neg], d["prompts"], [])
         if not cand_info.cfg_branch:
             out.append(not_applicable(comp, f"{neg} runs no CFG branch (guidance <= 1, or guidance through a "
@@ -66,4 +78,4 @@ MODE = FailureMode(
     plant=lambda m: {"neg_atten": m},
     requires=("same_prompts", "same_n", "paired_seeds", "matched_guidance", "cfg_branch"))
 
-__all__ = ["MODE", "config", "named_by", "rows"]
+__all__ = ["MODE", "config", "named_by", "negative_groups", "negative_pair", "rows"]
