@@ -114,3 +114,8 @@ def test_quick_shapes_demo_end_to_end(tmp_path):
     assert {"alignment_loss", "compositional_fragility", "texture_loss", "canonical_bias_prior"} <= decided, rows
     kinds = tables["distilling"]["data_vars"]["kind"]["data"]
     assert kinds.count("ablation") == 2 and "student" in kinds and "hybrid" in kinds
+    # another design into the same folder is refused before anything loads (the report would mix the two)
+    from trajlab.experiments.plans import InputError
+
+    with pytest.raises(InputError, match="another demo"):
+        run_demo(out, world="shapes", quick=True, teacher_steps=6, n_prompts=4, n_seeds=8, progress=False)

@@ -51,9 +51,10 @@ def test_no_judge_gives_one_row_per_mode_that_says_why():
     g = CS.group(CS.prompts()[:3], list(range(4)), role="teacher")
     s = CS.group(CS.prompts()[:3], list(range(4)), role="student")
     ds = store_verdicts({"teacher": g, "student": s}, modes=set(CS.SHAPES_MODES))
-    assert ds.sizes["comparison"] == 5  # no guidance > 1 and no negative prompt here: no control rows at all
+    assert ds.sizes["comparison"] == len(CS.SHAPES_MODES)  # one row per mode, the control modes' too
     assert set(ds["decision"].values) == {"not applicable"}
-    assert all("no attribute judge" in w for w in ds["why"].values)
+    why = dict(zip(ds["mode"].values, ds["why"].values))
+    assert all("no attribute judge" in w for m, w in why.items() if m != "cfg_off_palette") and "no palette" in why["cfg_off_palette"]
     # with guidance > 1 and negative-prompt groups but no judge or palette: one row each, saying why
     kw = dict(guidance=4.0)
     groups = {"teacher": CS.group(CS.prompts()[:3], list(range(4)), role="teacher", **kw),

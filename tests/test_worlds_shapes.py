@@ -304,6 +304,10 @@ def test_prior_mode_and_rare_value_counts_on_exact_readings():
     r = np.array([rare_value_counts("a shape", x) for x in reads])
     assert (r[:, 1] == 1).all() and r[:, 0].mean() == pytest.approx(P["colour"]["purple"])
     assert rare_value_counts("a red shape", reads[0]) == (0, 0)  # the colour is stated: no rare value left out
+    from trajlab.worlds.shapes.scores import exact_shares
+
+    assert exact_shares("a shape") == pytest.approx((np.mean(tops), P["colour"]["purple"]))
+    assert np.isnan(exact_shares("a red shape")[1])
     two = {**reads[0], "count": 2}
     assert prior_mode_counts("a shape", two) == (0, 0) == rare_value_counts("a shape", two)  # count read wrong
 

@@ -324,6 +324,7 @@ def run_demo(out, *, world: str = "shapes", quick: bool = False, tiny: bool = Fa
         print(f"note: {n}")
     groups = design.plans + design.cplans + design.hplans
     store = str(out / "study.zarr")
+    check_same_demo(groups, store)
     preflight(groups, store)
     print(design.line)
     patch = mechanistic and design.patching
@@ -356,6 +357,20 @@ def run_demo(out, *, world: str = "shapes", quick: bool = False, tiny: bool = Fa
         helpers.stop()
     print_summary(out / "report", time.perf_counter() - t0)
     return path
+
+
+def check_same_demo(plans, store: str) -> None:
+    """An existing ``store`` may only hold groups of these plans (an interrupted run resumes); groups of another
+    design (the other world's demo, another --quick) are refused before anything loads: the report would mix them."""
+    from trajlab import store as _store
+    from trajlab.experiments.plans import InputError, plan_group
+
+    if not Path(store).exists():
+        return
+    other = sorted(set(_store.group_names(store)) - {plan_group(p) for p in plans})
+    if other:
+        raise InputError(f"--out {Path(store).parent}: its study.zarr holds {len(other)} group(s) of another demo "
+                         f"(e.g. {other[0]}); choose another --out or remove that folder")
 
 
 def mechanistic_analyses(store: str, analyses, *, teacher: str, student: str, collapsing=(), teacher_steps: int = 30,

@@ -365,7 +365,7 @@ def merged(new: xr.Dataset, path) -> xr.Dataset:
 
 
 def summary_line(ds: xr.Dataset) -> str:
-    return f"shapes calibration: {int(ds['ok'].sum())}/{ds.sizes['mode']} judge-read failure modes with {PASS_RULE}"
+    return f"shapes calibration: {int(ds['ok'].sum())}/{ds.sizes['mode']} shapes failure modes with {PASS_RULE}"
 
 
 def main(argv=None) -> None:

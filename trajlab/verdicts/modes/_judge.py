@@ -54,11 +54,11 @@ def _judged_rows(ctx, mode, applies, what, stat_of) -> list:
         return [not_applicable(mode.comparison(ctx.teacher, " / ".join(ctx.students)), NO_JUDGE)] if ctx.students else []
     missing = None
     texts = [str(t) for t in ctx.groups[ctx.teacher]["prompt_text"].values]
-    if not any(_applies(applies, t) for t in texts):
+    if not any(applies_to(applies, t) for t in texts):
         missing = f"no {what} in the store's prompts"
 
     def statistic(ctx, ref_ds, cand_ds, pairs):
-        keep = [p for p in pairs if _applies(applies, p[0])]
+        keep = [p for p in pairs if applies_to(applies, p[0])]
         for ds, k in ((ref_ds, 1), (cand_ds, 2)):  # one batched read per group
             readings(ctx, ds, [i for p in keep for i in p[k]])
         return tuple([stat_of(p[0], readings(ctx, ds, p[k])) for p in keep] for ds, k in ((ref_ds, 1), (cand_ds, 2)))
@@ -66,7 +66,8 @@ def _judged_rows(ctx, mode, applies, what, stat_of) -> list:
     return teacher_vs_students(ctx, mode, statistic, missing=missing)
 
 
-def _applies(applies, prompt: str) -> bool:
+def applies_to(applies, prompt: str) -> bool:
+    """``applies(prompt)``, False for a prompt outside the world's grammar."""
     try:
         return bool(applies(prompt))
     except ValueError:  # outside the world's grammar

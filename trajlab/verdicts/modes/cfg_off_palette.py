@@ -29,9 +29,9 @@ def statistic(ctx, ref_ds, cand_ds, pairs):
 
 
 def rows(ctx):
+    if ctx.data.get("off_palette") is None:  # one row says why, not one per student
+        return [not_applicable(MODE.comparison(ctx.teacher, " / ".join(ctx.students)), NO_PALETTE)] if ctx.students else []
     pairs = guidance_pairs(ctx)
-    if pairs and ctx.data.get("off_palette") is None:  # one row says why
-        return [not_applicable(MODE.comparison(ctx.teacher, " / ".join(ctx.students)), NO_PALETTE)]
     out = []
     for w, ref, cand in pairs:
         comp, missing = guidance_comparison(MODE, ctx, w, ref, cand)

@@ -45,8 +45,9 @@ def removals(ctx, with_neg: str, without: str, pairs_attr, skip) -> dict:
 
 def rows(ctx):
     negs = negative_groups(ctx)
-    if negs and ctx.data.get("judge") is None:  # one row says why, not one per group
-        return [not_applicable(MODE.comparison(ctx.teacher, " / ".join(negs)), NO_JUDGE)]
+    if ctx.data.get("judge") is None:  # one row says why, not one per group
+        cands = negs or ctx.students
+        return [not_applicable(MODE.comparison(ctx.teacher, " / ".join(cands)), NO_JUDGE)] if cands else []
     out = []
     for neg in negs:
         d = ctx.desc[neg]

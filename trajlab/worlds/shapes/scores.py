@@ -204,6 +204,17 @@ def prior_mode_counts(prompt: str, reading: dict) -> tuple[int, int]:
     return hits, parts
 
 
+def exact_shares(prompt: str) -> tuple[float, float]:
+    """What the exact law gives the two statistics above on ``prompt``, averaged over its parts: (share at the most
+    probable value, over the parts :func:`prior_mode_counts` counts; share at a rare value, over those
+    :func:`rare_value_counts` counts); NaN where the prompt has no such part."""
+    dist = _dist(prompt)
+    laws = [slot[a] for slot in dist["slots"] for a in _free_attributes(slot, SLOT_ATTRIBUTES)]
+    top = [max(law.values()) for law in laws if sum(p == max(law.values()) for p in law.values()) == 1]
+    rare = [sum(law[v] for v in rare_values(law)) for law in laws if rare_values(law)]
+    return (float(np.mean(top)) if top else float("nan"), float(np.mean(rare)) if rare else float("nan"))
+
+
 def rare_values(law: dict) -> set:
     """Values of an exact law rarer than half the uniform share over its support (the rare colour, 5% of 6)."""
     support = [v for v, p in law.items() if p > 0]
