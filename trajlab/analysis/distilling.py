@@ -101,6 +101,27 @@ def _candidate_rows(groups, teacher, cand, diversity, labeller, population=None)
     return div, acc, means
 
 
+def _memo(fn):
+    """``fn(images)`` remembered by the images' bytes: every candidate is compared with the same teacher samples."""
+    import hashlib
+
+    cache = {}
+
+    def call(images):
+        key = hashlib.blake2b(np.ascontiguousarray(images).tobytes(), digest_size=16).digest()
+        if key not in cache:
+            cache[key] = fn(images)
+        return cache[key]
+    return call
+
+
+class _MemoReader:
+    """A judge whose ``read`` is remembered (:func:`_memo`)."""
+
+    def __init__(self, judge):
+        self.read = _memo(judge.read)
+
+
 def restored_from(ks, decisions) -> tuple[float, float]:
     """(smallest k from which no larger k is "supported", smallest k from which every larger k is "refuted"),
     NaN when there is none; ``ks`` ascending with their diversity decisions."""
@@ -152,8 +173,11 @@ def distilling_diversity(groups: dict[str, xr.Dataset], *, labeller=None, data: 
     groups = {n: g.assign(image=g["image"].load()) if n in {teacher, *students, *hybrids} else g for n, g in groups.items()}
     diversity = diversity_distance(desc, data)
     features = diversity[2]
+    diversity = (_memo(diversity[0]), *diversity[1:])
     if labeller is None:
         labeller = (data or {}).get("judge")
+    if labeller is not None:
+        labeller = _MemoReader(labeller) if hasattr(labeller, "read") else _memo(labeller)
     by_model = {desc[n]["model"]: n for n in students}
     ablations = [(by_model[a], by_model[b]) for a, b in (data or {}).get("ablations", ()) if a in by_model and b in by_model]
     rows, families = [], []

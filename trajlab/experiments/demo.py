@@ -312,8 +312,10 @@ def run_demo(out, *, world: str = "shapes", quick: bool = False, tiny: bool = Fa
     kw = dict(quick=quick, hybrid=hybrid, teacher_steps=teacher_steps, n_prompts=n_prompts, n_seeds=n_seeds,
               control=control)
     if world == "shapes" and not tiny:
-        from trajlab.experiments.shapes_demo import shapes_available, shapes_design
+        import importlib  # the world's design module builds on this one's plan builders: looked up, not imported
 
+        world_design = importlib.import_module("trajlab.experiments.shapes_demo")
+        shapes_available, shapes_design = world_design.shapes_available, world_design.shapes_design
         if not shapes_available():
             raise FileNotFoundError("the shapes world is not in data/worlds/shapes (make train-world), or run "
                                     "`trajlab demo --world micro`")

@@ -46,9 +46,9 @@ NEGATIVE_GUIDANCE = (4.0,)
 COLLAPSING = ("shapes-turbo-distill-heavy", "shapes-dmd2")
 """The students whose cross-attention maps and Jacobians the demo records beside the teacher's."""
 INJECTED = (("shapes-turbo-distill-heavy", 1), ("shapes-dmd2", 4))
-COVARIANCE = {"n_prompts": 2, "n_probes": 8}
-"""Covariance propagation of the teacher and shapes-lcm: 8 probes (the digit world's 16 took the teacher's 30 CFG
-steps 139 s here, past the 10-minute budget)."""
+COVARIANCE = {"n_prompts": 1, "n_probes": 16}
+"""Covariance propagation of the teacher and shapes-lcm on one prompt: the 4x8x8 latents take dense Jacobians (no
+probes), and on the digit world's two prompts the teacher's 30 CFG steps took 184 s, past the 10-minute budget."""
 BATCH = 64
 """Samples per batch: 64 captures ~20% more samples a second than 32 on the CPU (32x32 images)."""
 """Stochastic students whose covariance propagation is run with the noise they inject (docs/theory.md §14)."""
