@@ -7,7 +7,7 @@ import pytest
 import xarray as xr
 
 from trajlab.cli import main
-from trajlab.experiments.demo import micro_available
+from trajlab.experiments.demo_design import micro_available
 
 
 def run(*args, timeout=60):

@@ -5,7 +5,7 @@ distribution, so no failure may be supported (the old engine supported diversity
 import numpy as np
 import pytest
 
-from trajlab.experiments.demo import micro_available
+from trajlab.experiments.demo_design import micro_available
 
 pytestmark = pytest.mark.skipif(not micro_available(), reason="micro-world weights (data/micro) not present")
 

@@ -75,7 +75,7 @@ def run_calibrate(out, *, quick: bool = False, replicates: int | None = None, pr
     ds = run_calibration(n_replicates=n, magnitudes=mags, truth=(not quick) if truth is None else truth, progress=tick)
     nulls = None
     if real_nulls if real_nulls is not None else not quick:
-        from trajlab.experiments.demo import micro_available
+        from trajlab.experiments.demo_design import micro_available
         from trajlab.verdicts.nulls import capture_real_nulls
 
         if micro_available():

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trajlab.experiments.demo import DemoDesign
+from trajlab.experiments.demo_design import DemoDesign
 
 PROMPTS_FILE = Path(__file__).resolve().parents[2] / "data" / "prompts" / "shapes.toml"
 TEACHER, STUDENT = "shapes-sd", "shapes-lcm"
@@ -87,7 +87,7 @@ def control_plans(prompts, seeds, *, teacher_steps: int = 30, batch_size: int = 
     """The shapes controls (tag "demo-control") on ``prompts`` x ``seeds``: guidance sweeps of the teacher and of
     ``CONTROL_STUDENT``, both with and without ``NEGATIVE`` at ``NEGATIVE_GUIDANCE``, and the noise re-injection
     control (``CONTROL_STUDENT`` under LCM and TCD gamma 0 at 1/2/4 steps)."""
-    from trajlab.experiments.demo import _content_key, reinjection_plans
+    from trajlab.experiments.demo_design import content_key, reinjection_plans
 
     out = []
     for model, ws, extra in ((TEACHER, TEACHER_GUIDANCE, {"scheduler": "ddim", "steps": teacher_steps}),
@@ -98,14 +98,14 @@ def control_plans(prompts, seeds, *, teacher_steps: int = 30, batch_size: int = 
             out.append(_plan(model, prompts, seeds, "demo-control", guidance=w, negative=NEGATIVE,
                              batch_size=batch_size, **extra))
     out += reinjection_plans(prompts, seeds, steps=(1, 2, 4), batch_size=batch_size, student=CONTROL_STUDENT)
-    keys = [_content_key(p) for p in out]  # the sweep's guidance-1 student is the re-injection's LCM 4 steps
+    keys = [content_key(p) for p in out]  # the sweep's guidance-1 student is the re-injection's LCM 4 steps
     return [p for i, p in enumerate(out) if keys[i] not in keys[:i]]
 
 
 def student_plans(prompts, seeds, *, exclude=(), batch_size: int = BATCH) -> tuple[list, list]:
     """(students, hybrids) tagged "distilling_diversity": data/experiments/distilling_diversity.toml on the shapes
     world (its hand-offs k <= ``MAX_HANDOFF``) and the two ablation students at their recommendations."""
-    from trajlab.experiments.demo import distilling_plans
+    from trajlab.experiments.demo_design import distilling_plans
 
     plans, hplans, _ = distilling_plans(prompts, seeds, exclude=exclude, model_map=DISTILLING_MAP,
                                         batch_size=batch_size)
@@ -118,7 +118,7 @@ def student_plans(prompts, seeds, *, exclude=(), batch_size: int = BATCH) -> tup
 def shapes_design(*, quick: bool = False, hybrid: bool = True, control: bool = True, teacher_steps: int = 30,
                   n_prompts: int | None = None, n_seeds: int | None = None) -> DemoDesign:
     """The shapes demo's groups (module docstring); ``quick``: 8 prompts x 4 seeds, controls on 2 seeds."""
-    from trajlab.experiments.demo import demo_plans
+    from trajlab.experiments.demo_design import demo_plans
 
     prompts = shapes_prompts(demo=True)
     if quick or n_prompts:  # every kind of prompt: one-object, two-object, left-out

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from trajlab.verdicts.engine import PromptStat, not_applicable
-from trajlab.verdicts.modes._pairs import teacher_vs_students
+from trajlab.verdicts.engine import PromptStat
+from trajlab.verdicts.modes._pairs import one_not_applicable, teacher_vs_students
 
 NO_JUDGE = "no attribute judge for this world (the shapes world has one: trajlab.worlds.shapes.judge)"
 
@@ -48,10 +48,28 @@ def judge_share_rows(ctx, mode, counts, applies, what: str) -> list:
     return _judged_rows(ctx, mode, applies, what, stat)
 
 
+def prior_share_rows(ctx, mode, counts, applies, what: str, share_index: int, share_what: str) -> list:
+    """:func:`judge_share_rows` whose rows (those that issue a verdict) describe the exact prior's own share,
+    ``trajlab.worlds.shapes.scores.exact_shares(prompt)[share_index]`` averaged over the store's prompts for which
+    ``applies``; ``share_what`` says which share it is ("at its most probable value")."""
+    from trajlab.worlds.shapes.scores import exact_shares
+
+    out = judge_share_rows(ctx, mode, counts, applies, what)
+    if all(row.get("decision") == "not applicable" for row in out):
+        return out
+    texts = [str(t) for t in ctx.groups[ctx.teacher]["prompt_text"].values if applies_to(applies, str(t))]
+    if texts:
+        share = np.nanmean([exact_shares(t)[share_index] for t in texts])
+        for row in out:
+            if row.get("decision") != "not applicable":
+                row["description"] = f"the exact prior's share {share_what} on the store's {len(texts)} such prompts: {share:.3f}"
+    return out
+
+
 def _judged_rows(ctx, mode, applies, what, stat_of) -> list:
     """Rows of a judge-read mode: ``stat_of(prompt, readings of its matched samples) -> PromptStat`` per side."""
-    if ctx.data.get("judge") is None:  # one row says why, not one per student
-        return [not_applicable(mode.comparison(ctx.teacher, " / ".join(ctx.students)), NO_JUDGE)] if ctx.students else []
+    if ctx.data.get("judge") is None:
+        return one_not_applicable(ctx, mode, NO_JUDGE)
     missing = None
     texts = [str(t) for t in ctx.groups[ctx.teacher]["prompt_text"].values]
     if not any(applies_to(applies, t) for t in texts):

@@ -21,6 +21,13 @@ def teacher_vs_students(ctx, mode, statistic, *, metric: str | None = None, miss
     return rows
 
 
+def one_not_applicable(ctx, mode, why: str, candidates=None) -> list:
+    """Where the store's world lacks what ``mode`` reads (a judge, a palette): one not-applicable row saying ``why``,
+    its candidate every one of ``candidates`` (default: the students) " / "-joined; none when there is no candidate."""
+    cands = candidates or ctx.students
+    return [not_applicable(mode.comparison(ctx.teacher, " / ".join(cands)), why)] if cands else []
+
+
 def step_family_row(ctx, comp, ref_names, cand_names) -> dict:
     """The row of a step-count family comparison: per seed, mean RMS between consecutive step counts of the
     candidate family against the reference family's, on the prompts and seeds both have."""

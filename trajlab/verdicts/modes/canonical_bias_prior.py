@@ -10,10 +10,8 @@ Planted (calibration): with probability m every left-out attribute of a sample t
 """
 from __future__ import annotations
 
-import numpy as np
-
 from trajlab.verdicts.mode import FailureMode
-from trajlab.verdicts.modes._judge import applies_to, judge_share_rows
+from trajlab.verdicts.modes._judge import prior_share_rows
 
 
 def _counts(prompt, reading):
@@ -30,17 +28,7 @@ def _applies(prompt):
 
 
 def rows(ctx):
-    from trajlab.worlds.shapes.scores import exact_shares
-
-    out = judge_share_rows(ctx, MODE, _counts, _applies, "prompt that leaves an attribute out")
-    if all(row.get("decision") == "not applicable" for row in out):
-        return out
-    texts = [str(t) for t in ctx.groups[ctx.teacher]["prompt_text"].values if applies_to(_applies, str(t))]
-    for row in out:
-        if row.get("decision") != "not applicable" and texts:
-            share = np.nanmean([exact_shares(t)[0] for t in texts])
-            row["description"] = f"the exact prior's share at its most probable value on the store's {len(texts)} such prompts: {share:.3f}"
-    return out
+    return prior_share_rows(ctx, MODE, _counts, _applies, "prompt that leaves an attribute out", 0, "at its most probable value")
 
 
 MODE = FailureMode(

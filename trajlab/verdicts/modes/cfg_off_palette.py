@@ -17,6 +17,7 @@ import numpy as np
 from trajlab.verdicts.engine import not_applicable
 from trajlab.verdicts.matching import per_sample_stats
 from trajlab.verdicts.mode import FailureMode
+from trajlab.verdicts.modes._pairs import one_not_applicable
 from trajlab.verdicts.modes.cfg_over_amplification import guidance_comparison, guidance_pairs, matched_row
 
 NO_PALETTE = "no palette for this world's images (the shapes world has one: trajlab.worlds.shapes.scores.off_palette)"
@@ -29,8 +30,8 @@ def statistic(ctx, ref_ds, cand_ds, pairs):
 
 
 def rows(ctx):
-    if ctx.data.get("off_palette") is None:  # one row says why, not one per student
-        return [not_applicable(MODE.comparison(ctx.teacher, " / ".join(ctx.students)), NO_PALETTE)] if ctx.students else []
+    if ctx.data.get("off_palette") is None:
+        return one_not_applicable(ctx, MODE, NO_PALETTE)
     pairs = guidance_pairs(ctx)
     out = []
     for w, ref, cand in pairs:

@@ -10,10 +10,8 @@ Planted (calibration): with probability m a rare value is replaced by its law's 
 """
 from __future__ import annotations
 
-import numpy as np
-
 from trajlab.verdicts.mode import FailureMode
-from trajlab.verdicts.modes._judge import applies_to, judge_share_rows
+from trajlab.verdicts.modes._judge import prior_share_rows
 
 
 def _counts(prompt, reading):
@@ -31,17 +29,7 @@ def _applies(prompt):
 
 
 def rows(ctx):
-    from trajlab.worlds.shapes.scores import exact_shares
-
-    out = judge_share_rows(ctx, MODE, _counts, _applies, "prompt that leaves out an attribute with a rare value")
-    if all(row.get("decision") == "not applicable" for row in out):
-        return out
-    texts = [str(t) for t in ctx.groups[ctx.teacher]["prompt_text"].values if applies_to(_applies, str(t))]
-    for row in out:
-        if row.get("decision") != "not applicable" and texts:
-            share = np.nanmean([exact_shares(t)[1] for t in texts])
-            row["description"] = f"the exact prior's share at a rare value on the store's {len(texts)} such prompts: {share:.3f}"
-    return out
+    return prior_share_rows(ctx, MODE, _counts, _applies, "prompt that leaves out an attribute with a rare value", 1, "at a rare value")
 
 
 MODE = FailureMode(

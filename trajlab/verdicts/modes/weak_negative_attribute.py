@@ -18,6 +18,7 @@ from trajlab.verdicts.engine import evaluate, not_applicable
 from trajlab.verdicts.matching import group_info, matched, paired_values
 from trajlab.verdicts.mode import FailureMode
 from trajlab.verdicts.modes._judge import NO_JUDGE, readings
+from trajlab.verdicts.modes._pairs import one_not_applicable
 from trajlab.verdicts.modes.weak_negative_prompt import negative_groups, negative_pair
 
 
@@ -45,9 +46,8 @@ def removals(ctx, with_neg: str, without: str, pairs_attr, skip) -> dict:
 
 def rows(ctx):
     negs = negative_groups(ctx)
-    if ctx.data.get("judge") is None:  # one row says why, not one per group
-        cands = negs or ctx.students
-        return [not_applicable(MODE.comparison(ctx.teacher, " / ".join(cands)), NO_JUDGE)] if cands else []
+    if ctx.data.get("judge") is None:
+        return one_not_applicable(ctx, MODE, NO_JUDGE, candidates=negs)
     out = []
     for neg in negs:
         d = ctx.desc[neg]
