@@ -33,10 +33,11 @@ bench: $(STAMP)
 train-micro: $(STAMP)
 	$(PY) -m trajlab.models.micro.train --out data/micro
 
-# the shapes world (trajlab/worlds/shapes): judge, then VAE, CLIP, the shapes-sd teacher and its eight students, 1 CPU thread, fixed seeds
+# the shapes world (trajlab/worlds/shapes): judge, VAE, CLIP, the shapes-sd teacher, its eight students; fixed seeds,
+# one process per stage (1 CPU thread each), two at once; into WORLD_OUT (default: the shipped folder)
+WORLD_OUT ?= data/worlds/shapes
 train-world: $(STAMP)
-	$(PY) -m trajlab.worlds.shapes.judge --out data/worlds/shapes
-	$(PY) -m trajlab.worlds.shapes.train --out data/worlds/shapes
+	$(PY) -m trajlab.worlds.shapes.train --out $(WORLD_OUT) --jobs 2 --checkpoint runs/shapes-train/$(notdir $(WORLD_OUT))-teacher.ckpt
 
 quality: $(STAMP)
 	$(PY) -m trajlab.models.micro.quality
