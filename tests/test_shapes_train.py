@@ -76,3 +76,21 @@ def test_two_stage_processes_side_by_side_write_one_log(tmp_path):
     assert log["vae"]["steps"] == TR.QUICK["vae"] and log["clip"]["steps"] == TR.QUICK["clip"]
     assert set(log["_last_run"]["timeline"]) == {"vae", "clip"} and log["_last_run"]["jobs"] == 2
     assert (tmp_path / "ck" / "vae.log").exists()
+
+
+def test_knobs_override_a_recipe_and_refuse_unknown_names(monkeypatch):
+    import copy
+
+    from trajlab.worlds.shapes import students as ST
+
+    monkeypatch.setattr(ST, "RECIPES", copy.deepcopy(ST.RECIPES))
+    assert TR.set_knobs(["pcm.adv_real=target", "turbo.adv_weight=0.5"]) == {"pcm": {"adv_real": "target"}, "turbo": {"adv_weight": 0.5}}
+    assert ST.RECIPES["pcm"]["adv_real"] == "target" and ST.RECIPES["turbo"]["adv_weight"] == 0.5
+    with pytest.raises(SystemExit, match="'pcm' has no knob 'gan'.*adv_real"):
+        TR.set_knobs(["pcm.gan=1"])
+    with pytest.raises(SystemExit, match="unknown stage 'sdxl'"):
+        TR.set_knobs(["sdxl.lr=1"])
+    with pytest.raises(SystemExit, match="expected STAGE.KEY=VALUE"):
+        TR.set_knobs(["pcm=1"])
+    with pytest.raises(SystemExit, match="no knob 'paper'"):
+        TR.set_knobs(["pcm.paper=x"])

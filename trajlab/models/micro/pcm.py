@@ -8,10 +8,13 @@ construction (the boundary condition). One training step, as LCD (``distill.lcm_
 latent is noised to t_start on the 50-point DDIM grid; the teacher's CFG-guided epsilon takes one
 DDIM step to t_end = t_start - 20 (never crossing s); the EMA target maps x_{t_end} to s (or is x_{t_end}
 itself when t_end = s); the student maps x_{t_start} to s and matches it under a pseudo-Huber loss.
-PCM's adversarial consistency loss: a small latent discriminator (hinge loss) sees the student's
-edge prediction (fake) against the real latent forward-noised to s (real), both conditioned on s
-and the prompt; its weight ``adv_weight`` may be 0 (then the loss is plain phased LCD, which is also
-what micro-tlcm trains with on teacher-generated latents).
+PCM's adversarial consistency loss: a discriminator (hinge loss) sees the student's edge prediction (fake)
+against a real sample, both conditioned on a timestep and the prompt (:func:`adversarial_pair`). ``adv_real="data"``
+(the shipped students): real = the data latent forward-noised to s, both at s. ``adv_real="target"`` (PCM's
+released training script): real = the EMA target's edge prediction, and both are forward-noised from s to a
+timestep drawn uniformly in the phase [s, next edge) with fresh noise, the discriminator conditioned on it. Its
+weight ``adv_weight`` may be 0 (then the loss is plain phased LCD, which is also what micro-tlcm trains with on
+teacher-generated latents).
 """
 
 from __future__ import annotations
@@ -50,12 +53,14 @@ def guided_eps(teacher, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, un
     return e_c + w * (e_c - e_u)
 
 
-def phased_consistency_loss(student, teacher, target, z0, cond, uncond, j, w, noise, ab, edges=EDGES, huber_c: float = 0.001):
+def phased_consistency_loss(student, teacher, target, z0, cond, uncond, j, w, noise, ab, edges=EDGES, huber_c: float = 0.001,
+                            return_target: bool = False):
     """Phased LCD loss and the student's edge prediction.
 
     z0: (B, 4, 8, 8) clean latents; cond/uncond: (B, 77, C); j: (B,) indices into the 50-point grid;
     w: guidance weight (float or (B,)); noise like z0; ab: (1000,) alpha_bar. Returns
-    (loss scalar, pred (B, 4, 8, 8) the student's latent at the lower edge s, s (B,) int64).
+    (loss scalar, pred (B, 4, 8, 8) the student's latent at the lower edge s, s (B,) int64), and with
+    ``return_target`` the EMA target's latent at s (B, 4, 8, 8, no gradient) fourth.
     """
     if z0.shape != noise.shape:
         raise ValueError(f"phased_consistency_loss: z0 {tuple(z0.shape)} and noise {tuple(noise.shape)} must match")
@@ -71,7 +76,35 @@ def phased_consistency_loss(student, teacher, target, z0, cond, uncond, j, w, no
         tgt = ddim_jump(target(x_e, t_end, encoder_hidden_states=cond).sample, x_e, a_e, a_s)
         tgt = torch.where((t_end == s).view(view), x_e, tgt)  # boundary: f(x_s, s) = x_s
     loss = (((pred - tgt) ** 2 + huber_c**2).sqrt() - huber_c).mean()
-    return loss, pred, s
+    return (loss, pred, s, tgt) if return_target else (loss, pred, s)
+
+
+ADV_REAL = ("data", "target")
+
+
+def adversarial_pair(kind: str, pred, tgt, z0, s, ab, g: torch.Generator, edges=EDGES):
+    """(real, fake, timestep) the adversarial consistency loss compares, all (B, 4, 8, 8) but the timestep (B,).
+
+    kind "data": real = z0 forward-noised to s, fake = pred, at s. kind "target" (PCM's released script): real = the
+    target's edge latent ``tgt``, fake = ``pred``, each forward-noised from s to t_adv ~ U{s, ..., next edge - 1} (the
+    phase's span; 999 above the last edge) with its own fresh noise: x_adv = sqrt(a_adv / a_s) x_s + sqrt(1 - a_adv
+    / a_s) eps.
+    """
+    view = (-1, 1, 1, 1)
+    if kind == "data":
+        a_s = ab[s].view(view)
+        return a_s.sqrt() * z0 + (1 - a_s).sqrt() * torch.randn(pred.shape, generator=g), pred, s
+    if kind != "target":
+        raise ValueError(f"adversarial_pair: kind={kind!r}; expected one of {ADV_REAL}")
+    e = torch.tensor((*edges, NUM_TRAIN_TIMESTEPS), device=s.device)
+    upper = e[(s[:, None] >= e[None, :-1]).sum(1)]  # the next edge above s
+    t_adv = s + (torch.rand(s.shape, generator=g) * (upper - s).float()).long().clamp(max=NUM_TRAIN_TIMESTEPS - 1 - s)
+    ratio = (ab[t_adv] / ab[s]).view(view)
+
+    def travel(x):
+        return ratio.sqrt() * x + (1 - ratio).sqrt() * torch.randn(x.shape, generator=g)
+
+    return travel(tgt), travel(pred), t_adv
 
 
 class LatentDiscriminator(nn.Module):
@@ -121,7 +154,7 @@ class Adversary:
 
 def train_phased(student, teacher, latents, prompts, steps: int, params, *, batch: int = 32, lr: float = 1e-3,
                  w: float = 3.0, adv_weight: float = 0.1, edges=EDGES, ema_decay: float = 0.95, seed: int = 0, log=None, name: str = "pcm",
-                 adversary=None):
+                 adversary=None, adv_real: str = "data"):
     """Train ``student`` in place by phased consistency distillation (+ adversarial consistency loss if adv_weight > 0).
 
     latents: (N, 4, 8, 8) scaled latents (real for PCM, teacher-generated for TLCM); prompts: their
@@ -129,6 +162,7 @@ def train_phased(student, teacher, latents, prompts, steps: int, params, *, batc
     parameters (LoRA factors). w: baked CFG weight of the teacher (guidance_scale = w + 1). CPU only.
     adversary: the adversarial consistency loss's discriminator, an object with ``d_step(real, fake, s, cond) -> float``
     (one discriminator update) and ``g_loss(fake, s, cond)``; default (adv_weight > 0): ``Adversary(LatentDiscriminator)``.
+    adv_real: what the discriminator compares (:func:`adversarial_pair`; "data" by default).
     Returns {"loss": per-step consistency losses, "d_loss": per-step discriminator losses}.
     """
     g = torch.Generator().manual_seed(seed)
@@ -138,6 +172,8 @@ def train_phased(student, teacher, latents, prompts, steps: int, params, *, batc
     params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = one_cycle(opt, lr, steps, 0.05)
+    if adv_real not in ADV_REAL:
+        raise ValueError(f"train_phased: adv_real={adv_real!r}; expected one of {ADV_REAL}")
     if adv_weight > 0 and adversary is None:
         adversary = Adversary(LatentDiscriminator(seed=seed))
     student.train()
@@ -148,13 +184,13 @@ def train_phased(student, teacher, latents, prompts, steps: int, params, *, batc
         uncond = prompts.uncond(cond)
         j = torch.randint(0, NUM_DDIM_TIMESTEPS, (batch,), generator=g)
         noise = torch.randn(latents[idx].shape, generator=g)
-        loss, pred, s = phased_consistency_loss(student, teacher, target, latents[idx], cond, uncond, j, w, noise, ab, edges)
+        loss, pred, s, tgt = phased_consistency_loss(student, teacher, target, latents[idx], cond, uncond, j, w, noise, ab, edges,
+                                                     return_target=True)
         total = loss
         if adv_weight > 0:
-            a_s = ab[s].view(-1, 1, 1, 1)
-            real = a_s.sqrt() * latents[idx] + (1 - a_s).sqrt() * torch.randn(pred.shape, generator=g)
-            out["d_loss"].append(adversary.d_step(real, pred, s, cond))
-            total = loss + adv_weight * adversary.g_loss(pred, s, cond)
+            real, fake, t_adv = adversarial_pair(adv_real, pred, tgt, latents[idx], s, ab, g, edges)
+            out["d_loss"].append(adversary.d_step(real, fake, t_adv, cond))
+            total = loss + adv_weight * adversary.g_loss(fake, t_adv, cond)
         ema_step(total, opt, sched, params, target, student, ema_decay)
         out["loss"].append(loss.item())
         if log is not None and (step % 100 == 0 or step == steps - 1):

@@ -57,7 +57,7 @@ RECIPES: dict[str, dict] = {
                  "departures": ["w fixed at the teacher's 3 (guidance 4): the student has no w input, so CFG is baked in at the "
                                 "teacher's own scale (diffusers' script draws w from [w_min, w_max])", "rank 16 (paper 64)"]},
     "pcm": {"paper": "PCM, Wang et al. 2024 (arXiv 2405.18407)", "batch": 32, "lr": 1e-3, "rank": 16, "w": W_TEACHER, "phases": 4,
-            "adv_weight": 0.1, "adv_lr": 2e-4, "ema_decay": 0.95, "seed": 23,
+            "adv_weight": 0.1, "adv_lr": 2e-4, "ema_decay": 0.95, "seed": 23, "adv_real": "data",
             "departures": ["discriminator: trainable heads on the frozen teacher UNet's down/mid features at the phase edge's "
                            "timestep (PCM's design) with a projection on pooled text; hinge loss; adv_lr 2e-4 (PCM 1e-5) so it "
                            "trains within a CPU-sized run", "rank 16 (paper 64)"]},
@@ -233,9 +233,11 @@ def stage_pcm(ctx: dict, steps: int, log=None):
     student = copy.deepcopy(ctx["teacher"])
     params = add_lora(student, r["rank"], r["seed"])
     adversary = Adversary(FeatureCritic(ctx["teacher"], seed=r["seed"]), lr=r["adv_lr"])
+    adv_real = r.get("adv_real", "data")
     res = train_phased(student, ctx["teacher"], ctx["z"], scene_prompts(ctx, r["seed"]), steps, params, batch=r["batch"], lr=r["lr"], w=r["w"],
-                       adv_weight=r["adv_weight"], ema_decay=r["ema_decay"], seed=r["seed"], log=log, name="pcm", adversary=adversary)
-    by_phase = critic_accuracy_by_phase(adversary.disc, student, ctx, r["w"])
+                       adv_weight=r["adv_weight"], ema_decay=r["ema_decay"], seed=r["seed"], log=log, name="pcm", adversary=adversary,
+                       adv_real=adv_real)
+    by_phase = critic_accuracy_by_phase(adversary.disc, student, ctx, r["w"], adv_real=adv_real)
     if log:
         log(f"pcm: discriminator accuracy by phase edge (held-out, 0.5 = chance): {by_phase}")
     folder = save_lora(student, ctx["out"] / "shapes-pcm")
@@ -246,11 +248,12 @@ def stage_pcm(ctx: dict, steps: int, log=None):
 
 
 @torch.no_grad()
-def critic_accuracy_by_phase(critic, student, ctx: dict, w: float, n: int = 128, seed: int = 99) -> dict:
+def critic_accuracy_by_phase(critic, student, ctx: dict, w: float, n: int = 128, seed: int = 99, adv_real: str = "data") -> dict:
     """Held-out accuracy of PCM's trained discriminator at each phase edge s: mean of P(D(real) > 0) and
-    P(D(student's edge prediction) < 0), real = a held-out scene latent forward-noised to s (0.5 = chance).
+    P(D(fake) < 0) on the pair it was trained to tell apart (``trajlab.models.micro.pcm.adversarial_pair``: with
+    "data", real = a held-out scene latent forward-noised to s, fake = the student's edge prediction; 0.5 = chance).
     The hinge loss averaged over phases hides that the noisy edges (259-759) are near chance by design."""
-    from trajlab.models.micro.pcm import SKIP, phased_consistency_loss
+    from trajlab.models.micro.pcm import SKIP, adversarial_pair, phased_consistency_loss
 
     scenes, x = T.scene_images(n, seed)
     z0 = T.latent_bank(ctx["sd"].vae, x, seed + 1)
@@ -264,10 +267,10 @@ def critic_accuracy_by_phase(critic, student, ctx: dict, w: float, n: int = 128,
         js = [j for j, t in enumerate(grid.tolist()) if lo < t <= hi and t - SKIP >= lo] or [j for j, t in enumerate(grid.tolist()) if lo < t <= hi]
         j = torch.tensor(js)[torch.randint(0, len(js), (n,), generator=g)]
         noise = torch.randn(z0.shape, generator=g)
-        _, pred, s = phased_consistency_loss(student, ctx["teacher"], student, z0, cond, prompts.uncond(cond), j, w, noise, ab)
-        a_s = ab[s].view(-1, 1, 1, 1)
-        real = a_s.sqrt() * z0 + (1 - a_s).sqrt() * torch.randn(z0.shape, generator=g)
-        acc = 0.5 * float((critic(real, s, cond) > 0).float().mean() + (critic(pred, s, cond) < 0).float().mean())
+        _, pred, s, tgt = phased_consistency_loss(student, ctx["teacher"], student, z0, cond, prompts.uncond(cond), j, w, noise, ab,
+                                                  return_target=True)
+        real, fake, t = adversarial_pair(adv_real, pred, tgt, z0, s, ab, g)
+        acc = 0.5 * float((critic(real, t, cond) > 0).float().mean() + (critic(fake, t, cond) < 0).float().mean())
         out[str(lo)] = round(acc, 3)
     return out
 

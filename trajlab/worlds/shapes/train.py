@@ -232,6 +232,9 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test, not the shipped weights)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma list from {STAGES} (default: all)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
+    p.add_argument("--knob", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                   help="override a student recipe's knob (students.RECIPES; VALUE read as JSON, else a string), e.g. "
+                        "pcm.adv_real=target or turbo.adv_weight=0.5; repeatable; written into the student's metadata")
     p.add_argument("--jobs", type=int, default=1, help="stages run side by side, one process each (default 1: in order, here)")
     p.add_argument("--checkpoint", default="runs/shapes-train/teacher.ckpt", help="teacher checkpoint file (default runs/shapes-train/teacher.ckpt)")
     a = p.parse_args(argv)
@@ -241,6 +244,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--stages: unknown {bad}, expected names from {STAGES}")
     if a.jobs < 1 or a.threads < 1:
         raise SystemExit(f"--jobs {a.jobs} / --threads {a.threads}: expected integers >= 1")
+    knobs = set_knobs(a.knob)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(a.threads)
     out, ckpt = Path(a.out), Path(a.checkpoint)
@@ -248,7 +252,8 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if a.jobs > 1:
-        child = ["--threads", str(a.threads), "--checkpoint", str(ckpt), *(["--quick"] if a.quick else [])]
+        child = ["--threads", str(a.threads), "--checkpoint", str(ckpt), *(["--quick"] if a.quick else []),
+                 *[x for k in a.knob for x in ("--knob", k)]]
         timeline = schedule(stages, a.jobs, stage_command(out, child), ckpt.parent)
     else:
         walls = run(out, stages, a.quick, ckpt)
@@ -258,10 +263,32 @@ def main(argv=None) -> None:
     _log(f"total {total:.1f} s wall")
     if a.jobs > 1 or len(stages) > 1:
         _update_log(out, "_last_run", {
-            "stages": stages, "quick": a.quick, "total_wall_s": round(total, 1), "threads": a.threads, "jobs": a.jobs,
+            "stages": stages, "quick": a.quick, "knobs": knobs, "total_wall_s": round(total, 1), "threads": a.threads, "jobs": a.jobs,
             "timeline": timeline, "load_average_end": [round(v, 2) for v in os.getloadavg()], "torch": torch.__version__,
             "machine": _machine(),
             "command": " ".join(["python -m trajlab.worlds.shapes.train", *(sys.argv[1:] if argv is None else argv)])})
+
+
+def set_knobs(specs: list[str]) -> dict:
+    """Apply ``STAGE.KEY=VALUE`` overrides to ``students.RECIPES`` (VALUE as JSON, else a string); SystemExit naming
+    the spec for an unknown stage or knob. Returns {stage: {key: value}}."""
+    done: dict = {}
+    for spec in specs:
+        name, sep, raw = spec.partition("=")
+        stage, dot, key = name.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--knob {spec!r}: expected STAGE.KEY=VALUE, e.g. pcm.adv_real=target")
+        if stage not in S.RECIPES or key not in S.RECIPES[stage] or key in ("paper", "departures"):
+            known = sorted(k for k in S.RECIPES.get(stage, {}) if k not in ("paper", "departures"))
+            raise SystemExit(f"--knob {spec!r}: " + (f"{stage!r} has no knob {key!r}; its knobs: {known}" if stage in S.RECIPES
+                                                      else f"unknown stage {stage!r}; students: {sorted(S.RECIPES)}"))
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        S.RECIPES[stage][key] = value
+        done.setdefault(stage, {})[key] = value
+    return done
 
 
 def _machine() -> str:
