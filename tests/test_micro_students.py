@@ -124,6 +124,33 @@ def test_pcm_loss_falls_with_lora_and_adversarial_term(shipped):
     assert torch.isfinite(d_loss) and d_loss.item() > 0
 
 
+class _Conds:
+    """The prompt conditions train_phased asks for, from fixed tensors (row i of z <-> row i of cond)."""
+
+    def __init__(self, cond, uncond):
+        self._c, self._u = cond, uncond
+
+    def cond(self, idx, g=None):
+        return self._c[idx]
+
+    def uncond(self, cond):
+        return self._u[:1].expand_as(cond)
+
+
+@pytest.mark.parametrize("adv_real", ["data", "target"])
+def test_train_phased_runs_both_adversarial_pairs_and_refuses_others(shipped, adv_real):
+    from trajlab.models.micro import pcm
+
+    student = copy.deepcopy(shipped["teacher"])
+    wrapped = LO.inject_lora(student, r=4)
+    conds = _Conds(shipped["cond"], shipped["uncond"])
+    res = pcm.train_phased(student, shipped["teacher"], shipped["z"], conds, 3, LO.lora_parameters(wrapped), batch=4,
+                           adv_real=adv_real, seed=1)
+    assert len(res["d_loss"]) == 3 and all(0 < d < 4 for d in res["d_loss"])  # hinge pair: 2 at chance
+    with pytest.raises(ValueError, match="adv_real='pixels'"):
+        pcm.train_phased(student, shipped["teacher"], shipped["z"], conds, 1, LO.lora_parameters(wrapped), adv_real="pixels")
+
+
 def test_tlcm_adapter_round_trip_and_data_free_latents(shipped, tmp_path):
     from trajlab.models.loading import load_peft_adapter, peft_adapter_files
     from trajlab.models.micro import tlcm
