@@ -60,7 +60,8 @@ RECIPES: dict[str, dict] = {
             "adv_weight": 0.1, "adv_lr": 2e-4, "ema_decay": 0.95, "seed": 23, "adv_real": "data",
             "departures": ["discriminator: trainable heads on the frozen teacher UNet's down/mid features at the phase edge's "
                            "timestep (PCM's design) with a projection on pooled text; hinge loss; adv_lr 2e-4 (PCM 1e-5) so it "
-                           "trains within a CPU-sized run", "rank 16 (paper 64)"]},
+                           "trains within a CPU-sized run", "rank 16 (paper 64)",
+                           "adversarial pair: real = data latents noised to the phase edge, the critic at the edge (adv_real 'data'); PCM's released script compares the EMA target's and the student's edge predictions, both noised into the phase (adv_real 'target': tried, its critic stayed at chance too, docs/worlds.md)"]},
     "tlcm": {"paper": "TLCM, Xie et al. 2024 (arXiv 2406.05768)", "batch": 32, "lr": 1e-3, "rank": 16, "w": W_TEACHER, "n_generated": 1024,
              "ema_decay": 0.95, "seed": 24,
              "departures": ["stage 1 only (data-free multistep latent consistency on teacher-generated latents); TLCM's second "
