@@ -145,10 +145,12 @@ def test_train_phased_runs_both_adversarial_pairs_and_refuses_others(shipped, ad
     wrapped = LO.inject_lora(student, r=4)
     conds = _Conds(shipped["cond"], shipped["uncond"])
     res = pcm.train_phased(student, shipped["teacher"], shipped["z"], conds, 3, LO.lora_parameters(wrapped), batch=4,
-                           adv_real=adv_real, seed=1)
+                           adv_real=adv_real, seed=1, d_steps=2)
     assert len(res["d_loss"]) == 3 and all(0 < d < 4 for d in res["d_loss"])  # hinge pair: 2 at chance
     with pytest.raises(ValueError, match="adv_real='pixels'"):
         pcm.train_phased(student, shipped["teacher"], shipped["z"], conds, 1, LO.lora_parameters(wrapped), adv_real="pixels")
+    with pytest.raises(ValueError, match="d_steps=0"):
+        pcm.train_phased(student, shipped["teacher"], shipped["z"], conds, 1, LO.lora_parameters(wrapped), d_steps=0)
 
 
 def test_tlcm_adapter_round_trip_and_data_free_latents(shipped, tmp_path):

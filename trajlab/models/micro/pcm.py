@@ -154,7 +154,7 @@ class Adversary:
 
 def train_phased(student, teacher, latents, prompts, steps: int, params, *, batch: int = 32, lr: float = 1e-3,
                  w: float = 3.0, adv_weight: float = 0.1, edges=EDGES, ema_decay: float = 0.95, seed: int = 0, log=None, name: str = "pcm",
-                 adversary=None, adv_real: str = "data"):
+                 adversary=None, adv_real: str = "data", d_steps: int = 1):
     """Train ``student`` in place by phased consistency distillation (+ adversarial consistency loss if adv_weight > 0).
 
     latents: (N, 4, 8, 8) scaled latents (real for PCM, teacher-generated for TLCM); prompts: their
@@ -162,7 +162,8 @@ def train_phased(student, teacher, latents, prompts, steps: int, params, *, batc
     parameters (LoRA factors). w: baked CFG weight of the teacher (guidance_scale = w + 1). CPU only.
     adversary: the adversarial consistency loss's discriminator, an object with ``d_step(real, fake, s, cond) -> float``
     (one discriminator update) and ``g_loss(fake, s, cond)``; default (adv_weight > 0): ``Adversary(LatentDiscriminator)``.
-    adv_real: what the discriminator compares (:func:`adversarial_pair`; "data" by default).
+    adv_real: what the discriminator compares (:func:`adversarial_pair`; "data" by default). d_steps: discriminator
+    updates per student update (on the step's pair; 1 by default; the returned d_loss is the last one's).
     Returns {"loss": per-step consistency losses, "d_loss": per-step discriminator losses}.
     """
     g = torch.Generator().manual_seed(seed)
@@ -174,6 +175,8 @@ def train_phased(student, teacher, latents, prompts, steps: int, params, *, batc
     sched = one_cycle(opt, lr, steps, 0.05)
     if adv_real not in ADV_REAL:
         raise ValueError(f"train_phased: adv_real={adv_real!r}; expected one of {ADV_REAL}")
+    if int(d_steps) != d_steps or d_steps < 1:
+        raise ValueError(f"train_phased: d_steps={d_steps!r}; expected an integer >= 1")
     if adv_weight > 0 and adversary is None:
         adversary = Adversary(LatentDiscriminator(seed=seed))
     student.train()
@@ -189,7 +192,9 @@ def train_phased(student, teacher, latents, prompts, steps: int, params, *, batc
         total = loss
         if adv_weight > 0:
             real, fake, t_adv = adversarial_pair(adv_real, pred, tgt, latents[idx], s, ab, g, edges)
-            out["d_loss"].append(adversary.d_step(real, fake, t_adv, cond))
+            for _ in range(int(d_steps)):
+                d_loss = adversary.d_step(real, fake, t_adv, cond)
+            out["d_loss"].append(d_loss)
             total = loss + adv_weight * adversary.g_loss(fake, t_adv, cond)
         ema_step(total, opt, sched, params, target, student, ema_decay)
         out["loss"].append(loss.item())
