@@ -137,6 +137,20 @@ class _Conds:
         return self._u[:1].expand_as(cond)
 
 
+class _CountingAdversary:
+    """Records the pairs each discriminator update sees."""
+
+    def __init__(self):
+        self.seen = []
+
+    def d_step(self, real, fake, s, cond):
+        self.seen.append((real.clone(), fake.clone(), s.clone()))
+        return 2.0
+
+    def g_loss(self, fake, s, cond):
+        return fake.sum() * 0
+
+
 @pytest.mark.parametrize("adv_real", ["data", "target"])
 def test_train_phased_runs_both_adversarial_pairs_and_refuses_others(shipped, adv_real):
     from trajlab.models.micro import pcm
@@ -147,6 +161,16 @@ def test_train_phased_runs_both_adversarial_pairs_and_refuses_others(shipped, ad
     res = pcm.train_phased(student, shipped["teacher"], shipped["z"], conds, 3, LO.lora_parameters(wrapped), batch=4,
                            adv_real=adv_real, seed=1, d_steps=2)
     assert len(res["d_loss"]) == 3 and all(0 < d < 4 for d in res["d_loss"])  # hinge pair: 2 at chance
+    for d_pairs, same in (("same", True), ("fresh", False)):
+        adv = _CountingAdversary()
+        fresh = copy.deepcopy(shipped["teacher"])
+        pcm.train_phased(fresh, shipped["teacher"], shipped["z"], conds, 2, LO.lora_parameters(LO.inject_lora(fresh, r=4)), batch=4,
+                         adv_real=adv_real, seed=1, d_steps=3, d_pairs=d_pairs, adversary=adv)
+        assert len(adv.seen) == 6  # 2 steps x 3 updates
+        first, second = adv.seen[0], adv.seen[1]
+        assert all(torch.equal(a, b) for a, b in zip(first, second)) == same
+    with pytest.raises(ValueError, match="d_pairs='old'"):
+        pcm.train_phased(student, shipped["teacher"], shipped["z"], conds, 1, LO.lora_parameters(wrapped), d_pairs="old")
     with pytest.raises(ValueError, match="adv_real='pixels'"):
         pcm.train_phased(student, shipped["teacher"], shipped["z"], conds, 1, LO.lora_parameters(wrapped), adv_real="pixels")
     with pytest.raises(ValueError, match="d_steps=0"):

@@ -53,6 +53,22 @@ def guided_eps(teacher, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, un
     return e_c + w * (e_c - e_u)
 
 
+def _student_jump(student, z0, cond, t_start, noise, ab, edges):
+    """(x_t, the student's latent at the lower edge s, s): z0 forward-noised to t_start with ``noise``, then f(x_t, t)."""
+    s = phase_edge(t_start, edges)
+    view = (-1, 1, 1, 1)
+    a_t, a_s = ab[t_start].view(view), ab[s].view(view)
+    x_t = a_t.sqrt() * z0 + (1 - a_t).sqrt() * noise
+    return x_t, ddim_jump(student(x_t, t_start, encoder_hidden_states=cond).sample, x_t, a_t, a_s), s
+
+
+def edge_prediction(student, z0, cond, j, noise, ab, edges=EDGES):
+    """(pred (B, 4, 8, 8), s (B,)): the student's latent at the phase's lower edge from z0 noised to grid index j (B,),
+    exactly as :func:`phased_consistency_loss` computes it (same noise, same timesteps)."""
+    _, pred, s = _student_jump(student, z0, cond, ddim_grid().to(j.device)[j], noise, ab, edges)
+    return pred, s
+
+
 def phased_consistency_loss(student, teacher, target, z0, cond, uncond, j, w, noise, ab, edges=EDGES, huber_c: float = 0.001,
                             return_target: bool = False):
     """Phased LCD loss and the student's edge prediction.
@@ -66,11 +82,9 @@ def phased_consistency_loss(student, teacher, target, z0, cond, uncond, j, w, no
         raise ValueError(f"phased_consistency_loss: z0 {tuple(z0.shape)} and noise {tuple(noise.shape)} must match")
     t_start = ddim_grid().to(j.device)[j]
     t_end = (t_start - SKIP).clamp(min=0)
-    s = phase_edge(t_start, edges)
     view = (-1, 1, 1, 1)
+    x_t, pred, s = _student_jump(student, z0, cond, t_start, noise, ab, edges)
     a_t, a_e, a_s = ab[t_start].view(view), ab[t_end].view(view), ab[s].view(view)
-    x_t = a_t.sqrt() * z0 + (1 - a_t).sqrt() * noise
-    pred = ddim_jump(student(x_t, t_start, encoder_hidden_states=cond).sample, x_t, a_t, a_s)
     with torch.no_grad():
         x_e = ddim_jump(guided_eps(teacher, x_t, t_start, cond, uncond, w), x_t, a_t, a_e)
         tgt = ddim_jump(target(x_e, t_end, encoder_hidden_states=cond).sample, x_e, a_e, a_s)
@@ -105,6 +119,29 @@ def adversarial_pair(kind: str, pred, tgt, z0, s, ab, g: torch.Generator, edges=
         return ratio.sqrt() * x + (1 - ratio).sqrt() * torch.randn(x.shape, generator=g)
 
     return travel(tgt), travel(pred), t_adv
+
+
+D_PAIRS = ("same", "fresh")
+
+
+@torch.no_grad()
+def fresh_adversarial_pair(kind: str, student, teacher, target, latents, prompts, batch: int, w, ab, g: torch.Generator, edges=EDGES):
+    """(real, fake, timestep, cond) of :func:`adversarial_pair` on a new batch (latents, prompts, grid indices, noise drawn
+    from ``g`` as a training step draws them), without gradients: one extra discriminator update's data. With kind
+    "data" only the student runs (its edge prediction); with "target" the teacher and the EMA target run too."""
+    idx = torch.randint(0, len(latents), (batch,), generator=g)
+    cond = prompts.cond(idx, g)
+    j = torch.randint(0, NUM_DDIM_TIMESTEPS, (batch,), generator=g)
+    z0 = latents[idx]
+    noise = torch.randn(z0.shape, generator=g)
+    if kind == "target":
+        _, pred, s, tgt = phased_consistency_loss(student, teacher, target, z0, cond, prompts.uncond(cond), j, w, noise, ab, edges,
+                                                  return_target=True)
+    else:
+        pred, s = edge_prediction(student, z0, cond, j, noise, ab, edges)
+        tgt = None
+    real, fake, t_adv = adversarial_pair(kind, pred, tgt, z0, s, ab, g, edges)
+    return real, fake, t_adv, cond
 
 
 class LatentDiscriminator(nn.Module):
@@ -154,7 +191,7 @@ class Adversary:
 
 def train_phased(student, teacher, latents, prompts, steps: int, params, *, batch: int = 32, lr: float = 1e-3,
                  w: float = 3.0, adv_weight: float = 0.1, edges=EDGES, ema_decay: float = 0.95, seed: int = 0, log=None, name: str = "pcm",
-                 adversary=None, adv_real: str = "data", d_steps: int = 1):
+                 adversary=None, adv_real: str = "data", d_steps: int = 1, d_pairs: str = "same"):
     """Train ``student`` in place by phased consistency distillation (+ adversarial consistency loss if adv_weight > 0).
 
     latents: (N, 4, 8, 8) scaled latents (real for PCM, teacher-generated for TLCM); prompts: their
@@ -163,7 +200,10 @@ def train_phased(student, teacher, latents, prompts, steps: int, params, *, batc
     adversary: the adversarial consistency loss's discriminator, an object with ``d_step(real, fake, s, cond) -> float``
     (one discriminator update) and ``g_loss(fake, s, cond)``; default (adv_weight > 0): ``Adversary(LatentDiscriminator)``.
     adv_real: what the discriminator compares (:func:`adversarial_pair`; "data" by default). d_steps: discriminator
-    updates per student update (on the step's pair; 1 by default; the returned d_loss is the last one's).
+    updates per student update (1 by default; the returned d_loss is the last one's). d_pairs: what the updates after the
+    first see: "same" (the step's pair again) or "fresh" (each a pair from a new batch of latents, prompts, timesteps and
+    noise, drawn from the same stream and built without gradients: :func:`fresh_adversarial_pair`; as DMD2 updates its
+    fake score on fresh generator samples).
     Returns {"loss": per-step consistency losses, "d_loss": per-step discriminator losses}.
     """
     g = torch.Generator().manual_seed(seed)
@@ -177,6 +217,8 @@ def train_phased(student, teacher, latents, prompts, steps: int, params, *, batc
         raise ValueError(f"train_phased: adv_real={adv_real!r}; expected one of {ADV_REAL}")
     if int(d_steps) != d_steps or d_steps < 1:
         raise ValueError(f"train_phased: d_steps={d_steps!r}; expected an integer >= 1")
+    if d_pairs not in D_PAIRS:
+        raise ValueError(f"train_phased: d_pairs={d_pairs!r}; expected one of {D_PAIRS}")
     if adv_weight > 0 and adversary is None:
         adversary = Adversary(LatentDiscriminator(seed=seed))
     student.train()
@@ -192,7 +234,11 @@ def train_phased(student, teacher, latents, prompts, steps: int, params, *, batc
         total = loss
         if adv_weight > 0:
             real, fake, t_adv = adversarial_pair(adv_real, pred, tgt, latents[idx], s, ab, g, edges)
-            for _ in range(int(d_steps)):
+            d_loss = adversary.d_step(real, fake, t_adv, cond)
+            for _ in range(int(d_steps) - 1):
+                if d_pairs == "fresh":
+                    real, fake, t_adv, cond = fresh_adversarial_pair(adv_real, student, teacher, target, latents, prompts, batch, w,
+                                                                     ab, g, edges)
                 d_loss = adversary.d_step(real, fake, t_adv, cond)
             out["d_loss"].append(d_loss)
             total = loss + adv_weight * adversary.g_loss(fake, t_adv, cond)

@@ -57,7 +57,7 @@ RECIPES: dict[str, dict] = {
                  "departures": ["w fixed at the teacher's 3 (guidance 4): the student has no w input, so CFG is baked in at the "
                                 "teacher's own scale (diffusers' script draws w from [w_min, w_max])", "rank 16 (paper 64)"]},
     "pcm": {"paper": "PCM, Wang et al. 2024 (arXiv 2405.18407)", "batch": 32, "lr": 1e-3, "rank": 16, "w": W_TEACHER, "phases": 4,
-            "adv_weight": 0.1, "adv_lr": 2e-4, "ema_decay": 0.95, "seed": 23, "adv_real": "data", "d_steps": 1,
+            "adv_weight": 0.1, "adv_lr": 2e-4, "ema_decay": 0.95, "seed": 23, "adv_real": "data", "d_steps": 1, "d_pairs": "same",
             "departures": ["discriminator: trainable heads on the frozen teacher UNet's down/mid features at the phase edge's "
                            "timestep (PCM's design) with a projection on pooled text; hinge loss; adv_lr 2e-4 (PCM 1e-5) so it "
                            "trains within a CPU-sized run", "rank 16 (paper 64)",
@@ -237,7 +237,7 @@ def stage_pcm(ctx: dict, steps: int, log=None):
     adv_real = r.get("adv_real", "data")
     res = train_phased(student, ctx["teacher"], ctx["z"], scene_prompts(ctx, r["seed"]), steps, params, batch=r["batch"], lr=r["lr"], w=r["w"],
                        adv_weight=r["adv_weight"], ema_decay=r["ema_decay"], seed=r["seed"], log=log, name="pcm", adversary=adversary,
-                       adv_real=adv_real, d_steps=r.get("d_steps", 1))
+                       adv_real=adv_real, d_steps=r.get("d_steps", 1), d_pairs=r.get("d_pairs", "same"))
     by_phase = critic_accuracy_by_phase(adversary.disc, student, ctx, r["w"], adv_real=adv_real)
     if log:
         log(f"pcm: discriminator accuracy by phase edge (held-out, 0.5 = chance): {by_phase}")
