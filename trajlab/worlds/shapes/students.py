@@ -57,10 +57,11 @@ RECIPES: dict[str, dict] = {
                  "departures": ["w fixed at the teacher's 3 (guidance 4): the student has no w input, so CFG is baked in at the "
                                 "teacher's own scale (diffusers' script draws w from [w_min, w_max])", "rank 16 (paper 64)"]},
     "pcm": {"paper": "PCM, Wang et al. 2024 (arXiv 2405.18407)", "batch": 32, "lr": 1e-3, "rank": 16, "w": W_TEACHER, "phases": 4,
-            "adv_weight": 0.1, "adv_lr": 2e-4, "ema_decay": 0.95, "seed": 23, "adv_real": "data", "d_steps": 1, "d_pairs": "same",
+            "adv_weight": 0.1, "adv_lr": 1e-3, "ema_decay": 0.95, "seed": 23, "adv_real": "data", "d_steps": 4, "d_pairs": "fresh",
             "departures": ["discriminator: trainable heads on the frozen teacher UNet's down/mid features at the phase edge's "
-                           "timestep (PCM's design) with a projection on pooled text; hinge loss; adv_lr 2e-4 (PCM 1e-5) so it "
-                           "trains within a CPU-sized run", "rank 16 (paper 64)",
+                           "timestep (PCM's design) with a projection on pooled text; hinge loss; adv_lr 1e-3 (PCM 1e-5) and 4 critic "
+                           "updates per student update, the 3 extra on fresh batches (PCM: 1), so that it trains within a "
+                           "CPU-sized run (with 1 update at 2e-4 it stayed at chance, docs/worlds.md)", "rank 16 (paper 64)",
                            "adversarial pair: real = data latents noised to the phase edge, the critic at the edge (adv_real 'data'); PCM's released script compares the EMA target's and the student's edge predictions, both noised into the phase (adv_real 'target': tried, its critic stayed at chance too, docs/worlds.md)"]},
     "tlcm": {"paper": "TLCM, Xie et al. 2024 (arXiv 2406.05768)", "batch": 32, "lr": 1e-3, "rank": 16, "w": W_TEACHER, "n_generated": 1024,
              "ema_decay": 0.95, "seed": 24,
