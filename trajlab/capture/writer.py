@@ -65,6 +65,7 @@ class StoreWriter:
         self.grid: list[float] | None = None
         self.allocated = threading.Event()
         self._records: list[StepRecord] = []
+        store.import_backends()  # here, not first in the writer thread while the sampling thread imports too
         self._thread = threading.Thread(target=self._run, name="trajlab-writer", daemon=True)
         self._thread.start()
 
