@@ -36,10 +36,10 @@ STUDENTS = tuple(S.STAGES)
 STAGES = ("judge", "vae", "clip", "teacher", *STUDENTS)
 NEEDS = {"judge": (), "vae": (), "clip": (), "teacher": ("vae", "clip"), **{s: ("teacher",) for s in STUDENTS}}
 """The stages whose output each stage reads from ``--out``."""
-CPU_S = {"judge": 265, "vae": 473, "clip": 462, "teacher": 2552, "lcm": 424, "lcm-lora": 545, "pcm": 1700, "tlcm": 558,
+CPU_S = {"judge": 265, "vae": 473, "clip": 462, "teacher": 2552, "lcm": 424, "lcm-lora": 545, "pcm": 1342, "tlcm": 558,
          "turbo": 391, "turbo-distill-heavy": 426, "dmd2": 643, "dmd2-no-gan": 365}
-"""CPU seconds each stage took (train_log.json, 1 thread; pcm: an estimate for its 4-update critic, whose record is of a
-2-thread run): ``schedule``'s priorities, nothing else."""
+"""CPU seconds each stage took (train_log.json, 1 thread; pcm: its 1-thread retiming on 2026-12-04, the shipped record
+being of a 2-thread run): ``schedule``'s priorities, nothing else."""
 FULL = {"vae": 1000, "clip": 1500, "teacher": 4000, "images": 8192, "bank": 16384, "student_bank": 8192, **S.FULL_STEPS}
 QUICK = {"vae": 3, "clip": 3, "teacher": 3, "images": 256, "bank": 256, "student_bank": 64, **{k: 2 for k in STUDENTS},
          "judge": {"steps": 3, "train_scenes": 256, "heldout": 64}}
