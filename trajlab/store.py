@@ -122,16 +122,6 @@ class GroupLayout:
             raise StoreError(f"latent_shape={self.latent_shape}: expected (channel, y, x)")
 
 
-def import_backends() -> None:
-    """Import zarr (with its codecs), xarray and dask.array now, in the calling thread. A writer thread that imported
-    them first while the main thread imported the same packages could fail with ``KeyError('zarr')`` (Python's
-    import of a submodule whose parent another thread is still initialising)."""
-    import dask.array  # noqa: F401
-    import xarray  # noqa: F401
-    import zarr  # noqa: F401
-    import zarr.codecs  # noqa: F401
-
-
 def _compressors():
     from zarr.codecs import ZstdCodec
 

@@ -34,6 +34,16 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
+def _import_backends() -> None:
+    """Import zarr (with its codecs), xarray and dask.array now, in the calling thread. A writer thread that imported
+    them first while the main thread imported the same packages could fail with ``KeyError('zarr')`` (Python's
+    import of a submodule whose parent another thread is still initialising)."""
+    import dask.array  # noqa: F401
+    import xarray  # noqa: F401
+    import zarr  # noqa: F401
+    import zarr.codecs  # noqa: F401
+
+
 @dataclass
 class BatchEnd:
     """Marks the end of one batch: samples ``[start, start + size)`` and their final outputs."""
@@ -65,7 +75,7 @@ class StoreWriter:
         self.grid: list[float] | None = None
         self.allocated = threading.Event()
         self._records: list[StepRecord] = []
-        store.import_backends()  # here, not first in the writer thread while the sampling thread imports too
+        _import_backends()  # here, not first in the writer thread while the sampling thread imports too
         self._thread = threading.Thread(target=self._run, name="trajlab-writer", daemon=True)
         self._thread.start()
 
